@@ -1,0 +1,29 @@
+"""ncps-mlx: Neural Circuit Policies (LTC, CfC, CTRNN, CTGRU) for Apple MLX.
+
+    from ncps_mlx import CfC, LTC, CTRNN, CTGRU, wirings
+    model = CfC(20, wirings.AutoNCP(32, 4))
+    y, h = model(x)            # x: (batch, time, 20) -> y: (batch, time, 4), h: (batch, 32)
+"""
+
+from . import wirings
+from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell
+from .models import CTGRU, CTRNN, LTC, CfC
+from .sequence import SequenceModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CfC",
+    "LTC",
+    "CTRNN",
+    "CTGRU",
+    "CfCCell",
+    "WiredCfCCell",
+    "LTCCell",
+    "CTRNNCell",
+    "CTGRUCell",
+    "LSTMCell",
+    "SequenceModel",
+    "wirings",
+    "__version__",
+]

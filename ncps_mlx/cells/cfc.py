@@ -1,0 +1,260 @@
+"""Closed-form Continuous-time cells: ``CfCCell`` and ``WiredCfCCell``.
+
+Every cell here splits one step into two parts so the sequence loop can hoist work out of the
+time loop:
+
+* ``project_input(x)``: the part that depends on the input only, ``(..., input_size) -> (..., P)``,
+  computed once for a whole ``(B, T, input_size)`` sequence;
+* ``recurrent_step(u, h, ts)``: the rest, ``u (B, P)``, ``h (B, state_size)``, ``ts`` a float
+  or ``(B, 1)`` -> ``(output (B, output_size), new h (B, state_size))``.
+
+``cell(x, h, ts)`` runs both, like a ``ncps.torch`` cell's ``forward``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._common import check_choice, get_activation, glorot_uniform
+
+MODES = ("default", "pure", "no_gate")
+FF_ACTIVATIONS = ("tanh", None)
+
+
+class CfCCell(nn.Module):
+    """A CfC cell (Hasani et al. 2022), parameter for parameter ``ncps.torch.CfCCell``.
+
+    Args:
+        input_size: input features I.
+        hidden_size: state size H.
+        mode: "default" (gated), "pure" (direct closed-form solution) or "no_gate".
+        backbone_activation: lecun_tanh, silu, relu, tanh or gelu.
+        backbone_units, backbone_layers, backbone_dropout: the MLP on [x; h] before the heads.
+            With ``backbone_layers=0`` the heads read [x; h] directly.
+        sparsity_mask: optional (I + H, H) adjacency (signs ignored) masking ``ff1``/``ff2``;
+            stored frozen as ``sparsity_mask`` (H, I + H), as the reference does.
+        ff_activation: "tanh" applies tanh to the ``ff1``/``ff2`` heads (``ncps.torch``); None
+            uses them raw, as ``ncps.tf``/``ncps.keras`` do (reference-notes point 0).
+
+    Parameters: ``backbone.k`` (Linear), ``ff1``, ``ff2``, ``time_a``, ``time_b`` (Linear, (out, in));
+    in pure mode ``ff1``, ``w_tau`` (1, H), ``A`` (1, H).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        mode: str = "default",
+        backbone_activation: str = "lecun_tanh",
+        backbone_units: int = 128,
+        backbone_layers: int = 1,
+        backbone_dropout: float = 0.0,
+        sparsity_mask=None,
+        ff_activation: str | None = "tanh",
+    ):
+        super().__init__()
+        check_choice("CfC mode", mode, MODES)
+        check_choice("ff_activation", ff_activation, FF_ACTIVATIONS)
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+        self.mode = mode
+        self.ff_activation = ff_activation
+        self.backbone_layers = int(backbone_layers)
+        self.activation = get_activation(backbone_activation)
+
+        concat = self.input_size + self.hidden_size
+        if self.backbone_layers > 0:
+            sizes = [concat] + [backbone_units] * self.backbone_layers
+            self.backbone = [nn.Linear(sizes[i], sizes[i + 1]) for i in range(self.backbone_layers)]
+            # ncps.torch puts dropout only after backbone layers 2..n (reference-notes point 4).
+            self.dropout = nn.Dropout(backbone_dropout) if backbone_dropout > 0.0 else None
+            head_in = backbone_units
+        else:
+            head_in = concat
+
+        self.ff1 = nn.Linear(head_in, self.hidden_size)
+        if mode == "pure":
+            self.w_tau = mx.zeros((1, self.hidden_size))
+            self.A = mx.ones((1, self.hidden_size))
+        else:
+            self.ff2 = nn.Linear(head_in, self.hidden_size)
+            self.time_a = nn.Linear(head_in, self.hidden_size)
+            self.time_b = nn.Linear(head_in, self.hidden_size)
+        self._init_weights()
+
+        if sparsity_mask is not None:
+            mask = np.abs(np.asarray(sparsity_mask)).T.astype(np.float32)
+            if mask.shape != (self.hidden_size, head_in):
+                raise ValueError(
+                    f"sparsity_mask must have shape ({head_in}, {self.hidden_size}) = (inputs + units, units); "
+                    f"got {tuple(mask.shape[::-1])}"
+                )
+            self.sparsity_mask = mx.array(mask)
+            self.freeze(keys=["sparsity_mask"], recurse=False)
+        else:
+            self.sparsity_mask = None
+
+    @property
+    def state_size(self) -> int:
+        return self.hidden_size
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def _init_weights(self):
+        # As ncps.torch: xavier-uniform for every 2-D trainable tensor, which includes the
+        # (1, H) w_tau and A of pure mode; biases keep the Linear default.
+        for layer in self._linears():
+            layer.weight = glorot_uniform(layer.weight.shape)
+        if self.mode == "pure":
+            self.w_tau = glorot_uniform(self.w_tau.shape)
+            self.A = glorot_uniform(self.A.shape)
+
+    def _linears(self):
+        layers = list(self.backbone) if self.backbone_layers > 0 else []
+        layers.append(self.ff1)
+        if self.mode != "pure":
+            layers += [self.ff2, self.time_a, self.time_b]
+        return layers
+
+    def _heads(self):
+        """The head layers fused into one (K, in) weight and (K,) bias, with the mask applied."""
+        if self.mode == "pure":
+            weights, biases = [self.ff1.weight], [self.ff1.bias]
+        else:
+            weights = [self.ff1.weight, self.ff2.weight, self.time_a.weight, self.time_b.weight]
+            biases = [self.ff1.bias, self.ff2.bias, self.time_a.bias, self.time_b.bias]
+        if self.sparsity_mask is not None:
+            # time_a and time_b stay dense, as in every reference flavour.
+            weights[0] = weights[0] * self.sparsity_mask
+            if self.mode != "pure":
+                weights[1] = weights[1] * self.sparsity_mask
+        if len(weights) == 1:
+            return weights[0], biases[0]
+        return mx.concatenate(weights, axis=0), mx.concatenate(biases, axis=0)
+
+    def _first_layer(self):
+        """The layer that reads [x; h]: the first backbone layer, or the fused heads."""
+        if self.backbone_layers > 0:
+            return self.backbone[0].weight, self.backbone[0].bias
+        return self._heads()
+
+    def project_input(self, x: mx.array) -> mx.array:
+        """(..., I) -> (..., P): the input half of the first layer, bias included."""
+        weight, bias = self._first_layer()
+        return mx.addmm(bias, x, weight[:, : self.input_size].T)
+
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0):
+        """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
+        weight, _ = self._first_layer()
+        z = u + h @ weight[:, self.input_size :].T
+        if self.backbone_layers > 0:
+            z = self.activation(z)
+            for layer in self.backbone[1:]:
+                z = self.activation(layer(z))
+                if self.dropout is not None:
+                    z = self.dropout(z)
+            head_weight, head_bias = self._heads()
+            z = mx.addmm(head_bias, z, head_weight.T)
+
+        if self.mode == "pure":
+            ff1 = z
+            new_h = -self.A * mx.exp(-ts * (mx.abs(self.w_tau) + mx.abs(ff1))) * ff1 + self.A
+        else:
+            ff1, ff2, t_a, t_b = mx.split(z, 4, axis=-1)
+            if self.ff_activation == "tanh":
+                ff1, ff2 = mx.tanh(ff1), mx.tanh(ff2)
+            t_interp = mx.sigmoid(t_a * ts + t_b)
+            if self.mode == "no_gate":
+                new_h = ff1 + t_interp * ff2
+            else:
+                new_h = ff1 * (1.0 - t_interp) + t_interp * ff2
+        return new_h, new_h
+
+    def __call__(self, x: mx.array, h: mx.array, ts=1.0):
+        return self.recurrent_step(self.project_input(x), h, ts)
+
+
+class WiredCfCCell(nn.Module):
+    """A CfC whose neurons follow a wiring: one masked ``CfCCell`` per wiring layer.
+
+    Layer ``l`` (``layer_0``, ``layer_1``, ...) reads the previous layer's output (layer 0 the
+    input) through the wiring's adjacency and its own state densely. The state is the layers'
+    states concatenated, (B, wiring.units).
+
+    Args:
+        input_size: input features; builds the wiring (None if the wiring is already built).
+        wiring: an ``ncps_mlx.wirings.Wiring``.
+        mode: "default", "pure" or "no_gate".
+        ff_activation: "tanh" (ncps.torch) or None (ncps.tf/keras), see ``CfCCell``.
+        motor_output: False returns the last layer's neurons (ncps.torch); True slices them to
+            the wiring's ``output_dim`` motor neurons, as ncps.tf/keras do (reference-notes
+            point 5). The two agree for NCP/AutoNCP, whose last layer is the motor layer.
+    """
+
+    def __init__(self, input_size, wiring, mode: str = "default", ff_activation="tanh", motor_output: bool = False):
+        super().__init__()
+        if input_size is not None:
+            wiring.build(input_size)
+        if not wiring.is_built():
+            raise ValueError(
+                "The wiring does not know its number of input features: pass input_size or call wiring.build()"
+            )
+        self.wiring = wiring
+        self.motor_output = motor_output
+        in_features = wiring.input_dim
+        for layer_id in range(wiring.num_layers):
+            neurons = wiring.get_neurons_of_layer(layer_id)
+            if layer_id == 0:
+                input_sparsity = wiring.sensory_adjacency_matrix[:, neurons]
+            else:
+                previous = wiring.get_neurons_of_layer(layer_id - 1)
+                input_sparsity = wiring.adjacency_matrix[:, neurons][previous, :]
+            mask = np.concatenate([input_sparsity, np.ones((len(neurons), len(neurons)))], axis=0)
+            cell = CfCCell(
+                in_features,
+                len(neurons),
+                mode,
+                backbone_layers=0,
+                backbone_units=0,
+                sparsity_mask=mask,
+                ff_activation=ff_activation,
+            )
+            setattr(self, f"layer_{layer_id}", cell)
+            in_features = len(neurons)
+        self.layer_sizes = tuple(len(wiring.get_neurons_of_layer(i)) for i in range(wiring.num_layers))
+
+    @property
+    def layers(self):
+        return [getattr(self, f"layer_{i}") for i in range(len(self.layer_sizes))]
+
+    @property
+    def state_size(self) -> int:
+        return self.wiring.units
+
+    @property
+    def output_size(self) -> int:
+        """Features this cell returns: the motor neurons, or the whole last layer."""
+        return self.wiring.output_dim if self.motor_output else self.layer_sizes[-1]
+
+    def project_input(self, x: mx.array) -> mx.array:
+        return self.layer_0.project_input(x)
+
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0):
+        offsets = np.cumsum(self.layer_sizes)[:-1].tolist()
+        states = mx.split(h, offsets, axis=-1)
+        new_states = []
+        out, state = self.layer_0.recurrent_step(u, states[0], ts)
+        new_states.append(state)
+        for layer, state in zip(self.layers[1:], states[1:]):
+            out, state = layer(out, state, ts)
+            new_states.append(state)
+        if self.motor_output:
+            out = out[:, : self.wiring.output_dim]
+        return out, mx.concatenate(new_states, axis=-1)
+
+    def __call__(self, x: mx.array, h: mx.array, ts=1.0):
+        return self.recurrent_step(self.project_input(x), h, ts)

@@ -1,0 +1,108 @@
+"""The continuous-time GRU of the LTC paper's code (``ctrnn_model.CTGRU``, after Mozer et al. 2017).
+
+Specification: shared/docs/ctrnn-ctgru.md sections 2 and 4. Each of U units keeps M traces
+with time scales tau_i = 10^(i/2); the state is the (U, M) trace matrix stored flat,
+unit-major (index u * M + i).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._common import check_choice, glorot_uniform
+
+DECAYS = ("ltc", "mozer")
+
+
+class CTGRUCell(nn.Module):
+    """CTGRU cell: input (B, I), state (B, U * M), output (B, U) = the traces summed.
+
+    Args:
+        input_size: I.
+        units: U.
+        M: number of time scales (traces per unit).
+        cell_clip: clip the traces to [-cell_clip, cell_clip] (None: off).
+        decay: "ltc" (default) decays trace i by exp(-1 / ln tau_i) per step, trace 0 by 0,
+            and ignores timespans: bit-faithful to the TF1 code behind the paper's numbers.
+            "mozer" decays by exp(-ts / tau_i), the published CT-GRU, and uses timespans.
+
+    Parameters: ``tau_r``, ``tau_s`` (Linear, (U * M, I + U)) and ``detect`` (Linear,
+    (U, I + U)); glorot-uniform weights, zero biases.
+    """
+
+    def __init__(self, input_size: int, units: int, M: int = 8, cell_clip: float | None = None, decay: str = "ltc"):
+        super().__init__()
+        check_choice("CTGRU decay", decay, DECAYS)
+        if int(M) < 1:
+            raise ValueError(f"M (number of time scales) must be a positive integer, got {M}")
+        if cell_clip is not None and cell_clip <= 0:
+            raise ValueError(f"cell_clip must be positive or None (off), got {cell_clip}")
+        self.input_size = int(input_size)
+        self.units = int(units)
+        self.M = int(M)
+        self.cell_clip = cell_clip
+        self.decay = decay
+        concat = self.input_size + self.units
+        self.tau_r = nn.Linear(concat, self.units * self.M)
+        self.tau_s = nn.Linear(concat, self.units * self.M)
+        self.detect = nn.Linear(concat, self.units)
+        for layer in (self.tau_r, self.tau_s, self.detect):
+            layer.weight = glorot_uniform(layer.weight.shape)
+            layer.bias = mx.zeros(layer.bias.shape)
+
+        # Fixed constants of the configuration, not weights: computed in float64 and kept out
+        # of the parameter tree. ln tau_0 = 0, so trace 0's "ltc" decay exp(-1/0) is set to 0
+        # explicitly rather than evaluated.
+        tau_table = 10.0 ** (np.arange(self.M) / 2.0)
+        ln_tau = np.arange(self.M) / 2.0 * math.log(10.0)
+        ltc_decay = np.zeros(self.M)
+        ltc_decay[1:] = np.exp(-1.0 / ln_tau[1:])
+        self._ln_tau = mx.array(ln_tau.astype(np.float32))
+        self._inv_tau = mx.array((1.0 / tau_table).astype(np.float32))
+        self._ltc_decay = mx.array(ltc_decay.astype(np.float32))
+
+    @property
+    def state_size(self) -> int:
+        return self.units * self.M
+
+    @property
+    def output_size(self) -> int:
+        return self.units
+
+    def project_input(self, x: mx.array) -> mx.array:
+        """(..., I) -> (..., 2 U M + U): input halves of tau_r, tau_s and detect, biases included."""
+        I = self.input_size
+        weight = mx.concatenate([self.tau_r.weight[:, :I], self.tau_s.weight[:, :I], self.detect.weight[:, :I]])
+        bias = mx.concatenate([self.tau_r.bias, self.tau_s.bias, self.detect.bias])
+        return mx.addmm(bias, x, weight.T)
+
+    def _scale_weights(self, logits: mx.array) -> mx.array:
+        return mx.softmax(-mx.square(logits - self._ln_tau), axis=-1, precise=True)
+
+    def recurrent_step(self, u: mx.array, state: mx.array, ts=1.0):
+        """u (B, 2UM + U), state (B, U M), ts float or (B, 1) -> (output (B, U), new state (B, U M))."""
+        I, U, M = self.input_size, self.units, self.M
+        batch = state.shape[0]
+        traces = state.reshape(batch, U, M)
+        u_r, u_s, u_q = mx.split(u, [U * M, 2 * U * M], axis=-1)
+        h = mx.sum(traces, axis=-1)
+        retrieve = self._scale_weights((u_r + h @ self.tau_r.weight[:, I:].T).reshape(batch, U, M))
+        q = mx.tanh(u_q + mx.sum(retrieve * traces, axis=-1) @ self.detect.weight[:, I:].T)
+        store = self._scale_weights((u_s + h @ self.tau_s.weight[:, I:].T).reshape(batch, U, M))
+        mixed = (1.0 - store) * traces + store * q[:, :, None]
+        if self.decay == "ltc":
+            decay = self._ltc_decay
+        else:
+            ts = ts if isinstance(ts, (int, float)) else ts.reshape(-1, 1, 1)
+            decay = mx.exp(-ts * self._inv_tau)
+        traces = mixed * decay
+        if self.cell_clip is not None:
+            traces = mx.clip(traces, -self.cell_clip, self.cell_clip)
+        return mx.sum(traces, axis=-1), traces.reshape(batch, U * M)
+
+    def __call__(self, x: mx.array, state: mx.array, ts=1.0):
+        return self.recurrent_step(self.project_input(x), state, ts)

@@ -1,0 +1,177 @@
+"""The Liquid Time-Constant cell, parameter for parameter ``ncps.torch.LTCCell``."""
+
+from __future__ import annotations
+
+import numpy as np
+import mlx.core as mx
+import mlx.nn as nn
+
+from ._common import check_choice
+
+MAPPINGS = ("affine", "linear", None)
+
+# Uniform initialisation ranges of ncps.torch.LTCCell.
+INIT_RANGES = {
+    "gleak": (0.001, 1.0),
+    "vleak": (-0.2, 0.2),
+    "cm": (0.4, 0.6),
+    "w": (0.001, 1.0),
+    "sigma": (3, 8),
+    "mu": (0.3, 0.8),
+    "sensory_w": (0.001, 1.0),
+    "sensory_sigma": (3, 8),
+    "sensory_mu": (0.3, 0.8),
+}
+
+
+class LTCCell(nn.Module):
+    """An LTC cell (Hasani et al. 2021) with a fused semi-implicit ODE solver.
+
+    State v (B, S) with S = wiring.units; input (B, I) with I = wiring.input_dim; output
+    (B, M), the first M = wiring.output_dim neurons after the output mapping.
+
+    Args:
+        wiring: an ``ncps_mlx.wirings.Wiring``; its adjacency gives the synapse masks and the
+            initial reversal potentials.
+        in_features: input features; builds the wiring (None if it is already built).
+        input_mapping, output_mapping: "affine" (scale and shift), "linear" (scale) or None.
+        ode_unfolds: solver sub-steps per time step.
+        epsilon: added to the denominator to avoid dividing by zero.
+        implicit_param_constraints: if True, gleak, cm, w and sensory_w pass through softplus
+            at run time; if False they are used as stored, and ``apply_weight_constraints()``
+            clips them at 0 (call it after each optimiser step). ncps.tf/keras models, which
+            use NonNeg constraints, are the False case (reference-notes point 6).
+
+    Parameters (names as ``ncps.torch``): gleak, vleak, cm (S,); sigma, mu, w, erev (S, S);
+    sensory_sigma, sensory_mu, sensory_w, sensory_erev (I, S); input_w, input_b (I,);
+    output_w, output_b (M,). Frozen: sparsity_mask (S, S), sensory_sparsity_mask (I, S).
+    """
+
+    def __init__(
+        self,
+        wiring,
+        in_features=None,
+        input_mapping="affine",
+        output_mapping="affine",
+        ode_unfolds: int = 6,
+        epsilon: float = 1e-8,
+        implicit_param_constraints: bool = False,
+    ):
+        super().__init__()
+        check_choice("input_mapping", input_mapping, MAPPINGS)
+        check_choice("output_mapping", output_mapping, MAPPINGS)
+        if in_features is not None:
+            wiring.build(in_features)
+        if not wiring.is_built():
+            raise ValueError(
+                "The wiring does not know its number of input features: pass in_features or call wiring.build()"
+            )
+        if int(ode_unfolds) < 1:
+            raise ValueError(f"ode_unfolds must be a positive integer, got {ode_unfolds}")
+        self.wiring = wiring
+        self.input_mapping = input_mapping
+        self.output_mapping = output_mapping
+        self.ode_unfolds = int(ode_unfolds)
+        self.epsilon = float(epsilon)
+        self.implicit_param_constraints = bool(implicit_param_constraints)
+
+        S, I, M = self.state_size, self.sensory_size, self.motor_size
+        shapes = {
+            "gleak": (S,), "vleak": (S,), "cm": (S,),
+            "sigma": (S, S), "mu": (S, S), "w": (S, S),
+            "sensory_sigma": (I, S), "sensory_mu": (I, S), "sensory_w": (I, S),
+        }  # fmt: skip
+        for name, shape in shapes.items():
+            low, high = INIT_RANGES[name]
+            setattr(self, name, mx.random.uniform(low, high, shape))
+        self.erev = mx.array(wiring.erev_initializer(), dtype=mx.float32)
+        self.sensory_erev = mx.array(wiring.sensory_erev_initializer(), dtype=mx.float32)
+        self.sparsity_mask = mx.array(np.abs(wiring.adjacency_matrix), dtype=mx.float32)
+        self.sensory_sparsity_mask = mx.array(np.abs(wiring.sensory_adjacency_matrix), dtype=mx.float32)
+        self.freeze(keys=["sparsity_mask", "sensory_sparsity_mask"], recurse=False)
+
+        if input_mapping in ("affine", "linear"):
+            self.input_w = mx.ones((I,))
+        if input_mapping == "affine":
+            self.input_b = mx.zeros((I,))
+        if output_mapping in ("affine", "linear"):
+            self.output_w = mx.ones((M,))
+        if output_mapping == "affine":
+            self.output_b = mx.zeros((M,))
+
+    @property
+    def state_size(self) -> int:
+        return self.wiring.units
+
+    @property
+    def sensory_size(self) -> int:
+        return self.wiring.input_dim
+
+    @property
+    def motor_size(self) -> int:
+        return self.wiring.output_dim
+
+    @property
+    def output_size(self) -> int:
+        return self.motor_size
+
+    @property
+    def synapse_count(self) -> int:
+        return self.wiring.synapse_count
+
+    @property
+    def sensory_synapse_count(self) -> int:
+        return self.wiring.sensory_synapse_count
+
+    def _positive(self, x: mx.array) -> mx.array:
+        return nn.softplus(x) if self.implicit_param_constraints else x
+
+    def apply_weight_constraints(self) -> None:
+        """Clip w, sensory_w, cm and gleak at 0 (no-op with implicit constraints)."""
+        if not self.implicit_param_constraints:
+            for name in ("w", "sensory_w", "cm", "gleak"):
+                setattr(self, name, mx.maximum(getattr(self, name), 0.0))
+
+    def project_input(self, x: mx.array) -> mx.array:
+        """(..., I) -> (..., 2S): the sensory synapses' numerator and denominator terms.
+
+        They depend on the input only, so they are computed once per sequence rather than
+        once per step.
+        """
+        if self.input_mapping in ("affine", "linear"):
+            x = x * self.input_w
+        if self.input_mapping == "affine":
+            x = x + self.input_b
+        activation = self._positive(self.sensory_w) * mx.sigmoid(
+            self.sensory_sigma * (x[..., :, None] - self.sensory_mu)
+        )
+        activation = activation * self.sensory_sparsity_mask
+        numerator = mx.sum(activation * self.sensory_erev, axis=-2)
+        denominator = mx.sum(activation, axis=-2)
+        return mx.concatenate([numerator, denominator], axis=-1)
+
+    def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0):
+        """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
+        sensory_numerator, sensory_denominator = mx.split(u, 2, axis=-1)
+        cm_t = self._positive(self.cm) / (ts / self.ode_unfolds)
+        w = self._positive(self.w)
+        gleak = self._positive(self.gleak)
+        leak = gleak * self.vleak
+        for _ in range(self.ode_unfolds):
+            activation = w * mx.sigmoid(self.sigma * (v[:, :, None] - self.mu))
+            activation = activation * self.sparsity_mask
+            numerator = cm_t * v + leak + (mx.sum(activation * self.erev, axis=1) + sensory_numerator)
+            denominator = cm_t + gleak + (mx.sum(activation, axis=1) + sensory_denominator)
+            v = numerator / (denominator + self.epsilon)
+        return self._map_outputs(v), v
+
+    def _map_outputs(self, v: mx.array) -> mx.array:
+        out = v[:, : self.motor_size] if self.motor_size < self.state_size else v
+        if self.output_mapping in ("affine", "linear"):
+            out = out * self.output_w
+        if self.output_mapping == "affine":
+            out = out + self.output_b
+        return out
+
+    def __call__(self, x: mx.array, v: mx.array, ts=1.0):
+        return self.recurrent_step(self.project_input(x), v, ts)

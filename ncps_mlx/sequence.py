@@ -1,0 +1,183 @@
+"""The one time loop that CfC, LTC, CTRNN and CTGRU share.
+
+``SequenceModel`` wraps a cell (see ``ncps_mlx.cells``) and handles everything about sequences:
+batch-first or time-first layout, unbatched input, the initial state, timespans,
+``return_sequences``, mixed memory (both reference circuits) and the output projection.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cells._common import check_choice
+from .cells.memory import MEMORY_CIRCUITS, LSTMCell
+
+
+class SequenceModel(nn.Module):
+    """Runs ``rnn_cell`` over a sequence.
+
+    ``model(x, hx=None, timespans=None) -> (output, state)``
+
+    Shapes (B batch, T time, I input_size, S state_size, F output features):
+
+    * ``x``: (B, T, I) with ``batch_first``, (T, B, I) without, or unbatched (T, I).
+    * ``hx``: (B, S), or unbatched (S,); with mixed memory a tuple ``(h, c)`` of two such.
+      None starts from zeros.
+    * ``timespans``: elapsed time per step. A scalar, or (B, T) / (B, T, 1) (time-first:
+      (T, B) / (T, B, 1); unbatched: (T,) / (T, 1)). A leading batch axis of 1 broadcasts.
+      Any batch size works (ncps.torch breaks for batch > 1: reference-notes point 7).
+    * ``output``: (B, T, F) / (T, B, F) / (T, F) with ``return_sequences``, else the last
+      step's (B, F) / (F,). F is ``proj_size`` when given.
+    * ``state``: the final ``h`` (B, S), or ``(h, c)`` with mixed memory.
+
+    Mixed memory adds ``lstm`` (``ncps_mlx.cells.LSTMCell``); ``memory_circuit`` picks where its
+    output goes: "state" (ncps.torch, default) or "input" (ncps.tf/keras MixedMemoryRNN).
+    """
+
+    def __init__(
+        self,
+        rnn_cell: nn.Module,
+        *,
+        input_size: int,
+        return_sequences: bool = True,
+        batch_first: bool = True,
+        mixed_memory: bool = False,
+        memory_circuit: str = "state",
+        proj_size: int | None = None,
+    ):
+        super().__init__()
+        check_choice("memory_circuit", memory_circuit, MEMORY_CIRCUITS)
+        self.input_size = int(input_size)
+        self.return_sequences = bool(return_sequences)
+        self.batch_first = bool(batch_first)
+        self.use_mixed = bool(mixed_memory)
+        self.memory_circuit = memory_circuit
+        self.proj_size = proj_size
+        self.rnn_cell = rnn_cell
+        if self.use_mixed:
+            self.lstm = LSTMCell(self.input_size, self.state_size)
+        self.fc = nn.Linear(rnn_cell.output_size, proj_size) if proj_size is not None else None
+
+    @staticmethod
+    def cell_input_size(input_size: int, state_size: int, mixed_memory: bool, memory_circuit: str) -> int:
+        """Input features the cell sees: the LSTM's output (state_size) in the "input" circuit."""
+        return state_size if mixed_memory and memory_circuit == "input" else input_size
+
+    @property
+    def state_size(self) -> int:
+        return self.rnn_cell.state_size
+
+    def __call__(self, x, hx=None, timespans=None):
+        x = mx.array(x) if not isinstance(x, mx.array) else x
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"Expected input of shape (batch, time, features){'' if self.batch_first else ' time-first'} "
+                f"or unbatched (time, features); got {x.ndim}-D input of shape {tuple(x.shape)}"
+            )
+        batched = x.ndim == 3
+        if not batched:
+            x = x[None]
+        elif not self.batch_first:
+            x = x.swapaxes(0, 1)
+        batch, steps, features = x.shape
+        if features != self.input_size:
+            raise ValueError(
+                f"Input has {features} features (last axis) but the model was built for input_size={self.input_size}"
+            )
+        if steps == 0:
+            raise ValueError("Input sequence is empty (0 time steps)")
+
+        ts = self._timespans(timespans, batch, steps, batched)
+        h, c = self._initial_state(hx, batch, batched)
+
+        lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
+        cell_inputs = None
+        if not (self.use_mixed and self.memory_circuit == "input"):
+            cell_inputs = self.rnn_cell.project_input(x)
+
+        outputs = []
+        for t in range(steps):
+            ts_t = ts if ts is None or ts.ndim < 3 else ts[:, t]
+            if self.use_mixed:
+                memory_out, c = self.lstm.recurrent_step(lstm_inputs[:, t], h, c)
+                if self.memory_circuit == "state":
+                    h = memory_out
+                    u = cell_inputs[:, t]
+                else:
+                    u = self.rnn_cell.project_input(memory_out)
+            else:
+                u = cell_inputs[:, t]
+            out, h = self.rnn_cell.recurrent_step(u, h, 1.0 if ts_t is None else ts_t)
+            if self.return_sequences:
+                outputs.append(out)
+
+        y = mx.stack(outputs, axis=1) if self.return_sequences else out
+        if self.fc is not None:
+            y = self.fc(y)
+        if not batched:
+            y, h = y[0], h[0]
+            c = c[0] if c is not None else None
+        elif self.return_sequences and not self.batch_first:
+            y = y.swapaxes(0, 1)
+        return y, ((h, c) if self.use_mixed else h)
+
+    def _timespans(self, timespans, batch: int, steps: int, batched: bool):
+        """None, a 0-d array, or (B, T, 1)."""
+        if timespans is None:
+            return None
+        if isinstance(timespans, (int, float)):
+            return mx.array(float(timespans))
+        ts = mx.array(timespans) if not isinstance(timespans, mx.array) else timespans
+        ts = ts.astype(mx.float32) if not mx.issubdtype(ts.dtype, mx.floating) else ts
+        if ts.ndim == 0:
+            return ts
+        shape = tuple(ts.shape)
+        if not batched:
+            if ts.ndim == 2 and shape[1] == 1:
+                ts = ts[:, 0]
+            if ts.ndim != 1 or ts.shape[0] != steps:
+                raise ValueError(f"timespans for unbatched input must have shape ({steps},) or ({steps}, 1); got {shape}")
+            return ts.reshape(1, steps, 1)
+        if ts.ndim == 3:
+            if shape[2] != 1:
+                raise ValueError(f"3-D timespans must have a last axis of size 1; got shape {shape}")
+            ts = ts[..., 0]
+        if ts.ndim != 2:
+            raise ValueError(f"timespans must be a scalar, (batch, time) or (batch, time, 1); got shape {shape}")
+        if not self.batch_first:
+            ts = ts.T
+        if ts.shape[1] != steps or ts.shape[0] not in (1, batch):
+            expected = f"({batch}, {steps})" if self.batch_first else f"({steps}, {batch})"
+            raise ValueError(
+                f"timespans of shape {shape} do not match the input: expected {expected}, optionally with a "
+                "trailing axis of 1 (a batch axis of 1 broadcasts)"
+            )
+        return mx.broadcast_to(ts, (batch, steps))[..., None]
+
+    def _initial_state(self, hx, batch: int, batched: bool):
+        zeros = mx.zeros((batch, self.state_size))
+        if hx is None:
+            return zeros, (mx.zeros((batch, self.state_size)) if self.use_mixed else None)
+        if self.use_mixed:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ValueError(
+                    "This model uses mixed_memory, so hx must be a tuple (h, c) of two arrays; "
+                    f"got {type(hx).__name__}. Pass hx=(h, c), or hx=None to start from zeros."
+                )
+            h, c = (self._check_state(s, name, batch, batched) for s, name in zip(hx, ("h", "c")))
+            return h, c
+        if isinstance(hx, (tuple, list)):
+            raise ValueError("hx must be a single array for a model without mixed_memory; got a tuple")
+        return self._check_state(hx, "hx", batch, batched), None
+
+    def _check_state(self, state, name: str, batch: int, batched: bool) -> mx.array:
+        state = mx.array(state) if not isinstance(state, mx.array) else state
+        expected = (batch, self.state_size) if batched else (self.state_size,)
+        if tuple(state.shape) != expected:
+            raise ValueError(
+                f"Initial state {name} has shape {tuple(state.shape)}; expected {expected} "
+                f"({'(batch, state_size)' if batched else '(state_size,) for unbatched input'})"
+            )
+        return state if batched else state[None]
+
