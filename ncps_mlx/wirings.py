@@ -216,10 +216,9 @@ class Wiring:
         fig = plt.figure(figsize=figsize)
         try:
             handles = self.draw_graph(**draw_kwargs)
-            plt.legend(handles=handles, loc="upper center", bbox_to_anchor=(1, 1))
+            plt.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
             plt.axis("off")
-            fig.tight_layout()
-            fig.savefig(path, dpi=dpi)
+            fig.savefig(path, dpi=dpi, bbox_inches="tight")
         finally:
             plt.close(fig)
 
