@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo train-demo test setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job on a bundled fixture: convert an ncps.torch AutoNCP CfC checkpoint, verify it
+# against ncps.torch, print the parity report.
 demo: $(STAMP)
+	@mkdir -p out
+	$(VENV)/bin/ncps-convert fixtures/torch/cfc_autoncp.pt --config fixtures/torch/cfc_autoncp.json \
+		-o out/cfc_autoncp.safetensors --force
+
+train-demo: $(STAMP)
 	$(PY) tools/demo.py
 
 test: $(STAMP)

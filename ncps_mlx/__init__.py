@@ -7,7 +7,8 @@
 
 from . import wirings
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell
-from .models import CTGRU, CTRNN, LTC, CfC
+from .modelfile import ModelFileError, load, save
+from .models import CTGRU, CTRNN, LTC, CfC, model_from_config
 from .sequence import SequenceModel
 
 __version__ = "0.1.0"
@@ -24,6 +25,10 @@ __all__ = [
     "CTGRUCell",
     "LSTMCell",
     "SequenceModel",
+    "model_from_config",
+    "save",
+    "load",
+    "ModelFileError",
     "wirings",
     "__version__",
 ]

@@ -13,6 +13,11 @@ from .cells import CfCCell, CTGRUCell, CTRNNCell, LTCCell, WiredCfCCell
 from .sequence import SequenceModel
 
 
+def _arguments(frame_locals: dict) -> dict:
+    """The constructor's arguments, recorded so ``get_config`` can rebuild the model."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "__class__")}
+
+
 class CfC(SequenceModel):
     """Closed-form Continuous-time RNN (Hasani et al. 2022), as ``ncps.torch.CfC``.
 
@@ -54,6 +59,7 @@ class CfC(SequenceModel):
         memory_circuit: str = "state",
         motor_output: bool = False,
     ):
+        arguments = _arguments(locals())
         wired = isinstance(units, wirings.Wiring)
         state_size = units.units if wired else int(units)
         cell_inputs = SequenceModel.cell_input_size(input_size, state_size, mixed_memory, memory_circuit)
@@ -90,6 +96,7 @@ class CfC(SequenceModel):
         )
         self.wiring = units if wired else None
         self.units = state_size
+        self._arguments = arguments
 
     @property
     def output_size(self) -> int:
@@ -141,6 +148,7 @@ class LTC(SequenceModel):
         *,
         memory_circuit: str = "state",
     ):
+        arguments = _arguments(locals())
         wiring = units if isinstance(units, wirings.Wiring) else wirings.FullyConnected(int(units))
         cell = LTCCell(
             wiring=wiring,
@@ -160,6 +168,7 @@ class LTC(SequenceModel):
             memory_circuit=memory_circuit,
         )
         self.wiring = wiring
+        self._arguments = arguments
 
     @property
     def output_size(self) -> int:
@@ -206,6 +215,7 @@ class CTRNN(SequenceModel):
         *,
         memory_circuit: str = "state",
     ):
+        arguments = _arguments(locals())
         cell = CTRNNCell(
             SequenceModel.cell_input_size(input_size, units, mixed_memory, memory_circuit),
             units,
@@ -226,6 +236,7 @@ class CTRNN(SequenceModel):
             proj_size=proj_size,
         )
         self.units = int(units)
+        self._arguments = arguments
 
     @property
     def output_size(self) -> int:
@@ -257,6 +268,7 @@ class CTGRU(SequenceModel):
         *,
         memory_circuit: str = "state",
     ):
+        arguments = _arguments(locals())
         state_size = units * M
         cell = CTGRUCell(
             SequenceModel.cell_input_size(input_size, state_size, mixed_memory, memory_circuit),
@@ -275,7 +287,25 @@ class CTGRU(SequenceModel):
             proj_size=proj_size,
         )
         self.units = int(units)
+        self._arguments = arguments
 
     @property
     def output_size(self) -> int:
         return self.units
+
+
+MODEL_CLASSES = {cls.__name__: cls for cls in (CfC, LTC, CTRNN, CTGRU)}
+
+
+def model_from_config(config: dict) -> SequenceModel:
+    """Rebuild a model from ``model.get_config()`` (a wiring in it is restored exactly)."""
+    config = dict(config)
+    name = config.pop("class", None)
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"Unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
+    if isinstance(config.get("units"), dict):
+        config["units"] = wirings.wiring_from_description(config["units"])
+    try:
+        return MODEL_CLASSES[name](**config)
+    except TypeError as error:
+        raise ValueError(f"Invalid {name} config: {error}") from None

@@ -68,6 +68,16 @@ class SequenceModel(nn.Module):
     def state_size(self) -> int:
         return self.rnn_cell.state_size
 
+    def get_config(self) -> dict:
+        """JSON-ready constructor arguments plus ``"class"``; a wiring becomes its exact
+        description (``wirings.describe``), so ``model_from_config`` needs no seed."""
+        from .wirings import Wiring, describe
+
+        config = {"class": type(self).__name__}
+        for key, value in self._arguments.items():
+            config[key] = describe(value) if isinstance(value, Wiring) else value
+        return config
+
     def __call__(self, x, hx=None, timespans=None):
         x = mx.array(x) if not isinstance(x, mx.array) else x
         if x.ndim not in (2, 3):

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Wiring", "FullyConnected", "Random", "NCP", "AutoNCP", "wiring_from_config"]
+__all__ = [
+    "Wiring",
+    "FullyConnected",
+    "Random",
+    "NCP",
+    "AutoNCP",
+    "wiring_from_config",
+    "describe",
+    "wiring_from_description",
+]
 
 
 class Wiring:
@@ -30,19 +39,24 @@ class Wiring:
     rebuild any wiring from its matrices (``Wiring.from_config``).
     """
 
-    def __init__(self, units: int):
+    def __init__(self, units: int, layers: list[list[int]] | None = None):
         self.units = int(units)
         self.adjacency_matrix = np.zeros([self.units, self.units], dtype=np.int32)
         self.sensory_adjacency_matrix = None
         self.input_dim = None
         self.output_dim = None
+        # Neuron ids per layer, input side first; None means one layer of all neurons. Only
+        # a plain Wiring rebuilt from a layered one (e.g. an NCP's exact description) sets it.
+        self.layers = [list(map(int, layer)) for layer in layers] if layers is not None else None
 
     @property
     def num_layers(self) -> int:
-        return 1
+        return 1 if self.layers is None else len(self.layers)
 
     def get_neurons_of_layer(self, layer_id: int) -> list[int]:
-        return list(range(self.units))
+        if self.layers is None:
+            return list(range(self.units))
+        return self.layers[layer_id]
 
     def is_built(self) -> bool:
         return self.input_dim is not None
@@ -116,6 +130,8 @@ class Wiring:
         return int(np.sum(np.abs(self.sensory_adjacency_matrix)))
 
     def get_config(self) -> dict:
+        """The exact wiring: matrices, sizes and layers. ``Wiring.get_config(any_wiring)`` gives
+        a seed-free description that ``Wiring.from_config`` rebuilds with the same layers."""
         return {
             "units": self.units,
             "adjacency_matrix": self.adjacency_matrix.tolist(),
@@ -124,16 +140,30 @@ class Wiring:
             else self.sensory_adjacency_matrix.tolist(),
             "input_dim": self.input_dim,
             "output_dim": self.output_dim,
+            "layers": [[int(n) for n in self.get_neurons_of_layer(i)] for i in range(self.num_layers)],
         }
 
     @classmethod
     def from_config(cls, config: dict) -> "Wiring":
-        wiring = Wiring(config["units"])
+        wiring = Wiring(config["units"], layers=config.get("layers"))
         wiring.adjacency_matrix = np.asarray(config["adjacency_matrix"], dtype=np.int32)
         if config.get("sensory_adjacency_matrix") is not None:
             wiring.sensory_adjacency_matrix = np.asarray(config["sensory_adjacency_matrix"], dtype=np.int32)
         wiring.input_dim = config.get("input_dim")
         wiring.output_dim = config.get("output_dim")
+        if wiring.adjacency_matrix.shape != (wiring.units, wiring.units):
+            raise ValueError(
+                f"Wiring config: adjacency_matrix has shape {wiring.adjacency_matrix.shape}, expected "
+                f"({wiring.units}, {wiring.units})"
+            )
+        if wiring.sensory_adjacency_matrix is not None and wiring.sensory_adjacency_matrix.shape != (
+            wiring.input_dim,
+            wiring.units,
+        ):
+            raise ValueError(
+                f"Wiring config: sensory_adjacency_matrix has shape {wiring.sensory_adjacency_matrix.shape}, "
+                f"expected ({wiring.input_dim}, {wiring.units})"
+            )
         return wiring
 
     def get_graph(self, include_sensory_neurons: bool = True):
@@ -492,4 +522,46 @@ def wiring_from_config(class_name: str, config: dict) -> Wiring:
     """Rebuild a wiring from its class name and ``get_config()`` dict."""
     if class_name not in _CLASSES:
         raise ValueError(f"Unknown wiring class '{class_name}'; expected one of {sorted(_CLASSES)}")
-    return _CLASSES[class_name].from_config(config)
+    try:
+        return _CLASSES[class_name].from_config(config)
+    except TypeError as error:
+        raise ValueError(f"Invalid {class_name} wiring config {config}: {error}") from None
+
+
+def describe(wiring: Wiring) -> dict:
+    """``{"class": name, **constructor arguments, "exact": Wiring.get_config(wiring)}``.
+
+    The constructor arguments say what the wiring is; ``exact`` (matrices, sizes, layers)
+    rebuilds it without relying on a seed.
+    """
+    description = {"class": type(wiring).__name__}
+    if type(wiring) is not Wiring:
+        description.update(wiring.get_config())
+    description["exact"] = Wiring.get_config(wiring)
+    return description
+
+
+def wiring_from_description(description: dict) -> Wiring:
+    """Inverse of ``describe``; also takes ``{"class": ..., **constructor arguments}`` alone
+    (as written in a ``--config`` file), which builds the wiring from its seed."""
+    description = dict(description)
+    class_name = description.pop("class", None)
+    exact = description.pop("exact", None)
+    if class_name == "Wiring" or class_name is None:
+        if exact is None:
+            raise ValueError("A plain Wiring description needs its matrices ('exact')")
+        return Wiring.from_config(exact)
+    wiring = wiring_from_config(class_name, description)
+    if exact is not None:
+        restored = Wiring.from_config(exact)
+        if restored.units != wiring.units:
+            raise ValueError(
+                f"Wiring description is inconsistent: {class_name} config has {wiring.units} units, "
+                f"its matrices {restored.units}"
+            )
+        wiring.adjacency_matrix = restored.adjacency_matrix
+        wiring.output_dim = restored.output_dim
+        if restored.input_dim is not None:
+            wiring.set_input_dim(restored.input_dim)
+            wiring.sensory_adjacency_matrix = restored.sensory_adjacency_matrix
+    return wiring

@@ -1,0 +1,274 @@
+"""``ncps-convert``: convert reference ncps checkpoints to MLX, inspect them, verify parity.
+
+    ncps-convert SRC -o OUT.safetensors [--config CFG.json]    convert (and verify)
+    ncps-convert inspect SRC [--config CFG.json]                what the checkpoint holds
+    ncps-convert verify SRC OUT.safetensors                     parity table, source vs converted
+
+Exit codes: 0 success, 1 verification over tolerance, 2 unusable input or arguments.
+Progress goes to stderr (silence it with --quiet); reports go to stdout (--json for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .description import ConversionError
+
+COMMANDS = ("convert", "inspect", "verify")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see ncps-convert --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="ncps-convert",
+        description="Convert ncps (PyTorch) checkpoints to ncps-mlx models and check that they compute the same.",
+        epilog="Run 'ncps-convert COMMAND --help' for a command's options. Without a command, 'convert' is assumed.",
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+
+    def common(p, config=True):
+        if config:
+            p.add_argument("--config", metavar="CFG.json", help="constructor arguments the weights do not tell")
+            p.add_argument(
+                "--trust-pickle",
+                action="store_true",
+                help="allow reading a whole pickled module (torch.save(model)); unpickling runs code from the file",
+            )
+        p.add_argument("--json", action="store_true", help="print a machine-readable JSON report on stdout")
+        p.add_argument("--quiet", action="store_true", help="no progress messages")
+        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+    convert = sub.add_parser("convert", help="convert SRC to an ncps-mlx model file")
+    convert.add_argument("src", metavar="SRC", help="checkpoint: .pt/.pth state dict, .safetensors, ...")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="model file to write")
+    convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    group = convert.add_mutually_exclusive_group()
+    group.add_argument("--verify", dest="verify", action="store_const", const=True, help="verify (the default; fail if the source framework is missing)")
+    group.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip the parity check")
+    convert.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    common(convert)
+
+    inspect = sub.add_parser("inspect", help="print what SRC holds and what had to be assumed")
+    inspect.add_argument("src", metavar="SRC")
+    common(inspect)
+
+    verify = sub.add_parser("verify", help="run SRC in its framework and OUT in MLX; print a parity table")
+    verify.add_argument("src", metavar="SRC")
+    verify.add_argument("out", metavar="OUT.safetensors")
+    verify.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    common(verify)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "convert")
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            raise UsageError("give a command or a checkpoint (see ncps-convert --help)")
+        return {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify}[args.command](args)
+    except UsageError as error:
+        return _fail(error, debug)
+    except (ConversionError, ValueError, OSError) as error:
+        return _fail(error, debug)
+    except KeyboardInterrupt:
+        print("ncps-convert: interrupted", file=sys.stderr)
+        return 130
+
+
+def _fail(error, debug) -> int:
+    if debug:
+        traceback.print_exc()
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"ncps-convert: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _progress(args):
+    if args.quiet or args.json:
+        return lambda message: None
+    return lambda message: print(f"[INFO] {message}", file=sys.stderr, flush=True)
+
+
+def _read(args, progress):
+    from . import readers
+    from .description import load_user_config
+
+    config = load_user_config(args.config) if getattr(args, "config", None) else None
+    progress(f"Reading {args.src}")
+    return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
+
+
+def cmd_convert(args) -> int:
+    from ncps_mlx import modelfile
+
+    from .verify import SourceUnavailable, verify
+
+    progress = _progress(args)
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"output {out} must end in .safetensors (ONNX export is not available yet)")
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.exists():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    description = _read(args, progress)
+    progress(f"Building {description.model_class} ({_size_line(description)})")
+    model = description.build()
+
+    report = None
+    if args.verify is not False:
+        try:
+            progress("Verifying against the source framework")
+            report = verify(description, model, target_name=f"ncps_mlx ({out})", atol=args.atol, progress=progress)
+        except SourceUnavailable as error:
+            if args.verify:
+                raise ConversionError(str(error)) from None
+            progress(f"Skipping verification: {error}")
+    if report is not None and not report.passed:
+        _print_report(args, report, extra={"written": False})
+        print(f"ncps-convert: verification failed; {out} not written (--no-verify writes it anyway)", file=sys.stderr)
+        return 1
+    modelfile.save(model, out, source=description.source)
+    progress(f"Wrote {out}")
+    if report is not None:
+        _print_report(args, report, extra={"written": True, "output": str(out)})
+    elif args.json:
+        print(json.dumps({"written": True, "output": str(out), "verified": False}))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ncps_mlx import modelfile
+
+    from .verify import SourceUnavailable, verify
+
+    progress = _progress(args)
+    description = _read(args, progress)
+    progress(f"Loading {args.out}")
+    try:
+        model = modelfile.load(args.out)
+    except modelfile.ModelFileError as error:
+        raise ConversionError(str(error)) from None
+    converted = model.get_config()
+    if converted.get("class") != description.model_class:
+        raise ConversionError(f"{args.out} holds a {converted.get('class')} but {args.src} holds a {description.model_class}")
+    try:
+        report = verify(description, model, target_name=f"ncps_mlx ({args.out})", atol=args.atol, progress=progress)
+    except SourceUnavailable as error:
+        raise ConversionError(str(error)) from None
+    _print_report(args, report)
+    return 0 if report.passed else 1
+
+
+def _print_report(args, report, extra=None):
+    if args.json:
+        print(json.dumps({**report.to_dict(), **(extra or {})}, indent=2))
+    else:
+        print(report.table())
+
+
+def _size_line(description) -> str:
+    config = description.config
+    units = config["units"]
+    state = units.get("exact", units).get("units") if isinstance(units, dict) else units
+    return f"input {config['input_size']}, state {state}"
+
+
+def cmd_inspect(args) -> int:
+    from mlx.utils import tree_flatten
+
+    description = _read(args, _progress(args))
+    model = description.build()
+    params = dict(tree_flatten(model.parameters()))
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    config = description.config
+    info = {
+        "file": description.source.get("file"),
+        "framework": description.source.get("framework"),
+        "format": description.source.get("format"),
+        "sha256": description.source.get("sha256"),
+        "model_class": description.model_class,
+        "input_size": config["input_size"],
+        "state_size": model.state_size,
+        "output_size": _output_features(model, config["input_size"]),
+        "parameters": int(sum(v.size for v in trainable.values())),
+        "fixed_arrays": int(sum(v.size for k, v in params.items() if k not in trainable)),
+        "wiring": _wiring_info(model),
+        "inferred": _plain(description.inferred),
+        "from_config": _plain(description.given),
+        "defaulted": _plain(description.defaulted),
+        "notes": description.notes,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
+    print(f"framework    {info['framework']}, {info['format']}")
+    print(f"model        {info['model_class']}: input {info['input_size']}, state {info['state_size']}, output {info['output_size']}")
+    wiring = info["wiring"]
+    if wiring:
+        layers = " / ".join(str(n) for n in wiring["neurons_per_layer"])
+        print(
+            f"wiring       {wiring['kind']}: neurons per layer {layers}, {wiring['synapses']} synapses, "
+            f"{wiring['sensory_synapses']} sensory synapses"
+        )
+    else:
+        print("wiring       none (fully connected CfC)")
+    print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} in fixed masks")
+    for title, key in (("inferred", "inferred"), ("from config", "from_config"), ("defaulted", "defaulted")):
+        values = info[key]
+        text = ", ".join(f"{k}={v}" for k, v in values.items()) if values else "-"
+        print(f"{title:<12} {text}")
+    for note in info["notes"]:
+        print(f"note         {note}")
+    return 0
+
+
+def _output_features(model, input_size: int) -> int:
+    """Features the model really returns (proj_size, motor slicing and all)."""
+    import mlx.core as mx
+
+    output, _ = model(mx.zeros((1, 1, input_size)))  # (1, 1, F) in either layout
+    return int(output.shape[-1])
+
+
+def _wiring_info(model):
+    wiring = getattr(model, "wiring", None)
+    if wiring is None:
+        return None
+    return {
+        "kind": type(wiring).__name__,
+        "neurons_per_layer": [len(wiring.get_neurons_of_layer(i)) for i in range(wiring.num_layers)],
+        "synapses": wiring.synapse_count,
+        "sensory_synapses": wiring.sensory_synapse_count,
+        "motor_neurons": wiring.output_dim,
+    }
+
+
+def _plain(values: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = f"{value.get('class', 'wiring')}({value.get('exact', value).get('units')} neurons)"
+        out[key] = value
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

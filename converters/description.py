@@ -1,0 +1,216 @@
+"""The neutral description every reader produces and every writer consumes.
+
+A ``Description`` is a model config (``ncps_mlx.model_from_config`` input: ``{"class": ...,
+constructor arguments}``, a wiring as ``ncps_mlx.wirings.describe`` writes it) plus named float32
+arrays in ncps_mlx's names and layout, plus provenance and a record of where each config value
+came from (the weights, the user's config, or a reference default). Nothing downstream of a
+Description knows which file format it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ncps_mlx import modelfile, wirings
+from ncps_mlx.models import MODEL_CLASSES, model_from_config
+
+
+class ConversionError(ValueError):
+    """Unusable input: a bad file, a bad config, or weights that do not fit the model."""
+
+
+@dataclass
+class Description:
+    config: dict
+    arrays: dict[str, np.ndarray]
+    source: dict
+    inferred: dict = field(default_factory=dict)  # config values read off the weights
+    given: dict = field(default_factory=dict)  # config values from the user's config
+    defaulted: dict = field(default_factory=dict)  # reference defaults, for what neither tells
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_class(self) -> str:
+        return self.config["class"]
+
+    def build(self):
+        """The MLX model with these weights, in eval mode."""
+        import mlx.core as mx
+
+        try:
+            model = model_from_config(self.config)
+        except ValueError as error:
+            raise ConversionError(f"cannot build {self.model_class}: {error}") from None
+        try:
+            modelfile.check_arrays(model, self.arrays, where=self.source.get("file", "checkpoint"))
+        except modelfile.ModelFileError as error:
+            raise ConversionError(str(error)) from None
+        model.load_weights([(k, mx.array(v)) for k, v in self.arrays.items()], strict=True)
+        model.eval()
+        return model
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    path = Path(path)
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(child.relative_to(path)).encode())
+            digest.update(child.read_bytes())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_user_config(path) -> dict:
+    """Read a ``--config`` JSON file: ``{"class": "CfC" | "LTC", ...constructor arguments}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"config file {path}: no such file")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"config file {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"config file {path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_config_keys(config: dict, model_class: str, where: str) -> None:
+    """Every key must be a constructor argument of ``model_class`` (or "class")."""
+    if model_class not in MODEL_CLASSES:
+        raise ConversionError(f"{where}: unknown model class {model_class!r}; expected one of {sorted(MODEL_CLASSES)}")
+    allowed = set(inspect.signature(MODEL_CLASSES[model_class]).parameters) | {"class"}
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ConversionError(
+            f"{where}: unknown {model_class} option(s) {unknown}; valid options are {sorted(allowed - {'class'})}"
+        )
+
+
+def constructor_defaults(model_class: str) -> dict:
+    return {
+        name: p.default
+        for name, p in inspect.signature(MODEL_CLASSES[model_class]).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def resolve_config(model_class: str, inferred: dict, given: dict, where: str):
+    """Merge what the weights tell with what the user gave; defaults fill the rest.
+
+    Returns (config, given_used, defaulted). A given value that contradicts the weights is an
+    error naming both.
+    """
+    check_config_keys(given, model_class, where)
+    if given.get("class", model_class) != model_class:
+        raise ConversionError(
+            f"{where} describes a {given['class']} but the checkpoint holds a {model_class} ({_evidence(model_class)})"
+        )
+    config = {"class": model_class}
+    given_used, defaulted = {}, {}
+    for name, default in constructor_defaults(model_class).items():
+        if name in inferred and name in given:
+            if inferred[name] != given[name]:
+                raise ConversionError(
+                    f"{where} says {name}={given[name]!r} but the weights are for {name}={inferred[name]!r}"
+                )
+            config[name] = inferred[name]
+            given_used[name] = given[name]
+        elif name in inferred:
+            config[name] = inferred[name]
+        elif name in given:
+            config[name] = given[name]
+            given_used[name] = given[name]
+        else:
+            config[name] = default
+            defaulted[name] = default
+    for name in ("input_size", "units"):
+        if name in inferred:
+            # A wiring given as units was already checked against the masks by the reader.
+            if name in given and not isinstance(inferred[name], dict) and given[name] != inferred[name]:
+                raise ConversionError(
+                    f"{where} says {name}={given[name]!r} but the weights are for {name}={inferred[name]!r}"
+                )
+            config[name] = inferred[name]
+            if name in given:
+                given_used[name] = given[name]
+        elif name in given:
+            config[name] = given[name]
+            given_used[name] = given[name]
+        else:
+            raise ConversionError(f"{name} is not in the weights; give it in --config")
+    return config, given_used, defaulted
+
+
+def _evidence(model_class: str) -> str:
+    return "it has rnn_cell.gleak" if model_class == "LTC" else "it has rnn_cell.ff1"
+
+
+def wiring_masks(wiring, family: str, memory_input_size: int | None = None) -> dict[str, np.ndarray]:
+    """The |adjacency| blocks a model of ``family`` actually uses, keyed by parameter name."""
+    if family == "LTC":
+        return {
+            "rnn_cell.sparsity_mask": np.abs(wiring.adjacency_matrix).astype(np.float32),
+            "rnn_cell.sensory_sparsity_mask": np.abs(wiring.sensory_adjacency_matrix).astype(np.float32),
+        }
+    masks = {}
+    for layer_id in range(wiring.num_layers):
+        neurons = wiring.get_neurons_of_layer(layer_id)
+        if layer_id == 0:
+            block = wiring.sensory_adjacency_matrix[:, neurons]
+        else:
+            block = wiring.adjacency_matrix[:, neurons][wiring.get_neurons_of_layer(layer_id - 1), :]
+        full = np.concatenate([np.abs(block), np.ones((len(neurons), len(neurons)))], axis=0)
+        masks[f"rnn_cell.layer_{layer_id}.sparsity_mask"] = full.T.astype(np.float32)
+    return masks
+
+
+def check_wiring_against_masks(wiring, family: str, arrays: dict, where: str) -> None:
+    """A wiring given in a config must have the synapses the checkpoint's masks have."""
+    expected = wiring_masks(wiring, family)
+    for name, mask in expected.items():
+        if name not in arrays:
+            raise ConversionError(
+                f"{where}: its {type(wiring).__name__} wiring has {wiring.num_layers} layers but the checkpoint "
+                f"has no {name}"
+            )
+        if arrays[name].shape != mask.shape or not np.array_equal(arrays[name], mask):
+            raise ConversionError(
+                f"{where}: its {type(wiring).__name__} wiring (config {wiring.get_config()}) does not have the "
+                f"synapses of the checkpoint ({name} differs). Check the wiring's seed and sizes, or leave "
+                "'units' out of the config to take the wiring from the checkpoint."
+            )
+
+
+def layered_wiring(input_dim: int, layer_inputs: list[np.ndarray], output_dim: int | None = None):
+    """A plain ``Wiring`` from per-layer input masks (each (inputs, layer_size)).
+
+    Neuron ids follow the NCP convention: the last (motor) layer first. Polarities are not in
+    a CfC checkpoint, so every synapse is recorded as excitatory (+1).
+    """
+    sizes = [block.shape[1] for block in layer_inputs]
+    units = int(sum(sizes))
+    ids, start = [None] * len(sizes), 0
+    for layer_id in reversed(range(len(sizes))):
+        ids[layer_id] = list(range(start, start + sizes[layer_id]))
+        start += sizes[layer_id]
+    wiring = wirings.Wiring(units, layers=ids)
+    wiring.set_input_dim(input_dim)
+    wiring.set_output_dim(sizes[-1] if output_dim is None else output_dim)
+    for layer_id, block in enumerate(layer_inputs):
+        nonzero = (np.abs(block) > 0).astype(np.int32)
+        if layer_id == 0:
+            wiring.sensory_adjacency_matrix[:, ids[0]] = nonzero
+        else:
+            rows = np.array(ids[layer_id - 1])[:, None]
+            wiring.adjacency_matrix[rows, np.array(ids[layer_id])[None, :]] = nonzero
+    return wiring

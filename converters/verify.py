@@ -1,0 +1,222 @@
+"""Run the source in its own framework and the converted model on the same inputs; tabulate.
+
+Each source framework has a runner here, keyed by ``Description.source["framework"]``: a
+function that returns ``run(x, hx, timespans) -> (output, state)`` on numpy arrays, or raises
+``SourceUnavailable`` when the framework is not installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ncps_mlx import wirings
+
+from .description import ConversionError, Description
+
+DEFAULT_ATOL = 1e-5
+
+
+class SourceUnavailable(RuntimeError):
+    """The source's framework is not installed, so it cannot be run."""
+
+
+@dataclass
+class Check:
+    case: str
+    tensor: str
+    shape: tuple
+    max_abs: float
+    max_rel: float
+    atol: float
+    ok: bool
+
+
+@dataclass
+class Report:
+    source: str
+    target: str
+    atol: float
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "atol": self.atol,
+            "passed": self.passed,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    def table(self) -> str:
+        header = f"{'case':<30} {'tensor':<8} {'shape':<14} {'max abs':>9} {'max rel':>9} {'atol':>8}  result"
+        lines = [f"Parity: {self.source}  vs  {self.target}", header, "-" * len(header)]
+        for c in self.checks:
+            lines.append(
+                f"{c.case:<30} {c.tensor:<8} {str(tuple(c.shape)):<14} {c.max_abs:>9.2e} {c.max_rel:>9.2e} "
+                f"{c.atol:>8.0e}  {'pass' if c.ok else 'FAIL'}"
+            )
+        failed = sum(not c.ok for c in self.checks)
+        verdict = "PASSED" if not failed else f"FAILED ({failed} over tolerance)"
+        lines.append(f"{verdict}: {len(self.checks) - failed}/{len(self.checks)} checks within atol {self.atol:g}")
+        return "\n".join(lines)
+
+
+def cases(description: Description):
+    """(name, batch or None for unbatched, steps, timespans?, initial state?) to run."""
+    # ncps.torch handles per-step timespans only for batch 1 (reference-notes point 7).
+    per_sample_ts = description.source.get("framework") != "torch"
+    return [
+        ("B=1 T=7 random timespans", 1, 7, True, False),
+        ("B=4 T=13", 4, 13, per_sample_ts, False),
+        ("B=3 T=32 random initial state", 3, 32, False, True),
+        ("unbatched T=9", None, 9, False, False),
+    ]
+
+
+def verify(description: Description, model, target_name: str, atol: float = DEFAULT_ATOL, seed: int = 0, progress=None):
+    """Compare the source (run by its own framework) with ``model`` on random inputs."""
+    run_source = source_runner(description)
+    config = description.config
+    rng = np.random.default_rng(seed)
+    batch_first = config.get("batch_first", True)
+    checks = []
+    for name, batch, steps, with_ts, with_hx in cases(description):
+        if progress:
+            progress(f"running {name}")
+        shape = (steps, config["input_size"]) if batch is None else (batch, steps, config["input_size"])
+        x = rng.normal(size=shape).astype(np.float32)
+        if batch is not None and not batch_first:
+            x = np.ascontiguousarray(x.swapaxes(0, 1))
+        ts = None
+        if with_ts:
+            ts = rng.uniform(0.2, 2.0, size=(batch, steps)).astype(np.float32)
+            ts = ts if batch_first else np.ascontiguousarray(ts.T)
+        hx = None
+        if with_hx:
+            states = [rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32)]
+            if config.get("mixed_memory"):
+                states.append(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+            hx = tuple(states) if config.get("mixed_memory") else states[0]
+        expected = run_source(x, hx, ts)
+        got = run_mlx(model, x, hx, ts)
+        for tensor, e, g in zip(_names(expected[1]), _flat(expected), _flat(got)):
+            checks.append(_compare(name, tensor, e, g, atol))
+    return Report(source=_source_name(description), target=target_name, atol=atol, checks=checks)
+
+
+def _names(state):
+    return ["output"] + (["state h", "state c"] if isinstance(state, tuple) else ["state"])
+
+
+def _flat(result):
+    output, state = result
+    return [output, *state] if isinstance(state, tuple) else [output, state]
+
+
+def _compare(case, tensor, expected, got, atol) -> Check:
+    expected, got = np.asarray(expected, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if expected.shape != got.shape:
+        return Check(case, tensor, tuple(expected.shape), float("inf"), float("inf"), atol, False)
+    diff = float(np.max(np.abs(expected - got))) if expected.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return Check(case, tensor, tuple(expected.shape), diff, diff / scale if scale > 0 else diff, atol, diff <= atol)
+
+
+def _source_name(description: Description) -> str:
+    source = description.source
+    return f"{source.get('framework')} ({source.get('file')})"
+
+
+def run_mlx(model, x, hx, ts):
+    import mlx.core as mx
+
+    hx_m = None if hx is None else (tuple(mx.array(h) for h in hx) if isinstance(hx, tuple) else mx.array(hx))
+    out, state = model(mx.array(x), hx_m, None if ts is None else mx.array(ts))
+    state = tuple(np.array(s) for s in state) if isinstance(state, tuple) else np.array(state)
+    return np.array(out), state
+
+
+# --- source runners --------------------------------------------------------------------------
+
+
+def source_runner(description: Description):
+    framework = description.source.get("framework")
+    if framework not in RUNNERS:
+        raise ConversionError(f"cannot run a {framework} source to verify against")
+    return RUNNERS[framework](description)
+
+
+def _mlx_runner(description: Description):
+    model = description.build()
+    return lambda x, hx, ts: run_mlx(model, x, hx, ts)
+
+
+def _torch_runner(description: Description):
+    try:
+        import torch
+        import ncps.torch as ncps_torch
+    except ImportError:
+        raise SourceUnavailable("verifying a torch checkpoint needs torch and ncps: pip install 'ncps-mlx[torch]'")
+    from . import torch_reader
+
+    config = dict(description.config)
+    for option, default in (("ff_activation", "tanh"), ("memory_circuit", "state"), ("motor_output", False)):
+        if config.pop(option, default) != default:
+            raise ConversionError(f"{option}={config.get(option)!r} has no ncps.torch equivalent")
+    name = config.pop("class")
+    if isinstance(config["units"], dict):
+        config["units"] = _reference_wiring(config["units"])
+    if name == "LTC":
+        config.pop("proj_size", None)
+    module = getattr(ncps_torch, name)(**config)
+    # A pickled module was only read if the user opted in (--trust-pickle); run it the same way.
+    trusted = description.source.get("format") == "pickled torch module"
+    state_dict, _, _ = torch_reader._load(Path(description.source["file"]), trust_pickle=trusted)
+    state_dict = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True)
+    module.eval()
+
+    def run(x, hx, ts):
+        to_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
+        hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
+        with torch.no_grad():
+            out, state = module(to_t(x), hx_t, to_t(ts))
+        state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
+        return out.numpy(), state
+
+    return run
+
+
+def _reference_wiring(description: dict):
+    """An ``ncps.wirings.Wiring`` with exactly our wiring's matrices and layers."""
+    import ncps.wirings as reference
+
+    ours = wirings.wiring_from_description(description)
+
+    class Exact(reference.Wiring):
+        @property
+        def num_layers(self):
+            return ours.num_layers
+
+        def get_neurons_of_layer(self, layer_id):
+            return list(ours.get_neurons_of_layer(layer_id))
+
+        def get_type_of_neuron(self, neuron_id):
+            return ours.get_type_of_neuron(neuron_id)
+
+    wiring = Exact(ours.units)
+    wiring.adjacency_matrix = np.array(ours.adjacency_matrix)
+    wiring.set_input_dim(ours.input_dim)
+    wiring.sensory_adjacency_matrix = np.array(ours.sensory_adjacency_matrix)
+    wiring.set_output_dim(ours.output_dim)
+    return wiring
+
+
+RUNNERS = {"torch": _torch_runner, "ncps_mlx": _mlx_runner}
