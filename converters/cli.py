@@ -1,8 +1,8 @@
 """``ncps-convert``: convert reference ncps checkpoints to MLX, inspect them, verify parity.
 
-    ncps-convert SRC -o OUT.safetensors [--config CFG.json]    convert (and verify)
-    ncps-convert inspect SRC [--config CFG.json]                what the checkpoint holds
-    ncps-convert verify SRC OUT.safetensors                     parity table, source vs converted
+    ncps-convert SRC -o OUT.safetensors|OUT.onnx [--config CFG.json]   convert (and verify)
+    ncps-convert inspect SRC [--config CFG.json]                        what the checkpoint holds
+    ncps-convert verify SRC OUT.safetensors|OUT.onnx                    parity tables
 
 Exit codes: 0 success, 1 verification over tolerance, 2 unusable input or arguments.
 Progress goes to stderr (silence it with --quiet); reports go to stdout (--json for CI).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert SRC to an ncps-mlx model file")
     convert.add_argument("src", metavar="SRC", help="checkpoint: .pt/.pth state dict, .safetensors, ...")
-    convert.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="model file to write")
+    convert.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="what to write: an ncps-mlx model file (.safetensors) or ONNX (.onnx)"
+    )
     convert.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     group = convert.add_mutually_exclusive_group()
     group.add_argument("--verify", dest="verify", action="store_const", const=True, help="verify (the default; fail if the source framework is missing)")
@@ -64,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("src", metavar="SRC")
     common(inspect)
 
-    verify = sub.add_parser("verify", help="run SRC in its framework and OUT in MLX; print a parity table")
+    verify = sub.add_parser(
+        "verify", help="run SRC in its framework and OUT (MLX model file, or ONNX in onnxruntime); print parity tables"
+    )
     verify.add_argument("src", metavar="SRC")
-    verify.add_argument("out", metavar="OUT.safetensors")
+    verify.add_argument("out", metavar="OUT", help=".safetensors model file or .onnx")
     verify.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
     common(verify)
     return parser
@@ -114,15 +119,29 @@ def _read(args, progress):
     return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
 
 
-def cmd_convert(args) -> int:
+def _write_model_file(model, path, source):
     from ncps_mlx import modelfile
 
-    from .verify import SourceUnavailable, verify
+    modelfile.save(model, path, source=source)
+
+
+def _write_onnx(model, path, source):
+    from ncps_mlx.onnx_export import export_onnx
+
+    export_onnx(model, path)
+
+
+# The table of writers, by the output's suffix.
+WRITERS = {".safetensors": _write_model_file, ".onnx": _write_onnx}
+
+
+def cmd_convert(args) -> int:
+    from .verify import verify_output
 
     progress = _progress(args)
     out = Path(args.output)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"output {out} must end in .safetensors (ONNX export is not available yet)")
+    if out.suffix not in WRITERS:
+        raise UsageError(f"output {out} must end in {' or '.join(WRITERS)}")
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.exists():
@@ -131,56 +150,53 @@ def cmd_convert(args) -> int:
     progress(f"Building {description.model_class} ({_size_line(description)})")
     model = description.build()
 
-    report = None
-    if args.verify is not False:
-        try:
-            progress("Verifying against the source framework")
-            report = verify(description, model, target_name=f"ncps_mlx ({out})", atol=args.atol, progress=progress)
-        except SourceUnavailable as error:
-            if args.verify:
-                raise ConversionError(str(error)) from None
-            progress(f"Skipping verification: {error}")
-    if report is not None and not report.passed:
-        _print_report(args, report, extra={"written": False})
+    # Written next to the output under a hidden name, checked, then renamed: a failed
+    # verification or an error never leaves a (partial) output file behind.
+    partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
+    try:
+        progress(f"Writing {'ONNX' if out.suffix == '.onnx' else 'the model file'}")
+        WRITERS[out.suffix](model, partial, description.source)
+        reports = []
+        if args.verify is not False:
+            progress("Verifying")
+            reports = verify_output(
+                description, partial, atol=args.atol, require_source=bool(args.verify), progress=progress, model=model
+            )
+            for report in reports:
+                report.target = report.target.replace(partial.name, out.name)
+        passed = all(r.passed for r in reports)
+        if passed:
+            os.replace(partial, out)
+            progress(f"Wrote {out}")
+    finally:
+        partial.unlink(missing_ok=True)
+    _print_reports(args, reports, extra={"written": passed, "output": str(out), "verified": bool(reports)})
+    if not passed:
         print(f"ncps-convert: verification failed; {out} not written (--no-verify writes it anyway)", file=sys.stderr)
         return 1
-    modelfile.save(model, out, source=description.source)
-    progress(f"Wrote {out}")
-    if report is not None:
-        _print_report(args, report, extra={"written": True, "output": str(out)})
-    elif args.json:
-        print(json.dumps({"written": True, "output": str(out), "verified": False}))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from ncps_mlx import modelfile
-
-    from .verify import SourceUnavailable, verify
+    from .verify import verify_output
 
     progress = _progress(args)
     description = _read(args, progress)
-    progress(f"Loading {args.out}")
-    try:
-        model = modelfile.load(args.out)
-    except modelfile.ModelFileError as error:
-        raise ConversionError(str(error)) from None
-    converted = model.get_config()
-    if converted.get("class") != description.model_class:
-        raise ConversionError(f"{args.out} holds a {converted.get('class')} but {args.src} holds a {description.model_class}")
-    try:
-        report = verify(description, model, target_name=f"ncps_mlx ({args.out})", atol=args.atol, progress=progress)
-    except SourceUnavailable as error:
-        raise ConversionError(str(error)) from None
-    _print_report(args, report)
-    return 0 if report.passed else 1
+    if Path(args.out).suffix not in WRITERS:
+        raise UsageError(f"{args.out}: expected a {' or '.join(WRITERS)} file")
+    if not Path(args.out).exists():
+        raise UsageError(f"{args.out}: no such file")
+    reports = verify_output(description, args.out, atol=args.atol, require_source=True, progress=progress)
+    _print_reports(args, reports)
+    return 0 if all(r.passed for r in reports) else 1
 
 
-def _print_report(args, report, extra=None):
+def _print_reports(args, reports, extra=None):
     if args.json:
-        print(json.dumps({**report.to_dict(), **(extra or {})}, indent=2))
+        print(json.dumps({"passed": all(r.passed for r in reports), "reports": [r.to_dict() for r in reports], **(extra or {})}, indent=2))
     else:
-        print(report.table())
+        for report in reports:
+            print(report.table())
 
 
 def _size_line(description) -> str:

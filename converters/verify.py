@@ -68,26 +68,42 @@ class Report:
         return "\n".join(lines)
 
 
-def cases(description: Description):
+def cases(description: Description | None = None, unbatched: bool = True):
     """(name, batch or None for unbatched, steps, timespans?, initial state?) to run."""
     # ncps.torch handles per-step timespans only for batch 1 (reference-notes point 7).
-    per_sample_ts = description.source.get("framework") != "torch"
-    return [
+    per_sample_ts = description is None or description.source.get("framework") != "torch"
+    chosen = [
         ("B=1 T=7 random timespans", 1, 7, True, False),
-        ("B=4 T=13", 4, 13, per_sample_ts, False),
+        (f"B=4 T=13{' random timespans' if per_sample_ts else ''}", 4, 13, per_sample_ts, False),
         ("B=3 T=32 random initial state", 3, 32, False, True),
-        ("unbatched T=9", None, 9, False, False),
     ]
+    if unbatched:
+        chosen.append(("unbatched T=9", None, 9, False, False))
+    return chosen
 
 
 def verify(description: Description, model, target_name: str, atol: float = DEFAULT_ATOL, seed: int = 0, progress=None):
-    """Compare the source (run by its own framework) with ``model`` on random inputs."""
-    run_source = source_runner(description)
-    config = description.config
+    """Compare the source (run by its own framework) with the MLX ``model`` on random inputs."""
+    return compare(
+        description.config,
+        source_runner(description),
+        _source_name(description),
+        lambda x, hx, ts: run_mlx(model, x, hx, ts),
+        target_name,
+        cases(description),
+        state_size=model.state_size,
+        atol=atol,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def compare(config, run_reference, reference_name, run_target, target_name, case_list, *, state_size, atol, seed=0, progress=None):
+    """Run two implementations on the same random inputs; one Check per tensor and case."""
     rng = np.random.default_rng(seed)
     batch_first = config.get("batch_first", True)
     checks = []
-    for name, batch, steps, with_ts, with_hx in cases(description):
+    for name, batch, steps, with_ts, with_hx in case_list:
         if progress:
             progress(f"running {name}")
         shape = (steps, config["input_size"]) if batch is None else (batch, steps, config["input_size"])
@@ -100,15 +116,15 @@ def verify(description: Description, model, target_name: str, atol: float = DEFA
             ts = ts if batch_first else np.ascontiguousarray(ts.T)
         hx = None
         if with_hx:
-            states = [rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32)]
+            states = [rng.normal(scale=0.5, size=(batch, state_size)).astype(np.float32)]
             if config.get("mixed_memory"):
-                states.append(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+                states.append(rng.normal(scale=0.5, size=(batch, state_size)).astype(np.float32))
             hx = tuple(states) if config.get("mixed_memory") else states[0]
-        expected = run_source(x, hx, ts)
-        got = run_mlx(model, x, hx, ts)
+        expected = run_reference(x, hx, ts)
+        got = run_target(x, hx, ts)
         for tensor, e, g in zip(_names(expected[1]), _flat(expected), _flat(got)):
             checks.append(_compare(name, tensor, e, g, atol))
-    return Report(source=_source_name(description), target=target_name, atol=atol, checks=checks)
+    return Report(source=reference_name, target=target_name, atol=atol, checks=checks)
 
 
 def _names(state):
@@ -220,3 +236,72 @@ def _reference_wiring(description: dict):
 
 
 RUNNERS = {"torch": _torch_runner, "ncps_mlx": _mlx_runner}
+
+
+def onnx_runner(path):
+    """``run(x, hx, timespans)`` through onnxruntime for an exported model."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SourceUnavailable("verifying an ONNX file needs onnxruntime: pip install 'ncps-mlx[onnx]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # our overridable default inputs trigger a benign warning
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        raise ConversionError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x, hx, ts):
+        feeds = {"input": np.asarray(x, np.float32)}
+        if hx is not None:
+            h, c = hx if isinstance(hx, tuple) else (hx, None)
+            feeds["initial_state"] = h
+            if c is not None:
+                feeds["initial_memory"] = c
+        if ts is not None:
+            feeds["timespans"] = np.asarray(ts, np.float32)
+        results = dict(zip(names, session.run(None, feeds)))
+        state = (results["state"], results["memory"]) if "memory" in results else results["state"]
+        return results["output"], state
+
+    return run
+
+
+def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_source=True, progress=None, model=None):
+    """Reports comparing a written file (model file or ONNX) with the source, and an ONNX file
+    also with the MLX model converted from the same source."""
+    from ncps_mlx import modelfile
+
+    path = Path(path)
+    model = model if model is not None else description.build()
+    log = progress or (lambda message: None)
+    common = dict(state_size=model.state_size, atol=atol, progress=progress)
+    config = description.config
+    if path.suffix == ".onnx":
+        target, target_name, case_list = onnx_runner(path), f"onnxruntime ({path.name})", cases(description, unbatched=False)
+    else:
+        try:
+            loaded = modelfile.load(path)
+        except modelfile.ModelFileError as error:
+            raise ConversionError(str(error)) from None
+        if loaded.get_config().get("class") != description.model_class:
+            raise ConversionError(
+                f"{path} holds a {loaded.get_config().get('class')} but the source holds a {description.model_class}"
+            )
+        target, target_name, case_list = (lambda x, hx, ts: run_mlx(loaded, x, hx, ts)), f"ncps_mlx ({path.name})", cases(description)
+
+    reports = []
+    try:
+        run_source = source_runner(description)
+    except SourceUnavailable as error:
+        if require_source:
+            raise ConversionError(str(error)) from None
+        log(f"Skipping the comparison with the source framework: {error}")
+        run_source = None
+    if run_source is not None:
+        reports.append(compare(config, run_source, _source_name(description), target, target_name, case_list, **common))
+    if path.suffix == ".onnx" and description.source.get("framework") != "ncps_mlx":
+        mlx_run = lambda x, hx, ts: run_mlx(model, x, hx, ts)
+        reports.append(compare(config, mlx_run, "ncps_mlx (converted)", target, target_name, case_list, **common))
+    return reports

@@ -9,6 +9,7 @@ from . import wirings
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell
 from .modelfile import ModelFileError, load, save
 from .models import CTGRU, CTRNN, LTC, CfC, model_from_config
+from .onnx_export import export_onnx
 from .sequence import SequenceModel
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "save",
     "load",
     "ModelFileError",
+    "export_onnx",
     "wirings",
     "__version__",
 ]

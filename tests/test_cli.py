@@ -40,8 +40,9 @@ def test_convert_verify_and_load(tmp_path):
     verified = cli("verify", FIXTURES / "cfc_autoncp.pt", out, "--json")
     assert verified.returncode == 0, verified.stderr
     report = json.loads(verified.stdout)
-    assert report["passed"] and {c["tensor"] for c in report["checks"]} == {"output", "state"}
-    assert all(c["max_abs"] <= 1e-5 for c in report["checks"])
+    (checked,) = report["reports"]
+    assert report["passed"] and {c["tensor"] for c in checked["checks"]} == {"output", "state"}
+    assert all(c["max_abs"] <= 1e-5 for c in checked["checks"])
 
 
 def test_verify_fails_on_a_different_model(tmp_path):
@@ -66,8 +67,8 @@ def test_convert_json_report(tmp_path):
     result = cli(FIXTURES / "ltc_mixed.pt", "-o", out, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["written"] and report["passed"]
-    assert {"output", "state h", "state c"} <= {c["tensor"] for c in report["checks"]}
+    assert report["written"] and report["passed"] and report["verified"]
+    assert {"output", "state h", "state c"} <= {c["tensor"] for c in report["reports"][0]["checks"]}
     assert result.stderr == ""  # --json implies no progress
 
 
@@ -147,7 +148,7 @@ def _bad_inputs(tmp_path):
         "wrong class in config": ([pt, "--config", wrong_class], "describes a LTC but the checkpoint holds a CfC"),
         "missing config file": ([pt, "--config", tmp_path / "none.json"], "no such file"),
         "pickled module": ([FIXTURES / "cfc_module.pt"], "--trust-pickle"),
-        "bad output suffix": ([pt, "-o", tmp_path / "model.npz"], "must end in .safetensors"),
+        "bad output suffix": ([pt, "-o", tmp_path / "model.npz"], "must end in .safetensors or .onnx"),
         "unknown option": ([pt, "--frobnicate"], "unrecognized arguments"),
     }
 
@@ -175,7 +176,7 @@ def test_unusable_input(case, tmp_path):
     assert message in errors[0]
     assert "Traceback" not in result.stderr
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -62,6 +62,7 @@ class CfCCell(nn.Module):
         self.mode = mode
         self.ff_activation = ff_activation
         self.backbone_layers = int(backbone_layers)
+        self.activation_name = backbone_activation
         self.activation = get_activation(backbone_activation)
 
         concat = self.input_size + self.hidden_size
