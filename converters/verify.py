@@ -261,11 +261,43 @@ def onnx_runner(path):
                 feeds["initial_memory"] = c
         if ts is not None:
             feeds["timespans"] = np.asarray(ts, np.float32)
-        results = dict(zip(names, session.run(None, feeds)))
+        try:
+            results = dict(zip(names, session.run(None, feeds)))
+        except Exception as error:
+            message = " ".join(str(error).split())[:300]
+            raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
         state = (results["state"], results["memory"]) if "memory" in results else results["state"]
         return results["output"], state
 
     return run
+
+
+def _check_onnx_matches(path, description, model):
+    """The ONNX file's own config (metadata_props) must be a model of the source's shape."""
+    try:
+        import onnx
+    except ImportError:
+        raise SourceUnavailable("reading an ONNX file needs onnx: pip install 'ncps-mlx[onnx]'") from None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise ConversionError(f"{path}: not a readable ONNX file ({str(error).splitlines()[0]})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if "ncps_mlx_config" not in props:
+        raise ConversionError(f"{path}: no ncps_mlx_config metadata; not an ONNX file exported by ncps-mlx")
+    import json
+
+    config = json.loads(props["ncps_mlx_config"])
+    exported = _model_summary(config)
+    expected = _model_summary(description.config)
+    if exported != expected:
+        raise ConversionError(f"{path} holds a {exported} but the source holds a {expected}")
+
+
+def _model_summary(config) -> str:
+    units = config["units"]
+    size = units.get("exact", units).get("units") if isinstance(units, dict) else units
+    return f"{config['class']} with input_size {config['input_size']} and {size} units"
 
 
 def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_source=True, progress=None, model=None):
@@ -279,6 +311,7 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
     common = dict(state_size=model.state_size, atol=atol, progress=progress)
     config = description.config
     if path.suffix == ".onnx":
+        _check_onnx_matches(path, description, model)
         target, target_name, case_list = onnx_runner(path), f"onnxruntime ({path.name})", cases(description, unbatched=False)
     else:
         try:

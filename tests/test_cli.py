@@ -199,3 +199,33 @@ def test_inspect_and_verify_errors(tmp_path):
     assert result.returncode == 2 and "holds a LTC but" in result.stderr
     assert cli().returncode == 2
     assert cli("--help").returncode == 0
+
+
+def test_convert_to_onnx_and_verify(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "ltc.onnx"
+    result = cli(FIXTURES / "ltc_ncp.pt", "--config", FIXTURES / "ltc_ncp.json", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    sources = [r["source"] for r in report["reports"]]
+    assert sources[0].startswith("torch") and sources[1].startswith("ncps_mlx")
+    assert all(r["target"].startswith("onnxruntime (ltc.onnx)") for r in report["reports"])
+    assert report["passed"] and out.exists()
+    verified = cli("verify", FIXTURES / "ltc_ncp.pt", out, "--config", FIXTURES / "ltc_ncp.json")
+    assert verified.returncode == 0 and verified.stdout.count("PASSED") == 2
+    other_size = cli("verify", FIXTURES / "ltc_fc.pt", out)
+    assert other_size.returncode == 2 and "holds a LTC with input_size 4 and 9 units but the source" in other_size.stderr
+    cfc = tmp_path / "cfc.onnx"
+    assert cli(FIXTURES / "cfc_default.pt", "-o", cfc, "--quiet").returncode == 0
+    wrong = cli("verify", FIXTURES / "cfc_no_gate.pt", cfc, "--config", FIXTURES / "cfc_no_gate.json")
+    assert wrong.returncode == 1 and "FAIL" in wrong.stdout
+
+
+def test_model_file_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model_file = ncps_mlx.save(ncps_mlx.CTGRU(4, 3, M=4, decay="mozer"), tmp_path / "ctgru.safetensors")
+    out = tmp_path / "ctgru.onnx"
+    result = cli(model_file, "-o", out, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "ncps_mlx (" in result.stdout and "PASSED" in result.stdout
+    assert cli("inspect", model_file).returncode == 0
