@@ -96,14 +96,6 @@ def check_config_keys(config: dict, model_class: str, where: str) -> None:
         )
 
 
-def constructor_defaults(model_class: str) -> dict:
-    return {
-        name: p.default
-        for name, p in inspect.signature(MODEL_CLASSES[model_class]).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
 def resolve_config(model_class: str, inferred: dict, given: dict, where: str):
     """Merge what the weights tell with what the user gave; defaults fill the rest.
 
@@ -117,23 +109,7 @@ def resolve_config(model_class: str, inferred: dict, given: dict, where: str):
         )
     config = {"class": model_class}
     given_used, defaulted = {}, {}
-    for name, default in constructor_defaults(model_class).items():
-        if name in inferred and name in given:
-            if inferred[name] != given[name]:
-                raise ConversionError(
-                    f"{where} says {name}={given[name]!r} but the weights are for {name}={inferred[name]!r}"
-                )
-            config[name] = inferred[name]
-            given_used[name] = given[name]
-        elif name in inferred:
-            config[name] = inferred[name]
-        elif name in given:
-            config[name] = given[name]
-            given_used[name] = given[name]
-        else:
-            config[name] = default
-            defaulted[name] = default
-    for name in ("input_size", "units"):
+    for name, parameter in inspect.signature(MODEL_CLASSES[model_class]).parameters.items():
         if name in inferred:
             # A wiring given as units was already checked against the masks by the reader.
             if name in given and not isinstance(inferred[name], dict) and given[name] != inferred[name]:
@@ -141,13 +117,14 @@ def resolve_config(model_class: str, inferred: dict, given: dict, where: str):
                     f"{where} says {name}={given[name]!r} but the weights are for {name}={inferred[name]!r}"
                 )
             config[name] = inferred[name]
-            if name in given:
-                given_used[name] = given[name]
         elif name in given:
             config[name] = given[name]
-            given_used[name] = given[name]
+        elif parameter.default is not inspect.Parameter.empty:
+            config[name] = defaulted[name] = parameter.default
         else:
             raise ConversionError(f"{name} is not in the weights; give it in --config")
+        if name in given:
+            given_used[name] = given[name]
     return config, given_used, defaulted
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,32 +12,15 @@ import mlx.core as mx
 
 from ncps_mlx.converters.torch_reader import rename_torch_keys
 
-torch = pytest.importorskip("torch")
+try:  # torch is optional: without it the parity tests skip and the fixtures stand in
+    import torch
+except ImportError:
+    torch = None
 
-# Parameters of an LTC that must stay positive when no softplus is applied at run time; the
-# solver divides by a sum of them, so we perturb them multiplicatively.
-LTC_POSITIVE = {"gleak", "cm", "w", "sensory_w"}
-
-
-def perturb_(model, seed: int, scale: float = 0.5) -> None:
-    """Move every trainable torch parameter away from its initial value, deterministically.
-
-    The noise is relative to each tensor's own spread (0.1 for constant-initialised tensors
-    such as LTC input_w), so weights change substantially without making the dynamics chaotic:
-    with a flat 0.3 on 128-unit backbones, torch float32 itself drifts 5e-5 from torch float64
-    within 24 steps, and no float32 implementation could be compared at 1e-5.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            noise = torch.randn(param.shape, generator=gen)
-            if name.split(".")[-1] in LTC_POSITIVE and "lstm" not in name:
-                param.mul_(torch.exp(0.3 * noise))
-            else:
-                spread = float(param.std()) if param.numel() > 1 else 0.0
-                param.add_(scale * (spread if spread > 1e-6 else 0.1) * noise)
+if torch is not None:
+    # One perturbation for the fixtures and the live tests: tools/make_fixtures.py owns it.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_fixtures import perturb_  # noqa: E402
 
 
 def load_torch_weights(mlx_model, torch_model) -> None:
