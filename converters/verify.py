@@ -70,6 +70,9 @@ class Report:
 
 def cases(description: Description | None = None, unbatched: bool = True):
     """(name, batch or None for unbatched, steps, timespans?, initial state?) to run."""
+    if description is not None and description.model_class == "Stack":
+        # A Keras model takes the sequence alone: no initial state, no timespans.
+        return [("B=1 T=7", 1, 7, False, False), ("B=4 T=13", 4, 13, False, False), ("B=3 T=32", 3, 32, False, False)]
     # ncps.torch handles per-step timespans only for batch 1 (reference-notes point 7).
     per_sample_ts = description is None or description.source.get("framework") != "torch"
     chosen = [
@@ -82,30 +85,12 @@ def cases(description: Description | None = None, unbatched: bool = True):
     return chosen
 
 
-def verify(description: Description, model, target_name: str, atol: float = DEFAULT_ATOL, seed: int = 0, progress=None):
-    """Compare the source (run by its own framework) with the MLX ``model`` on random inputs."""
-    return compare(
-        description.config,
-        source_runner(description),
-        _source_name(description),
-        lambda x, hx, ts: run_mlx(model, x, hx, ts),
-        target_name,
-        cases(description),
-        state_size=model.state_size,
-        atol=atol,
-        seed=seed,
-        progress=progress,
-    )
-
-
-def compare(config, run_reference, reference_name, run_target, target_name, case_list, *, state_size, atol, seed=0, progress=None):
-    """Run two implementations on the same random inputs; one Check per tensor and case."""
+def make_inputs(config, case_list, state_size, seed=0):
+    """[(x, hx, timespans)] for each case, drawn from one seeded generator."""
     rng = np.random.default_rng(seed)
     batch_first = config.get("batch_first", True)
-    checks = []
-    for name, batch, steps, with_ts, with_hx in case_list:
-        if progress:
-            progress(f"running {name}")
+    inputs = []
+    for _, batch, steps, with_ts, with_hx in case_list:
         shape = (steps, config["input_size"]) if batch is None else (batch, steps, config["input_size"])
         x = rng.normal(size=shape).astype(np.float32)
         if batch is not None and not batch_first:
@@ -120,26 +105,55 @@ def compare(config, run_reference, reference_name, run_target, target_name, case
             if config.get("mixed_memory"):
                 states.append(rng.normal(scale=0.5, size=(batch, state_size)).astype(np.float32))
             hx = tuple(states) if config.get("mixed_memory") else states[0]
-        expected = run_reference(x, hx, ts)
-        got = run_target(x, hx, ts)
-        for tensor, e, g in zip(_names(expected[1]), _flat(expected), _flat(got)):
-            checks.append(_compare(name, tensor, e, g, atol))
+        inputs.append((x, hx, ts))
+    return inputs
+
+
+def compare(config, reference, reference_name, target, target_name, case_list, *, state_size, atol, seed=0, progress=None):
+    """Run two implementations on the same random inputs; one Check per tensor and case.
+
+    ``reference`` and ``target`` take a list of (x, hx, timespans) and return, per input, a
+    dict of named result arrays ("output", "state", ...).
+    """
+    inputs = make_inputs(_input_config(config), case_list, state_size, seed)
+    if progress:
+        progress(f"running {reference_name} on {len(inputs)} input sets")
+    expected = reference(inputs)
+    if progress:
+        progress(f"running {target_name}")
+    got = target(inputs)
+    checks = []
+    for (name, *_), e, g in zip(case_list, expected, got):
+        for tensor, value in e.items():
+            checks.append(_compare(name, tensor, value, g.get(tensor), atol))
     return Report(source=reference_name, target=target_name, atol=atol, checks=checks)
 
 
-def _names(state):
-    return ["output"] + (["state h", "state c"] if isinstance(state, tuple) else ["state"])
+def _input_config(config):
+    if config.get("class") == "Stack":
+        first = config["layers"][0]
+        size = first["model"]["input_size"] if first["type"] == "RNN" else first.get("in_features", first.get("features"))
+        return {"input_size": size, "batch_first": True}
+    return config
 
 
-def _flat(result):
-    output, state = result
-    return [output, *state] if isinstance(state, tuple) else [output, state]
+def named_results(output, state=None) -> dict:
+    """The standard names: output, state (or state h / state c), or Keras's extra outputs."""
+    if isinstance(output, tuple):  # a Stack whose last RNN layer returns its states
+        return {"output": np.array(output[0]), **{f"state {i}": np.array(s) for i, s in enumerate(output[1:])}}
+    results = {"output": np.array(output)}
+    if isinstance(state, tuple):
+        results.update({"state h": np.array(state[0]), "state c": np.array(state[1])})
+    elif state is not None:
+        results["state"] = np.array(state)
+    return results
 
 
 def _compare(case, tensor, expected, got, atol) -> Check:
-    expected, got = np.asarray(expected, dtype=np.float64), np.asarray(got, dtype=np.float64)
-    if expected.shape != got.shape:
+    expected = np.asarray(expected, dtype=np.float64)
+    if got is None or np.shape(got) != expected.shape:
         return Check(case, tensor, tuple(expected.shape), float("inf"), float("inf"), atol, False)
+    got = np.asarray(got, dtype=np.float64)
     diff = float(np.max(np.abs(expected - got))) if expected.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
     return Check(case, tensor, tuple(expected.shape), diff, diff / scale if scale > 0 else diff, atol, diff <= atol)
@@ -150,13 +164,22 @@ def _source_name(description: Description) -> str:
     return f"{source.get('framework')} ({source.get('file')})"
 
 
-def run_mlx(model, x, hx, ts):
+def mlx_runner(model):
+    """Runs an ncps_mlx model (or Stack) over a list of (x, hx, timespans)."""
     import mlx.core as mx
 
-    hx_m = None if hx is None else (tuple(mx.array(h) for h in hx) if isinstance(hx, tuple) else mx.array(hx))
-    out, state = model(mx.array(x), hx_m, None if ts is None else mx.array(ts))
-    state = tuple(np.array(s) for s in state) if isinstance(state, tuple) else np.array(state)
-    return np.array(out), state
+    def run(inputs):
+        results = []
+        for x, hx, ts in inputs:
+            if getattr(model, "layers", None) is not None and not hasattr(model, "rnn_cell"):
+                results.append(named_results(model(mx.array(x))))
+                continue
+            hx_m = None if hx is None else (tuple(mx.array(h) for h in hx) if isinstance(hx, tuple) else mx.array(hx))
+            out, state = model(mx.array(x), hx_m, None if ts is None else mx.array(ts))
+            results.append(named_results(out, state))
+        return results
+
+    return run
 
 
 # --- source runners --------------------------------------------------------------------------
@@ -170,8 +193,7 @@ def source_runner(description: Description):
 
 
 def _mlx_runner(description: Description):
-    model = description.build()
-    return lambda x, hx, ts: run_mlx(model, x, hx, ts)
+    return mlx_runner(description.build())
 
 
 def _torch_runner(description: Description):
@@ -199,13 +221,16 @@ def _torch_runner(description: Description):
     module.load_state_dict(state_dict, strict=True)
     module.eval()
 
-    def run(x, hx, ts):
+    def run(inputs):
         to_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
-        hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
-        with torch.no_grad():
-            out, state = module(to_t(x), hx_t, to_t(ts))
-        state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
-        return out.numpy(), state
+        results = []
+        for x, hx, ts in inputs:
+            hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
+            with torch.no_grad():
+                out, state = module(to_t(x), hx_t, to_t(ts))
+            state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
+            results.append(named_results(out.numpy(), state))
+        return results
 
     return run
 
@@ -252,7 +277,7 @@ def onnx_runner(path):
         raise ConversionError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
     names = [o.name for o in session.get_outputs()]
 
-    def run(x, hx, ts):
+    def run_one(x, hx, ts):
         feeds = {"input": np.asarray(x, np.float32)}
         if hx is not None:
             h, c = hx if isinstance(hx, tuple) else (hx, None)
@@ -267,9 +292,9 @@ def onnx_runner(path):
             message = " ".join(str(error).split())[:300]
             raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
         state = (results["state"], results["memory"]) if "memory" in results else results["state"]
-        return results["output"], state
+        return named_results(results["output"], state)
 
-    return run
+    return lambda inputs: [run_one(*args) for args in inputs]
 
 
 def _check_onnx_matches(path, description, model):
@@ -308,7 +333,7 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
     path = Path(path)
     model = model if model is not None else description.build()
     log = progress or (lambda message: None)
-    common = dict(state_size=model.state_size, atol=atol, progress=progress)
+    common = dict(state_size=getattr(model, "state_size", 0), atol=atol, progress=progress)
     config = description.config
     if path.suffix == ".onnx":
         _check_onnx_matches(path, description, model)
@@ -322,7 +347,7 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
             raise ConversionError(
                 f"{path} holds a {loaded.get_config().get('class')} but the source holds a {description.model_class}"
             )
-        target, target_name, case_list = (lambda x, hx, ts: run_mlx(loaded, x, hx, ts)), f"ncps_mlx ({path.name})", cases(description)
+        target, target_name, case_list = mlx_runner(loaded), f"ncps_mlx ({path.name})", cases(description)
 
     reports = []
     try:
@@ -335,6 +360,5 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
     if run_source is not None:
         reports.append(compare(config, run_source, _source_name(description), target, target_name, case_list, **common))
     if path.suffix == ".onnx" and description.source.get("framework") != "ncps_mlx":
-        mlx_run = lambda x, hx, ts: run_mlx(model, x, hx, ts)
-        reports.append(compare(config, mlx_run, "ncps_mlx (converted)", target, target_name, case_list, **common))
+        reports.append(compare(config, mlx_runner(model), "ncps_mlx (converted)", target, target_name, case_list, **common))
     return reports
