@@ -1,0 +1,585 @@
+"""Reader for ``ncps.keras`` (Keras 3) and ``ncps.tf`` (tf.keras) models, with h5py and json only.
+
+Formats: Keras 3 ``.keras`` archives (config.json + model.weights.h5) and tf.keras full-model
+``.h5`` files (``model_config`` attribute + ``model_weights``). The model must be a
+``Sequential`` or a functional model whose layers form a chain; each layer becomes a layer of
+an ``ncps_mlx.Stack``, which returns what the Keras model returns.
+
+The flavour differences (shared/docs/reference-notes.md points 0-6) are handled here so the
+converted model is the same function: CfC heads without tanh (``ff_activation=None``), the
+time gate's sign (``time_a`` weight and bias negated, exact), the ``MixedMemoryRNN`` circuit
+(``memory_circuit="input"``), kernels transposed to (out, in), wired output sliced to the motor
+neurons (``motor_output=True``), LTC parameters used as stored (NonNeg constraints, no
+softplus: ``implicit_param_constraints=False``). Keras keeps CfC/LTC sparsity masks out of the
+weight files, so wirings are rebuilt from the layer config (point 11); a wired CfC's mask is
+signed in Keras, and its sign is folded into the converted kernel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ncps_mlx import wirings
+
+from . import formats
+from .description import ConversionError, Description, sha256_of
+
+NAME = "keras"
+SUFFIXES = (".keras", ".h5")
+
+NCPS_LAYERS = ("CfC", "LTC")
+PLAIN_LAYERS = ("Dense", "Dropout", "Activation", "Flatten", "Normalization", "TimeDistributed")
+
+
+def sniff(path: Path) -> bool:
+    kind = formats.kind_of(path)
+    if kind == "zip":
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except zipfile.BadZipFile:
+            return Path(path).suffix == ".keras"
+        return "config.json" in names
+    return kind == "hdf5"
+
+
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
+    path = Path(path)
+    h5py = _import_h5py()
+    if config:
+        raise ConversionError(f"{path}: a Keras model file carries its own config; --config does not apply")
+    kind = formats.kind_of(path)
+    try:
+        if kind == "zip":
+            archive = zipfile.ZipFile(path)
+            model_config = json.loads(archive.read("config.json"))
+            weights = _Keras3Weights(h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r"))
+            file_format, framework = "Keras 3 .keras archive", "keras"
+        else:
+            handle = h5py.File(path, "r")
+            if "model_config" not in handle.attrs:
+                raise ConversionError(
+                    f"{path}: an HDF5 file without a model config (weights only, or not a Keras file); "
+                    "converting weights-only .h5 files is not supported yet"
+                )
+            raw = handle.attrs["model_config"]
+            model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            weights = _TfKerasWeights(handle["model_weights"])
+            file_format, framework = "tf.keras .h5 model", "tf.keras"
+    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path}: truncated or corrupt Keras file ({str(error).splitlines()[0]})") from None
+
+    arrays, specs = {}, []
+    for index, (spec, layer_arrays) in enumerate(_convert_layers(model_config, weights)):
+        specs.append(spec)
+        arrays.update({f"layers.{index}.{k}": v for k, v in layer_arrays.items()})
+    return Description(
+        config={"class": "Stack", "layers": specs},
+        arrays=arrays,
+        source={"framework": framework, "format": file_format, "file": str(path), "sha256": sha256_of(path)},
+    )
+
+
+def _import_h5py():
+    try:
+        import h5py
+    except ImportError:
+        raise ConversionError("reading Keras files needs h5py: pip install h5py") from None
+    return h5py
+
+
+# --- the model config ------------------------------------------------------------------------
+
+
+def _chain(model_config: dict) -> list[dict]:
+    """The model's layers in order (InputLayer dropped); a functional model must be a chain."""
+    kind = model_config.get("class_name")
+    config = model_config.get("config", {})
+    if kind not in ("Sequential", "Functional", "Model"):
+        raise ConversionError(f"top-level object is a {kind}, not a Sequential or functional Keras model")
+    layers = [l for l in config.get("layers", []) if l.get("class_name") != "InputLayer"]
+    if kind != "Sequential":
+        for previous, layer in zip(layers, layers[1:]):
+            inbound = json.dumps(layer.get("inbound_nodes", []))
+            if previous["config"]["name"] not in inbound:
+                raise ConversionError(
+                    f"the functional model is not a chain of layers (layer {layer['config']['name']!r} does not read "
+                    f"{previous['config']['name']!r}); only linear models convert"
+                )
+    return layers
+
+
+def _activation_name(value):
+    if isinstance(value, dict):
+        value = value.get("config", value.get("class_name"))
+    if isinstance(value, str) and value.startswith(">"):
+        value = value[1:]  # Keras 3 writes registered functions as ">name"
+    return value
+
+
+def _wiring(config: dict, input_dim: int, where: str):
+    """Rebuild a wiring from its Keras-serialised config (masks are not in Keras weights)."""
+    if "class_name" in config:
+        class_name, params = config["class_name"], dict(config.get("config", {}))
+    else:  # tf.keras writes the wiring's get_config() inline
+        class_name, params = _guess_wiring_class(config), dict(config)
+    if class_name == "NCP" and (params.get("seed") is None or isinstance(params.get("inter_neurons"), list)):
+        raise ConversionError(
+            f"{where}: the file records an NCP wiring without its seed (ncps.wirings.NCP.get_config loses it, "
+            "reference-notes points 8 and 11), and Keras stores no masks, so the wiring cannot be rebuilt; "
+            "re-save the model with an AutoNCP, FullyConnected or Random wiring"
+        )
+    try:
+        wiring = wirings.wiring_from_config(class_name, params)
+        wiring.build(input_dim)
+    except (ValueError, TypeError) as error:
+        raise ConversionError(f"{where}: cannot rebuild its {class_name} wiring: {error}") from None
+    return wiring
+
+
+def _guess_wiring_class(params: dict) -> str:
+    if "output_size" in params:
+        return "AutoNCP"
+    if "erev_init_seed" in params:
+        return "FullyConnected"
+    if "random_seed" in params:
+        return "Random"
+    if "adjacency_matrix" in params:
+        return "Wiring"
+    return "NCP"
+
+
+def _convert_layers(model_config, weights):
+    """[(Stack layer spec, arrays in the Stack layer's names)]."""
+    converted = []
+    counters: dict[str, int] = {}
+    for layer in _chain(model_config):
+        # tf.keras records registered classes as "package>Class" (e.g. "ncps>CfC").
+        kind, cfg = layer["class_name"].split(">")[-1], layer["config"]
+        snake = _snake(kind)
+        counters[snake] = counters.get(snake, -1) + 1
+        group_name = snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"
+        view = weights.layer(cfg["name"], group_name)
+        where = f"layer {cfg['name']!r} ({kind})"
+        if kind in NCPS_LAYERS:
+            spec, arrays = _ncps_layer(kind, cfg, view, where)
+        elif kind in PLAIN_LAYERS:
+            spec, arrays = _plain_layer(kind, cfg, view, where)
+        else:
+            raise ConversionError(
+                f"{where}: unsupported layer type; supported: {', '.join(NCPS_LAYERS + PLAIN_LAYERS)} and InputLayer"
+            )
+        converted.append((spec, arrays))
+    if not converted:
+        raise ConversionError("the model has no layers")
+    return converted
+
+
+def _snake(name: str) -> str:
+    # keras.src.utils.naming.to_snake_case: how Keras 3 names layer groups in weight files.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _plain_layer(kind, cfg, view, where):
+    if kind == "TimeDistributed":
+        inner = cfg["layer"]
+        if inner["class_name"] != "Dense":
+            raise ConversionError(f"{where}: TimeDistributed({inner['class_name']}) is not supported (only Dense)")
+        return _plain_layer("Dense", inner["config"], view.inner(), where)
+    if kind == "Dense":
+        view = view.of("dense")
+        kernel = view.get("kernel")
+        spec = {
+            "type": "Dense",
+            "in_features": int(kernel.shape[0]),
+            "units": int(kernel.shape[1]),
+            "activation": _checked_activation(cfg.get("activation"), where),
+            "use_bias": bool(cfg.get("use_bias", True)),
+        }
+        arrays = {"linear.weight": kernel.T}
+        if spec["use_bias"]:
+            arrays["linear.bias"] = view.get("bias")
+        return spec, arrays
+    if kind == "Activation":
+        return {"type": "Activation", "activation": _checked_activation(cfg.get("activation"), where)}, {}
+    if kind == "Dropout":
+        return {"type": "Dropout", "rate": float(cfg.get("rate", 0.0))}, {}
+    if kind == "Flatten":
+        return {"type": "Flatten"}, {}
+    view = view.of("normalization")
+    mean, variance = view.get("mean"), view.get("variance")
+    return (
+        {"type": "Normalization", "features": int(mean.size)},
+        {"mean": mean.reshape(-1), "variance": variance.reshape(-1)},
+    )
+
+
+def _checked_activation(value, where):
+    from ncps_mlx.stack import ACTIVATIONS
+
+    name = _activation_name(value)
+    if name not in ACTIVATIONS:
+        raise ConversionError(f"{where}: unsupported activation {name!r}")
+    return name
+
+
+WIRING_KEYS = {
+    "units", "output_dim", "erev_init_seed", "self_connections", "sparsity_level", "random_seed", "output_size",
+    "seed", "inter_neurons", "command_neurons", "motor_neurons", "sensory_fanout", "inter_fanout",
+    "recurrent_command_synapses", "motor_fanin", "adjacency_matrix", "sensory_adjacency_matrix", "input_dim",
+}  # fmt: skip
+
+
+def _options(kind: str, cfg: dict) -> dict:
+    """One shape for both flavours' layer configs. Keras 3 puts the constructor arguments on
+    the layer; tf.keras only on its cell (a MixedMemoryRNN around the ODE cell when mixed), and
+    an LTC cell's config is its wiring's config merged with the cell's own options."""
+    if "units" in cfg:
+        return cfg
+    options = {k: cfg[k] for k in ("return_sequences", "return_state", "go_backwards", "stateful", "unroll") if k in cfg}
+    if cfg.get("time_major"):
+        options["time_major"] = True
+    cell = cfg.get("cell", {})
+    inner = cell.get("config", {})
+    options["mixed_memory"] = cell.get("class_name", "").split(">")[-1] == "MixedMemoryRNN"
+    if options["mixed_memory"]:
+        inner = inner["rnn_cell"].get("config", inner["rnn_cell"])
+    if kind == "CfC":
+        options["units"] = inner.get("wiring", inner.get("units"))
+        for key in ("mode", "activation", "backbone_units", "backbone_layers", "backbone_dropout"):
+            if key in inner:
+                options[key] = inner[key]
+    else:
+        options["units"] = {k: v for k, v in inner.items() if k in WIRING_KEYS}
+        for key in ("input_mapping", "output_mapping", "ode_unfolds", "epsilon"):
+            if key in inner:
+                options[key] = inner[key]
+    return options
+
+
+def _ncps_layer(kind, cfg, view, where):
+    cfg = _options(kind, cfg)
+    for option in ("stateful", "unroll", "time_major"):
+        if cfg.get(option):
+            raise ConversionError(f"{where}: {option}=True is not supported")
+    mixed = bool(cfg.get("mixed_memory", False))
+    cell_view = view.cell()
+    lstm = cell_view.lstm() if mixed else None
+    inner = cell_view.inner_cell() if mixed else cell_view
+    input_size = int(lstm.get("input_kernel").shape[0]) if mixed else None
+    wired = isinstance(cfg["units"], dict)
+    if kind == "CfC":
+        model, arrays = _cfc(cfg, inner, wired, mixed, input_size, where)
+    else:
+        model, arrays = _ltc(cfg, inner, wired, mixed, input_size, where)
+    if mixed:
+        arrays["lstm.input_map.weight"] = lstm.get("input_kernel").T
+        arrays["lstm.input_map.bias"] = lstm.get("bias")
+        arrays["lstm.recurrent_map.weight"] = lstm.get("recurrent_kernel").T
+    spec = {
+        "type": "RNN",
+        "model": model,
+        "return_state": bool(cfg.get("return_state", False)),
+        "go_backwards": bool(cfg.get("go_backwards", False)),
+    }
+    return spec, {f"model.{k}": v for k, v in arrays.items()}
+
+
+def _common(cfg, mixed):
+    return {
+        "return_sequences": bool(cfg.get("return_sequences", False)),
+        "batch_first": True,
+        "mixed_memory": mixed,
+        "memory_circuit": "input",
+    }
+
+
+def _cfc(cfg, cell, wired, mixed, input_size, where):
+    mode = cfg.get("mode", "default")
+    if wired:
+        layer_views = cell.wired_layers()
+        first_kernel = layer_views[0].get("ff1_kernel")
+        cell_inputs = int(first_kernel.shape[0]) - int(first_kernel.shape[1])
+        wiring = _wiring(cfg["units"], cell_inputs, where)
+        input_size = input_size if mixed else cell_inputs
+        model = {
+            "class": "CfC",
+            "input_size": input_size,
+            "units": wirings.describe(wiring),
+            "mode": mode,
+            "ff_activation": None,
+            "motor_output": True,
+            **_common(cfg, mixed),
+        }
+        arrays = {}
+        from .description import wiring_masks
+
+        masks = wiring_masks(wiring, "CfC")
+        signed = _signed_layer_masks(wiring)
+        if len(layer_views) != wiring.num_layers:
+            raise ConversionError(f"{where}: {len(layer_views)} CfC layers in the weights, {wiring.num_layers} in its wiring")
+        for index, layer in enumerate(layer_views):
+            prefix = f"rnn_cell.layer_{index}."
+            arrays.update(_cfc_cell_arrays(layer, mode, prefix, signed_mask=signed[index]))
+            arrays[prefix + "sparsity_mask"] = masks[f"rnn_cell.layer_{index}.sparsity_mask"]
+        return model, arrays
+
+    units = int(cfg["units"])
+    ff1 = cell.get("ff1_kernel")
+    backbone = cell.backbone()
+    if backbone:
+        cell_inputs = int(backbone[0].get("kernel").shape[0]) - units
+    else:
+        cell_inputs = int(ff1.shape[0]) - units
+    model = {
+        "class": "CfC",
+        "input_size": input_size if mixed else cell_inputs,
+        "units": units,
+        "mode": mode,
+        "activation": _activation_name(cfg.get("activation", "lecun_tanh")),
+        "backbone_units": int(backbone[0].get("kernel").shape[1]) if backbone else 0,
+        "backbone_layers": len(backbone),
+        "backbone_dropout": float(cfg.get("backbone_dropout") or 0.0),
+        "ff_activation": None,
+        **_common(cfg, mixed),
+    }
+    arrays = _cfc_cell_arrays(cell, mode, "rnn_cell.")
+    for index, dense in enumerate(backbone):
+        arrays[f"rnn_cell.backbone.{index}.weight"] = dense.get("kernel").T
+        arrays[f"rnn_cell.backbone.{index}.bias"] = dense.get("bias")
+    return model, arrays
+
+
+def _signed_layer_masks(wiring):
+    """Keras multiplies a wired CfC's kernels by the *signed* adjacency; (in, units) per layer."""
+    masks = []
+    for layer_id in range(wiring.num_layers):
+        neurons = wiring.get_neurons_of_layer(layer_id)
+        if layer_id == 0:
+            block = wiring.sensory_adjacency_matrix[:, neurons]
+        else:
+            block = wiring.adjacency_matrix[:, neurons][wiring.get_neurons_of_layer(layer_id - 1), :]
+        masks.append(np.concatenate([block, np.ones((len(neurons), len(neurons)))], axis=0).astype(np.float32))
+    return masks
+
+
+def _cfc_cell_arrays(cell, mode, prefix, signed_mask=None):
+    arrays = {}
+    heads = ["ff1"] if mode == "pure" else ["ff1", "ff2"]
+    for head in heads:
+        kernel = cell.get(f"{head}_kernel")
+        if signed_mask is not None:
+            # Keras: kernel * signed mask. Ours: weight * |mask|. Folding the sign into the
+            # weight gives the same product wherever the mask is nonzero.
+            kernel = kernel * signed_mask
+        arrays[prefix + f"{head}.weight"] = kernel.T
+        arrays[prefix + f"{head}.bias"] = cell.get(f"{head}_bias")
+    if mode == "pure":
+        arrays[prefix + "w_tau"] = cell.get("w_tau")
+        arrays[prefix + "A"] = cell.get("A")
+    else:
+        # Keras gates with sigmoid(-t_a * t + t_b); ours with sigmoid(t_a * t + t_b): negate
+        # time_a's kernel and bias (negation is exact).
+        arrays[prefix + "time_a.weight"] = -cell.dense("time_a").get("kernel").T
+        arrays[prefix + "time_a.bias"] = -cell.dense("time_a").get("bias")
+        arrays[prefix + "time_b.weight"] = cell.dense("time_b").get("kernel").T
+        arrays[prefix + "time_b.bias"] = cell.dense("time_b").get("bias")
+    return arrays
+
+
+LTC_NAMES = ["gleak", "vleak", "cm", "sigma", "mu", "w", "erev", "sensory_sigma", "sensory_mu", "sensory_w", "sensory_erev"]
+
+
+def _ltc(cfg, cell, wired, mixed, input_size, where):
+    input_mapping = cfg.get("input_mapping", "affine")
+    output_mapping = cfg.get("output_mapping", "affine")
+    names = list(LTC_NAMES)
+    if input_mapping in ("affine", "linear"):
+        names.append("input_w")
+    if input_mapping == "affine":
+        names.append("input_b")
+    if output_mapping in ("affine", "linear"):
+        names.append("output_w")
+    if output_mapping == "affine":
+        names.append("output_b")
+    values = cell.ltc(names)
+    cell_inputs = int(values["sensory_w"].shape[0])
+    units_config = cfg["units"]
+    if isinstance(units_config, dict):
+        wiring = _wiring(units_config, cell_inputs, where)
+    else:
+        wiring = wirings.FullyConnected(int(units_config))
+        wiring.build(cell_inputs)
+    model = {
+        "class": "LTC",
+        "input_size": input_size if mixed else cell_inputs,
+        "units": wirings.describe(wiring),
+        "input_mapping": input_mapping,
+        "output_mapping": output_mapping,
+        "ode_unfolds": int(cfg.get("ode_unfolds", 6)),
+        "epsilon": float(cfg.get("epsilon", 1e-8)),
+        "implicit_param_constraints": False,
+        **_common(cfg, mixed),
+    }
+    arrays = {f"rnn_cell.{name}": value for name, value in values.items()}
+    arrays["rnn_cell.sparsity_mask"] = np.abs(wiring.adjacency_matrix).astype(np.float32)
+    arrays["rnn_cell.sensory_sparsity_mask"] = np.abs(wiring.sensory_adjacency_matrix).astype(np.float32)
+    return model, arrays
+
+
+# --- weight views: one per file format, same questions ---------------------------------------
+
+
+def _array(dataset) -> np.ndarray:
+    return np.asarray(dataset[()], dtype=np.float32)
+
+
+class _Keras3Weights:
+    """Keras 3 ``model.weights.h5``: groups by attribute path, variables by creation order."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def layer(self, config_name, group_name):
+        root = self.handle["layers"] if "layers" in self.handle else self.handle["_layer_checkpoint_dependencies"]
+        if group_name not in root:
+            raise ConversionError(f"weights for layer {config_name!r} not found (expected group layers/{group_name})")
+        return _K3View(root[group_name])
+
+
+class _K3View:
+    # Keras 3 names variables by creation order; these are the orders of the layers we read.
+    ORDER = {
+        "dense": ["kernel", "bias"],
+        "normalization": ["mean", "variance"],
+        "lstm": ["input_kernel", "recurrent_kernel", "bias"],
+        "cfc": ["ff1_kernel", "ff1_bias", "ff2_kernel", "ff2_bias"],
+        "cfc_pure": ["ff1_kernel", "ff1_bias", "w_tau", "A"],
+    }
+
+    def __init__(self, group, kind=None):
+        self.group = group
+        self.kind = kind
+
+    def of(self, kind):
+        return _K3View(self.group, kind)
+
+    def _vars(self):
+        if "vars" not in self.group:
+            return []
+        variables = self.group["vars"]
+        return [_array(variables[k]) for k in sorted(variables, key=int)]
+
+    def get(self, name):
+        variables = self._vars()
+        order = self.ORDER[self.kind]
+        if self.kind == "cfc" and name in ("w_tau", "A"):
+            order = self.ORDER["cfc_pure"]
+        index = order.index(name)
+        if index >= len(variables):
+            raise ConversionError(f"missing weight {name} in {self.group.name}")
+        return variables[index]
+
+    def inner(self):
+        return _K3View(self.group["layer"])
+
+    def cell(self):
+        return _K3View(self.group["cell"], "cfc")
+
+    def lstm(self):
+        return self.of("lstm")
+
+    def inner_cell(self):
+        return _K3View(self.group["rnn_cell"], "cfc")
+
+    def dense(self, name):
+        return _K3View(self.group[name], "dense")
+
+    def backbone(self):
+        if "backbone_fn" not in self.group:
+            return []
+        layers = self.group["backbone_fn"]["layers"]
+        dense = sorted((k for k in layers if k.startswith("dense")), key=_suffix)
+        return [_K3View(layers[k], "dense") for k in dense]
+
+    def wired_layers(self):
+        layers = self.group["_cfc_layers"]
+        return [_K3View(layers[k], "cfc") for k in sorted(layers, key=_suffix)]
+
+    def ltc(self, names):
+        variables = self._vars()
+        if len(variables) != len(names):
+            raise ConversionError(f"{self.group.name}: {len(variables)} LTC variables, expected {len(names)} ({names})")
+        return dict(zip(names, variables))
+
+
+def _suffix(name: str) -> int:
+    match = re.search(r"_(\d+)$", name)
+    return int(match.group(1)) if match else 0
+
+
+class _TfKerasWeights:
+    """tf.keras ``.h5``: per layer, ``weight_names`` like ``cf_c/mixed_memory_rnn/ff1_weight:0``."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def layer(self, config_name, group_name):
+        if config_name not in self.group:
+            raise ConversionError(f"weights for layer {config_name!r} not found in model_weights")
+        layer = self.group[config_name]
+        names = [n.decode() if isinstance(n, bytes) else n for n in layer.attrs.get("weight_names", [])]
+        return _TfView({name: _array(layer[name]) for name in names})
+
+
+class _TfView:
+    """Finds ``.../<parts>/<name>:0`` among a layer's weight names."""
+
+    def __init__(self, weights: dict, parts: tuple = ()):
+        self.weights = weights
+        self.parts = parts
+
+    def _find(self, name):
+        suffix = "/".join(self.parts + (name,)) + ":0"
+        hits = [k for k in self.weights if k == suffix or k.endswith("/" + suffix)]
+        if len(hits) != 1:
+            raise ConversionError(f"expected one weight named {suffix}, found {len(hits)} ({hits[:3]})")
+        return self.weights[hits[0]]
+
+    def get(self, name):
+        return self._find({"ff1_kernel": "ff1_weight", "ff2_kernel": "ff2_weight"}.get(name, name))
+
+    def of(self, kind):
+        return self
+
+    def inner(self):
+        return self
+
+    def cell(self):
+        return self
+
+    def lstm(self):
+        return _TfView(self.weights, self.parts + ("mixed_memory_rnn",))
+
+    def inner_cell(self):
+        return self
+
+    def dense(self, name):
+        return _TfView(self.weights, self.parts + (name,))
+
+    def backbone(self):
+        found = {int(m.group(1)) for k in self.weights if (m := re.search(r"(?:^|/)backbone(\d+)/kernel:0$", k))}
+        return [_TfView(self.weights, (f"backbone{i}",)) for i in sorted(found)]
+
+    def wired_layers(self):
+        raise ConversionError("wired CfC layers in tf.keras .h5 files are not supported yet")
+
+    def ltc(self, names):
+        return {name: self._find(name) for name in names}
