@@ -31,8 +31,14 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
     except modelfile.ModelFileError as error:
         raise ConversionError(str(error)) from None
     arrays = {k: np.array(v) for k, v in formats.read_safetensors(Path(path)).items()}
-    source = {"framework": "ncps_mlx", "format": "ncps-mlx model file", "file": str(path), "sha256": sha256_of(path)}
+    source = {"reader": NAME, "framework": "ncps_mlx", "format": "ncps-mlx model file", "file": str(path), "sha256": sha256_of(path)}
     origin = metadata.get("source") or {}
     notes = [f"converted earlier from {origin.get('framework')} file {origin.get('file')}"] if origin else []
     del model  # loading it checked that the tensors match the config
     return Description(config=metadata["config"], arrays=arrays, source=source, given=metadata["config"], notes=notes)
+
+
+def run_source(description: Description):
+    from .verify import mlx_runner
+
+    return mlx_runner(description.build())

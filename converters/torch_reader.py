@@ -24,6 +24,7 @@ import numpy as np
 from ncps_mlx import wirings
 
 from . import formats
+from .verify import SourceUnavailable, named_results
 from .description import (
     ConversionError,
     Description,
@@ -88,7 +89,7 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
     return Description(
         config=resolved,
         arrays=arrays,
-        source={"framework": "torch", "format": file_format, "file": str(path), "sha256": sha256_of(path)},
+        source={"reader": NAME, "framework": "torch", "format": file_format, "file": str(path), "sha256": sha256_of(path)},
         inferred=inferred,
         given=given_used,
         defaulted=defaulted,
@@ -269,7 +270,7 @@ def _infer_ltc(arrays, given, where, inferred, notes):
         if has_b and not has_w:
             raise ConversionError(f"rnn_cell.{side}_b without rnn_cell.{side}_w: not an ncps LTC mapping")
     motor = None
-    if f"rnn_cell.output_w" in arrays:
+    if "rnn_cell.output_w" in arrays:
         motor = int(arrays["rnn_cell.output_w"].shape[0])
 
     wiring = _given_wiring(given, where, "LTC", int(arrays["rnn_cell.sensory_w"].shape[0]), arrays)
@@ -393,3 +394,70 @@ def _describe_reference_wiring(wiring) -> dict:
     if name in ("FullyConnected", "Random", "AutoNCP"):
         return {"class": name, **wiring.get_config(), "exact": exact}
     return {"class": "Wiring", "exact": exact}
+
+
+# --- running the source, for verification ------------------------------------------------
+
+
+def run_source(description: Description):
+    """Runs the checkpoint in ncps.torch: the reference module built from the config, the
+    original state dict loaded strictly."""
+    try:
+        import torch
+        import ncps.torch as ncps_torch
+    except ImportError:
+        raise SourceUnavailable("verifying a torch checkpoint needs torch and ncps: pip install 'ncps-mlx[torch]'")
+    config = dict(description.config)
+    for option, default in (("ff_activation", "tanh"), ("memory_circuit", "state"), ("motor_output", False)):
+        if config.pop(option, default) != default:
+            raise ConversionError(f"{option}={config.get(option)!r} has no ncps.torch equivalent")
+    name = config.pop("class")
+    if isinstance(config["units"], dict):
+        config["units"] = _reference_wiring(config["units"])
+    if name == "LTC":
+        config.pop("proj_size", None)
+    module = getattr(ncps_torch, name)(**config)
+    # A pickled module was only read if the user opted in (--trust-pickle); run it the same way.
+    trusted = description.source.get("format") == "pickled torch module"
+    state_dict, _, _ = _load(Path(description.source["file"]), trust_pickle=trusted)
+    state_dict = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+    module.load_state_dict(state_dict, strict=True)
+    module.eval()
+
+    def run(inputs):
+        to_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
+        results = []
+        for x, hx, ts in inputs:
+            hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
+            with torch.no_grad():
+                out, state = module(to_t(x), hx_t, to_t(ts))
+            state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
+            results.append(named_results(out.numpy(), state))
+        return results
+
+    return run
+
+
+def _reference_wiring(description: dict):
+    """An ``ncps.wirings.Wiring`` with exactly our wiring's matrices and layers."""
+    import ncps.wirings as reference
+
+    ours = wirings.wiring_from_description(description)
+
+    class Exact(reference.Wiring):
+        @property
+        def num_layers(self):
+            return ours.num_layers
+
+        def get_neurons_of_layer(self, layer_id):
+            return list(ours.get_neurons_of_layer(layer_id))
+
+        def get_type_of_neuron(self, neuron_id):
+            return ours.get_type_of_neuron(neuron_id)
+
+    wiring = Exact(ours.units)
+    wiring.adjacency_matrix = np.array(ours.adjacency_matrix)
+    wiring.set_input_dim(ours.input_dim)
+    wiring.sensory_adjacency_matrix = np.array(ours.sensory_adjacency_matrix)
+    wiring.set_output_dim(ours.output_dim)
+    return wiring

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ncps_mlx import wirings
 
 from .description import ConversionError, Description
 
@@ -186,81 +185,16 @@ def mlx_runner(model):
 
 
 def source_runner(description: Description):
-    framework = description.source.get("framework")
-    if framework not in RUNNERS:
-        raise ConversionError(f"cannot run a {framework} source to verify against")
-    return RUNNERS[framework](description)
+    """The reader that produced ``description`` knows how to run its source: ``run_source``."""
+    from .readers import reader_modules
+
+    name = description.source.get("reader")
+    for module in reader_modules():
+        if module.NAME == name:
+            return module.run_source(description)
+    raise ConversionError(f"cannot run a {description.source.get('framework')} source to verify against")
 
 
-def _mlx_runner(description: Description):
-    return mlx_runner(description.build())
-
-
-def _torch_runner(description: Description):
-    try:
-        import torch
-        import ncps.torch as ncps_torch
-    except ImportError:
-        raise SourceUnavailable("verifying a torch checkpoint needs torch and ncps: pip install 'ncps-mlx[torch]'")
-    from . import torch_reader
-
-    config = dict(description.config)
-    for option, default in (("ff_activation", "tanh"), ("memory_circuit", "state"), ("motor_output", False)):
-        if config.pop(option, default) != default:
-            raise ConversionError(f"{option}={config.get(option)!r} has no ncps.torch equivalent")
-    name = config.pop("class")
-    if isinstance(config["units"], dict):
-        config["units"] = _reference_wiring(config["units"])
-    if name == "LTC":
-        config.pop("proj_size", None)
-    module = getattr(ncps_torch, name)(**config)
-    # A pickled module was only read if the user opted in (--trust-pickle); run it the same way.
-    trusted = description.source.get("format") == "pickled torch module"
-    state_dict, _, _ = torch_reader._load(Path(description.source["file"]), trust_pickle=trusted)
-    state_dict = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
-    module.load_state_dict(state_dict, strict=True)
-    module.eval()
-
-    def run(inputs):
-        to_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a))
-        results = []
-        for x, hx, ts in inputs:
-            hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
-            with torch.no_grad():
-                out, state = module(to_t(x), hx_t, to_t(ts))
-            state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
-            results.append(named_results(out.numpy(), state))
-        return results
-
-    return run
-
-
-def _reference_wiring(description: dict):
-    """An ``ncps.wirings.Wiring`` with exactly our wiring's matrices and layers."""
-    import ncps.wirings as reference
-
-    ours = wirings.wiring_from_description(description)
-
-    class Exact(reference.Wiring):
-        @property
-        def num_layers(self):
-            return ours.num_layers
-
-        def get_neurons_of_layer(self, layer_id):
-            return list(ours.get_neurons_of_layer(layer_id))
-
-        def get_type_of_neuron(self, neuron_id):
-            return ours.get_type_of_neuron(neuron_id)
-
-    wiring = Exact(ours.units)
-    wiring.adjacency_matrix = np.array(ours.adjacency_matrix)
-    wiring.set_input_dim(ours.input_dim)
-    wiring.sensory_adjacency_matrix = np.array(ours.sensory_adjacency_matrix)
-    wiring.set_output_dim(ours.output_dim)
-    return wiring
-
-
-RUNNERS = {"torch": _torch_runner, "ncps_mlx": _mlx_runner}
 
 
 def onnx_runner(path):

@@ -26,7 +26,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import mlx.core as mx
 import mlx.nn as nn
 
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LTCCell, WiredCfCCell
