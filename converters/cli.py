@@ -91,6 +91,8 @@ def main(argv=None) -> int:
         return _fail(error, debug)
     except (ConversionError, ValueError, OSError) as error:
         return _fail(error, debug)
+    except Exception as error:  # a bug of ours: still one line, the traceback with --debug
+        return _fail(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)", debug)
     except KeyboardInterrupt:
         print("ncps-convert: interrupted", file=sys.stderr)
         return 130
@@ -200,7 +202,21 @@ def _print_reports(args, reports, extra=None):
 
 
 def _size_line(description) -> str:
-    config = description.config
+    return summarize(description.config)
+
+
+def summarize(config) -> str:
+    """One line: "input 4, state 8" for a model; its layers for a Stack."""
+    if config["class"] == "Stack":
+        parts = []
+        for layer in config["layers"]:
+            if layer["type"] == "RNN":
+                parts.append(f"{layer['model']['class']}({summarize(layer['model'])})")
+            elif layer["type"] == "Dense":
+                parts.append(f"Dense({layer['units']}{', ' + layer['activation'] if layer['activation'] else ''})")
+            else:
+                parts.append(layer["type"])
+        return " -> ".join(parts)
     units = config["units"]
     state = units.get("exact", units).get("units") if isinstance(units, dict) else units
     return f"input {config['input_size']}, state {state}"
@@ -209,23 +225,28 @@ def _size_line(description) -> str:
 def cmd_inspect(args) -> int:
     from mlx.utils import tree_flatten
 
+    from .verify import input_size_of
+
     description = _read(args, _progress(args))
     model = description.build()
     params = dict(tree_flatten(model.parameters()))
     trainable = dict(tree_flatten(model.trainable_parameters()))
-    config = description.config
+    input_size = input_size_of(description.config)
+    recurrent = [layer.model for layer in model.rnn_layers] if description.model_class == "Stack" else [model]
     info = {
         "file": description.source.get("file"),
         "framework": description.source.get("framework"),
         "format": description.source.get("format"),
         "sha256": description.source.get("sha256"),
         "model_class": description.model_class,
-        "input_size": config["input_size"],
-        "state_size": model.state_size,
-        "output_size": _output_features(model, config["input_size"]),
+        "summary": summarize(description.config),
+        "input_size": input_size,
+        "output_size": _output_features(model, input_size),
+        "recurrent": [
+            {"class": type(m).__name__, "state_size": m.state_size, "wiring": _wiring_info(m)} for m in recurrent
+        ],
         "parameters": int(sum(v.size for v in trainable.values())),
         "fixed_arrays": int(sum(v.size for k, v in params.items() if k not in trainable)),
-        "wiring": _wiring_info(model),
         "inferred": _plain(description.inferred),
         "from_config": _plain(description.given),
         "defaulted": _plain(description.defaulted),
@@ -236,16 +257,18 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
     print(f"framework    {info['framework']}, {info['format']}")
-    print(f"model        {info['model_class']}: input {info['input_size']}, state {info['state_size']}, output {info['output_size']}")
-    wiring = info["wiring"]
-    if wiring:
-        layers = " / ".join(str(n) for n in wiring["neurons_per_layer"])
-        print(
-            f"wiring       {wiring['kind']}: neurons per layer {layers}, {wiring['synapses']} synapses, "
-            f"{wiring['sensory_synapses']} sensory synapses"
-        )
-    else:
-        print("wiring       none (fully connected CfC)")
+    print(f"model        {info['model_class']}: {info['summary']}; input {input_size}, output {info['output_size']}")
+    for entry in info["recurrent"]:
+        wiring = entry["wiring"]
+        if wiring:
+            layers = " / ".join(str(n) for n in wiring["neurons_per_layer"])
+            text = (
+                f"{wiring['kind']}: neurons per layer {layers}, {wiring['synapses']} synapses, "
+                f"{wiring['sensory_synapses']} sensory synapses"
+            )
+        else:
+            text = "none (fully connected CfC)"
+        print(f"{entry['class']:<12} state {entry['state_size']}, wiring {text}")
     print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} in fixed masks")
     for title, key in (("inferred", "inferred"), ("from config", "from_config"), ("defaulted", "defaulted")):
         values = info[key]
@@ -260,7 +283,8 @@ def _output_features(model, input_size: int) -> int:
     """Features the model really returns (proj_size, motor slicing and all)."""
     import mlx.core as mx
 
-    output, _ = model(mx.zeros((1, 1, input_size)))  # (1, 1, F) in either layout
+    output = model(mx.zeros((1, 1, input_size)))  # (1, 1, F) in either layout
+    output = output[0] if isinstance(output, tuple) else output  # (output, state) or a Stack's outputs
     return int(output.shape[-1])
 
 

@@ -191,3 +191,28 @@ def layered_wiring(input_dim: int, layer_inputs: list[np.ndarray], output_dim: i
             rows = np.array(ids[layer_id - 1])[:, None]
             wiring.adjacency_matrix[rows, np.array(ids[layer_id])[None, :]] = nonzero
     return wiring
+
+
+def reference_wiring(description: dict):
+    """An ``ncps.wirings.Wiring`` with exactly our wiring's matrices and layers."""
+    import ncps.wirings as reference
+
+    ours = wirings.wiring_from_description(description)
+
+    class Exact(reference.Wiring):
+        @property
+        def num_layers(self):
+            return ours.num_layers
+
+        def get_neurons_of_layer(self, layer_id):
+            return list(ours.get_neurons_of_layer(layer_id))
+
+        def get_type_of_neuron(self, neuron_id):
+            return ours.get_type_of_neuron(neuron_id)
+
+    wiring = Exact(ours.units)
+    wiring.adjacency_matrix = np.array(ours.adjacency_matrix)
+    wiring.set_input_dim(ours.input_dim)
+    wiring.sensory_adjacency_matrix = np.array(ours.sensory_adjacency_matrix)
+    wiring.set_output_dim(ours.output_dim)
+    return wiring

@@ -28,7 +28,7 @@ import numpy as np
 from ncps_mlx import wirings
 
 from . import formats
-from .description import ConversionError, Description, sha256_of
+from .description import ConversionError, Description, reference_wiring, sha256_of
 
 NAME = "keras"
 SUFFIXES = (".keras", ".h5")
@@ -49,10 +49,14 @@ def sniff(path: Path) -> bool:
 
 
 def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
+    """``config`` (from --config) is needed only for weights-only .h5 files: the Keras model
+    config (``{"class_name": "Sequential", "config": {"layers": [...]}}``, as ``model.to_json()``
+    writes it, or the same written by hand). Any file also accepts ``{"wirings": {layer name:
+    wiring}}`` for wirings the file cannot record (an NCP: reference-notes point 11)."""
     path = Path(path)
     h5py = _import_h5py()
-    if config:
-        raise ConversionError(f"{path}: a Keras model file carries its own config; --config does not apply")
+    config = dict(config or {})
+    wiring_overrides = config.pop("wirings", {})
     kind = formats.kind_of(path)
     try:
         if kind == "zip":
@@ -62,27 +66,66 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
             file_format, framework = "Keras 3 .keras archive", "keras"
         else:
             handle = h5py.File(path, "r")
-            if "model_config" not in handle.attrs:
-                raise ConversionError(
-                    f"{path}: an HDF5 file without a model config (weights only, or not a Keras file); "
-                    "converting weights-only .h5 files is not supported yet"
-                )
-            raw = handle.attrs["model_config"]
-            model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-            weights = _TfKerasWeights(handle["model_weights"])
-            file_format, framework = "tf.keras .h5 model", "tf.keras"
+            if "model_config" in handle.attrs:
+                raw = handle.attrs["model_config"]
+                model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+                weights = _TfKerasWeights(handle["model_weights"])
+                file_format, framework = "tf.keras .h5 model", "tf.keras"
+            elif "layer_names" in handle.attrs:
+                weights = _TfKerasWeights(handle)
+                file_format, framework = "tf.keras weights-only .h5", "tf.keras"
+                model_config = None
+            elif "layers" in handle:
+                weights = _Keras3Weights(handle)
+                file_format, framework = "Keras 3 weights-only .h5", "keras"
+                model_config = None
+            else:
+                raise ConversionError(f"{path}: an HDF5 file with neither a Keras model nor Keras weights in it")
     except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError) as error:
         raise ConversionError(f"{path}: truncated or corrupt Keras file ({str(error).splitlines()[0]})") from None
+    if model_config is None:
+        if not config:
+            raise ConversionError(
+                f"{path} holds weights only ({file_format}); give the Keras model config with --config "
+                '(e.g. {"class_name": "Sequential", "config": {"layers": [{"class_name": "CfC", "config": '
+                '{"units": 16, "return_sequences": true}}]}})'
+            )
+        model_config = config if "class_name" in config else {"class_name": "Sequential", "config": config}
+    elif config:
+        raise ConversionError(f"{path} carries its own model config; --config may only give 'wirings'")
 
+    layers = _chain(model_config)
     arrays, specs = {}, []
-    for index, (spec, layer_arrays) in enumerate(_convert_layers(model_config, weights)):
+    for index, (spec, layer_arrays) in enumerate(_convert_layers(layers, weights, wiring_overrides)):
         specs.append(spec)
         arrays.update({f"layers.{index}.{k}": v for k, v in layer_arrays.items()})
     return Description(
         config={"class": "Stack", "layers": specs},
         arrays=arrays,
-        source={"framework": framework, "format": file_format, "file": str(path), "sha256": sha256_of(path)},
+        source={
+            "reader": NAME,
+            "framework": framework,
+            "format": file_format,
+            "file": str(path),
+            "sha256": sha256_of(path),
+            "keras_layers": [_source_layer(layer, spec) for layer, spec in zip(layers, specs)],
+            "full_model": model_config is not config,
+        },
     )
+
+
+def _source_layer(layer: dict, spec: dict) -> dict:
+    """What the verification worker needs to rebuild a layer with the reference classes."""
+    kind = layer["class_name"].split(">")[-1]
+    if kind in NCPS_LAYERS:
+        options = _options(kind, layer["config"])
+        options = {k: v for k, v in options.items() if k not in ("cell", "name", "trainable", "dtype", "time_major")}
+        options["units"] = spec["model"]["units"] if isinstance(options.get("units"), dict) else options.get("units")
+        options["activation"] = _activation_name(options.get("activation", "lecun_tanh"))
+        for key in ("sparsity_mask", "stateful", "unroll", "zero_output_for_mask", "fully_recurrent"):
+            options.pop(key, None)
+        return {"class_name": kind, "config": options}
+    return {"class_name": kind, "config": layer["config"]}
 
 
 def _import_h5py():
@@ -123,19 +166,26 @@ def _activation_name(value):
 
 
 def _wiring(config: dict, input_dim: int, where: str):
-    """Rebuild a wiring from its Keras-serialised config (masks are not in Keras weights)."""
-    if "class_name" in config:
+    """Rebuild a wiring from its serialised config (Keras keeps no masks in its weights)."""
+    if "class_name" in config:  # Keras 3: {"class_name": ..., "config": ...}
         class_name, params = config["class_name"], dict(config.get("config", {}))
+    elif "class" in config:  # ours (a --config wiring): {"class": ..., **arguments}
+        params = dict(config)
+        class_name = params.pop("class")
     else:  # tf.keras writes the wiring's get_config() inline
         class_name, params = _guess_wiring_class(config), dict(config)
     if class_name == "NCP" and (params.get("seed") is None or isinstance(params.get("inter_neurons"), list)):
+        layer = where.split("'")[1] if "'" in where else "LAYER"
         raise ConversionError(
-            f"{where}: the file records an NCP wiring without its seed (ncps.wirings.NCP.get_config loses it, "
-            "reference-notes points 8 and 11), and Keras stores no masks, so the wiring cannot be rebuilt; "
-            "re-save the model with an AutoNCP, FullyConnected or Random wiring"
+            f"{where}: the file records an NCP wiring without its seed (ncps.wirings.NCP.get_config loses it) and "
+            "Keras stores no masks, so the wiring is not in the file (reference-notes point 11). Give it with "
+            f'--config: {{"wirings": {{"{layer}": {{"class": "NCP", "inter_neurons": ..., ..., "seed": ...}}}}}}'
         )
     try:
-        wiring = wirings.wiring_from_config(class_name, params)
+        if class_name == "Wiring" or "exact" in params:
+            wiring = wirings.wiring_from_description({"class": class_name, **params})
+        else:
+            wiring = wirings.wiring_from_config(class_name, params)
         wiring.build(input_dim)
     except (ValueError, TypeError) as error:
         raise ConversionError(f"{where}: cannot rebuild its {class_name} wiring: {error}") from None
@@ -154,19 +204,23 @@ def _guess_wiring_class(params: dict) -> str:
     return "NCP"
 
 
-def _convert_layers(model_config, weights):
+def _convert_layers(layers, weights, wiring_overrides):
     """[(Stack layer spec, arrays in the Stack layer's names)]."""
     converted = []
     counters: dict[str, int] = {}
-    for layer in _chain(model_config):
+    for position, layer in enumerate(layers):
         # tf.keras records registered classes as "package>Class" (e.g. "ncps>CfC").
         kind, cfg = layer["class_name"].split(">")[-1], layer["config"]
         snake = _snake(kind)
         counters[snake] = counters.get(snake, -1) + 1
         group_name = snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"
-        view = weights.layer(cfg["name"], group_name)
-        where = f"layer {cfg['name']!r} ({kind})"
+        name = cfg.get("name", group_name)
+        where = f"layer {name!r} ({kind})"
+        view = weights.layer(name, group_name, position)
         if kind in NCPS_LAYERS:
+            cfg = _options(kind, cfg)
+            if name in wiring_overrides:
+                cfg = {**cfg, "units": wiring_overrides[name]}
             spec, arrays = _ncps_layer(kind, cfg, view, where)
         elif kind in PLAIN_LAYERS:
             spec, arrays = _plain_layer(kind, cfg, view, where)
@@ -265,7 +319,6 @@ def _options(kind: str, cfg: dict) -> dict:
 
 
 def _ncps_layer(kind, cfg, view, where):
-    cfg = _options(kind, cfg)
     for option in ("stateful", "unroll", "time_major"):
         if cfg.get(option):
             raise ConversionError(f"{where}: {option}=True is not supported")
@@ -447,7 +500,7 @@ class _Keras3Weights:
     def __init__(self, handle):
         self.handle = handle
 
-    def layer(self, config_name, group_name):
+    def layer(self, config_name, group_name, position):
         root = self.handle["layers"] if "layers" in self.handle else self.handle["_layer_checkpoint_dependencies"]
         if group_name not in root:
             raise ConversionError(f"weights for layer {config_name!r} not found (expected group layers/{group_name})")
@@ -531,9 +584,14 @@ class _TfKerasWeights:
     def __init__(self, group):
         self.group = group
 
-    def layer(self, config_name, group_name):
-        if config_name not in self.group:
-            raise ConversionError(f"weights for layer {config_name!r} not found in model_weights")
+    def layer(self, config_name, group_name, position):
+        names = [n.decode() if isinstance(n, bytes) else n for n in self.group.attrs.get("layer_names", [])]
+        if config_name not in names:
+            # A hand-written config may not know the file's layer names: take the layer in
+            # the same position.
+            if position >= len(names):
+                raise ConversionError(f"weights for layer {config_name!r} not found (the file has layers {names})")
+            config_name = names[position]
         layer = self.group[config_name]
         names = [n.decode() if isinstance(n, bytes) else n for n in layer.attrs.get("weight_names", [])]
         return _TfView({name: _array(layer[name]) for name in names})
@@ -579,7 +637,127 @@ class _TfView:
         return [_TfView(self.weights, (f"backbone{i}",)) for i in sorted(found)]
 
     def wired_layers(self):
-        raise ConversionError("wired CfC layers in tf.keras .h5 files are not supported yet")
+        scopes = {m.group(1) for k in self.weights if (m := re.search(r"wired_cf_c_cell/(cf_c_cell(?:_\d+)?)/", k))}
+        return [_TfView(self.weights, ("wired_cf_c_cell", scope)) for scope in sorted(scopes, key=_suffix)]
 
     def ltc(self, names):
         return {name: self._find(name) for name in names}
+
+
+# --- running the source, for verification ------------------------------------------------
+
+
+def run_source(description: Description):
+    """Runs the file in Keras (Keras 3 or tf.keras, in a subprocess with the environment that
+    flavour needs): ``load_model`` when the reference can reload the file, else the model
+    rebuilt with the reference classes and the file's weights loaded into it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from .verify import SourceUnavailable, named_results
+
+    source = description.source
+    legacy = source["framework"] == "tf.keras"
+
+    def run(inputs):
+        with tempfile.TemporaryDirectory() as folder:
+            job = {
+                "path": source["file"],
+                "legacy": legacy,
+                "full_model": source.get("full_model", True),
+                "layers": source["keras_layers"],
+                "input_size": np.asarray(inputs[0][0]).shape[-1],
+                "inputs": os.path.join(folder, "inputs.npz"),
+                "outputs": os.path.join(folder, "outputs.npz"),
+            }
+            np.savez(job["inputs"], *[np.asarray(x) for x, _, _ in inputs])
+            job_path = os.path.join(folder, "job.json")
+            with open(job_path, "w") as handle:
+                json.dump(job, handle, default=int)
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+            if legacy:
+                env["TF_USE_LEGACY_KERAS"] = "1"
+            else:
+                env.pop("TF_USE_LEGACY_KERAS", None)
+            code = "from ncps_mlx.converters.keras_reader import worker_main; worker_main()"
+            done = subprocess.run([sys.executable, "-c", code, job_path], env=env, capture_output=True, text=True)
+            if done.returncode == 3:
+                raise SourceUnavailable(done.stderr.strip().splitlines()[-1])
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines() or ["(no output)"]
+                raise ConversionError(f"running the Keras source failed: {lines[-1]}")
+            results = np.load(job["outputs"])
+            count = len(inputs)
+            return [
+                named_results(tuple(results[f"{i}_{j}"] for j in range(int(results[f"{i}_n"]))) if int(results[f"{i}_n"]) > 1 else results[f"{i}_0"])
+                for i in range(count)
+            ]
+
+    return run
+
+
+def worker_main():
+    """Subprocess side of ``run_source``: loads or rebuilds the Keras model, runs the inputs."""
+    import sys
+
+    with open(sys.argv[1]) as handle:
+        job = json.load(handle)
+    try:
+        if job["legacy"]:
+            import tensorflow as tf
+            import ncps.tf as flavour
+
+            keras = tf.keras
+        else:
+            import keras
+            import ncps.keras as flavour
+    except ImportError as error:
+        print(f"verifying a {'tf.keras' if job['legacy'] else 'Keras 3'} file needs TensorFlow and ncps "
+              f"(pip install 'ncps-mlx[tf]'): {error}", file=sys.stderr)
+        sys.exit(3)
+    custom = {name: getattr(flavour, name) for name in ("CfC", "LTC", "CfCCell", "LTCCell", "WiredCfCCell", "MixedMemoryRNN")}
+    model = None
+    if job["full_model"]:
+        try:
+            model = keras.models.load_model(job["path"], custom_objects=custom, compile=False)
+        except Exception:  # the reference cannot reload every file it writes (reference-notes point 9)
+            model = None
+    if model is None:
+        model = _rebuild(job, keras, flavour)
+        model.load_weights(job["path"])
+    data = np.load(job["inputs"])
+    results = {}
+    for i in range(len(data.files)):
+        out = model(data[f"arr_{i}"])
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        results[f"{i}_n"] = np.array(len(outs))
+        for j, value in enumerate(outs):
+            results[f"{i}_{j}"] = np.asarray(value)
+    np.savez(job["outputs"], **results)
+
+
+def _rebuild(job, keras, flavour):
+    """The model from its layer configs, with the reference's own layer classes."""
+    layers = [keras.Input((None, job["input_size"]))]
+    for layer in job["layers"]:
+        kind, cfg = layer["class_name"], dict(layer["config"])
+        if kind in NCPS_LAYERS:
+            units = cfg.pop("units")
+            if isinstance(units, dict):
+                units = reference_wiring(units)
+            cfg.pop("wiring", None)
+            cfg.pop("name", None)
+            if kind == "LTC":
+                for key in ("mode", "activation", "backbone_units", "backbone_layers", "backbone_dropout"):
+                    cfg.pop(key, None)
+            elif isinstance(units, int) is False:
+                for key in ("backbone_units", "backbone_layers", "backbone_dropout"):
+                    cfg.pop(key, None)
+            layers.append(getattr(flavour, kind)(units, **{k: v for k, v in cfg.items() if k != "class"}))
+        elif kind == "TimeDistributed":
+            layers.append(keras.layers.TimeDistributed(keras.layers.deserialize(cfg["layer"])))
+        else:
+            layers.append(getattr(keras.layers, kind).from_config(cfg))
+    return keras.Sequential(layers)

@@ -28,6 +28,7 @@ from .verify import SourceUnavailable, named_results
 from .description import (
     ConversionError,
     Description,
+    reference_wiring,
     check_wiring_against_masks,
     layered_wiring,
     resolve_config,
@@ -413,7 +414,7 @@ def run_source(description: Description):
             raise ConversionError(f"{option}={config.get(option)!r} has no ncps.torch equivalent")
     name = config.pop("class")
     if isinstance(config["units"], dict):
-        config["units"] = _reference_wiring(config["units"])
+        config["units"] = reference_wiring(config["units"])
     if name == "LTC":
         config.pop("proj_size", None)
     module = getattr(ncps_torch, name)(**config)
@@ -436,28 +437,3 @@ def run_source(description: Description):
         return results
 
     return run
-
-
-def _reference_wiring(description: dict):
-    """An ``ncps.wirings.Wiring`` with exactly our wiring's matrices and layers."""
-    import ncps.wirings as reference
-
-    ours = wirings.wiring_from_description(description)
-
-    class Exact(reference.Wiring):
-        @property
-        def num_layers(self):
-            return ours.num_layers
-
-        def get_neurons_of_layer(self, layer_id):
-            return list(ours.get_neurons_of_layer(layer_id))
-
-        def get_type_of_neuron(self, neuron_id):
-            return ours.get_type_of_neuron(neuron_id)
-
-    wiring = Exact(ours.units)
-    wiring.adjacency_matrix = np.array(ours.adjacency_matrix)
-    wiring.set_input_dim(ours.input_dim)
-    wiring.sensory_adjacency_matrix = np.array(ours.sensory_adjacency_matrix)
-    wiring.set_output_dim(ours.output_dim)
-    return wiring

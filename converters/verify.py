@@ -130,10 +130,20 @@ def compare(config, reference, reference_name, target, target_name, case_list, *
 
 def _input_config(config):
     if config.get("class") == "Stack":
-        first = config["layers"][0]
-        size = first["model"]["input_size"] if first["type"] == "RNN" else first.get("in_features", first.get("features"))
-        return {"input_size": size, "batch_first": True}
+        return {"input_size": input_size_of(config), "batch_first": True}
     return config
+
+
+def input_size_of(config) -> int:
+    """Input features of a model or Stack config."""
+    if config.get("class") != "Stack":
+        return config["input_size"]
+    for layer in config["layers"]:
+        if layer["type"] == "RNN":
+            return layer["model"]["input_size"]
+        if layer["type"] in ("Dense", "Normalization"):
+            return layer.get("in_features", layer.get("features"))
+    raise ConversionError("cannot tell the input size of this Stack")
 
 
 def named_results(output, state=None) -> dict:
