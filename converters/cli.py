@@ -257,7 +257,11 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
     print(f"framework    {info['framework']}, {info['format']}")
-    print(f"model        {info['model_class']}: {info['summary']}; input {input_size}, output {info['output_size']}")
+    if description.model_class == "Stack":
+        print(f"model        Stack: {info['summary']}; input {input_size}, output {info['output_size']}")
+    else:
+        state = info["recurrent"][0]["state_size"]
+        print(f"model        {info['model_class']}: input {input_size}, state {state}, output {info['output_size']}")
     for entry in info["recurrent"]:
         wiring = entry["wiring"]
         if wiring:
@@ -268,7 +272,7 @@ def cmd_inspect(args) -> int:
             )
         else:
             text = "none (fully connected CfC)"
-        print(f"{entry['class']:<12} state {entry['state_size']}, wiring {text}")
+        print(f"wiring       {text}" + (f" ({entry['class']} layer)" if description.model_class == "Stack" else ""))
     print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} in fixed masks")
     for title, key in (("inferred", "inferred"), ("from config", "from_config"), ("defaulted", "defaulted")):
         values = info[key]
@@ -304,8 +308,11 @@ def _wiring_info(model):
 def _plain(values: dict) -> dict:
     out = {}
     for key, value in values.items():
-        if isinstance(value, dict):
-            value = f"{value.get('class', 'wiring')}({value.get('exact', value).get('units')} neurons)"
+        if isinstance(value, dict) and "exact" in value:
+            value = f"{value.get('class', 'wiring')}({value['exact']['units']} neurons)"
+        elif isinstance(value, dict):
+            args = ", ".join(f"{k}={v}" for k, v in value.items() if k != "class")
+            value = f"{value.get('class', 'wiring')}({args})"
         out[key] = value
     return out
 

@@ -82,7 +82,7 @@ def test_inspect(tmp_path):
     assert "defaulted" in text and "ode_unfolds=6" in text
     info = json.loads(cli("inspect", FIXTURES / "cfc_default.pt", "--json").stdout)
     assert info["inferred"]["units"] == 8 and info["inferred"]["backbone_units"] == 16
-    assert info["defaulted"]["mode"] == "default" and info["wiring"] is None
+    assert info["defaulted"]["mode"] == "default" and info["recurrent"] == [{"class": "CfC", "state_size": 8, "wiring": None}]
     assert info["parameters"] > 0
 
 
