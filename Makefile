@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[torch,onnx,dev]"
+	$(PY) -m pip install --quiet -e ".[torch,onnx,tf,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -51,7 +51,9 @@ class Description:
             modelfile.check_arrays(model, self.arrays, where=self.source.get("file", "checkpoint"))
         except modelfile.ModelFileError as error:
             raise ConversionError(str(error)) from None
-        model.load_weights([(k, mx.array(v)) for k, v in self.arrays.items()], strict=True)
+        # Contiguous copies: a transposed view gives the same values but another matmul path
+        # (and rounding) than the same weights loaded back from a file.
+        model.load_weights([(k, mx.array(np.ascontiguousarray(v))) for k, v in self.arrays.items()], strict=True)
         model.eval()
         return model
 

@@ -216,18 +216,18 @@ def _convert_layers(layers, weights, wiring_overrides):
         group_name = snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"
         name = cfg.get("name", group_name)
         where = f"layer {name!r} ({kind})"
+        if kind not in NCPS_LAYERS + PLAIN_LAYERS:
+            raise ConversionError(
+                f"{where}: unsupported layer type; supported: {', '.join(NCPS_LAYERS + PLAIN_LAYERS)} and InputLayer"
+            )
         view = weights.layer(name, group_name, position)
         if kind in NCPS_LAYERS:
             cfg = _options(kind, cfg)
             if name in wiring_overrides:
                 cfg = {**cfg, "units": wiring_overrides[name]}
             spec, arrays = _ncps_layer(kind, cfg, view, where)
-        elif kind in PLAIN_LAYERS:
-            spec, arrays = _plain_layer(kind, cfg, view, where)
         else:
-            raise ConversionError(
-                f"{where}: unsupported layer type; supported: {', '.join(NCPS_LAYERS + PLAIN_LAYERS)} and InputLayer"
-            )
+            spec, arrays = _plain_layer(kind, cfg, view, where)
         converted.append((spec, arrays))
     if not converted:
         raise ConversionError("the model has no layers")
@@ -597,18 +597,23 @@ class _TfKerasWeights:
         return _TfView({name: _array(layer[name]) for name in names})
 
 
+def _loose(name: str) -> str:
+    # tf.keras uniquifies variable scopes per process (mixed_memory_rnn_1, cf_c_cell_2, ...).
+    return re.escape(name) + r"(?:_\d+)?"
+
+
 class _TfView:
-    """Finds ``.../<parts>/<name>:0`` among a layer's weight names."""
+    """Finds ``.../<parts>/<name>:0`` among a layer's weight names; parts are regex fragments."""
 
     def __init__(self, weights: dict, parts: tuple = ()):
         self.weights = weights
         self.parts = parts
 
     def _find(self, name):
-        suffix = "/".join(self.parts + (name,)) + ":0"
-        hits = [k for k in self.weights if k == suffix or k.endswith("/" + suffix)]
+        pattern = re.compile(r"(?:^|/)" + "/".join(self.parts + (re.escape(name),)) + ":0$")
+        hits = [k for k in self.weights if pattern.search(k)]
         if len(hits) != 1:
-            raise ConversionError(f"expected one weight named {suffix}, found {len(hits)} ({hits[:3]})")
+            raise ConversionError(f"expected one weight named {'/'.join(self.parts + (name,))}, found {len(hits)} ({hits[:3]})")
         return self.weights[hits[0]]
 
     def get(self, name):
@@ -624,21 +629,22 @@ class _TfView:
         return self
 
     def lstm(self):
-        return _TfView(self.weights, self.parts + ("mixed_memory_rnn",))
+        return _TfView(self.weights, self.parts + (_loose("mixed_memory_rnn"),))
 
     def inner_cell(self):
         return self
 
     def dense(self, name):
-        return _TfView(self.weights, self.parts + (name,))
+        return _TfView(self.weights, self.parts + (_loose(name),))
 
     def backbone(self):
-        found = {int(m.group(1)) for k in self.weights if (m := re.search(r"(?:^|/)backbone(\d+)/kernel:0$", k))}
-        return [_TfView(self.weights, (f"backbone{i}",)) for i in sorted(found)]
+        found = {int(m.group(1)) for k in self.weights if (m := re.search(r"(?:^|/)backbone(\d+)(?:_\d+)?/kernel:0$", k))}
+        return [_TfView(self.weights, (_loose(f"backbone{i}"),)) for i in sorted(found)]
 
     def wired_layers(self):
-        scopes = {m.group(1) for k in self.weights if (m := re.search(r"wired_cf_c_cell/(cf_c_cell(?:_\d+)?)/", k))}
-        return [_TfView(self.weights, ("wired_cf_c_cell", scope)) for scope in sorted(scopes, key=_suffix)]
+        pattern = re.compile(r"wired_cf_c_cell(?:_\d+)?/(cf_c_cell(?:_\d+)?)/")
+        scopes = {m.group(1) for k in self.weights if (m := pattern.search(k))}
+        return [_TfView(self.weights, (_loose("wired_cf_c_cell"), re.escape(scope))) for scope in sorted(scopes, key=_suffix)]
 
     def ltc(self, names):
         return {name: self._find(name) for name in names}
