@@ -235,6 +235,9 @@ def onnx_runner(path):
         except Exception as error:
             message = " ".join(str(error).split())[:300]
             raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
+        if "state" not in results:  # a Stack: its output, then any states its last layer returns
+            extra = [results[f"state_{i}"] for i in range(len(results) - 1)]
+            return named_results(tuple([results["output"], *extra]) if extra else results["output"])
         state = (results["state"], results["memory"]) if "memory" in results else results["state"]
         return named_results(results["output"], state)
 
@@ -264,6 +267,9 @@ def _check_onnx_matches(path, description, model):
 
 
 def _model_summary(config) -> str:
+    if config["class"] == "Stack":
+        kinds = [layer["model"]["class"] if layer["type"] == "RNN" else layer["type"] for layer in config["layers"]]
+        return f"Stack of {', '.join(kinds)} with input_size {input_size_of(config)}"
     units = config["units"]
     size = units.get("exact", units).get("units") if isinstance(units, dict) else units
     return f"{config['class']} with input_size {config['input_size']} and {size} units"

@@ -299,107 +299,190 @@ _EXPORTERS = {CfCCell: _CfC, WiredCfCCell: _WiredCfC, LTCCell: _LTC, CTRNNCell: 
 # --- the model -------------------------------------------------------------------------------
 
 
-def build_onnx(model):
-    """The ``onnx.ModelProto`` for ``model`` (a CfC, LTC, CTRNN or CTGRU)."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper
-    except ImportError:
-        raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
+def _value(name, shape=None):
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=None):
+    """Nodes running ``model`` over the sequence ``x`` (the model's own layout).
+
+    Returns (output, final state, final memory or None) as value names. Missing initial
+    states start from zeros, missing timespans are 1.
+    """
+    from onnx import helper
 
     exporter_class = _EXPORTERS.get(type(model.rnn_cell))
     if exporter_class is None:
         raise ValueError(f"cannot export a {type(model.rnn_cell).__name__} to ONNX")
     cell = exporter_class(model.rnn_cell)
     lstm = _LSTM(model.lstm) if model.use_mixed else None
-    circuit = model.memory_circuit
-    S, I = model.state_size, model.input_size
-    g = _Graph()
-    FLOAT = TensorProto.FLOAT
+    S = model.state_size
 
-    def value(name, shape=None):
-        return helper.make_tensor_value_info(name, FLOAT, shape)
-
-    batch_axis = 0 if model.batch_first else 1
-    time_major = g.op("Transpose", "input", perm=[1, 0, 2]) if model.batch_first else "input"
-    shape = g.op("Shape", "input")
-    batch = g.op("Gather", shape, g.const(np.array([batch_axis]), "index", dtype=np.int64), axis=0)
+    time_major = g.op("Transpose", x, perm=[1, 0, 2]) if model.batch_first else x
+    shape = g.op("Shape", x)
+    batch = g.op("Gather", shape, g.const(np.array([0 if model.batch_first else 1]), "index", dtype=np.int64), axis=0)
     state_shape = g.op("Concat", batch, g.ints([S]), axis=0)
-    h0 = g.op("Expand", "initial_state", state_shape)
-    timespans = g.op("Expand", "timespans", g.op("Slice", shape, g.ints([0]), g.ints([2])))
+    zeros = g.const(np.zeros((1, S), np.float32), "zeros")
+    h0 = g.op("Expand", initial_state or zeros, state_shape)
+    ts = g.op("Expand", timespans or g.const(np.ones((1, 1), np.float32), "ones"), g.op("Slice", shape, g.ints([0]), g.ints([2])))
     if model.batch_first:
-        timespans = g.op("Transpose", timespans, perm=[1, 0])
-    timespans = g.op("Unsqueeze", timespans, g.ints([2]))  # (T, B, 1)
+        ts = g.op("Transpose", ts, perm=[1, 0])
+    ts = g.op("Unsqueeze", ts, g.ints([2]))  # (T, B, 1)
 
     states_in, scan_inputs = [h0], []
     if lstm is not None:
-        states_in.append(g.op("Expand", "initial_memory", state_shape))
+        states_in.append(g.op("Expand", initial_memory or zeros, state_shape))
         scan_inputs.append(lstm.project(g, time_major))
-    if lstm is None or circuit == "state":
+    if lstm is None or model.memory_circuit == "state":
         scan_inputs.append(cell.project(g, time_major))
-    scan_inputs.append(timespans)
+    scan_inputs.append(ts)
 
-    body = _Graph(root=g, prefix="body_")
-    names = ["h_in"] + (["c_in"] if lstm else []) + [f"x{i}_t" for i in range(len(scan_inputs) - 1)] + ["ts_t"]
-    h, ts = "h_in", "ts_t"
+    body = _Graph(root=g, prefix=g.fresh("body") + "_")
+    names = [body.fresh(n) for n in ["h_in"] + (["c_in"] if lstm else []) + [f"x{i}_t" for i in range(len(scan_inputs) - 1)] + ["ts_t"]]
+    h, step_ts = names[0], names[-1]
     if lstm is not None:
-        memory_out, c = lstm.step(body, "x0_t", h, "c_in")
-        if circuit == "state":
-            h, u = memory_out, "x1_t"
+        memory_out, c = lstm.step(body, names[2], h, names[1])
+        if model.memory_circuit == "state":
+            h, u = memory_out, names[3]
         else:
             u = cell.project(body, memory_out)
     else:
-        u = "x0_t"
-    out, h = cell.step(body, u, h, ts)
+        u = names[1]
+    out, h = cell.step(body, u, h, step_ts)
     body_outputs = [body.op("Identity", h)] + ([body.op("Identity", c)] if lstm else []) + [body.op("Identity", out)]
     # Every body value is (batch, features); only the rank is declared.
     body_graph = helper.make_graph(
-        body.nodes, "step", [value(n, [None, None]) for n in names], [value(n, [None, None]) for n in body_outputs]
+        body.nodes, "step", [_value(n, [None, None]) for n in names], [_value(n, [None, None]) for n in body_outputs]
     )
-    n_states = len(states_in)
-    scan_outputs = g.op(
-        "Scan", *states_in, *scan_inputs, outputs=n_states + 1, body=body_graph, num_scan_inputs=len(scan_inputs)
-    )
-    final_h = scan_outputs[0]
-    outputs_tm = scan_outputs[-1]
+    results = g.op("Scan", *states_in, *scan_inputs, outputs=len(states_in) + 1, body=body_graph, num_scan_inputs=len(scan_inputs))
+    outputs_tm = results[-1]
     if model.return_sequences:
         y = g.op("Transpose", outputs_tm, perm=[1, 0, 2]) if model.batch_first else outputs_tm
     else:
         y = g.op("Gather", outputs_tm, g.const(np.array(-1), "index", dtype=np.int64), axis=0)
     if model.fc is not None:
         y = g.linear(y, _np(model.fc.weight), _np(model.fc.bias))
-    g.nodes.append(helper.make_node("Identity", [y], ["output"]))
-    g.nodes.append(helper.make_node("Identity", [final_h], ["state"]))
-    out_features = model.fc.weight.shape[0] if model.fc is not None else model.rnn_cell.output_size
-    if model.return_sequences:
-        out_shape = ["batch", "time", out_features] if model.batch_first else ["time", "batch", out_features]
-    else:
-        out_shape = ["batch", out_features]
-    outputs = [value("output", out_shape), value("state", ["batch", S])]
-    if lstm is not None:
-        g.nodes.append(helper.make_node("Identity", [scan_outputs[1]], ["memory"]))
-        outputs.append(value("memory", ["batch", S]))
+    return y, results[0], (results[1] if lstm is not None else None)
 
-    seq_shape = ["batch", "time", I] if model.batch_first else ["time", "batch", I]
-    inputs = [
-        value("input", seq_shape),
-        value("initial_state", ["state_batch", S]),
-        value("timespans", ["timespans_0", "timespans_1"]),
-    ]
-    defaults = [
-        onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_state"),
-        onnx.numpy_helper.from_array(np.ones((1, 1), np.float32), "timespans"),
-    ]
-    if lstm is not None:
-        inputs.insert(2, value("initial_memory", ["state_batch", S]))
-        defaults.append(onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_memory"))
+
+def _activation(g, name, x):
+    if name in (None, "linear"):
+        return x
+    simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "elu": "Elu", "selu": "Selu", "exponential": "Exp"}
+    if name in simple:
+        return g.op(simple[name], x)
+    if name == "softmax":
+        return g.op("Softmax", x, axis=-1)
+    if name in ("silu", "swish"):
+        return g.op("Mul", x, g.sigmoid(x))
+    if name == "lecun_tanh":
+        return g.op("Mul", g.const(1.7159), g.tanh(g.op("Mul", x, g.const(0.666))))
+    if name == "gelu":
+        erf = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))
+        return g.op("Mul", g.op("Mul", x, g.const(0.5)), g.op("Add", erf, g.const(1.0)))
+    raise ValueError(f"cannot export activation {name!r} to ONNX")
+
+
+def _stack(g, stack, x):
+    """Nodes for an ``ncps_mlx.Stack``: its layers in order. Returns its output value names."""
+    from .stack import RNN, Activation, Dense, Dropout, Flatten, Normalization
+
+    for layer in stack.layers:
+        if isinstance(layer, RNN):
+            model = layer.model
+            if layer.go_backwards:
+                axis = 1 if model.batch_first else 0
+                x = g.op("Slice", x, g.ints([-1]), g.ints([-(2**62)]), g.ints([axis]), g.ints([-1]))
+            y, h, c = _sequence(g, model, x)
+            if layer.return_state:
+                return [y] + ([c, h] if c is not None else [h])
+            x = y
+        elif isinstance(layer, Dense):
+            bias = _np(layer.linear.bias) if "bias" in layer.linear else None
+            x = _activation(g, layer.activation, g.linear(x, _np(layer.linear.weight), bias))
+        elif isinstance(layer, Activation):
+            x = _activation(g, layer.activation, x)
+        elif isinstance(layer, Flatten):
+            x = g.op("Flatten", x, axis=1)
+        elif isinstance(layer, Normalization):
+            scale = g.op("Max", g.op("Sqrt", g.const(_np(layer.variance))), g.const(layer._config["epsilon"]))
+            x = g.op("Div", g.op("Sub", x, g.const(_np(layer.mean))), scale)
+        elif not isinstance(layer, Dropout):
+            raise ValueError(f"cannot export a {type(layer).__name__} layer to ONNX")
+    return [x]
+
+
+def _stack_output_ranks(stack):
+    """Ranks of a Stack's outputs, which the graph must declare: 3 while time remains."""
+    from .stack import RNN, Flatten
+
+    rank = 3
+    for layer in stack.layers:
+        if isinstance(layer, RNN):
+            rank = 3 if layer.model.return_sequences else 2
+            if layer.return_state:
+                return [rank, 2] + ([2] if layer.model.use_mixed else [])
+        elif isinstance(layer, Flatten):
+            rank = 2
+    return [rank]
+
+
+def build_onnx(model):
+    """The ``onnx.ModelProto`` for ``model``: a CfC, LTC, CTRNN, CTGRU, or a ``Stack`` of them
+    with plain layers (whose graph takes ``input`` alone, as the Keras model did)."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
+    from . import __version__
+    from .stack import Stack
+
+    g = _Graph()
+    defaults = []
+    if isinstance(model, Stack):
+        first = model.layers[0]
+        features = first.model.input_size if hasattr(first, "model") else None
+        inputs = [_value("input", ["batch", "time", features])]
+        results = _stack(g, model, "input")
+        names = ["output"] + [f"state_{i}" for i in range(len(results) - 1)]
+        outputs = [_value(name, [None] * rank) for name, rank in zip(names, _stack_output_ranks(model))]
+        for result, name in zip(results, names):
+            g.nodes.append(helper.make_node("Identity", [result], [name]))
+    else:
+        S, I = model.state_size, model.input_size
+        y, h, c = _sequence(
+            g, model, "input", "initial_state", "initial_memory" if model.use_mixed else None, "timespans"
+        )
+        g.nodes.append(helper.make_node("Identity", [y], ["output"]))
+        g.nodes.append(helper.make_node("Identity", [h], ["state"]))
+        out_features = model.fc.weight.shape[0] if model.fc is not None else model.rnn_cell.output_size
+        if model.return_sequences:
+            out_shape = ["batch", "time", out_features] if model.batch_first else ["time", "batch", out_features]
+        else:
+            out_shape = ["batch", out_features]
+        outputs = [_value("output", out_shape), _value("state", ["batch", S])]
+        inputs = [
+            _value("input", ["batch", "time", I] if model.batch_first else ["time", "batch", I]),
+            _value("initial_state", ["state_batch", S]),
+            _value("timespans", ["timespans_0", "timespans_1"]),
+        ]
+        defaults = [
+            onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_state"),
+            onnx.numpy_helper.from_array(np.ones((1, 1), np.float32), "timespans"),
+        ]
+        if c is not None:
+            g.nodes.append(helper.make_node("Identity", [c], ["memory"]))
+            outputs.append(_value("memory", ["batch", S]))
+            inputs.insert(2, _value("initial_memory", ["state_batch", S]))
+            defaults.append(onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_memory"))
 
     graph = helper.make_graph(g.nodes, type(model).__name__, inputs, outputs, initializer=defaults + g.initializers)
     proto = helper.make_model(
         graph, producer_name="ncps-mlx", opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
-    from . import __version__
-
     helper.set_model_props(
         proto,
         {"ncps_mlx_config": json.dumps(model.get_config()), "ncps_mlx_version": __version__, "time_loop": "Scan"},

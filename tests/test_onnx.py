@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,26 @@ def test_file_size_close_to_the_weights(name, tmp_path):
     size = ncps_mlx.export_onnx(model, tmp_path / "m.onnx").stat().st_size
     assert size <= 1.10 * weights, f"{size} bytes for {weights} bytes of weights"
     assert size - weights < 16 * 1024  # what is not weights is one step's graph, whatever the length
+
+
+KERAS_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
+
+
+@pytest.mark.parametrize(
+    "name", ["cfc_norm_backbone2_timedistributed", "cfc_go_backwards", "cfc_return_state", "cfc_flatten_dense", "ltc_mixed_dense"]
+)
+def test_stack_from_keras_exports(name, tmp_path):
+    pytest.importorskip("h5py")
+    from ncps_mlx.converters import readers
+
+    stack = readers.read(KERAS_FIXTURES / f"{name}.keras").build()
+    sess = session(ncps_mlx.export_onnx(stack, tmp_path / "stack.onnx"))
+    x = np.load(KERAS_FIXTURES / f"{name}.npz")["x"]
+    if name != "cfc_flatten_dense":  # Flatten fixes the length; the others take any
+        x = np.random.default_rng(3).normal(size=(13, 40, x.shape[-1])).astype(np.float32)
+    expected = stack(mx.array(x))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = sess.run(None, {"input": x})
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert np.max(np.abs(a - np.array(b))) <= TOL
