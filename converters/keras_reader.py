@@ -39,6 +39,8 @@ PLAIN_LAYERS = ("Dense", "Dropout", "Activation", "Flatten", "Normalization", "T
 
 def sniff(path: Path) -> bool:
     kind = formats.kind_of(path)
+    if kind == "directory":
+        return (Path(path) / "saved_model.pb").exists()
     if kind == "zip":
         try:
             names = zipfile.ZipFile(path).namelist()
@@ -59,7 +61,10 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
     wiring_overrides = config.pop("wirings", {})
     kind = formats.kind_of(path)
     try:
-        if kind == "zip":
+        if kind == "directory":
+            model_config, weights = _saved_model(path)
+            file_format, framework = "tf.keras SavedModel", "tf.keras"
+        elif kind == "zip":
             archive = zipfile.ZipFile(path)
             model_config = json.loads(archive.read("config.json"))
             weights = _Keras3Weights(h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r"))
@@ -126,6 +131,37 @@ def _source_layer(layer: dict, spec: dict) -> dict:
             options.pop(key, None)
         return {"class_name": kind, "config": options}
     return {"class_name": kind, "config": layer["config"]}
+
+
+def _saved_model(path: Path):
+    """A tf.keras SavedModel: the config from keras_metadata.pb, variables through TensorFlow
+    (the variables' names are the same as in a tf.keras .h5 file)."""
+    if not (path / "keras_metadata.pb").exists():
+        raise ConversionError(
+            f"{path}: a SavedModel without keras_metadata.pb (e.g. Keras 3 model.export(), which keeps only "
+            "the inference graph); save the model as .keras (or tf.keras .h5) to convert it"
+        )
+    try:
+        import tensorflow as tf
+        from tf_keras.protobuf import saved_metadata_pb2
+    except ImportError:
+        raise ConversionError(
+            f"{path} is a TensorFlow SavedModel; reading one needs TensorFlow and tf-keras "
+            "(pip install 'ncps-mlx[tf]'). .keras and .h5 files convert without TensorFlow."
+        ) from None
+    metadata = saved_metadata_pb2.SavedMetadata()
+    try:
+        metadata.ParseFromString((path / "keras_metadata.pb").read_bytes())
+        root = json.loads(metadata.nodes[0].metadata)
+        loaded = tf.saved_model.load(str(path))
+    except Exception as error:
+        raise ConversionError(f"{path}: truncated or corrupt SavedModel ({str(error).splitlines()[0]})") from None
+    per_layer = {}
+    for node in metadata.nodes:
+        if re.fullmatch(r"root\.layer(?:_with_weights)?-\d+", node.node_path):
+            layer = getattr(loaded, node.node_path.split(".", 1)[1])
+            per_layer[json.loads(node.metadata)["name"]] = {v.name: np.asarray(v.numpy(), np.float32) for v in layer.variables}
+    return root["model_config"], _TfKerasWeights(per_layer)
 
 
 def _import_h5py():
@@ -585,6 +621,10 @@ class _TfKerasWeights:
         self.group = group
 
     def layer(self, config_name, group_name, position):
+        if isinstance(self.group, dict):  # a SavedModel's variables, by layer name
+            if config_name not in self.group:
+                raise ConversionError(f"weights for layer {config_name!r} not found in the SavedModel")
+            return _TfView(self.group[config_name])
         names = [n.decode() if isinstance(n, bytes) else n for n in self.group.attrs.get("layer_names", [])]
         if config_name not in names:
             # A hand-written config may not know the file's layer names: take the layer in
@@ -732,7 +772,8 @@ def worker_main():
             model = None
     if model is None:
         model = _rebuild(job, keras, flavour)
-        model.load_weights(job["path"])
+        path = Path(job["path"])
+        model.load_weights(str(path / "variables" / "variables") if path.is_dir() else str(path))
     data = np.load(job["inputs"])
     results = {}
     for i in range(len(data.files)):

@@ -27,7 +27,7 @@ TOL = 1e-5
 
 
 def source_of(npz: Path) -> Path:
-    for suffix in (".keras", ".weights.h5", ".h5"):
+    for suffix in (".keras", ".weights.h5", ".h5", ""):  # "": a SavedModel folder
         candidate = npz.with_name(npz.stem + suffix)
         if candidate.exists():
             return candidate
@@ -58,13 +58,19 @@ def test_fixture_coverage():
     assert any(source_of(p).name.endswith(".weights.h5") for p in FIXTURES)  # Keras 3 weights only
     assert any(p.parent.name == "tf_keras" and config_of(p) is None for p in FIXTURES)  # tf.keras full model
     assert any(p.parent.name == "tf_keras" and (config_of(p) or {}).get("class_name") for p in FIXTURES)  # weights only
+    assert any(source_of(p).is_dir() for p in FIXTURES)  # SavedModel
 
 
 @pytest.mark.parametrize("npz", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_fixture_converts_to_the_same_function(npz, monkeypatch):
-    """Read with h5py + json only: TensorFlow is made unimportable for the conversion."""
-    for name in ("tensorflow", "keras", "tf_keras"):
-        monkeypatch.setitem(sys.modules, name, None)
+    """Read with h5py + json only: TensorFlow is made unimportable for the conversion (a
+    SavedModel alone needs it)."""
+    if source_of(npz).is_dir():
+        if not has_tensorflow():
+            pytest.skip("reading a SavedModel needs TensorFlow")
+    else:
+        for name in ("tensorflow", "keras", "tf_keras"):
+            monkeypatch.setitem(sys.modules, name, None)
     description = readers.read(source_of(npz), config=config_of(npz))
     model = description.build()
     data = np.load(npz)
@@ -101,6 +107,13 @@ def test_ncp_wiring_must_be_given():
     path = ROOT / "keras" / "ltc_ncp_mixed.keras"
     with pytest.raises(ConversionError, match=r'--config: \{"wirings": \{"ltc_ncp"'):
         readers.read(path)
+
+
+def test_savedmodel_without_tensorflow_says_so(monkeypatch):
+    for name in ("tensorflow", "tf_keras"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ConversionError, match="reading one needs TensorFlow"):
+        readers.read(ROOT / "tf_keras" / "ltc_autoncp_savedmodel")
 
 
 def test_weights_only_needs_a_config():
@@ -167,6 +180,7 @@ live = pytest.mark.skipif(not has_tensorflow(), reason="needs TensorFlow and ncp
         ("tf_keras/cfc_no_gate_mixed.h5", None),  # tf.keras cannot reload it: rebuilt, weights loaded
         ("tf_keras/cfc_autoncp_weights_only.h5", "tf_keras/cfc_autoncp_weights_only.json"),
         ("keras/ltc_fc_weights_only.weights.h5", "keras/ltc_fc_weights_only.json"),
+        ("tf_keras/cfc_mixed_dense_savedmodel", None),
     ],
 )
 def test_convert_and_verify_against_keras(source, config, tmp_path):

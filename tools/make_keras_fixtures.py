@@ -5,7 +5,7 @@
 
 (``tools/make_fixtures.py`` runs both, each in its own process with its own environment.)
 For each variant: NAME.keras (Keras 3) or NAME.h5 (tf.keras full model; a weights-only .h5 where
-tf.keras cannot save the model), NAME.json when ``ncps-convert`` needs a --config, and NAME.npz
+tf.keras cannot save the model; a SavedModel folder NAME/ for the *_savedmodel ones), NAME.json when ``ncps-convert`` needs a --config, and NAME.npz
 with the input ``x`` and the outputs of the live model object (``out_0``, ``out_1``, ...), so
 the expected numbers never depend on the reference reloading its own file.
 """
@@ -98,6 +98,9 @@ else:
         "cfc_autoncp_weights_only": (lambda: seq(CfC(nw.AutoNCP(10, 3), return_sequences=True)), wired_config),
         "cfc_autoncp_pure_weights_only": (lambda: seq(CfC(nw.AutoNCP(10, 3), mode="pure")), wired_pure_config),
         "ltc_ncp_seq": (lambda: seq(LTC(nw.NCP(**NCP_ARGS), return_sequences=True, name="ltc_ncp")), {"wirings": {"ltc_ncp": {"class": "NCP", **NCP_ARGS}}}),
+        # TensorFlow SavedModel directories (model.save(folder, save_format="tf")).
+        "cfc_mixed_dense_savedmodel": (lambda: seq(CfC(8, mixed_memory=True, backbone_units=16, return_sequences=True), layers.Dense(2)), "savedmodel"),
+        "ltc_autoncp_savedmodel": (lambda: seq(LTC(nw.AutoNCP(10, 3))), "savedmodel"),
     })  # fmt: skip
 
 
@@ -135,7 +138,10 @@ def main():
         outputs = model(x)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
         np.savez(out / f"{name}.npz", x=x, **{f"out_{i}": np.asarray(o) for i, o in enumerate(outputs)})
-        if config == "to_json":
+        if config == "savedmodel":
+            config = None
+            model.save(out / name, save_format="tf")
+        elif config == "to_json":
             config = json.loads(model.to_json())
             model.save_weights(out / f"{name}.weights.h5")
         elif FLAVOUR == "keras":
