@@ -114,9 +114,22 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
             "file": str(path),
             "sha256": sha256_of(path),
             "keras_layers": [_source_layer(layer, spec) for layer, spec in zip(layers, specs)],
+            "keras_input_shape": _input_shape(model_config),
             "full_model": model_config is not config,
         },
     )
+
+
+def _input_shape(model_config: dict):
+    """(time, features) from the model's InputLayer, None where not fixed; None if absent."""
+    for layer in model_config.get("config", {}).get("layers", []):
+        if layer.get("class_name") == "InputLayer":
+            cfg = layer["config"]
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            if isinstance(shape, dict):  # tf.keras SavedModel metadata: {"class_name": "__tuple__", "items": [...]}
+                shape = shape.get("items")
+            return list(shape[1:]) if shape else None
+    return None
 
 
 def _source_layer(layer: dict, spec: dict) -> dict:
@@ -715,6 +728,7 @@ def run_source(description: Description):
                 "full_model": source.get("full_model", True),
                 "layers": source["keras_layers"],
                 "input_size": np.asarray(inputs[0][0]).shape[-1],
+                "input_shape": source.get("keras_input_shape"),
                 "inputs": os.path.join(folder, "inputs.npz"),
                 "outputs": os.path.join(folder, "outputs.npz"),
             }
@@ -787,7 +801,8 @@ def worker_main():
 
 def _rebuild(job, keras, flavour):
     """The model from its layer configs, with the reference's own layer classes."""
-    layers = [keras.Input((None, job["input_size"]))]
+    shape = job.get("input_shape") or [None, job["input_size"]]
+    layers = [keras.Input(tuple(shape))]
     for layer in job["layers"]:
         kind, cfg = layer["class_name"], dict(layer["config"])
         if kind in NCPS_LAYERS:

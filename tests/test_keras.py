@@ -228,3 +228,28 @@ def test_keras_reader_needs_no_tensorflow_import():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "False False", done.stderr
+
+
+@live
+@pytest.mark.slow
+@pytest.mark.parametrize("npz", FIXTURES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_fixture_against_keras_reloading_it(npz):
+    """Keras itself (load_model, or the reference classes rebuilt when it cannot reload the
+    file) runs the file; the converted model must agree on inputs of new lengths."""
+    from ncps_mlx.converters.verify import cases, compare, mlx_runner, source_runner
+
+    description = readers.read(source_of(npz), config=config_of(npz))
+    model = description.build()
+    case_list = [("B=3 T=12", 3, 12, False, False)] if "flatten" in npz.stem else cases(description)
+    report = compare(
+        description.config, source_runner(description), "keras", mlx_runner(model), "mlx", case_list, state_size=0, atol=TOL
+    )
+    assert report.passed, report.table()
+
+
+@live
+@pytest.mark.parametrize("source", ["keras/cfc_autoncp_mixed_dense.keras", "tf_keras/ltc_autoncp_savedmodel"])
+def test_inspect_keras(source):
+    result = cli("inspect", ROOT / source)
+    assert result.returncode == 0, result.stderr
+    assert "model        Stack: " in result.stdout and "wiring       AutoNCP: neurons per layer" in result.stdout

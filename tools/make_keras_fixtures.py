@@ -94,9 +94,11 @@ else:
         {"class_name": "CfC", "config": {"units": {"class": "AutoNCP", "units": 10, "output_size": 3}, "return_sequences": True}},
     ]}}  # fmt: skip
     wired_pure_config = json.loads(json.dumps(wired_config).replace('"return_sequences": true', '"return_sequences": false, "mode": "pure"'))
+    wired_no_gate_config = json.loads(json.dumps(wired_config).replace('"return_sequences": true', '"return_sequences": true, "mode": "no_gate"'))
     VARIANTS.update({
         "cfc_autoncp_weights_only": (lambda: seq(CfC(nw.AutoNCP(10, 3), return_sequences=True)), wired_config),
         "cfc_autoncp_pure_weights_only": (lambda: seq(CfC(nw.AutoNCP(10, 3), mode="pure")), wired_pure_config),
+        "cfc_autoncp_no_gate_weights_only": (lambda: seq(CfC(nw.AutoNCP(10, 3), mode="no_gate", return_sequences=True)), wired_no_gate_config),
         "ltc_ncp_seq": (lambda: seq(LTC(nw.NCP(**NCP_ARGS), return_sequences=True, name="ltc_ncp")), {"wirings": {"ltc_ncp": {"class": "NCP", **NCP_ARGS}}}),
         # TensorFlow SavedModel directories (model.save(folder, save_format="tf")).
         "cfc_mixed_dense_savedmodel": (lambda: seq(CfC(8, mixed_memory=True, backbone_units=16, return_sequences=True), layers.Dense(2)), "savedmodel"),
@@ -107,9 +109,9 @@ else:
 def perturb(model, seed, scale=1.0):
     """Move every weight away from its initialisation; LTC parameters kept non-negative stay so.
 
-    ``scale`` shrinks the result: Keras's no_gate CfC has no tanh on its heads, so its state is
-    unbounded, and with full-size random weights it reaches ~80 in 12 steps, where float32
-    spacing alone (any implementation against float64) exceeds 1e-5.
+    ``scale`` shrinks the result: a Keras CfC has no tanh on its heads, so its state is
+    unbounded; with full-size random weights a no_gate or wired one reaches ~80 in 12 steps,
+    where float32 spacing alone (any implementation against float64) exceeds 1e-5.
     """
     rng = np.random.default_rng(seed)
     values = []
@@ -133,7 +135,9 @@ def main():
     for index, (name, (build, config)) in enumerate(VARIANTS.items()):
         keras.utils.set_random_seed(index)
         model = build()
-        perturb(model, index, scale=0.5 if "no_gate" in name else 1.0)
+        # Keras CfCs have no head tanh: the no_gate and wired ones grow fast enough (to ~100 in 32
+        # steps) that float32 spacing alone exceeds 1e-5; half-size weights keep them bounded.
+        perturb(model, index, scale=0.5 if "no_gate" in name or "cfc_autoncp" in name else 1.0)
         x = np.random.default_rng(100 + index).normal(size=(2, T, I)).astype(np.float32)
         outputs = model(x)
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
