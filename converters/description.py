@@ -134,23 +134,29 @@ def _evidence(model_class: str) -> str:
     return "it has rnn_cell.gleak" if model_class == "LTC" else "it has rnn_cell.ff1"
 
 
-def wiring_masks(wiring, family: str, memory_input_size: int | None = None) -> dict[str, np.ndarray]:
-    """The |adjacency| blocks a model of ``family`` actually uses, keyed by parameter name."""
-    if family == "LTC":
-        return {
-            "rnn_cell.sparsity_mask": np.abs(wiring.adjacency_matrix).astype(np.float32),
-            "rnn_cell.sensory_sparsity_mask": np.abs(wiring.sensory_adjacency_matrix).astype(np.float32),
-        }
-    masks = {}
+def cfc_layer_masks(wiring) -> list[np.ndarray]:
+    """Per wiring layer, the signed (inputs + units, units) mask a wired CfC layer applies:
+    the adjacency from the previous layer (the sensory one for layer 0), then all-ones for
+    the layer's own recurrence."""
+    masks = []
     for layer_id in range(wiring.num_layers):
         neurons = wiring.get_neurons_of_layer(layer_id)
         if layer_id == 0:
             block = wiring.sensory_adjacency_matrix[:, neurons]
         else:
             block = wiring.adjacency_matrix[:, neurons][wiring.get_neurons_of_layer(layer_id - 1), :]
-        full = np.concatenate([np.abs(block), np.ones((len(neurons), len(neurons)))], axis=0)
-        masks[f"rnn_cell.layer_{layer_id}.sparsity_mask"] = full.T.astype(np.float32)
+        masks.append(np.concatenate([block, np.ones((len(neurons), len(neurons)))], axis=0).astype(np.float32))
     return masks
+
+
+def wiring_masks(wiring, family: str) -> dict[str, np.ndarray]:
+    """The |adjacency| blocks a model of ``family`` actually uses, keyed by parameter name."""
+    if family == "LTC":
+        return {
+            "rnn_cell.sparsity_mask": np.abs(wiring.adjacency_matrix).astype(np.float32),
+            "rnn_cell.sensory_sparsity_mask": np.abs(wiring.sensory_adjacency_matrix).astype(np.float32),
+        }
+    return {f"rnn_cell.layer_{i}.sparsity_mask": np.abs(mask).T for i, mask in enumerate(cfc_layer_masks(wiring))}
 
 
 def check_wiring_against_masks(wiring, family: str, arrays: dict, where: str) -> None:

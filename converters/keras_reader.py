@@ -1,7 +1,9 @@
 """Reader for ``ncps.keras`` (Keras 3) and ``ncps.tf`` (tf.keras) models, with h5py and json only.
 
-Formats: Keras 3 ``.keras`` archives (config.json + model.weights.h5) and tf.keras full-model
-``.h5`` files (``model_config`` attribute + ``model_weights``). The model must be a
+Formats: Keras 3 ``.keras`` archives (config.json + model.weights.h5), tf.keras full-model
+``.h5`` files (``model_config`` attribute + ``model_weights``), weights-only ``.h5`` files of
+either flavour (with the model config given as --config), and tf.keras SavedModel folders
+(these need TensorFlow to read their variables). The model must be a
 ``Sequential`` or a functional model whose layers form a chain; each layer becomes a layer of
 an ``ncps_mlx.Stack``, which returns what the Keras model returns.
 
@@ -28,7 +30,14 @@ import numpy as np
 from ncps_mlx import wirings
 
 from . import formats
-from .description import ConversionError, Description, reference_wiring, sha256_of
+from .description import (
+    ConversionError,
+    Description,
+    cfc_layer_masks,
+    reference_wiring,
+    sha256_of,
+    wiring_masks,
+)
 
 NAME = "keras"
 SUFFIXES = (".keras", ".h5")
@@ -420,11 +429,11 @@ def _cfc(cfg, cell, wired, mixed, input_size, where):
             "motor_output": True,
             **_common(cfg, mixed),
         }
+        if cfg.get("fully_recurrent", True) is False:
+            raise ConversionError(f"{where}: fully_recurrent=False wired CfCs are not supported")
         arrays = {}
-        from .description import wiring_masks
-
         masks = wiring_masks(wiring, "CfC")
-        signed = _signed_layer_masks(wiring)
+        signed = cfc_layer_masks(wiring)
         if len(layer_views) != wiring.num_layers:
             raise ConversionError(f"{where}: {len(layer_views)} CfC layers in the weights, {wiring.num_layers} in its wiring")
         for index, layer in enumerate(layer_views):
@@ -457,19 +466,6 @@ def _cfc(cfg, cell, wired, mixed, input_size, where):
         arrays[f"rnn_cell.backbone.{index}.weight"] = dense.get("kernel").T
         arrays[f"rnn_cell.backbone.{index}.bias"] = dense.get("bias")
     return model, arrays
-
-
-def _signed_layer_masks(wiring):
-    """Keras multiplies a wired CfC's kernels by the *signed* adjacency; (in, units) per layer."""
-    masks = []
-    for layer_id in range(wiring.num_layers):
-        neurons = wiring.get_neurons_of_layer(layer_id)
-        if layer_id == 0:
-            block = wiring.sensory_adjacency_matrix[:, neurons]
-        else:
-            block = wiring.adjacency_matrix[:, neurons][wiring.get_neurons_of_layer(layer_id - 1), :]
-        masks.append(np.concatenate([block, np.ones((len(neurons), len(neurons)))], axis=0).astype(np.float32))
-    return masks
 
 
 def _cfc_cell_arrays(cell, mode, prefix, signed_mask=None):
@@ -531,8 +527,7 @@ def _ltc(cfg, cell, wired, mixed, input_size, where):
         **_common(cfg, mixed),
     }
     arrays = {f"rnn_cell.{name}": value for name, value in values.items()}
-    arrays["rnn_cell.sparsity_mask"] = np.abs(wiring.adjacency_matrix).astype(np.float32)
-    arrays["rnn_cell.sensory_sparsity_mask"] = np.abs(wiring.sensory_adjacency_matrix).astype(np.float32)
+    arrays.update(wiring_masks(wiring, "LTC"))
     return model, arrays
 
 
