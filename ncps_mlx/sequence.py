@@ -106,11 +106,14 @@ class SequenceModel(nn.Module):
         if not (self.use_mixed and self.memory_circuit == "input"):
             cell_inputs = self.rnn_cell.project_input(x)
 
+        # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
+        prepared = self.rnn_cell.prepare()
+        lstm_prepared = self.lstm.prepare() if self.use_mixed else None
         outputs = []
         for t in range(steps):
             ts_t = ts if ts is None or ts.ndim < 3 else ts[:, t]
             if self.use_mixed:
-                memory_out, c = self.lstm.recurrent_step(lstm_inputs[:, t], h, c)
+                memory_out, c = self.lstm.recurrent_step(lstm_inputs[:, t], h, c, lstm_prepared)
                 if self.memory_circuit == "state":
                     h = memory_out
                     u = cell_inputs[:, t]
@@ -118,7 +121,7 @@ class SequenceModel(nn.Module):
                     u = self.rnn_cell.project_input(memory_out)
             else:
                 u = cell_inputs[:, t]
-            out, h = self.rnn_cell.recurrent_step(u, h, 1.0 if ts_t is None else ts_t)
+            out, h = self.rnn_cell.recurrent_step(u, h, 1.0 if ts_t is None else ts_t, prepared)
             if self.return_sequences:
                 outputs.append(out)
 

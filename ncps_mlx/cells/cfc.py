@@ -5,8 +5,10 @@ time loop:
 
 * ``project_input(x)``: the part that depends on the input only, ``(..., input_size) -> (..., P)``,
   computed once for a whole ``(B, T, input_size)`` sequence;
-* ``recurrent_step(u, h, ts)``: the rest, ``u (B, P)``, ``h (B, state_size)``, ``ts`` a float
-  or ``(B, 1)`` -> ``(output (B, output_size), new h (B, state_size))``.
+* ``recurrent_step(u, h, ts, prepared=None)``: the rest, ``u (B, P)``, ``h (B, state_size)``,
+  ``ts`` a float or ``(B, 1)`` -> ``(output (B, output_size), new h (B, state_size))``;
+* ``prepare()``: the loop-invariant tensors ``recurrent_step`` needs (masked, fused and
+  transposed weights), which the sequence loop computes once and passes as ``prepared``.
 
 ``cell(x, h, ts)`` runs both, like a ``ncps.torch`` cell's ``forward``.
 """
@@ -148,18 +150,27 @@ class CfCCell(nn.Module):
         weight, bias = self._first_layer()
         return mx.addmm(bias, x, weight[:, : self.input_size].T)
 
-    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0):
+    def prepare(self):
+        """(input weight.T, bias, state weight.T, heads): the first layer split into its
+        input and state halves, and the fused heads after a backbone (or None)."""
+        weight, bias = self._first_layer()
+        heads = None
+        if self.backbone_layers > 0:
+            head_weight, head_bias = self._heads()
+            heads = (head_weight.T, head_bias)
+        return weight[:, : self.input_size].T, bias, weight[:, self.input_size :].T, heads
+
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
-        weight, _ = self._first_layer()
-        z = u + h @ weight[:, self.input_size :].T
+        _, _, state_weight, heads = self.prepare() if prepared is None else prepared
+        z = u + h @ state_weight
         if self.backbone_layers > 0:
             z = self.activation(z)
             for layer in self.backbone[1:]:
                 z = self.activation(layer(z))
                 if self.dropout is not None:
                     z = self.dropout(z)
-            head_weight, head_bias = self._heads()
-            z = mx.addmm(head_bias, z, head_weight.T)
+            z = mx.addmm(heads[1], z, heads[0])
 
         if self.mode == "pure":
             ff1 = z
@@ -244,14 +255,19 @@ class WiredCfCCell(nn.Module):
     def project_input(self, x: mx.array) -> mx.array:
         return self.layer_0.project_input(x)
 
-    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0):
+    def prepare(self):
+        return [layer.prepare() for layer in self.layers]
+
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+        prepared = self.prepare() if prepared is None else prepared
         offsets = np.cumsum(self.layer_sizes)[:-1].tolist()
         states = mx.split(h, offsets, axis=-1)
         new_states = []
-        out, state = self.layer_0.recurrent_step(u, states[0], ts)
+        out, state = self.layer_0.recurrent_step(u, states[0], ts, prepared[0])
         new_states.append(state)
-        for layer, state in zip(self.layers[1:], states[1:]):
-            out, state = layer(out, state, ts)
+        for layer, state, weights in zip(self.layers[1:], states[1:], prepared[1:]):
+            input_weight, bias = weights[:2]
+            out, state = layer.recurrent_step(mx.addmm(bias, out, input_weight), state, ts, weights)
             new_states.append(state)
         if self.motor_output:
             out = out[:, : self.wiring.output_dim]

@@ -83,16 +83,22 @@ class CTGRUCell(nn.Module):
     def _scale_weights(self, logits: mx.array) -> mx.array:
         return mx.softmax(-mx.square(logits - self._ln_tau), axis=-1, precise=True)
 
-    def recurrent_step(self, u: mx.array, state: mx.array, ts=1.0):
+    def prepare(self):
+        """The state halves of tau_r, tau_s and detect, transposed, once per sequence."""
+        I = self.input_size
+        return tuple(layer.weight[:, I:].T for layer in (self.tau_r, self.tau_s, self.detect))
+
+    def recurrent_step(self, u: mx.array, state: mx.array, ts=1.0, prepared=None):
         """u (B, 2UM + U), state (B, U M), ts float or (B, 1) -> (output (B, U), new state (B, U M))."""
-        I, U, M = self.input_size, self.units, self.M
+        w_r, w_s, w_q = self.prepare() if prepared is None else prepared
+        U, M = self.units, self.M
         batch = state.shape[0]
         traces = state.reshape(batch, U, M)
         u_r, u_s, u_q = mx.split(u, [U * M, 2 * U * M], axis=-1)
         h = mx.sum(traces, axis=-1)
-        retrieve = self._scale_weights((u_r + h @ self.tau_r.weight[:, I:].T).reshape(batch, U, M))
-        q = mx.tanh(u_q + mx.sum(retrieve * traces, axis=-1) @ self.detect.weight[:, I:].T)
-        store = self._scale_weights((u_s + h @ self.tau_s.weight[:, I:].T).reshape(batch, U, M))
+        retrieve = self._scale_weights((u_r + h @ w_r).reshape(batch, U, M))
+        q = mx.tanh(u_q + mx.sum(retrieve * traces, axis=-1) @ w_q)
+        store = self._scale_weights((u_s + h @ w_s).reshape(batch, U, M))
         mixed = (1.0 - store) * traces + store * q[:, :, None]
         if self.decay == "ltc":
             decay = self._ltc_decay

@@ -76,12 +76,16 @@ class CTRNNCell(nn.Module):
         """(..., I) -> (..., U): the input half of the tanh argument, bias included."""
         return mx.addmm(self.step.bias, x, self.step.weight[:, : self.input_size].T)
 
-    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0):
-        """u (B, U), h (B, U), ts float or (B, 1) -> (output (B, U), new state (B, U))."""
-        eps = self.delta_t * ts
-        tau = nn.softplus(self.tau_raw) if self.learn_tau else self.tau
-        f = None if self.global_feedback else mx.tanh(u)
+    def prepare(self):
+        """(recurrent weight.T or None, tau), once per sequence."""
         recurrent_weight = self.step.weight[:, self.input_size :].T if self.global_feedback else None
+        return recurrent_weight, nn.softplus(self.tau_raw) if self.learn_tau else self.tau
+
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+        """u (B, U), h (B, U), ts float or (B, 1) -> (output (B, U), new state (B, U))."""
+        recurrent_weight, tau = self.prepare() if prepared is None else prepared
+        eps = self.delta_t * ts
+        f = None if self.global_feedback else mx.tanh(u)
         for _ in range(self.ode_unfolds):
             if self.global_feedback:
                 f = mx.tanh(u + h @ recurrent_weight)

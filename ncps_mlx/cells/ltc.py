@@ -150,18 +150,24 @@ class LTCCell(nn.Module):
         denominator = mx.sum(activation, axis=-2)
         return mx.concatenate([numerator, denominator], axis=-1)
 
-    def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0):
-        """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
-        sensory_numerator, sensory_denominator = mx.split(u, 2, axis=-1)
-        cm_t = self._positive(self.cm) / (ts / self.ode_unfolds)
-        w = self._positive(self.w)
+    def prepare(self):
+        """Once per sequence: cm, the masked synapse weights w and w * erev, gleak and
+        gleak * vleak, with the run-time constraint applied."""
         gleak = self._positive(self.gleak)
-        leak = gleak * self.vleak
+        w = self._positive(self.w) * self.sparsity_mask
+        return self._positive(self.cm), w, w * self.erev, gleak, gleak * self.vleak
+
+    def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0, prepared=None):
+        """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
+        cm, w, w_erev, gleak, leak = self.prepare() if prepared is None else prepared
+        sensory_numerator, sensory_denominator = mx.split(u, 2, axis=-1)
+        cm_t = cm / (ts / self.ode_unfolds)
         for _ in range(self.ode_unfolds):
-            activation = w * mx.sigmoid(self.sigma * (v[:, :, None] - self.mu))
-            activation = activation * self.sparsity_mask
-            numerator = cm_t * v + leak + (mx.sum(activation * self.erev, axis=1) + sensory_numerator)
-            denominator = cm_t + gleak + (mx.sum(activation, axis=1) + sensory_denominator)
+            # The reference multiplies sigmoid, w, mask and erev per synapse in another order;
+            # folding w * mask (* erev) once per sequence changes only the last bit.
+            activation = mx.sigmoid(self.sigma * (v[:, :, None] - self.mu))
+            numerator = cm_t * v + leak + (mx.sum(activation * w_erev, axis=1) + sensory_numerator)
+            denominator = cm_t + gleak + (mx.sum(activation * w, axis=1) + sensory_denominator)
             v = numerator / (denominator + self.epsilon)
         return self._map_outputs(v), v
 

@@ -44,9 +44,12 @@ class LSTMCell(nn.Module):
         """(..., input_size) -> (..., 4 * hidden_size)."""
         return self.input_map(x)
 
-    def recurrent_step(self, u: mx.array, h: mx.array, c: mx.array):
+    def prepare(self):
+        return self.recurrent_map.weight.T
+
+    def recurrent_step(self, u: mx.array, h: mx.array, c: mx.array, prepared=None):
         """u (B, 4H) from ``project_input``, h and c (B, H) -> (new h, new c)."""
-        z = u + self.recurrent_map(h)
+        z = u + h @ (self.prepare() if prepared is None else prepared)
         i, ig, fg, og = mx.split(z, 4, axis=-1)
         new_c = c * mx.sigmoid(fg + self.forget_gate_bias) + mx.tanh(i) * mx.sigmoid(ig)
         new_h = mx.tanh(new_c) * mx.sigmoid(og)
