@@ -5,12 +5,20 @@
     y, h = model(x)            # x: (batch, time, 20) -> y: (batch, time, 4), h: (batch, 32)
 """
 
-from . import wirings
-from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell
-from .modelfile import ModelFileError, load, save
-from .models import CTGRU, CTRNN, LTC, CfC, model_from_config
-from .onnx_export import export_onnx
-from .sequence import SequenceModel
+from . import linux_blas
+
+# Before anything imports mlx.core: give MLX a fast BLAS on Linux, privately (linux_blas).
+linux_blas.accelerate()
+
+from . import wirings  # noqa: E402
+from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell  # noqa: E402
+from .modelfile import ModelFileError, load, save  # noqa: E402
+from .models import CTGRU, CTRNN, LTC, CfC, model_from_config  # noqa: E402
+from .onnx_export import export_onnx  # noqa: E402
+from .sequence import SequenceModel  # noqa: E402
+from .stack import Stack  # noqa: E402
+
+blas_status = linux_blas.status
 
 __version__ = "0.1.0"
 
@@ -31,6 +39,8 @@ __all__ = [
     "load",
     "ModelFileError",
     "export_onnx",
+    "Stack",
+    "blas_status",
     "wirings",
     "__version__",
 ]

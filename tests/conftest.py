@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+import ncps_mlx  # noqa: F401  (first: on Linux it gives MLX a fast BLAS before mlx.core loads)
 import mlx.core as mx
 
 from ncps_mlx.converters.torch_reader import rename_torch_keys

@@ -40,7 +40,7 @@ def wiring_pair(key):
     return getattr(ncps_wirings, name)(*args, **kwargs), getattr(ncps_mlx.wirings, name)(*args, **kwargs)
 
 
-def build(family, units, torch_kwargs=None, mlx_kwargs=None, seed=0, perturb_scale=0.5):
+def build(family, units, torch_kwargs=None, mlx_kwargs=None, seed=0, perturb_scale=0.5, shrink=1.0):
     """Same architecture in both frameworks; units is an int or a WIRINGS key."""
     torch_kwargs = dict(torch_kwargs or {})
     mlx_kwargs = {**torch_kwargs, **(mlx_kwargs or {})}
@@ -57,6 +57,11 @@ def build(family, units, torch_kwargs=None, mlx_kwargs=None, seed=0, perturb_sca
         if key.endswith("sparsity_mask"):
             assert np.array_equal(np.array(m_params[key]), value.numpy()), f"{key} differs from ncps.torch"
     perturb_(t_model, seed + 1, perturb_scale)
+    if shrink != 1.0:
+        with torch.no_grad():
+            for name, param in t_model.named_parameters():
+                if param.requires_grad:
+                    param.mul_(shrink)
     load_torch_weights(m_model, t_model)
     return t_model, m_model
 

@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+import ncps_mlx  # first: on Linux it gives MLX a fast BLAS before mlx.core loads (linux_blas)
 import mlx.core as mx
 import mlx.nn as nn
-
-import ncps_mlx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -1,0 +1,200 @@
+"""Give MLX an optimised BLAS on Linux, privately, before ``mlx.core`` is loaded.
+
+The Linux ``mlx[cpu]`` wheel links a reference BLAS (``libblas-<hash>.so``, ~3-8 GFLOP/s here)
+where OpenBLAS runs at 120-240. Loading OpenBLAS into the *global* symbol namespace
+(LD_PRELOAD, or ``RTLD_GLOBAL``) would also reroute torch's BLAS calls and make it several
+times slower (shared/docs/performance-notes.md). Instead this module writes a tiny shared
+object whose SONAME is the name ``libmlx.so`` asks for and whose only dependency is the
+optimised BLAS, and loads it with ``RTLD_LOCAL`` before MLX. When ``libmlx.so`` is then
+loaded, the dynamic linker finds its BLAS dependency already present (matched by SONAME), so
+MLX, and only MLX, resolves ``cblas_sgemm`` to OpenBLAS. The global namespace is untouched.
+
+It runs only when it is safe: on Linux, before ``mlx.core`` is imported, when ``libmlx.so``
+names a separate BLAS and an OpenBLAS (or MKL) exporting the standard ``cblas_*`` and
+``sgemm_`` names is installed (Debian/Ubuntu: ``apt install libopenblas0-pthread``). Otherwise
+nothing changes. ``NCPS_MLX_BLAS=0`` turns it off. ``status()`` says what happened; the first
+activation on a machine says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import importlib.util
+import os
+import platform
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+_STATUS = "not attempted"
+_HANDLES = []  # keep the loaded shim and BLAS alive for the life of the process
+
+CANDIDATES = [
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "{prefix}/lib/libopenblas.so.0",
+    "{prefix}/lib/libmkl_rt.so.2",
+]
+
+
+def status() -> str:
+    """What ``accelerate()`` did, in words."""
+    return _STATUS
+
+
+def accelerate() -> str:
+    global _STATUS
+    _STATUS = _accelerate()
+    return _STATUS
+
+
+def _accelerate() -> str:
+    if not sys.platform.startswith("linux"):
+        return "not Linux: MLX's own BLAS is used"
+    if os.environ.get("NCPS_MLX_BLAS", "1") == "0":
+        return "turned off by NCPS_MLX_BLAS=0"
+    if "mlx.core" in sys.modules:
+        return "mlx.core was imported before ncps_mlx: MLX keeps its bundled BLAS"
+    machine = {"x86_64": 62, "aarch64": 183}.get(platform.machine())
+    if machine is None:
+        return f"unsupported processor {platform.machine()}"
+    try:
+        needed = _mlx_blas_name()
+        if needed is None:
+            return "libmlx.so names no separate BLAS library"
+        blas = _find_blas()
+        if blas is None:
+            return "no OpenBLAS/MKL with the standard cblas names found (apt install libopenblas0-pthread)"
+        shim, created = _shim_file(needed, blas, machine)
+        _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
+        _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
+    except (OSError, ValueError, struct.error) as error:
+        return f"not used ({error})"
+    message = f"MLX matrix products use {blas} (set NCPS_MLX_BLAS=0 to turn this off)"
+    if created:
+        print(f"ncps_mlx: {message}", file=sys.stderr)
+    return message
+
+
+def _mlx_blas_name():
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libmlx.so"
+    if not library.exists():
+        return None
+    names = [n for n in needed_libraries(library.read_bytes()) if n.startswith("libblas")]
+    return names[0] if names else None
+
+
+def needed_libraries(elf: bytes) -> list[str]:
+    """The DT_NEEDED names of a 64-bit little-endian ELF shared object."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    phoff, = struct.unpack_from("<Q", elf, 32)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 54)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
+        if p_type == 1:
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        return []
+
+    def file_offset(vaddr):
+        for start, offset, size in loads:
+            if start <= vaddr < start + size:
+                return offset + vaddr - start
+        raise ValueError("dynamic string table outside the loaded segments")
+
+    entries = []
+    for i in range(dynamic[1] // 16):
+        tag, value = struct.unpack_from("<qQ", elf, dynamic[0] + 16 * i)
+        if tag == 0:
+            break
+        entries.append((tag, value))
+    strtab = file_offset(next(value for tag, value in entries if tag == 5))
+    names = []
+    for tag, value in entries:
+        if tag == 1:
+            end = elf.index(b"\0", strtab + value)
+            names.append(elf[strtab + value : end].decode())
+    return names
+
+
+def _find_blas():
+    arch = platform.machine()
+    paths = [c.format(arch=arch, prefix=sys.prefix) for c in CANDIDATES]
+    found = ctypes.util.find_library("openblas")
+    if found:
+        paths.append(found)
+    for path in paths:
+        if not os.path.exists(path) and "/" in path:
+            continue
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+        except OSError:
+            continue
+        if hasattr(library, "cblas_sgemm") and hasattr(library, "sgemm_"):
+            return os.path.realpath(path) if "/" in path else path
+    return None
+
+
+def _shim_file(soname: str, blas: str, machine: int):
+    """(path, newly created?) of the cached shim: SONAME ``soname``, one dependency, ``blas``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
+    key = hashlib.sha256(f"{soname}\0{blas}\0{machine}".encode()).hexdigest()[:16]
+    path = cache / key / soname
+    content = shim_elf(soname, blas, machine)
+    if path.exists() and path.read_bytes() == content:
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(content)
+    os.replace(tmp, path)
+    return path, True
+
+
+def shim_elf(soname: str, needed: str, machine: int = 62) -> bytes:
+    """A minimal ELF64 shared object: no code, no symbols, just a SONAME and one DT_NEEDED.
+
+    Layout: ELF header, three program headers (PT_LOAD over the whole file, PT_DYNAMIC,
+    PT_GNU_STACK non-executable), then the string table, an empty symbol table, a one-bucket
+    hash table and the dynamic section, all loaded at address 0.
+    """
+    strings = b"\0" + soname.encode() + b"\0" + needed.encode() + b"\0"
+    soname_at, needed_at = 1, 2 + len(soname)
+
+    def aligned(n, to=8):
+        return (n + to - 1) // to * to
+
+    strtab = 0x100
+    symtab = aligned(strtab + len(strings))
+    hashtab = symtab + 24
+    dynamic_at = aligned(hashtab + 16)
+    entries = [(1, needed_at), (14, soname_at), (4, hashtab), (5, strtab), (6, symtab), (10, len(strings)), (11, 24), (0, 0)]
+    dynamic = b"".join(struct.pack("<qQ", tag, value) for tag, value in entries)
+    size = dynamic_at + len(dynamic)
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header += struct.pack("<HHIQQQIHHHHHH", 3, machine, 1, 0, 64, 0, 0, 64, 56, 3, 64, 0, 0)
+    read_write = 4 | 2
+    programs = struct.pack("<IIQQQQQQ", 1, read_write, 0, 0, 0, size, size, 0x1000)
+    programs += struct.pack("<IIQQQQQQ", 2, read_write, dynamic_at, dynamic_at, dynamic_at, len(dynamic), len(dynamic), 8)
+    programs += struct.pack("<IIQQQQQQ", 0x6474E551, read_write, 0, 0, 0, 0, 0, 16)
+    image = bytearray(size)
+    image[0 : len(header)] = header
+    image[64 : 64 + len(programs)] = programs
+    image[strtab : strtab + len(strings)] = strings
+    image[hashtab : hashtab + 16] = struct.pack("<4I", 1, 1, 0, 0)
+    image[dynamic_at:size] = dynamic
+    return bytes(image)

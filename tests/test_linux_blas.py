@@ -1,0 +1,87 @@
+"""The private BLAS for MLX on Linux: it must speed MLX up without touching anyone else."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ncps_mlx import linux_blas
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def test_shim_is_a_valid_elf_with_one_dependency():
+    image = linux_blas.shim_elf("libblas-test.so.3", "/opt/blas/libopenblas.so.0")
+    assert image[:4] == b"\x7fELF"
+    assert linux_blas.needed_libraries(image) == ["/opt/blas/libopenblas.so.0"]
+    with pytest.raises(ValueError, match="not a 64-bit"):
+        linux_blas.needed_libraries(b"#!/bin/sh\n" + bytes(64))
+
+
+@linux
+def test_shim_loads_and_brings_its_dependency():
+    libm = ctypes.util.find_library("m")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "libshimtest.so"
+        path.write_bytes(linux_blas.shim_elf("libshimtest.so", libm))
+        handle = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+        assert hasattr(handle, "cos")  # found through the shim's DT_NEEDED
+
+
+def run(code: str, **env) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+PROBE = """
+import json, ctypes, sys
+{first}
+import numpy as np, mlx.core as mx, ncps_mlx
+a = np.random.default_rng(0).normal(size=(300, 200)).astype(np.float32)
+b = np.random.default_rng(1).normal(size=(200, 100)).astype(np.float32)
+err = float(np.max(np.abs(np.array(mx.array(a) @ mx.array(b)) - a.astype(np.float64) @ b.astype(np.float64))))
+print(json.dumps({{"status": ncps_mlx.blas_status(), "err": err,
+                  "global_cblas": hasattr(ctypes.CDLL(None), "cblas_sgemm")}}))
+"""
+
+
+@linux
+def test_status_and_scope():
+    default = run(PROBE.format(first="import ncps_mlx"))
+    assert default["err"] < 1e-3  # a float32 matrix product either way
+    assert default["global_cblas"] is False  # nothing was put in the global namespace
+    off = run(PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="0")
+    assert off["status"] == "turned off by NCPS_MLX_BLAS=0"
+    late = run(PROBE.format(first="import mlx.core"))
+    assert late["status"].startswith("mlx.core was imported before ncps_mlx")
+    if linux_blas._find_blas() is not None:
+        assert default["status"].startswith("MLX matrix products use")
+
+
+TORCH_PROBE = """
+import json, numpy as np
+{first}
+import torch
+torch.manual_seed(0)
+a, b = torch.randn(256, 256), torch.randn(256, 256)
+print(json.dumps({{"product": (a @ b).numpy().tobytes().hex()[:4000], "sum": float((a @ b).sum())}}))
+"""
+
+
+@linux
+def test_torch_is_untouched():
+    pytest.importorskip("torch")
+    alone = run(TORCH_PROBE.format(first=""))
+    together = run(TORCH_PROBE.format(first="import ncps_mlx"))
+    assert alone == together  # bit for bit: torch still uses its own BLAS
