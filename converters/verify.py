@@ -1,8 +1,9 @@
 """Run the source in its own framework and the converted model on the same inputs; tabulate.
 
-Each source framework has a runner here, keyed by ``Description.source["framework"]``: a
-function that returns ``run(x, hx, timespans) -> (output, state)`` on numpy arrays, or raises
-``SourceUnavailable`` when the framework is not installed.
+A runner takes a list of ``(x, hx, timespans)`` numpy inputs and returns, per input, a dict of
+named results ("output", "state" or "state h"/"state c", ...). The source's runner comes from
+the reader that read it (its ``run_source``, which raises ``SourceUnavailable`` when the
+framework is not installed); ``mlx_runner`` and ``onnx_runner`` run what we wrote.
 """
 
 from __future__ import annotations
