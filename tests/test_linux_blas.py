@@ -58,12 +58,12 @@ print(json.dumps({{"status": ncps_mlx.blas_status(), "err": err,
 
 @linux
 def test_status_and_scope():
-    default = run(PROBE.format(first="import ncps_mlx"))
+    default = run(PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="1")
     assert default["err"] < 1e-3  # a float32 matrix product either way
     assert default["global_cblas"] is False  # nothing was put in the global namespace
     off = run(PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="0")
     assert off["status"] == "turned off by NCPS_MLX_BLAS=0"
-    late = run(PROBE.format(first="import mlx.core"))
+    late = run(PROBE.format(first="import mlx.core"), NCPS_MLX_BLAS="1")
     assert late["status"].startswith("mlx.core was imported before ncps_mlx")
     if linux_blas._find_blas() is not None:
         assert default["status"].startswith("MLX matrix products use")
@@ -82,6 +82,6 @@ print(json.dumps({{"product": (a @ b).numpy().tobytes().hex()[:4000], "sum": flo
 @linux
 def test_torch_is_untouched():
     pytest.importorskip("torch")
-    alone = run(TORCH_PROBE.format(first=""))
-    together = run(TORCH_PROBE.format(first="import ncps_mlx"))
+    alone = run(TORCH_PROBE.format(first=""), NCPS_MLX_BLAS="1")
+    together = run(TORCH_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="1")
     assert alone == together  # bit for bit: torch still uses its own BLAS
