@@ -7,17 +7,19 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
+
 
 def lecun_tanh(x: mx.array) -> mx.array:
     """LeCun's scaled tanh, 1.7159 * tanh(0.666 x), the reference CfC backbone default."""
-    return 1.7159 * mx.tanh(0.666 * x)
+    return 1.7159 * fastmath.tanh(0.666 * x)
 
 
 ACTIVATIONS = {
     "lecun_tanh": lecun_tanh,
     "silu": nn.silu,
     "relu": nn.relu,
-    "tanh": mx.tanh,
+    "tanh": fastmath.tanh,
     # torch.nn.GELU defaults to the exact erf form; so does mlx.nn.gelu.
     "gelu": nn.gelu,
 }

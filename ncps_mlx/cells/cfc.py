@@ -19,6 +19,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
 from ._common import check_choice, get_activation, glorot_uniform
 
 MODES = ("default", "pure", "no_gate")
@@ -178,8 +179,8 @@ class CfCCell(nn.Module):
         else:
             ff1, ff2, t_a, t_b = mx.split(z, 4, axis=-1)
             if self.ff_activation == "tanh":
-                ff1, ff2 = mx.tanh(ff1), mx.tanh(ff2)
-            t_interp = mx.sigmoid(t_a * ts + t_b)
+                ff1, ff2 = fastmath.tanh(ff1), fastmath.tanh(ff2)
+            t_interp = fastmath.sigmoid(t_a * ts + t_b)
             if self.mode == "no_gate":
                 new_h = ff1 + t_interp * ff2
             else:

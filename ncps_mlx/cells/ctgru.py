@@ -13,6 +13,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
 from ._common import check_choice, glorot_uniform
 
 DECAYS = ("ltc", "mozer")
@@ -97,7 +98,7 @@ class CTGRUCell(nn.Module):
         u_r, u_s, u_q = mx.split(u, [U * M, 2 * U * M], axis=-1)
         h = mx.sum(traces, axis=-1)
         retrieve = self._scale_weights((u_r + h @ w_r).reshape(batch, U, M))
-        q = mx.tanh(u_q + mx.sum(retrieve * traces, axis=-1) @ w_q)
+        q = fastmath.tanh(u_q + mx.sum(retrieve * traces, axis=-1) @ w_q)
         store = self._scale_weights((u_s + h @ w_s).reshape(batch, U, M))
         mixed = (1.0 - store) * traces + store * q[:, :, None]
         if self.decay == "ltc":

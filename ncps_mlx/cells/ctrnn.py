@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
 from ._common import glorot_uniform
 
 
@@ -85,10 +86,10 @@ class CTRNNCell(nn.Module):
         """u (B, U), h (B, U), ts float or (B, 1) -> (output (B, U), new state (B, U))."""
         recurrent_weight, tau = self.prepare() if prepared is None else prepared
         eps = self.delta_t * ts
-        f = None if self.global_feedback else mx.tanh(u)
+        f = None if self.global_feedback else fastmath.tanh(u)
         for _ in range(self.ode_unfolds):
             if self.global_feedback:
-                f = mx.tanh(u + h @ recurrent_weight)
+                f = fastmath.tanh(u + h @ recurrent_weight)
             h = h + eps * (f - h / tau)
             if self.cell_clip is not None:
                 h = mx.clip(h, -self.cell_clip, self.cell_clip)

@@ -6,6 +6,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
 from ._common import check_choice
 
 MAPPINGS = ("affine", "linear", None)
@@ -142,7 +143,7 @@ class LTCCell(nn.Module):
             x = x * self.input_w
         if self.input_mapping == "affine":
             x = x + self.input_b
-        activation = self._positive(self.sensory_w) * mx.sigmoid(
+        activation = self._positive(self.sensory_w) * fastmath.sigmoid(
             self.sensory_sigma * (x[..., :, None] - self.sensory_mu)
         )
         activation = activation * self.sensory_sparsity_mask
@@ -165,7 +166,8 @@ class LTCCell(nn.Module):
         for _ in range(self.ode_unfolds):
             # The reference multiplies sigmoid, w, mask and erev per synapse in another order;
             # folding w * mask (* erev) once per sequence changes only the last bit.
-            activation = mx.sigmoid(self.sigma * (v[:, :, None] - self.mu))
+            # One sigmoid per synapse, six times a step: the LTC's whole cost, hence fastmath.
+            activation = fastmath.sigmoid(self.sigma * (v[:, :, None] - self.mu))
             numerator = cm_t * v + leak + (mx.sum(activation * w_erev, axis=1) + sensory_numerator)
             denominator = cm_t + gleak + (mx.sum(activation * w, axis=1) + sensory_denominator)
             v = numerator / (denominator + self.epsilon)

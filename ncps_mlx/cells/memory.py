@@ -19,6 +19,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import fastmath
 from ._common import glorot_uniform
 
 MEMORY_CIRCUITS = ("state", "input")
@@ -51,8 +52,8 @@ class LSTMCell(nn.Module):
         """u (B, 4H) from ``project_input``, h and c (B, H) -> (new h, new c)."""
         z = u + h @ (self.prepare() if prepared is None else prepared)
         i, ig, fg, og = mx.split(z, 4, axis=-1)
-        new_c = c * mx.sigmoid(fg + self.forget_gate_bias) + mx.tanh(i) * mx.sigmoid(ig)
-        new_h = mx.tanh(new_c) * mx.sigmoid(og)
+        new_c = c * fastmath.sigmoid(fg + self.forget_gate_bias) + fastmath.tanh(i) * fastmath.sigmoid(ig)
+        new_h = fastmath.tanh(new_c) * fastmath.sigmoid(og)
         return new_h, new_c
 
     def __call__(self, x: mx.array, state):
