@@ -1,4 +1,5 @@
-"""``ncps-convert``: convert reference ncps checkpoints to MLX, inspect them, verify parity.
+"""``ncps-convert``: convert ncps checkpoints (ncps.torch, ncps.keras, ncps.tf) to MLX or ONNX,
+inspect them, verify parity.
 
     ncps-convert SRC -o OUT.safetensors|OUT.onnx [--config CFG.json]   convert (and verify)
     ncps-convert inspect SRC [--config CFG.json]                        what the checkpoint holds
@@ -34,14 +35,22 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="ncps-convert",
-        description="Convert ncps (PyTorch) checkpoints to ncps-mlx models and check that they compute the same.",
+        description=(
+            "Convert ncps checkpoints (ncps.torch state dicts, Keras 3 .keras, tf.keras .h5 and SavedModel) "
+            "to ncps-mlx model files or ONNX, and check that they compute the same."
+        ),
         epilog="Run 'ncps-convert COMMAND --help' for a command's options. Without a command, 'convert' is assumed.",
     )
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     def common(p, config=True):
         if config:
-            p.add_argument("--config", metavar="CFG.json", help="constructor arguments the weights do not tell")
+            p.add_argument(
+                "--config",
+                metavar="CFG.json",
+                help="torch: constructor arguments the weights do not tell; Keras weights-only .h5: the model "
+                'config; any Keras file: {"wirings": {layer: wiring}} for NCP wirings',
+            )
             p.add_argument(
                 "--trust-pickle",
                 action="store_true",
@@ -52,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
     convert = sub.add_parser("convert", help="convert SRC to an ncps-mlx model file")
-    convert.add_argument("src", metavar="SRC", help="checkpoint: .pt/.pth state dict, .safetensors, ...")
+    convert.add_argument(
+        "src", metavar="SRC", help=".pt/.pth or .safetensors state dict, .keras, .h5, a SavedModel folder, or an ncps-mlx file"
+    )
     convert.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="what to write: an ncps-mlx model file (.safetensors) or ONNX (.onnx)"
     )
