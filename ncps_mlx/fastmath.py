@@ -53,9 +53,24 @@ def _tanh(x: mx.array) -> mx.array:
 # batches and wired CfC layers got slower, large batches and the LTC's synapse tensors faster.
 MIN_ELEMENTS = 16384
 
-# Not shapeless: the bit-level view has no shape rule for that; one trace per input shape.
-_compiled_sigmoid = mx.compile(_sigmoid)
-_compiled_tanh = mx.compile(_tanh)
+def _with_gradient(function, derivative_from_output):
+    """``function`` compiled, with the gradient written in terms of its own output."""
+    # Not shapeless: the bit-level view has no shape rule for that; one trace per input shape.
+    compiled = mx.compile(function)
+
+    @mx.custom_function
+    def fast(x: mx.array) -> mx.array:
+        return compiled(x)
+
+    @fast.vjp
+    def fast_vjp(primals, cotangent, output):
+        return (cotangent * derivative_from_output(output),)
+
+    return fast
+
+
+_fast_sigmoid = _with_gradient(_sigmoid, lambda s: s * (1.0 - s))
+_fast_tanh = _with_gradient(_tanh, lambda t: 1.0 - t * t)
 
 
 def sigmoid(x: mx.array) -> mx.array:
@@ -64,26 +79,6 @@ def sigmoid(x: mx.array) -> mx.array:
     return _fast_sigmoid(x) if x.size >= MIN_ELEMENTS else mx.sigmoid(x)
 
 
-@mx.custom_function
-def _fast_sigmoid(x: mx.array) -> mx.array:
-    return _compiled_sigmoid(x)
-
-
-@_fast_sigmoid.vjp
-def _sigmoid_vjp(primals, cotangent, output):
-    return (cotangent * output * (1.0 - output),)
-
-
 def tanh(x: mx.array) -> mx.array:
     """Elementwise tanh, float32; see the module docstring. Small arrays use ``mx.tanh``."""
     return _fast_tanh(x) if x.size >= MIN_ELEMENTS else mx.tanh(x)
-
-
-@mx.custom_function
-def _fast_tanh(x: mx.array) -> mx.array:
-    return _compiled_tanh(x)
-
-
-@_fast_tanh.vjp
-def _tanh_vjp(primals, cotangent, output):
-    return (cotangent * (1.0 - output * output),)
