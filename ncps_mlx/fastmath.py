@@ -1,62 +1,62 @@
-"""Sigmoid and tanh built from adds, multiplies and exponent bits, fused by ``mx.compile``.
+"""Sigmoid and tanh from adds, multiplies and one division, which ``mx.compile`` fuses.
 
-MLX's CPU backend on Linux evaluates exp/sigmoid at ~14 ns an element (the library is built
-without AVX/FMA); additions and multiplications cost well under 1 ns. The LTC evaluates a
-sigmoid per synapse six times a step, so it spends nearly all its time there. This sigmoid
-computes ``1 / (1 + exp(-x))`` with the classic single-precision exp (Cephes ``expf``):
-``exp(x) = 2**n * p(r)``, ``n = round(x / ln 2)``, ``r = x - n ln 2`` split in two parts, ``p``
-a degree-7 polynomial, ``2**n`` written straight into the exponent bits. Over the float
-range its absolute error is <= 9e-8 and its relative error <= 1.5e-7 wherever the sigmoid
-is a normal float (``tests/test_fastmath.py`` sweeps it), as accurate as ``mx.sigmoid``; NaN
-stays NaN, +inf gives 1, -inf 6e-39 (the argument is clipped at -87). Compiled, it runs ~7x faster. ``tanh`` is ``sign(x) (1 - e) / (1 + e)``
-with ``e = exp(-2|x|)`` from the same exp: absolute error <= 1.2e-7 (``mx.tanh``: ~6e-8). The
-gradients are the exact ``s (1 - s)`` and ``1 - t**2`` of their own outputs.
+MLX's CPU backend on Linux evaluates exp/sigmoid/tanh at ~14-18 ns an element (the library
+is built without AVX/FMA), where a fused add or multiply costs a fraction of a nanosecond.
+CfC spends most of a step in three tanh/sigmoid calls and the LTC evaluates a sigmoid per
+synapse six times a step, so both are bound by them. Here
+
+    tanh(x) = x P(x^2) / Q(x^2)  for |x| <= 8.0886  (x clipped to that first),
+
+with P and Q of degree 4: a rational fit of tanh(x) / x on [0, 7.9] (``tools/fit_tanh.py``
+makes the coefficients and the clip; in float64 the fit is within 1e-8). The clip is the
+largest at which the float32 ratio never exceeds 1 and is 1 - 6e-8 there, so saturated
+values are off by one ulp (tanh(8.09) = 1 - 1.9e-7). Eigen, and so TensorFlow/XLA on CPU,
+uses the same kind of approximation. Evaluated in float32 the absolute error is <= 4e-7
+over the whole float range (mx.tanh: ~9e-8; ``tests/test_fastmath.py`` sweeps every
+binade), relative <= 4e-7. ``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)``: absolute error
+<= 2e-7; it is 3e-8 (not ~1e-38) in the far negative tail, where only absolute error
+matters to the models. NaN stays NaN; |tanh| never exceeds 1.
+
+Every operation is elementwise and fusable, so inside a compiled step (``SequenceModel``
+compiles one) the whole function becomes part of one or two generated loops, which the
+compiler vectorises. The gradients are the exact ``1 - t**2`` and ``s (1 - s)`` of the
+function's own outputs (a custom vjp), not the derivative of the rational.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import mlx.core as mx
 
-LOG2E = 1.44269504088896341
-LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 in two parts, so r = x - n ln 2 is exact
-EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+CLIP = 8.088608741760254
+# tanh(x) / x ~= P(x^2) / Q(x^2); float32 values of the fitted coefficients, lowest first.
+P = (1.0, 0.13450613617897034, 0.003578983014449477, 2.2023032215656713e-05, 1.5427520594357702e-08)
+Q = (1.0, 0.46783941984176636, 0.026192206889390945, 0.0003423633170314133, 8.598630074629909e-07)
 
 
-def _exp(x: mx.array) -> mx.array:
-    # Below -87 exp underflows to the smallest normal range; above 88 it would overflow, and
-    # 1 / (1 + exp(-x)) is already 0 or 1 to float32 precision there.
-    x = mx.clip(x, -87.0, 88.0)
-    n = mx.floor(x * LOG2E + 0.5)
-    r = x - n * LN2_HI - n * LN2_LO
-    p = EXP_POLY[0]
-    for c in EXP_POLY[1:]:
-        p = p * r + c
-    p = p * r * r + r + 1.0
-    two_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
-    return p * two_n
+def _polynomial(coefficients, s):
+    result = coefficients[-1] * s + coefficients[-2]
+    for c in coefficients[-3::-1]:
+        result = result * s + c
+    return result
 
 
-def _sigmoid(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + _exp(-x))
+def rational_tanh(x: mx.array) -> mx.array:
+    """The approximation itself, as plain MLX operations (no custom gradient)."""
+    x = mx.clip(x, -CLIP, CLIP)
+    s = x * x
+    return x * _polynomial(P, s) / _polynomial(Q, s)
 
 
-def _tanh(x: mx.array) -> mx.array:
-    # exp of a non-positive argument only: no overflow, and (1 - e) loses no more than half
-    # an ulp of 1 for small |x|, an absolute error like mx.tanh's.
-    e = _exp(-2.0 * mx.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return mx.where(x < 0, -t, t)
+def rational_sigmoid(x: mx.array) -> mx.array:
+    return 0.5 + 0.5 * rational_tanh(0.5 * x)
 
-
-# Below this many elements the call into a compiled function (and, for gradients, the custom
-# vjp) costs more than MLX's own transcendental saves: measured with tools/bench.py, small
-# batches and wired CfC layers got slower, large batches and the LTC's synapse tensors faster.
-MIN_ELEMENTS = 16384
 
 def _with_gradient(function, derivative_from_output):
     """``function`` compiled, with the gradient written in terms of its own output."""
-    # Not shapeless: the bit-level view has no shape rule for that; one trace per input shape.
-    compiled = mx.compile(function)
+    compiled = mx.compile(function, shapeless=True)
 
     @mx.custom_function
     def fast(x: mx.array) -> mx.array:
@@ -69,16 +69,35 @@ def _with_gradient(function, derivative_from_output):
     return fast
 
 
-_fast_sigmoid = _with_gradient(_sigmoid, lambda s: s * (1.0 - s))
-_fast_tanh = _with_gradient(_tanh, lambda t: 1.0 - t * t)
+_fast_tanh = _with_gradient(rational_tanh, lambda t: 1.0 - t * t)
+_fast_sigmoid = _with_gradient(rational_sigmoid, lambda s: s * (1.0 - s))
 
 
-def sigmoid(x: mx.array) -> mx.array:
-    """Elementwise logistic sigmoid, float32; see the module docstring. Small arrays use
-    ``mx.sigmoid`` (see ``MIN_ELEMENTS``)."""
-    return _fast_sigmoid(x) if x.size >= MIN_ELEMENTS else mx.sigmoid(x)
+_exact = threading.local()
+
+
+@contextlib.contextmanager
+def exact_functions(enabled: bool = True):
+    """Within this block (in this thread) ``tanh`` and ``sigmoid`` are MLX's own.
+
+    ``SequenceModel`` uses it when it runs under a transformation (``mx.grad``, ``mx.vmap``,
+    an outer ``mx.compile``): there every compiled function is traced again at each call, so
+    the rational's ~20 operations would each be dispatched on their own, and one native
+    operation with a native gradient is faster.
+    """
+    previous = getattr(_exact, "enabled", False)
+    _exact.enabled = enabled
+    try:
+        yield
+    finally:
+        _exact.enabled = previous
 
 
 def tanh(x: mx.array) -> mx.array:
-    """Elementwise tanh, float32; see the module docstring. Small arrays use ``mx.tanh``."""
-    return _fast_tanh(x) if x.size >= MIN_ELEMENTS else mx.tanh(x)
+    """Elementwise tanh of a float32 array of any shape; see the module docstring."""
+    return mx.tanh(x) if getattr(_exact, "enabled", False) else _fast_tanh(x)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    """Elementwise logistic sigmoid of a float32 array of any shape; see the module docstring."""
+    return mx.sigmoid(x) if getattr(_exact, "enabled", False) else _fast_sigmoid(x)

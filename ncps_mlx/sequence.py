@@ -7,9 +7,12 @@ batch-first or time-first layout, unbatched input, the initial state, timespans,
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fastmath
 from .cells._common import check_choice
 from .cells.memory import MEMORY_CIRCUITS, LSTMCell
 
@@ -100,7 +103,23 @@ class SequenceModel(nn.Module):
 
         ts = self._timespans(timespans, batch, steps, batched)
         h, c = self._initial_state(hx, batch, batched)
+        parameters = self.parameters()
+        leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
+        _flatten(parameters, leaves)
+        traced = _under_transformation(leaves)
+        # Dropout's random draws would be frozen into a compiled graph.
+        dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
+        with fastmath.exact_functions(traced):
+            y, h, c = self._run(x, h, c, ts, parameters, compiled=not (traced or dropout))
+        if not batched:
+            y, h = y[0], h[0]
+            c = c[0] if c is not None else None
+        elif self.return_sequences and not self.batch_first:
+            y = y.swapaxes(0, 1)
+        return y, ((h, c) if self.use_mixed else h)
 
+    def _run(self, x, h, c, ts, parameters, compiled: bool):
+        """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c)."""
         lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
         cell_inputs = None
         if not (self.use_mixed and self.memory_circuit == "input"):
@@ -109,31 +128,51 @@ class SequenceModel(nn.Module):
         # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
         prepared = self.rnn_cell.prepare()
         lstm_prepared = self.lstm.prepare() if self.use_mixed else None
+        fixed_leaves = []
+        fixed = _flatten((parameters, prepared, lstm_prepared), fixed_leaves)
         outputs = []
-        for t in range(steps):
-            ts_t = ts if ts is None or ts.ndim < 3 else ts[:, t]
-            if self.use_mixed:
-                memory_out, c = self.lstm.recurrent_step(lstm_inputs[:, t], h, c, lstm_prepared)
-                if self.memory_circuit == "state":
-                    h = memory_out
-                    u = cell_inputs[:, t]
-                else:
-                    u = self.rnn_cell.project_input(memory_out)
+        for t in range(x.shape[1]):
+            ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t])
+            u_t = None if cell_inputs is None else cell_inputs[:, t]
+            lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
+            if compiled:
+                out, h, c = self._run_step(fixed, fixed_leaves, (u_t, lstm_u_t, h, c, ts_t))
             else:
-                u = cell_inputs[:, t]
-            out, h = self.rnn_cell.recurrent_step(u, h, 1.0 if ts_t is None else ts_t, prepared)
+                out, h, c = self._step(u_t, lstm_u_t, h, c, ts_t, prepared, lstm_prepared)
             if self.return_sequences:
                 outputs.append(out)
 
         y = mx.stack(outputs, axis=1) if self.return_sequences else out
         if self.fc is not None:
             y = self.fc(y)
-        if not batched:
-            y, h = y[0], h[0]
-            c = c[0] if c is not None else None
-        elif self.return_sequences and not self.batch_first:
-            y = y.swapaxes(0, 1)
-        return y, ((h, c) if self.use_mixed else h)
+        return y, h, c
+
+    def _step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared):
+        """One time step of the whole model: (output, h, c); c is None without mixed memory."""
+        if self.use_mixed:
+            memory_out, c = self.lstm.recurrent_step(lstm_u, h, c, lstm_prepared)
+            if self.memory_circuit == "state":
+                h = memory_out
+            else:
+                u = self.rnn_cell.project_input(memory_out)
+        out, h = self.rnn_cell.recurrent_step(u, h, ts, prepared)
+        return out, h, c
+
+    def _run_step(self, fixed, fixed_leaves, step_args):
+        """``_step(*step_args)`` with ``fixed`` = (parameters, prepared, lstm_prepared), flattened
+        once per sequence into ``fixed_leaves``, through a compiled step (see ``_compiled_step``)."""
+        leaves = list(fixed_leaves)
+        structure = (fixed, _flatten(step_args, leaves))
+        steps = self.__dict__.setdefault("_compiled_steps", {})
+        if structure not in steps:
+            steps[structure] = _compiled_step(weakref.ref(self), structure)
+        outputs = steps[structure](*leaves)
+        return outputs[0], outputs[1], (outputs[2] if len(outputs) == 3 else None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_compiled_steps", None)
+        return state
 
     def _timespans(self, timespans, batch: int, steps: int, batched: bool):
         """None, a 0-d array, or (B, T, 1)."""
@@ -194,3 +233,81 @@ class SequenceModel(nn.Module):
             )
         return state if batched else state[None]
 
+
+def _compiled_step(model, structure):
+    """One time step of ``model()`` (a weak reference) as a compiled function of array leaves.
+
+    On MLX's CPU backend a step is many small operations that cost more to dispatch than to
+    compute; compiled, the elementwise ones fuse into a few vectorised loops. The parameters
+    are leaves too, swapped into the model only while the step is traced, so the compiled
+    graph always reads the current ones. Used only outside transformations (see
+    ``_under_transformation``); ``mx.disable_compile()`` turns it off.
+    """
+    fixed, step_args = structure
+
+    def step(*leaves):
+        this, leaves = model(), iter(leaves)
+        parameters, prepared, lstm_prepared = _unflatten(fixed, leaves)
+        current = this.parameters()
+        this.update(parameters)
+        try:
+            out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
+        finally:
+            this.update(current)
+        return (out, h) if c is None else (out, h, c)
+
+    return mx.compile(step)
+
+
+_probe_traces = [0]
+
+
+def _count_trace(*arrays):
+    _probe_traces[0] += 1
+    return arrays
+
+
+_probe = mx.compile(_count_trace)
+
+
+def _under_transformation(arrays) -> bool:
+    """True when any of ``arrays`` is being traced by ``mx.grad``/``vjp``/``vmap`` or an outer
+    ``mx.compile``. There MLX traces a compiled function afresh at every call, so the model
+    runs its step uncompiled. Told by a compiled probe: traced again although its cache
+    holds these shapes."""
+    for _ in range(2):  # the first call with new shapes traces anyway
+        before = _probe_traces[0]
+        _probe(*arrays)
+        if _probe_traces[0] == before:
+            return False
+    return True
+
+
+_ARRAY = "array"
+
+
+def _flatten(tree, leaves: list):
+    """Append the arrays of a tree of tuples, lists and dicts to ``leaves``; return a hashable
+    description of everything else (structure, None, numbers)."""
+    if isinstance(tree, mx.array):
+        leaves.append(tree)
+        return _ARRAY
+    if isinstance(tree, dict):
+        return ("dict", tuple((key, _flatten(value, leaves)) for key, value in tree.items()))
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, tuple(_flatten(value, leaves) for value in tree))
+    return ("constant", tree)
+
+
+def _unflatten(structure, leaves):
+    """The inverse of ``_flatten``, taking arrays from the iterator ``leaves``."""
+    if structure == _ARRAY:
+        return next(leaves)
+    kind, body = structure
+    if kind == "dict":
+        return {key: _unflatten(value, leaves) for key, value in body}
+    if kind == "list":
+        return [_unflatten(value, leaves) for value in body]
+    if kind == "tuple":
+        return tuple(_unflatten(value, leaves) for value in body)
+    return body
