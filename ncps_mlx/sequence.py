@@ -7,12 +7,10 @@ batch-first or time-first layout, unbatched input, the initial state, timespans,
 
 from __future__ import annotations
 
-import weakref
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fastmath
+from . import fastmath, stepping
 from .cells._common import check_choice
 from .cells.memory import MEMORY_CIRCUITS, LSTMCell
 
@@ -103,14 +101,7 @@ class SequenceModel(nn.Module):
 
         ts = self._timespans(timespans, batch, steps, batched)
         h, c = self._initial_state(hx, batch, batched)
-        parameters = self.parameters()
-        leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
-        _flatten(parameters, leaves)
-        traced = _under_transformation(leaves)
-        # Dropout's random draws would be frozen into a compiled graph.
-        dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
-        with fastmath.exact_functions(traced):
-            y, h, c = self._run(x, h, c, ts, parameters, compiled=not (traced or dropout))
+        y, h, c = self._run(x, h, c, ts)
         if not batched:
             y, h = y[0], h[0]
             c = c[0] if c is not None else None
@@ -118,34 +109,59 @@ class SequenceModel(nn.Module):
             y = y.swapaxes(0, 1)
         return y, ((h, c) if self.use_mixed else h)
 
-    def _run(self, x, h, c, ts, parameters, compiled: bool):
-        """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c)."""
-        lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
-        cell_inputs = None
-        if not (self.use_mixed and self.memory_circuit == "input"):
-            cell_inputs = self.rnn_cell.project_input(x)
+    def _run(self, x, h, c, ts):
+        """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
+        to run the loop (see ``ncps_mlx.stepping``)."""
+        parameters = self.parameters()
+        leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
+        stepping.flatten(parameters, leaves)
+        traced = stepping.under_transformation(leaves)
+        # Dropout's random draws would be frozen into a compiled graph.
+        dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
+        if dropout or (traced and not stepping.can_evaluate(leaves)):
+            mode = "eager"
+        else:
+            mode = "differentiable" if traced else "compiled"
 
-        # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
-        prepared = self.rnn_cell.prepare()
-        lstm_prepared = self.lstm.prepare() if self.use_mixed else None
-        fixed_leaves = []
-        fixed = _flatten((parameters, prepared, lstm_prepared), fixed_leaves)
-        outputs = []
-        for t in range(x.shape[1]):
-            ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t])
-            u_t = None if cell_inputs is None else cell_inputs[:, t]
-            lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
-            if compiled:
-                out, h, c = self._run_step(fixed, fixed_leaves, (u_t, lstm_u_t, h, c, ts_t))
+        with fastmath.exact_functions(mode == "eager"):
+            lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
+            cell_inputs = None
+            if not (self.use_mixed and self.memory_circuit == "input"):
+                cell_inputs = self.rnn_cell.project_input(x)
+            # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
+            prepared = self.rnn_cell.prepare()
+            lstm_prepared = self.lstm.prepare() if self.use_mixed else None
+
+            if mode == "differentiable":
+                fixed_leaves, sequence_leaves = [], []
+                fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
+                sequence_args = stepping.flatten((cell_inputs, lstm_inputs, h, c, ts), sequence_leaves)
+                result = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves)
+                outs, h = result[0], result[1][:, -1]
+                c = result[2][:, -1] if c is not None else None
+                y = outs if self.return_sequences else outs[:, -1]
             else:
-                out, h, c = self._step(u_t, lstm_u_t, h, c, ts_t, prepared, lstm_prepared)
-            if self.return_sequences:
-                outputs.append(out)
+                if mode == "compiled":
+                    fixed_leaves = []
+                    fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
+                    step = self._steps().forward(fixed, fixed_leaves)
+                else:
 
-        y = mx.stack(outputs, axis=1) if self.return_sequences else out
+                    def step(u, lstm_u, h, c, ts):
+                        return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
+
+                outs, hs, cs = stepping.time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
+                h, c = hs[-1], cs[-1]
+                y = mx.stack(outs, axis=1) if self.return_sequences else outs[-1]
         if self.fc is not None:
             y = self.fc(y)
         return y, h, c
+
+    def _steps(self) -> stepping.Steps:
+        steps = self.__dict__.get("_compiled_steps")
+        if steps is None:
+            steps = self.__dict__["_compiled_steps"] = stepping.Steps(self)
+        return steps
 
     def _step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared):
         """One time step of the whole model: (output, h, c); c is None without mixed memory."""
@@ -157,17 +173,6 @@ class SequenceModel(nn.Module):
                 u = self.rnn_cell.project_input(memory_out)
         out, h = self.rnn_cell.recurrent_step(u, h, ts, prepared)
         return out, h, c
-
-    def _run_step(self, fixed, fixed_leaves, step_args):
-        """``_step(*step_args)`` with ``fixed`` = (parameters, prepared, lstm_prepared), flattened
-        once per sequence into ``fixed_leaves``, through a compiled step (see ``_compiled_step``)."""
-        leaves = list(fixed_leaves)
-        structure = (fixed, _flatten(step_args, leaves))
-        steps = self.__dict__.setdefault("_compiled_steps", {})
-        if structure not in steps:
-            steps[structure] = _compiled_step(weakref.ref(self), structure)
-        outputs = steps[structure](*leaves)
-        return outputs[0], outputs[1], (outputs[2] if len(outputs) == 3 else None)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -233,81 +238,3 @@ class SequenceModel(nn.Module):
             )
         return state if batched else state[None]
 
-
-def _compiled_step(model, structure):
-    """One time step of ``model()`` (a weak reference) as a compiled function of array leaves.
-
-    On MLX's CPU backend a step is many small operations that cost more to dispatch than to
-    compute; compiled, the elementwise ones fuse into a few vectorised loops. The parameters
-    are leaves too, swapped into the model only while the step is traced, so the compiled
-    graph always reads the current ones. Used only outside transformations (see
-    ``_under_transformation``); ``mx.disable_compile()`` turns it off.
-    """
-    fixed, step_args = structure
-
-    def step(*leaves):
-        this, leaves = model(), iter(leaves)
-        parameters, prepared, lstm_prepared = _unflatten(fixed, leaves)
-        current = this.parameters()
-        this.update(parameters)
-        try:
-            out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
-        finally:
-            this.update(current)
-        return (out, h) if c is None else (out, h, c)
-
-    return mx.compile(step)
-
-
-_probe_traces = [0]
-
-
-def _count_trace(*arrays):
-    _probe_traces[0] += 1
-    return arrays
-
-
-_probe = mx.compile(_count_trace)
-
-
-def _under_transformation(arrays) -> bool:
-    """True when any of ``arrays`` is being traced by ``mx.grad``/``vjp``/``vmap`` or an outer
-    ``mx.compile``. There MLX traces a compiled function afresh at every call, so the model
-    runs its step uncompiled. Told by a compiled probe: traced again although its cache
-    holds these shapes."""
-    for _ in range(2):  # the first call with new shapes traces anyway
-        before = _probe_traces[0]
-        _probe(*arrays)
-        if _probe_traces[0] == before:
-            return False
-    return True
-
-
-_ARRAY = "array"
-
-
-def _flatten(tree, leaves: list):
-    """Append the arrays of a tree of tuples, lists and dicts to ``leaves``; return a hashable
-    description of everything else (structure, None, numbers)."""
-    if isinstance(tree, mx.array):
-        leaves.append(tree)
-        return _ARRAY
-    if isinstance(tree, dict):
-        return ("dict", tuple((key, _flatten(value, leaves)) for key, value in tree.items()))
-    if isinstance(tree, (list, tuple)):
-        return (type(tree).__name__, tuple(_flatten(value, leaves) for value in tree))
-    return ("constant", tree)
-
-
-def _unflatten(structure, leaves):
-    """The inverse of ``_flatten``, taking arrays from the iterator ``leaves``."""
-    if structure == _ARRAY:
-        return next(leaves)
-    kind, body = structure
-    if kind == "dict":
-        return {key: _unflatten(value, leaves) for key, value in body}
-    if kind == "list":
-        return [_unflatten(value, leaves) for value in body]
-    if kind == "tuple":
-        return tuple(_unflatten(value, leaves) for value in body)
-    return body

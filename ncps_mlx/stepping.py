@@ -1,0 +1,411 @@
+"""How ``SequenceModel`` runs its time loop quickly on MLX: compiled steps, and a compiled
+backward pass through time.
+
+On MLX's CPU backend a time step is many small operations that cost more to dispatch than
+to compute. Compiled (``mx.compile``), the elementwise ones fuse into a few vectorised loops.
+Three ways to run the same loop (``time_loop``), chosen by ``SequenceModel``:
+
+* ``eager``: the step as written; for active dropout (random draws must not be frozen into
+  a graph) and inside ``mx.vmap`` or an outer ``mx.compile``.
+* ``compiled``: each step is one compiled call (``Steps.forward``). Plain inference.
+* ``differentiable``: under ``mx.grad``/``value_and_grad`` the model runs as one
+  ``mx.custom_function`` over the whole sequence (``Steps.sequence``). MLX retraces any
+  compiled function called while a gradient is being traced, so its forward loop and its
+  backward pass run on a worker thread (MLX's tracing state is per thread) over evaluated
+  inputs, where the compiled functions come from the cache. The backward pass walks the
+  steps in reverse propagating only the state cotangents (a compiled vjp per step, which
+  recomputes that step), then gets the parameter and input gradients of all steps at once
+  from one vjp of the step over all batch x time rows: the step treats rows independently,
+  so that vjp is exactly the sum over time, done with a few large operations. Higher-order
+  gradients through this path are not supported.
+
+A step function here takes flat lists of arrays ("leaves"): the fixed ones (parameters and
+the cell's ``prepare()`` output, the same at every step) and the step's own (input slice,
+state, timespan); ``_flatten`` records the rest of their structure (None, numbers) as a
+hashable key, one compiled function per key. The parameters are swapped into the model only
+while a step is traced, so compiled graphs always read the current ones.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import weakref
+
+import mlx.core as mx
+import numpy as np
+
+
+def time_loop(step, cell_inputs, lstm_inputs, h, c, ts):
+    """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps.
+
+    cell_inputs / lstm_inputs: (B, T, P) or None; h, c: (B, S) (c None without mixed memory);
+    ts: None (1.0 per step), a 0-d array, or (B, T, 1). Returns the lists of outs, hs, cs.
+    """
+    steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
+    outs, hs, cs = [], [], []
+    for t in range(steps):
+        ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t])
+        u_t = None if cell_inputs is None else cell_inputs[:, t]
+        lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
+        out, h, c = step(u_t, lstm_u_t, h, c, ts_t)
+        outs.append(out)
+        hs.append(h)
+        cs.append(c)
+    return outs, hs, cs
+
+
+class Steps:
+    """The compiled step functions of one model, by the structure of their arguments.
+
+    ``model_step(u, lstm_u, h, c, ts, prepared, lstm_prepared) -> (out, h, c)`` is the model's
+    step; ``fixed`` is the structure of (parameters, prepared, lstm_prepared).
+    """
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)  # no cycle: the model holds this object
+        self.cache = {}
+
+    def _cached(self, key, build):
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+    def _plain_step(self, fixed, step_args):
+        """The step as a function of leaves -> (out, h) or (out, h, c)."""
+        model = self.model
+
+        def step(*leaves):
+            this, leaves = model(), iter(leaves)
+            parameters, prepared, lstm_prepared = _unflatten(fixed, leaves)
+            current = this.parameters()
+            this.update(parameters)
+            try:
+                out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
+            finally:
+                this.update(current)
+            return (out, h) if c is None else (out, h, c)
+
+        return step
+
+    def forward(self, fixed, fixed_leaves):
+        """A ``time_loop`` step that runs each step as one compiled call."""
+
+        def step(u, lstm_u, h, c, ts):
+            leaves = list(fixed_leaves)
+            step_args = _flatten((u, lstm_u, h, c, ts), leaves)
+            compiled = self._cached(("forward", fixed, step_args), lambda: mx.compile(self._plain_step(fixed, step_args)))
+            result = compiled(*leaves)
+            return result[0], result[1], (result[2] if len(result) == 3 else None)
+
+        return step
+
+    def sequence(self, fixed, sequence_args, leaves):
+        """The whole loop as a differentiable function, applied to ``leaves`` (the fixed
+        leaves, then those of ``sequence_args`` = (cell_inputs, lstm_inputs, h0, c0, ts)):
+        -> (Y (B, T, F), H (B, T, S)[, C (B, T, S)]), every step's output and states."""
+        # An array may appear twice (a bias both as a parameter and in prepare()'s output);
+        # MLX matches a custom function's cotangents to its distinct inputs, so pass each once.
+        unique, index, seen = [], [], {}
+        for leaf in leaves:
+            index.append(seen.setdefault(id(leaf), len(unique)))
+            if index[-1] == len(unique):
+                unique.append(leaf)
+        key = ("sequence", fixed, sequence_args, tuple(index))
+        return self._cached(key, lambda: self._build_sequence(fixed, sequence_args, index, len(unique)))(*unique)
+
+    def _build_sequence(self, fixed, sequence_args, index, n_unique):
+        n_fixed = _count(fixed)
+
+        def split(unique):
+            leaves = iter([unique[i] for i in index])
+            fixed_leaves = [next(leaves) for _ in range(n_fixed)]
+            return fixed_leaves, _unflatten(sequence_args, leaves)
+
+        def forward(*leaves):
+            fixed_leaves, (cell_inputs, lstm_inputs, h, c, ts) = split(leaves)
+            outs, hs, cs = time_loop(self.forward(fixed, fixed_leaves), cell_inputs, lstm_inputs, h, c, ts)
+            result = (mx.stack(outs, axis=1), mx.stack(hs, axis=1))
+            return result if c is None else result + (mx.stack(cs, axis=1),)
+
+        def backward(primals, cotangents, outputs):
+            fixed_leaves, (cell_inputs, lstm_inputs, h0, c0, ts) = split(primals)
+            mixed = c0 is not None
+            d_outs, d_hs = cotangents[0], cotangents[1]
+            d_cs = cotangents[2] if mixed else None
+            hs, cs = outputs[1], (outputs[2] if mixed else None)
+            steps = hs.shape[1]
+
+            # Reverse pass: only the state cotangents travel back through time.
+            dh, dc = mx.zeros_like(h0), (mx.zeros_like(c0) if mixed else None)
+            g_outs, g_hs, g_cs = [None] * steps, [None] * steps, [None] * steps
+            for t in reversed(range(steps)):
+                g_outs[t], g_hs[t] = d_outs[:, t], d_hs[:, t] + dh
+                g_cs[t] = d_cs[:, t] + dc if mixed else None
+                args = (
+                    None if cell_inputs is None else cell_inputs[:, t],
+                    None if lstm_inputs is None else lstm_inputs[:, t],
+                    h0 if t == 0 else hs[:, t - 1],
+                    (c0 if t == 0 else cs[:, t - 1]) if mixed else None,
+                    1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t]),
+                )
+                dh, dc = self._state_vjp(fixed, fixed_leaves, args, (g_outs[t], g_hs[t], g_cs[t]))
+
+            # Everything else from one vjp over all batch x time rows.
+            def rows(a):
+                return a.reshape(-1, a.shape[-1])
+
+            previous_h = mx.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+            previous_c = mx.concatenate([c0[:, None], cs[:, :-1]], axis=1) if mixed else None
+            row_args = (
+                None if cell_inputs is None else rows(cell_inputs),
+                None if lstm_inputs is None else rows(lstm_inputs),
+                rows(previous_h),
+                rows(previous_c) if mixed else None,
+                1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts)),
+            )
+            cotangent_rows = [rows(mx.stack(g, axis=1)) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
+            d_fixed, d_cell_inputs, d_lstm_inputs = self._rows_vjp(fixed, fixed_leaves, row_args, cotangent_rows)
+
+            d_sequence = [
+                None if cell_inputs is None else d_cell_inputs.reshape(cell_inputs.shape),
+                None if lstm_inputs is None else d_lstm_inputs.reshape(lstm_inputs.shape),
+                dh,
+                dc,
+                None if ts is None else mx.zeros_like(ts),  # timespans get no gradient
+            ]
+            d_unique = [None] * n_unique
+            for i, d in zip(index, list(d_fixed) + [d for d in d_sequence if d is not None]):
+                d_unique[i] = d if d_unique[i] is None else d_unique[i] + d
+            return tuple(d_unique)
+
+        @mx.custom_function
+        def sequence(leaves):
+            return WORKER.run(forward, *leaves)
+
+        @sequence.vjp
+        def sequence_vjp(primals, cotangents, outputs):
+            cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents, outputs)]
+            return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
+
+        return lambda *leaves: sequence(list(leaves))
+
+    def _state_vjp(self, fixed, fixed_leaves, args, cotangents):
+        """(dh, dc) of one step for the cotangents of its (out, h, c)."""
+        leaves = list(fixed_leaves)
+        step_args = _flatten(args, leaves)
+        n = len(leaves)
+        mixed = args[3] is not None
+        cotangents = [g for g in cotangents if g is not None]
+
+        def build():
+            step = self._plain_step(fixed, step_args)
+
+            def state_vjp(*all_leaves):
+                leaves, cots = list(all_leaves[:n]), list(all_leaves[n:])
+                positions = _state_positions(step_args, n_fixed=len(fixed_leaves))
+
+                def of_state(*states):
+                    for position, state in zip(positions, states):
+                        leaves[position] = state
+                    return step(*leaves)
+
+                return _vjp(of_state, [leaves[p] for p in positions], cots)
+
+            return mx.compile(state_vjp)
+
+        grads = self._cached(("state_vjp", fixed, step_args), build)(*leaves, *cotangents)
+        return grads[0], (grads[1] if mixed else None)
+
+    def _rows_vjp(self, fixed, fixed_leaves, args, cotangent_rows):
+        """Gradients of the fixed leaves and of the input rows, for all rows at once."""
+        leaves = list(fixed_leaves)
+        step_args = _flatten(args, leaves)
+        n_fixed = len(fixed_leaves)
+        input_positions = _input_positions(step_args, n_fixed)
+
+        def build():
+            step = self._plain_step(fixed, step_args)
+
+            def rows_vjp(*all_leaves):
+                leaves, cots = list(all_leaves[: len(all_leaves) - len(cotangent_rows)]), list(all_leaves[len(all_leaves) - len(cotangent_rows) :])
+                wrt = list(range(n_fixed)) + input_positions
+
+                def of_inputs(*values):
+                    for position, value in zip(wrt, values):
+                        leaves[position] = value
+                    return step(*leaves)
+
+                return _vjp(of_inputs, [leaves[p] for p in wrt], cots)
+
+            return mx.compile(rows_vjp)
+
+        grads = self._cached(("rows_vjp", fixed, step_args, len(cotangent_rows)), build)(*leaves, *cotangent_rows)
+        d_fixed = grads[:n_fixed]
+        d_inputs = list(grads[n_fixed:])
+        d_cell = d_inputs.pop(0) if args[0] is not None else None
+        d_lstm = d_inputs.pop(0) if args[1] is not None else None
+        return list(d_fixed), d_cell, d_lstm
+
+
+def _vjp(function, primals, cotangents):
+    """``mx.vjp`` through the scalar sum(output * cotangent): a step may return the same array
+    twice (CfC's output is its state), and ``mx.vjp`` then keeps only one of the two
+    cotangents (MLX 0.32: ``y = 2 a; return [y, y]`` gets 2, not 4, for cotangents 1 and 1)."""
+
+    def weighted(*values):
+        return [sum(mx.sum(output * cotangent) for output, cotangent in zip(function(*values), cotangents))]
+
+    return tuple(mx.vjp(weighted, primals, [mx.array(1.0)])[1])
+
+
+def _positions(step_args, n_fixed, which):
+    """Leaf positions of the step arguments numbered in ``which`` (0 u, 1 lstm_u, 2 h, 3 c, 4 ts)."""
+    positions, position = [], n_fixed
+    for index, structure in enumerate(step_args[1]):
+        count = _count(structure)
+        if index in which and count:
+            positions.append(position)
+        position += count
+    return positions
+
+
+def _state_positions(step_args, n_fixed):
+    return _positions(step_args, n_fixed, (2, 3))
+
+
+def _input_positions(step_args, n_fixed):
+    return _positions(step_args, n_fixed, (0, 1))
+
+
+class _Worker:
+    """One thread with its own MLX stream, where no gradient is being traced."""
+
+    def __init__(self):
+        self.jobs = None
+        self.thread = None
+
+    def run(self, function, *args):
+        # Evaluated, then copied: arrays that still belong to the caller's graph (tracers
+        # among them) must not be shared with another thread's graph.
+        mx.eval(args)
+        args = _map_arrays(lambda a: mx.array(np.array(a, copy=False)), args)
+        if self.thread is None:
+            self.jobs = queue.Queue()
+            self.thread = threading.Thread(target=self._serve, name="ncps-mlx", daemon=True)
+            self.thread.start()
+            atexit.register(self.close)
+        done = queue.Queue(maxsize=1)
+        self.jobs.put((function, args, done))
+        ok, result = done.get()
+        if not ok:
+            raise result
+        return result
+
+    def close(self):
+        """Ends the thread; its MLX stream must be gone before MLX's own teardown at exit."""
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _serve(self):
+        stream = mx.new_stream(mx.default_device())
+        while (job := self.jobs.get()) is not None:
+            function, args, done = job
+            try:
+                with mx.stream(stream):
+                    result = function(*args)
+                    mx.eval(result)
+                done.put((True, result))
+            except BaseException as error:  # handed to the waiting caller
+                done.put((False, error))
+        mx.clear_streams()
+
+
+WORKER = _Worker()
+
+
+def _map_arrays(function, tree):
+    if isinstance(tree, mx.array):
+        return function(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_arrays(function, value) for value in tree)
+    return tree
+
+
+def can_evaluate(arrays) -> bool:
+    """False inside ``mx.compile``/``mx.vmap`` tracing, where evaluating is not allowed."""
+    try:
+        mx.eval(arrays)
+    except ValueError:
+        return False
+    return True
+
+
+_probe_traces = [0]
+
+
+def _count_trace(*arrays):
+    _probe_traces[0] += 1
+    return arrays
+
+
+_probe = mx.compile(_count_trace)
+
+
+def under_transformation(arrays) -> bool:
+    """True when any of ``arrays`` is being traced by ``mx.grad``/``vjp``/``vmap`` or an outer
+    ``mx.compile``, where MLX traces a compiled function afresh at every call. Told by a
+    compiled probe: traced again although its cache holds these shapes."""
+    for _ in range(2):  # the first call with new shapes traces anyway
+        before = _probe_traces[0]
+        _probe(*arrays)
+        if _probe_traces[0] == before:
+            return False
+    return True
+
+
+_ARRAY = "array"
+
+
+def _flatten(tree, leaves: list):
+    """Append the arrays of a tree of tuples, lists and dicts to ``leaves``; return a hashable
+    description of everything else (structure, None, numbers)."""
+    if isinstance(tree, mx.array):
+        leaves.append(tree)
+        return _ARRAY
+    if isinstance(tree, dict):
+        return ("dict", tuple((key, _flatten(value, leaves)) for key, value in tree.items()))
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, tuple(_flatten(value, leaves) for value in tree))
+    return ("constant", tree)
+
+
+def _unflatten(structure, leaves):
+    """The inverse of ``_flatten``, taking arrays from the iterator ``leaves``."""
+    if structure == _ARRAY:
+        return next(leaves)
+    kind, body = structure
+    if kind == "dict":
+        return {key: _unflatten(value, leaves) for key, value in body}
+    if kind == "list":
+        return [_unflatten(value, leaves) for value in body]
+    if kind == "tuple":
+        return tuple(_unflatten(value, leaves) for value in body)
+    return body
+
+
+def _count(structure) -> int:
+    if structure == _ARRAY:
+        return 1
+    kind, body = structure
+    if kind == "dict":
+        return sum(_count(value) for _, value in body)
+    if kind in ("list", "tuple"):
+        return sum(_count(value) for value in body)
+    return 0
+
+
+flatten = _flatten
