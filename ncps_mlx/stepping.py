@@ -67,6 +67,10 @@ class Steps:
         self.model = weakref.ref(model)  # no cycle: the model holds this object
         self.cache = {}
 
+    # Rows (batch x time) per parameter-gradient vjp call. Measured on 2 cores, batch 32:
+    # CfC f+b 436 / 590 / 634 / 606 seq/s at 32 / 128 / 512 / 2048 rows, LTC 24 / 27 / 24 / 16.
+    ROW_BUDGET = 512
+
     def _cached(self, key, build):
         if key not in self.cache:
             self.cache[key] = build()
@@ -152,25 +156,40 @@ class Steps:
                 )
                 dh, dc = self._state_vjp(fixed, fixed_leaves, args, (g_outs[t], g_hs[t], g_cs[t]))
 
-            # Everything else from one vjp over all batch x time rows.
+            # Everything else from vjps over many batch x time rows at once, a chunk of steps
+            # at a time so that cells with large per-row intermediates (the LTC's synapses)
+            # stay within memory.
             def rows(a):
                 return a.reshape(-1, a.shape[-1])
 
             previous_h = mx.concatenate([h0[:, None], hs[:, :-1]], axis=1)
             previous_c = mx.concatenate([c0[:, None], cs[:, :-1]], axis=1) if mixed else None
-            row_args = (
-                None if cell_inputs is None else rows(cell_inputs),
-                None if lstm_inputs is None else rows(lstm_inputs),
-                rows(previous_h),
-                rows(previous_c) if mixed else None,
-                1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts)),
-            )
-            cotangent_rows = [rows(mx.stack(g, axis=1)) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
-            d_fixed, d_cell_inputs, d_lstm_inputs = self._rows_vjp(fixed, fixed_leaves, row_args, cotangent_rows)
+            cotangents = [mx.stack(g, axis=1) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
+            chunk = max(1, self.ROW_BUDGET // hs.shape[0])
+            d_fixed, d_cells, d_lstms = None, [], []
+            for start in range(0, steps, chunk):
+                span = slice(start, min(start + chunk, steps))
+                row_args = (
+                    None if cell_inputs is None else rows(cell_inputs[:, span]),
+                    None if lstm_inputs is None else rows(lstm_inputs[:, span]),
+                    rows(previous_h[:, span]),
+                    rows(previous_c[:, span]) if mixed else None,
+                    1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts[:, span])),
+                )
+                d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_leaves, row_args, [rows(g[:, span]) for g in cotangents])
+                d_fixed = d_chunk if d_fixed is None else [a + b for a, b in zip(d_fixed, d_chunk)]
+                d_cells.append(d_cell)
+                d_lstms.append(d_lstm)
 
+            def by_time(chunks, like):
+                if like is None:
+                    return None
+                return mx.concatenate([d.reshape(like.shape[0], -1, like.shape[-1]) for d in chunks], axis=1)
+
+            d_cell_inputs, d_lstm_inputs = by_time(d_cells, cell_inputs), by_time(d_lstms, lstm_inputs)
             d_sequence = [
-                None if cell_inputs is None else d_cell_inputs.reshape(cell_inputs.shape),
-                None if lstm_inputs is None else d_lstm_inputs.reshape(lstm_inputs.shape),
+                d_cell_inputs,
+                d_lstm_inputs,
                 dh,
                 dc,
                 None if ts is None else mx.zeros_like(ts),  # timespans get no gradient

@@ -1,0 +1,183 @@
+"""The three ways the time loop runs (ncps_mlx.stepping): compiled forward, the differentiable
+custom function with its compiled backward pass, and eager. Each must give the same numbers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ncps_mlx import CTGRU, CTRNN, LTC, CfC, stepping
+from ncps_mlx.wirings import NCP, AutoNCP
+
+B, T, I = 3, 9, 5
+
+
+def models():
+    mx.random.seed(1)
+    return {
+        "cfc": CfC(I, 8, backbone_units=16),
+        "cfc_pure_proj": CfC(I, 8, mode="pure", proj_size=3),
+        "cfc_wired_mixed": CfC(I, AutoNCP(10, 3, seed=2), mixed_memory=True),
+        "cfc_mixed_input_circuit": CfC(I, 8, mixed_memory=True, memory_circuit="input"),
+        "ltc": LTC(I, 8, ode_unfolds=3),
+        "ltc_ncp_mixed": LTC(I, NCP(3, 3, 2, 2, 2, 2, 2, seed=3), mixed_memory=True),
+        "ctrnn": CTRNN(I, 8),
+        "ctgru": CTGRU(I, 8),
+    }
+
+
+MODELS = sorted(models())
+
+
+def inputs():
+    rng = np.random.default_rng(0)
+    return (
+        mx.array(rng.normal(size=(B, T, I)).astype(np.float32)),
+        mx.array(rng.uniform(0.3, 1.5, size=(B, T)).astype(np.float32)),
+    )
+
+
+def loss(model, x, ts, hx):
+    y, state = model(x, hx=hx, timespans=ts)
+    h = state[0] if isinstance(state, tuple) else state
+    return mx.sum(y * y) + 0.5 * mx.sum(h * h)
+
+
+def gradients(model, x, ts, hx):
+    value, grads = nn.value_and_grad(model, loss)(model, x, ts, hx)
+    return float(value), dict(tree_flatten(grads))
+
+
+def initial_state(model):
+    h = mx.array(np.random.default_rng(5).normal(size=(B, model.state_size)).astype(np.float32))
+    return (h, 0.5 * h) if model.use_mixed else h
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_differentiable_path_matches_eager_gradients(name, monkeypatch):
+    model = models()[name]
+    x, ts = inputs()
+    hx = initial_state(model)
+    value, fast = gradients(model, x, ts, hx)
+    # can_evaluate False is what an outer mx.compile / mx.vmap looks like: the eager loop.
+    monkeypatch.setattr(stepping, "can_evaluate", lambda arrays: False)
+    eager_value, eager = gradients(model, x, ts, hx)
+    assert set(fast) == set(eager)
+    assert abs(value - eager_value) <= 1e-5 * abs(eager_value)
+    for key, reference in eager.items():
+        scale = float(mx.max(mx.abs(reference)))
+        error = float(mx.max(mx.abs(fast[key] - reference)))
+        assert error <= 1e-5 * max(scale, 1.0), f"{key}: {error:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_forward_matches_eager(name, monkeypatch):
+    model = models()[name]
+    x, ts = inputs()
+    compiled = model(x, timespans=ts)[0]
+    monkeypatch.setattr(stepping, "under_transformation", lambda arrays: True)
+    monkeypatch.setattr(stepping, "can_evaluate", lambda arrays: False)
+    eager = model(x, timespans=ts)[0]
+    # The compiled step uses the rational tanh/sigmoid, the eager one MLX's own.
+    assert float(mx.max(mx.abs(compiled - eager))) <= 5e-6
+
+
+def test_gradient_of_the_input_and_the_initial_state():
+    model = models()["cfc_wired_mixed"]
+    x, ts = inputs()
+    hx = initial_state(model)
+
+    def of_inputs(x, h, c):
+        return loss(model, x, ts, (h, c))
+
+    fast = mx.grad(of_inputs, argnums=(0, 1, 2))(x, *hx)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stepping, "can_evaluate", lambda arrays: False)
+        eager = mx.grad(of_inputs, argnums=(0, 1, 2))(x, *hx)
+    for a, b in zip(fast, eager):
+        assert float(mx.max(mx.abs(a - b))) <= 1e-5 * max(float(mx.max(mx.abs(b))), 1.0)
+
+
+def test_training_step_compiled_by_the_user_matches():
+    """value_and_grad inside the user's own mx.compile runs the eager loop and agrees."""
+    model = models()["cfc"]
+    x, ts = inputs()
+    step = nn.value_and_grad(model, lambda m, x: loss(m, x, ts, None))
+    value, grads = step(model, x)
+    compiled_value, compiled_grads = mx.compile(lambda x: step(model, x), inputs=model.state)(x)
+    assert abs(float(value) - float(compiled_value)) <= 1e-5 * abs(float(value))
+    for (key, a), (_, b) in zip(tree_flatten(grads), tree_flatten(compiled_grads)):
+        assert float(mx.max(mx.abs(a - b))) <= 1e-5 * max(float(mx.max(mx.abs(a))), 1.0), key
+
+
+def test_mlx_vjp_keeps_one_cotangent_of_a_repeated_output():
+    """Why stepping._vjp differentiates sum(output * cotangent): if MLX fixes this, _vjp can go."""
+
+    def twice(a):
+        y = 2.0 * a
+        return [y, y]
+
+    _, (grad,) = mx.vjp(twice, [mx.ones(3)], [mx.ones(3), mx.ones(3)])
+    ours = stepping._vjp(twice, [mx.ones(3)], [mx.ones(3), mx.ones(3)])[0]
+    assert np.allclose(np.array(ours), 4.0)
+    assert np.allclose(np.array(grad), 2.0)
+
+
+def test_leaves_that_appear_twice_get_both_gradients():
+    # The backbone bias is a parameter and also part of prepare()'s output.
+    model = models()["cfc"]
+    x, ts = inputs()
+    _, grads = gradients(model, x, ts, None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stepping, "can_evaluate", lambda arrays: False)
+        _, eager = gradients(model, x, ts, None)
+    key = "rnn_cell.backbone.0.bias"
+    assert float(mx.max(mx.abs(grads[key] - eager[key]))) <= 1e-5 * float(mx.max(mx.abs(eager[key])))
+
+
+def test_copies_and_pickles_do_not_share_compiled_steps():
+    import copy
+    import pickle
+
+    model = models()["cfc"]
+    x, _ = inputs()
+    before = model(x)[0]
+    twin = copy.deepcopy(model)
+    twin.rnn_cell.ff1.weight = twin.rnn_cell.ff1.weight * 2.0
+    assert float(mx.max(mx.abs(twin(x)[0] - before))) > 1e-3
+    assert float(mx.max(mx.abs(model(x)[0] - before))) == 0.0
+    restored = pickle.loads(pickle.dumps(model))
+    assert float(mx.max(mx.abs(restored(x)[0] - before))) == 0.0
+
+
+def test_dropout_in_training_draws_afresh_each_call():
+    model = CfC(I, 8, backbone_dropout=0.5, backbone_layers=2)
+    x, _ = inputs()
+    model.train()
+    assert float(mx.max(mx.abs(model(x)[0] - model(x)[0]))) > 0.0
+    model.eval()
+    assert float(mx.max(mx.abs(model(x)[0] - model(x)[0]))) == 0.0
+
+
+def test_a_process_that_took_gradients_exits_cleanly():
+    script = textwrap.dedent(
+        """
+        import ncps_mlx, mlx.core as mx, mlx.nn as nn
+        model = ncps_mlx.CfC(4, 6)
+        x = mx.ones((2, 5, 4))
+        value, grads = nn.value_and_grad(model, lambda m, x: mx.sum(m(x)[0]))(model, x)
+        mx.eval(value, grads)
+        print("done")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"
