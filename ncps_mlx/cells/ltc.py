@@ -151,25 +151,67 @@ class LTCCell(nn.Module):
         denominator = mx.sum(activation, axis=-2)
         return mx.concatenate([numerator, denominator], axis=-1)
 
+    # With at most this fraction of the S x S synapses present (NCP/AutoNCP wirings keep ~12%)
+    # the step computes only the existing ones; denser wirings use the dense tensors.
+    SPARSE_DENSITY = 0.5
+
+    def _synapses(self):
+        """(presynaptic index (N,), flat index (N,), postsynaptic one-hot (N, S)) of the N
+        existing synapses, or None when the wiring is dense enough for the dense step. Made
+        once from the wiring (the masks are frozen copies of it) and kept as constants."""
+        if "_synapse_index" not in self.__dict__:
+            mask = np.abs(self.wiring.adjacency_matrix)
+            pre, post = np.nonzero(mask)
+            index = None
+            if pre.size <= self.SPARSE_DENSITY * mask.size:
+                one_hot = np.zeros((pre.size, mask.shape[1]), np.float32)
+                one_hot[np.arange(pre.size), post] = 1.0
+                flat = (pre * mask.shape[1] + post).astype(np.int32)
+                index = (mx.array(pre.astype(np.int32)), mx.array(flat), mx.array(one_hot))
+            self.__dict__["_synapse_index"] = index
+        return self.__dict__["_synapse_index"]
+
     def prepare(self):
-        """Once per sequence: cm, the masked synapse weights w and w * erev, gleak and
-        gleak * vleak, with the run-time constraint applied."""
+        """Once per sequence: cm, gleak, gleak * vleak and the synapse terms, with the run-time
+        constraint applied: (sigma, mu, w, w * erev) masked (S, S), or for a sparse wiring the
+        N existing synapses' sigma and mu (N,) and the (N, 2S) matrix that sums their
+        w * erev and w terms into each postsynaptic neuron."""
         gleak = self._positive(self.gleak)
-        w = self._positive(self.w) * self.sparsity_mask
-        return self._positive(self.cm), w, w * self.erev, gleak, gleak * self.vleak
+        synapses = self._synapses()
+        if synapses is None:
+            w = self._positive(self.w) * self.sparsity_mask
+            terms = (self.sigma, self.mu, w, w * self.erev)
+        else:
+            _, flat, one_hot = synapses
+
+            def existing(a):
+                return mx.take(a.reshape(-1), flat)
+
+            w = existing(self._positive(self.w)) * existing(self.sparsity_mask)
+            to_post = mx.concatenate([one_hot * (w * existing(self.erev))[:, None], one_hot * w[:, None]], axis=1)
+            terms = (existing(self.sigma), existing(self.mu), to_post)
+        return (self._positive(self.cm), gleak, gleak * self.vleak) + terms
 
     def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0, prepared=None):
         """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
-        cm, w, w_erev, gleak, leak = self.prepare() if prepared is None else prepared
+        cm, gleak, leak, *synapse_terms = self.prepare() if prepared is None else prepared
+        sparse = len(synapse_terms) == 3
         sensory_numerator, sensory_denominator = mx.split(u, 2, axis=-1)
         cm_t = cm / (ts / self.ode_unfolds)
         for _ in range(self.ode_unfolds):
             # The reference multiplies sigmoid, w, mask and erev per synapse in another order;
             # folding w * mask (* erev) once per sequence changes only the last bit.
-            # One sigmoid per synapse, six times a step: the LTC's whole cost, hence fastmath.
-            activation = fastmath.sigmoid(self.sigma * (v[:, :, None] - self.mu))
-            numerator = cm_t * v + leak + (mx.sum(activation * w_erev, axis=1) + sensory_numerator)
-            denominator = cm_t + gleak + (mx.sum(activation * w, axis=1) + sensory_denominator)
+            if sparse:
+                sigma, mu, to_post = synapse_terms
+                pre = self._synapses()[0]
+                activation = fastmath.sigmoid(sigma * (mx.take(v, pre, axis=1) - mu))
+                numerator, denominator = mx.split(activation @ to_post, 2, axis=-1)
+            else:
+                sigma, mu, w, w_erev = synapse_terms
+                activation = fastmath.sigmoid(sigma * (v[:, :, None] - mu))
+                numerator, denominator = mx.sum(activation * w_erev, axis=1), mx.sum(activation * w, axis=1)
+            numerator = cm_t * v + leak + (numerator + sensory_numerator)
+            denominator = cm_t + gleak + (denominator + sensory_denominator)
             v = numerator / (denominator + self.epsilon)
         return self._map_outputs(v), v
 
