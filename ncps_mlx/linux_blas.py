@@ -10,10 +10,19 @@ loaded, the dynamic linker finds its BLAS dependency already present (matched by
 MLX, and only MLX, resolves ``cblas_sgemm`` to OpenBLAS. The global namespace is untouched.
 
 It runs only when it is safe: on Linux, before ``mlx.core`` is imported, when ``libmlx.so``
-names a separate BLAS and an OpenBLAS (or MKL) exporting the standard ``cblas_*`` and
-``sgemm_`` names is installed (Debian/Ubuntu: ``apt install libopenblas0-pthread``). Otherwise
-nothing changes. ``NCPS_MLX_BLAS=0`` turns it off. ``status()`` says what happened; the first
-activation on a machine says so once on stderr.
+names a separate BLAS. Two sources, in this order:
+
+* a system OpenBLAS (or MKL) exporting the standard ``cblas_*`` and ``sgemm_`` names
+  (Debian/Ubuntu: ``apt install libopenblas0-pthread``): the shim above, no code in it;
+* the ``scipy-openblas32`` wheel (a dependency of ncps-mlx on Linux), whose symbols all carry
+  a ``scipy_`` prefix: a shim of one tail jump per function that libmlx.so or the bundled
+  LAPACK takes from the bundled BLAS, assembled once by the C compiler (``cc``, which MLX's
+  CPU ``mx.compile`` needs too) and cached. Its idle threads are told to stop spinning after
+  ~1.6 ms (``OPENBLAS_THREAD_TIMEOUT``, set only while it loads), so they do not slow torch.
+
+Otherwise nothing changes. ``NCPS_MLX_BLAS=0`` turns it off (``=wheel`` skips the system
+library, for tests). ``status()`` says what happened; the first activation on a machine says
+so once on stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import hashlib
 import importlib.util
 import os
 import platform
+import shutil
+import subprocess
 import struct
 import sys
 import tempfile
@@ -58,7 +69,8 @@ def accelerate() -> str:
 def _accelerate() -> str:
     if not sys.platform.startswith("linux"):
         return "not Linux: MLX's own BLAS is used"
-    if os.environ.get("NCPS_MLX_BLAS", "1") == "0":
+    choice = os.environ.get("NCPS_MLX_BLAS", "1")
+    if choice == "0":
         return "turned off by NCPS_MLX_BLAS=0"
     if "mlx.core" in sys.modules:
         return "mlx.core was imported before ncps_mlx: MLX keeps its bundled BLAS"
@@ -69,20 +81,39 @@ def _accelerate() -> str:
         needed = _mlx_blas_name()
         if needed is None:
             return "libmlx.so names no separate BLAS library"
-        blas = _find_blas()
-        if blas is None:
-            return "no OpenBLAS/MKL with the standard cblas names found (apt install libopenblas0-pthread)"
-        shim, created = _shim_file(needed, blas, machine)
-        _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
-        _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
-    except (OSError, ValueError, struct.error) as error:
+        blas = None if choice == "wheel" else _find_blas()
+        if blas is not None:
+            shim, created = _shim_file(needed, blas, machine)
+            _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
+            _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
+        else:
+            wheel = _wheel_openblas()
+            if wheel is None:
+                return (
+                    "no optimised BLAS found: install the scipy-openblas32 wheel (a dependency of "
+                    "ncps-mlx on Linux) or OpenBLAS (apt install libopenblas0-pthread)"
+                )
+            shim, created = _forwarding_shim(needed, wheel)
+            # This OpenBLAS's idle workers spin for ~2**28 cycles (0.1 s) by default, and that
+            # spinning slowed torch in the same process by half (W1 3140 -> 1430 seq/s). 2**22
+            # cycles (~1.6 ms) keeps MLX's back-to-back products warm and torch unaffected. The
+            # variable is read once, as the library loads, and only for the duration of the load.
+            previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+            os.environ["OPENBLAS_THREAD_TIMEOUT"] = "22"
+            try:
+                _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
+            finally:
+                if previous is None:
+                    del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+                else:
+                    os.environ["OPENBLAS_THREAD_TIMEOUT"] = previous
+            blas = f"{wheel} (scipy-openblas32)"
+    except (OSError, ValueError, struct.error, subprocess.SubprocessError) as error:
         return f"not used ({error})"
     message = f"MLX matrix products use {blas} (set NCPS_MLX_BLAS=0 to turn this off)"
     if created:
         print(f"ncps_mlx: {message}", file=sys.stderr)
     return message
-
-
 def _mlx_blas_name():
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
@@ -129,6 +160,91 @@ def needed_libraries(elf: bytes) -> list[str]:
             end = elf.index(b"\0", strtab + value)
             names.append(elf[strtab + value : end].decode())
     return names
+
+
+def _wheel_openblas():
+    """The OpenBLAS of the scipy-openblas32 wheel, if installed (found without importing it)."""
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libscipy_openblas.so"
+    return str(library) if library.exists() else None
+
+
+def _mlx_libraries():
+    """(libmlx.so, the folder of the libraries bundled with it)."""
+    spec = importlib.util.find_spec("mlx")
+    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libmlx.so"
+    return library, library.parent.parent.parent / "mlx_cpu.libs"
+
+
+def _forwarding_shim(soname: str, openblas: str):
+    """(path, newly created?) of a shim with SONAME ``soname`` whose every function is a jump to
+    its ``scipy_``-prefixed twin in ``openblas``.
+
+    The wheel prefixes all its symbols, so unlike the system-library shim this one needs code:
+    one tail jump per function that libmlx.so or the bundled LAPACK takes from the bundled
+    BLAS, assembled by the C compiler (which MLX's own ``mx.compile`` on the CPU needs too).
+    """
+    library, bundled = _mlx_libraries()
+    blas = bundled / soname
+    defined = dynamic_symbols(blas.read_bytes())[0]
+    wanted = set(dynamic_symbols(library.read_bytes())[1])
+    for lapack in bundled.glob("liblapack*.so*"):
+        wanted |= dynamic_symbols(lapack.read_bytes())[1]
+    forwarded = sorted(wanted & defined)
+    available = dynamic_symbols(Path(openblas).read_bytes())[0]
+    missing = [name for name in forwarded if "scipy_" + name not in available]
+    if missing:
+        raise ValueError(f"{openblas} lacks {', '.join(missing[:5])}")
+    jump = "jmp {}@PLT" if platform.machine() == "x86_64" else "b {}"
+    source = "\n".join(
+        f".globl {name}\n.type {name}, @function\n{name}:\n    {jump.format('scipy_' + name)}" for name in forwarded
+    )
+    source = ".text\n" + source + '\n.section .note.GNU-stack,"",@progbits\n'
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
+    key = hashlib.sha256(f"{soname}\0{openblas}\0{source}".encode()).hexdigest()[:16]
+    path = cache / key / soname
+    if path.exists():
+        return path, False
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise ValueError("no C compiler (cc) to build the BLAS shim")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as work:
+        assembly = Path(work) / "shim.S"
+        assembly.write_text(source)
+        built = Path(work) / soname
+        folder = str(Path(openblas).parent)
+        subprocess.run(
+            [compiler, "-shared", "-nostdlib", "-o", str(built), str(assembly), f"-Wl,-soname,{soname}",
+             f"-L{folder}", "-l:libscipy_openblas.so", f"-Wl,-rpath,{folder}"],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        os.replace(built, path)
+    return path, True
+
+
+def dynamic_symbols(elf: bytes) -> tuple[set[str], set[str]]:
+    """(defined functions, undefined symbols) of a 64-bit little-endian ELF's .dynsym."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", elf, 40)
+    shentsize, shnum = struct.unpack_from("<HH", elf, 58)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    defined, undefined = set(), set()
+    for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+        if kind != 11:  # SHT_DYNSYM
+            continue
+        strtab = sections[link][4]
+        for i in range(1, size // entsize):
+            name_at, info, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", elf, offset + i * entsize)
+            name = elf[strtab + name_at : elf.index(b"\0", strtab + name_at)].decode()
+            if shndx == 0:
+                undefined.add(name)
+            elif info & 0xF in (2, 10):  # STT_FUNC, STT_GNU_IFUNC
+                defined.add(name)
+    return defined, undefined
 
 
 def _find_blas():

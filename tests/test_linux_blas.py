@@ -85,3 +85,63 @@ def test_torch_is_untouched():
     alone = run(TORCH_PROBE.format(first=""), NCPS_MLX_BLAS="1")
     together = run(TORCH_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="1")
     assert alone == together  # bit for bit: torch still uses its own BLAS
+
+
+def test_dynamic_symbols_of_a_real_library():
+    candidates = [p for p in Path("/lib").glob("*/libm.so.6")] + [p for p in Path("/usr/lib").glob("*/libm.so.6")]
+    if not candidates:
+        pytest.skip("no libm.so.6 to read")
+    defined, undefined = linux_blas.dynamic_symbols(candidates[0].read_bytes())
+    assert {"cos", "exp", "sqrt"} <= defined
+    assert "cos" not in undefined
+
+
+wheel = pytest.mark.skipif(linux_blas._wheel_openblas() is None, reason="scipy-openblas32 not installed")
+
+WHEEL_PROBE = PROBE.replace(
+    '"global_cblas"',
+    '"timeout_left": __import__("os").environ.get("OPENBLAS_THREAD_TIMEOUT"), "global_cblas"',
+)
+
+
+@linux
+@wheel
+def test_the_wheel_route_forwards_every_function_mlx_needs():
+    """The route a fresh Linux machine takes (no system OpenBLAS): a compiled forwarding shim to
+    the scipy-openblas32 wheel. Forced here with NCPS_MLX_BLAS=wheel, in a fresh cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        first = run(WHEEL_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="wheel", XDG_CACHE_HOME=cache)
+        assert "scipy-openblas32" in first["status"], first["status"]
+        assert first["err"] < 1e-3
+        assert first["global_cblas"] is False
+        assert first["timeout_left"] is None  # set only while the library loaded
+        assert list(Path(cache).glob("ncps_mlx/blas-shim/*/libblas*"))
+        again = run(WHEEL_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="wheel", XDG_CACHE_HOME=cache)
+        assert again["status"] == first["status"]  # the cached shim is reused
+
+
+LAPACK_PROBE = """
+import json, numpy as np, ncps_mlx, mlx.core as mx
+a = np.random.default_rng(2).normal(size=(48, 48)).astype(np.float32) + 8 * np.eye(48, dtype=np.float32)
+inverse = mx.linalg.inv(mx.array(a), stream=mx.cpu)
+print(json.dumps({"status": ncps_mlx.blas_status(), "err": float(np.max(np.abs(np.array(inverse) @ a - np.eye(48))))}))
+"""
+
+
+@linux
+@wheel
+def test_the_wheel_route_serves_mlx_lapack_too():
+    # The bundled LAPACK takes its BLAS from the same library the shim replaces.
+    with tempfile.TemporaryDirectory() as cache:
+        result = run(LAPACK_PROBE, NCPS_MLX_BLAS="wheel", XDG_CACHE_HOME=cache)
+    assert "scipy-openblas32" in result["status"]
+    assert result["err"] < 1e-4
+
+
+@linux
+@wheel
+def test_torch_is_untouched_by_the_wheel_route():
+    pytest.importorskip("torch")
+    alone = run(TORCH_PROBE.format(first=""), NCPS_MLX_BLAS="wheel")
+    together = run(TORCH_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="wheel")
+    assert alone == together
