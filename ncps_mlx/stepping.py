@@ -96,10 +96,19 @@ class Steps:
     def forward(self, fixed, fixed_leaves):
         """A ``time_loop`` step that runs each step as one compiled call."""
 
+        # By the step arguments' structure alone: hashing ``fixed`` (every parameter's name)
+        # at each step cost ~10 us.
+        compiled_for = {}
+        fixed_key = _Key(fixed)
+
         def step(u, lstm_u, h, c, ts):
             leaves = list(fixed_leaves)
             step_args = _flatten((u, lstm_u, h, c, ts), leaves)
-            compiled = self._cached(("forward", fixed, step_args), lambda: mx.compile(self._plain_step(fixed, step_args)))
+            compiled = compiled_for.get(step_args)
+            if compiled is None:
+                compiled = compiled_for[step_args] = self._cached(
+                    ("forward", fixed_key, step_args), lambda: mx.compile(self._plain_step(fixed, step_args))
+                )
             result = compiled(*leaves)
             return result[0], result[1], (result[2] if len(result) == 3 else None)
 
@@ -121,6 +130,7 @@ class Steps:
 
     def _build_sequence(self, fixed, sequence_args, index, n_unique):
         n_fixed = _count(fixed)
+        fixed_key = _Key(fixed)
 
         def split(unique):
             leaves = iter([unique[i] for i in index])
@@ -154,7 +164,7 @@ class Steps:
                     (c0 if t == 0 else cs[:, t - 1]) if mixed else None,
                     1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t]),
                 )
-                dh, dc = self._state_vjp(fixed, fixed_leaves, args, (g_outs[t], g_hs[t], g_cs[t]))
+                dh, dc = self._state_vjp(fixed, fixed_key, fixed_leaves, args, (g_outs[t], g_hs[t], g_cs[t]))
 
             # Everything else from vjps over many batch x time rows at once, a chunk of steps
             # at a time so that cells with large per-row intermediates (the LTC's synapses)
@@ -176,7 +186,7 @@ class Steps:
                     rows(previous_c[:, span]) if mixed else None,
                     1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts[:, span])),
                 )
-                d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_leaves, row_args, [rows(g[:, span]) for g in cotangents])
+                d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_key, fixed_leaves, row_args, [rows(g[:, span]) for g in cotangents])
                 d_fixed = d_chunk if d_fixed is None else [a + b for a, b in zip(d_fixed, d_chunk)]
                 d_cells.append(d_cell)
                 d_lstms.append(d_lstm)
@@ -210,7 +220,7 @@ class Steps:
 
         return lambda *leaves: sequence(list(leaves))
 
-    def _state_vjp(self, fixed, fixed_leaves, args, cotangents):
+    def _state_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents):
         """(dh, dc) of one step for the cotangents of its (out, h, c)."""
         leaves = list(fixed_leaves)
         step_args = _flatten(args, leaves)
@@ -234,10 +244,10 @@ class Steps:
 
             return mx.compile(state_vjp)
 
-        grads = self._cached(("state_vjp", fixed, step_args), build)(*leaves, *cotangents)
+        grads = self._cached(("state_vjp", fixed_key, step_args), build)(*leaves, *cotangents)
         return grads[0], (grads[1] if mixed else None)
 
-    def _rows_vjp(self, fixed, fixed_leaves, args, cotangent_rows):
+    def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows):
         """Gradients of the fixed leaves and of the input rows, for all rows at once."""
         leaves = list(fixed_leaves)
         step_args = _flatten(args, leaves)
@@ -260,7 +270,7 @@ class Steps:
 
             return mx.compile(rows_vjp)
 
-        grads = self._cached(("rows_vjp", fixed, step_args, len(cotangent_rows)), build)(*leaves, *cotangent_rows)
+        grads = self._cached(("rows_vjp", fixed_key, step_args, len(cotangent_rows)), build)(*leaves, *cotangent_rows)
         d_fixed = grads[:n_fixed]
         d_inputs = list(grads[n_fixed:])
         d_cell = d_inputs.pop(0) if args[0] is not None else None
@@ -384,6 +394,21 @@ def under_transformation(arrays) -> bool:
         if _probe_traces[0] == before:
             return False
     return True
+
+
+class _Key:
+    """A structure (see ``_flatten``) as a cache key that hashes it once."""
+
+    __slots__ = ("value", "hash")
+
+    def __init__(self, value):
+        self.value, self.hash = value, hash(value)
+
+    def __hash__(self):
+        return self.hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, _Key) and self.hash == other.hash and self.value == other.value)
 
 
 _ARRAY = "array"
