@@ -54,7 +54,7 @@ def estrin(c, s, s2, s4):
 
 def evaluate_float32(p, q, x, clip=CLIP):
     x = np.clip(x, -clip, clip).astype(np.float32)
-    s = x * x
+    s = np.maximum(x * x, np.float32(1e-9))
     s2 = s * s
     s4 = s2 * s2
     p32, q32 = [np.float32(c) for c in p], [np.float32(c) for c in q]
