@@ -151,52 +151,70 @@ class Steps:
             hs, cs = outputs[1], (outputs[2] if mixed else None)
             steps = hs.shape[1]
 
-            # Reverse pass: only the state cotangents travel back through time.
-            dh, dc = mx.zeros_like(h0), (mx.zeros_like(c0) if mixed else None)
-            g_outs, g_hs, g_cs = [None] * steps, [None] * steps, [None] * steps
-            for t in reversed(range(steps)):
-                g_outs[t], g_hs[t] = d_outs[:, t], d_hs[:, t] + dh
-                g_cs[t] = d_cs[:, t] + dc if mixed else None
-                args = (
+            def step_args(t):
+                return (
                     None if cell_inputs is None else cell_inputs[:, t],
                     None if lstm_inputs is None else lstm_inputs[:, t],
                     h0 if t == 0 else hs[:, t - 1],
                     (c0 if t == 0 else cs[:, t - 1]) if mixed else None,
                     1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t]),
                 )
-                dh, dc = self._state_vjp(fixed, fixed_key, fixed_leaves, args, (g_outs[t], g_hs[t], g_cs[t]))
 
-            # Everything else from vjps over many batch x time rows at once, a chunk of steps
-            # at a time so that cells with large per-row intermediates (the LTC's synapses)
-            # stay within memory.
-            def rows(a):
-                return a.reshape(-1, a.shape[-1])
+            def by_time(per_step, like):
+                return None if like is None else mx.stack(per_step, axis=1)
 
-            previous_h = mx.concatenate([h0[:, None], hs[:, :-1]], axis=1)
-            previous_c = mx.concatenate([c0[:, None], cs[:, :-1]], axis=1) if mixed else None
-            cotangents = [mx.stack(g, axis=1) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
-            chunk = max(1, self.ROW_BUDGET // hs.shape[0])
-            d_fixed, d_cells, d_lstms = None, [], []
-            for start in range(0, steps, chunk):
-                span = slice(start, min(start + chunk, steps))
-                row_args = (
-                    None if cell_inputs is None else rows(cell_inputs[:, span]),
-                    None if lstm_inputs is None else rows(lstm_inputs[:, span]),
-                    rows(previous_h[:, span]),
-                    rows(previous_c[:, span]) if mixed else None,
-                    1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts[:, span])),
-                )
-                d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_key, fixed_leaves, row_args, [rows(g[:, span]) for g in cotangents])
-                d_fixed = d_chunk if d_fixed is None else [a + b for a, b in zip(d_fixed, d_chunk)]
-                d_cells.append(d_cell)
-                d_lstms.append(d_lstm)
+            dh, dc = mx.zeros_like(h0), (mx.zeros_like(c0) if mixed else None)
+            if h0.shape[0] >= self.ROW_BUDGET:
+                # A large batch has rows enough at every step: one full vjp a step.
+                d_fixed, d_cells, d_lstms = None, [None] * steps, [None] * steps
+                for t in reversed(range(steps)):
+                    cots = [d_outs[:, t], d_hs[:, t] + dh] + ([d_cs[:, t] + dc] if mixed else [])
+                    d_step, d_cells[t], d_lstms[t], dh, dc = self._rows_vjp(
+                        fixed, fixed_key, fixed_leaves, step_args(t), cots, with_state=True
+                    )
+                    d_fixed = d_step if d_fixed is None else [a + b for a, b in zip(d_fixed, d_step)]
+                d_cell_inputs, d_lstm_inputs = by_time(d_cells, cell_inputs), by_time(d_lstms, lstm_inputs)
+            else:
+                # Reverse pass: only the state cotangents travel back through time.
+                g_outs, g_hs, g_cs = [None] * steps, [None] * steps, [None] * steps
+                for t in reversed(range(steps)):
+                    g_outs[t], g_hs[t] = d_outs[:, t], d_hs[:, t] + dh
+                    g_cs[t] = d_cs[:, t] + dc if mixed else None
+                    dh, dc = self._state_vjp(fixed, fixed_key, fixed_leaves, step_args(t), (g_outs[t], g_hs[t], g_cs[t]))
 
-            def by_time(chunks, like):
-                if like is None:
-                    return None
-                return mx.concatenate([d.reshape(like.shape[0], -1, like.shape[-1]) for d in chunks], axis=1)
+                # Everything else from vjps over many batch x time rows at once, a chunk of
+                # steps at a time so that cells with large per-row intermediates (the LTC's
+                # synapses) stay within memory.
+                def rows(a):
+                    return a.reshape(-1, a.shape[-1])
 
-            d_cell_inputs, d_lstm_inputs = by_time(d_cells, cell_inputs), by_time(d_lstms, lstm_inputs)
+                previous_h = mx.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+                previous_c = mx.concatenate([c0[:, None], cs[:, :-1]], axis=1) if mixed else None
+                cotangents = [mx.stack(g, axis=1) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
+                chunk = max(1, self.ROW_BUDGET // hs.shape[0])
+                d_fixed, d_cells, d_lstms = None, [], []
+                for start in range(0, steps, chunk):
+                    span = slice(start, min(start + chunk, steps))
+                    row_args = (
+                        None if cell_inputs is None else rows(cell_inputs[:, span]),
+                        None if lstm_inputs is None else rows(lstm_inputs[:, span]),
+                        rows(previous_h[:, span]),
+                        rows(previous_c[:, span]) if mixed else None,
+                        1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts[:, span])),
+                    )
+                    cots = [rows(g[:, span]) for g in cotangents]
+                    d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_key, fixed_leaves, row_args, cots)
+                    d_fixed = d_chunk if d_fixed is None else [a + b for a, b in zip(d_fixed, d_chunk)]
+                    d_cells.append(d_cell)
+                    d_lstms.append(d_lstm)
+
+                def joined(chunks, like):
+                    if like is None:
+                        return None
+                    return mx.concatenate([d.reshape(like.shape[0], -1, like.shape[-1]) for d in chunks], axis=1)
+
+                d_cell_inputs, d_lstm_inputs = joined(d_cells, cell_inputs), joined(d_lstms, lstm_inputs)
+
             d_sequence = [
                 d_cell_inputs,
                 d_lstm_inputs,
@@ -247,19 +265,21 @@ class Steps:
         grads = self._cached(("state_vjp", fixed_key, step_args), build)(*leaves, *cotangents)
         return grads[0], (grads[1] if mixed else None)
 
-    def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows):
-        """Gradients of the fixed leaves and of the input rows, for all rows at once."""
+    def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows, with_state=False):
+        """Gradients of the fixed leaves and of the input rows, for all rows at once; with
+        ``with_state`` also those of the state rows (dh, dc)."""
         leaves = list(fixed_leaves)
         step_args = _flatten(args, leaves)
         n_fixed = len(fixed_leaves)
         input_positions = _input_positions(step_args, n_fixed)
+        state_positions = _state_positions(step_args, n_fixed) if with_state else []
 
         def build():
             step = self._plain_step(fixed, step_args)
 
             def rows_vjp(*all_leaves):
                 leaves, cots = list(all_leaves[: len(all_leaves) - len(cotangent_rows)]), list(all_leaves[len(all_leaves) - len(cotangent_rows) :])
-                wrt = list(range(n_fixed)) + input_positions
+                wrt = list(range(n_fixed)) + input_positions + state_positions
 
                 def of_inputs(*values):
                     for position, value in zip(wrt, values):
@@ -270,11 +290,16 @@ class Steps:
 
             return mx.compile(rows_vjp)
 
-        grads = self._cached(("rows_vjp", fixed_key, step_args, len(cotangent_rows)), build)(*leaves, *cotangent_rows)
+        key = ("rows_vjp", fixed_key, step_args, len(cotangent_rows), with_state)
+        grads = self._cached(key, build)(*leaves, *cotangent_rows)
         d_fixed = grads[:n_fixed]
         d_inputs = list(grads[n_fixed:])
         d_cell = d_inputs.pop(0) if args[0] is not None else None
         d_lstm = d_inputs.pop(0) if args[1] is not None else None
+        if with_state:
+            dh = d_inputs.pop(0)
+            dc = d_inputs.pop(0) if args[3] is not None else None
+            return list(d_fixed), d_cell, d_lstm, dh, dc
         return list(d_fixed), d_cell, d_lstm
 
 
