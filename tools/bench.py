@@ -17,7 +17,8 @@ global BLAS swap would slow torch and make the comparison lie).
 Each timed call starts after a ``--settle`` pause (default 20 ms). torch's OpenMP workers
 spin for a while after every call; an MLX call started right after one ran ~30% slower (W1
 forward: 2010 seq/s back to back, 2850 after 20 ms, 2800 with torch idle), while 20 ms cost
-torch nothing measurable (3283 vs 3306 seq/s).
+torch nothing measurable (3283 vs 3306 seq/s). Each workload runs in a fresh process
+(``--one-process`` to turn that off), the two libraries side by side in it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,6 +185,20 @@ def markdown(rows, info) -> str:
     return "\n".join(lines)
 
 
+def in_fresh_process(name, args) -> dict:
+    """One workload in a child process: what earlier workloads left behind (memory, caches,
+    threads) then cannot tilt it. Measured here: the same W5 forward ran at 43 or 90 seq/s
+    depending on what had run before it in the process."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "row.json"
+        command = [sys.executable, __file__, "--workloads", name, "--runs", str(args.runs), "--warmup",
+                   str(args.warmup), "--settle", str(args.settle), "--row-json", str(result)]  # fmt: skip
+        if args.no_backward:
+            command.append("--no-backward")
+        subprocess.run(command, check=True)
+        return json.loads(result.read_text())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
@@ -190,6 +206,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
     parser.add_argument("--settle", type=float, default=0.02, help="seconds of pause before each timed call (default 0.02)")
+    parser.add_argument(
+        "--one-process", action="store_true",
+        help="run every workload in this process (default: each in a fresh one, both libraries side by side in it)",
+    )  # fmt: skip
+    parser.add_argument("--row-json", metavar="FILE", help=argparse.SUPPRESS)  # a child's result
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     args = parser.parse_args()
@@ -207,7 +228,13 @@ def main():
     rows = []
     for name in names:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        rows.append(bench(name, args.warmup, args.runs, not args.no_backward))
+        if args.one_process or len(names) == 1:
+            rows.append(bench(name, args.warmup, args.runs, not args.no_backward))
+        else:
+            rows.append(in_fresh_process(name, args))
+    if args.row_json:
+        Path(args.row_json).write_text(json.dumps(rows[0]))
+        return
     table = markdown(rows, info)
     print(table)
     bad = [r["workload"] for r in rows if r.get("max_abs_diff", 0.0) > 1e-5]
