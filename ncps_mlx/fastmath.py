@@ -78,31 +78,49 @@ _fast_tanh = _with_gradient(rational_tanh, lambda t: 1.0 - t * t)
 _fast_sigmoid = _with_gradient(rational_sigmoid, lambda s: s * (1.0 - s))
 
 
-_exact = threading.local()
+_mode = threading.local()
 
 
 @contextlib.contextmanager
-def exact_functions(enabled: bool = True):
-    """Within this block (in this thread) ``tanh`` and ``sigmoid`` are MLX's own.
-
-    ``SequenceModel`` uses it when it runs under a transformation (``mx.grad``, ``mx.vmap``,
-    an outer ``mx.compile``): there every compiled function is traced again at each call, so
-    the rational's ~20 operations would each be dispatched on their own, and one native
-    operation with a native gradient is faster.
-    """
-    previous = getattr(_exact, "enabled", False)
-    _exact.enabled = enabled
+def _using(mode: str):
+    previous = getattr(_mode, "value", "fast")
+    _mode.value = mode
     try:
         yield
     finally:
-        _exact.enabled = previous
+        _mode.value = previous
+
+
+def exact_functions(enabled: bool = True):
+    """Within this block (in this thread) ``tanh`` and ``sigmoid`` are MLX's own.
+
+    ``SequenceModel`` uses it when it runs its plain loop under a transformation
+    (``mx.vmap``, an outer ``mx.compile``): there every compiled function is traced again at
+    each call, so the rational's ~20 operations would each be dispatched on their own, and
+    one native operation with a native gradient is faster.
+    """
+    return _using("exact") if enabled else contextlib.nullcontext()
+
+
+def inline_functions():
+    """Within this block ``tanh`` and ``sigmoid`` are the bare rational, without the custom
+    gradient around it: for tracing compiled steps that are never differentiated, where the
+    custom function's boundary would keep MLX from fusing across it (CfC: -16 to -25% a step).
+    """
+    return _using("inline")
 
 
 def tanh(x: mx.array) -> mx.array:
     """Elementwise tanh of a float32 array of any shape; see the module docstring."""
-    return mx.tanh(x) if getattr(_exact, "enabled", False) else _fast_tanh(x)
+    mode = getattr(_mode, "value", "fast")
+    if mode == "fast":
+        return _fast_tanh(x)
+    return rational_tanh(x) if mode == "inline" else mx.tanh(x)
 
 
 def sigmoid(x: mx.array) -> mx.array:
     """Elementwise logistic sigmoid of a float32 array of any shape; see the module docstring."""
-    return mx.sigmoid(x) if getattr(_exact, "enabled", False) else _fast_sigmoid(x)
+    mode = getattr(_mode, "value", "fast")
+    if mode == "fast":
+        return _fast_sigmoid(x)
+    return rational_sigmoid(x) if mode == "inline" else mx.sigmoid(x)

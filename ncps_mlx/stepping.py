@@ -29,12 +29,15 @@ while a step is traced, so compiled graphs always read the current ones.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import queue
 import threading
 import weakref
 
 import mlx.core as mx
 import numpy as np
+
+from . import fastmath
 
 
 def time_loop(step, cell_inputs, lstm_inputs, h, c, ts):
@@ -76,8 +79,9 @@ class Steps:
             self.cache[key] = build()
         return self.cache[key]
 
-    def _plain_step(self, fixed, step_args):
-        """The step as a function of leaves -> (out, h) or (out, h, c)."""
+    def _plain_step(self, fixed, step_args, differentiated=True):
+        """The step as a function of leaves -> (out, h) or (out, h, c). A step that will not
+        be differentiated is traced with the bare rational tanh/sigmoid, which fuses better."""
         model = self.model
 
         def step(*leaves):
@@ -86,7 +90,8 @@ class Steps:
             current = this.parameters()
             this.update(parameters)
             try:
-                out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
+                with contextlib.nullcontext() if differentiated else fastmath.inline_functions():
+                    out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
             finally:
                 this.update(current)
             return (out, h) if c is None else (out, h, c)
@@ -107,7 +112,7 @@ class Steps:
             compiled = compiled_for.get(step_args)
             if compiled is None:
                 compiled = compiled_for[step_args] = self._cached(
-                    ("forward", fixed_key, step_args), lambda: mx.compile(self._plain_step(fixed, step_args))
+                    ("forward", fixed_key, step_args), lambda: mx.compile(self._plain_step(fixed, step_args, False))
                 )
             result = compiled(*leaves)
             return result[0], result[1], (result[2] if len(result) == 3 else None)
