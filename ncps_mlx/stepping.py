@@ -243,69 +243,52 @@ class Steps:
 
         return lambda *leaves: sequence(list(leaves))
 
-    def _state_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents):
-        """(dh, dc) of one step for the cotangents of its (out, h, c)."""
+    def _step_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents, parameters: bool, state: bool):
+        """The vjp of one step call (any number of rows) for the cotangents of its outputs,
+        compiled: the gradients of the fixed leaves and the inputs if ``parameters``, then of
+        the states (h, c) if ``state``, in that order."""
         leaves = list(fixed_leaves)
         step_args = _flatten(args, leaves)
-        n = len(leaves)
-        mixed = args[3] is not None
-        cotangents = [g for g in cotangents if g is not None]
+        n_fixed, n = len(fixed_leaves), len(leaves)
+        wrt = list(range(n_fixed)) + _positions(step_args, n_fixed, (0, 1)) if parameters else []
+        wrt += _positions(step_args, n_fixed, (2, 3)) if state else []
 
         def build():
             step = self._plain_step(fixed, step_args)
 
-            def state_vjp(*all_leaves):
+            def step_vjp(*all_leaves):
                 leaves, cots = list(all_leaves[:n]), list(all_leaves[n:])
-                positions = _state_positions(step_args, n_fixed=len(fixed_leaves))
 
-                def of_state(*states):
-                    for position, state in zip(positions, states):
-                        leaves[position] = state
-                    return step(*leaves)
-
-                return _vjp(of_state, [leaves[p] for p in positions], cots)
-
-            return mx.compile(state_vjp)
-
-        grads = self._cached(("state_vjp", fixed_key, step_args), build)(*leaves, *cotangents)
-        return grads[0], (grads[1] if mixed else None)
-
-    def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows, with_state=False):
-        """Gradients of the fixed leaves and of the input rows, for all rows at once; with
-        ``with_state`` also those of the state rows (dh, dc)."""
-        leaves = list(fixed_leaves)
-        step_args = _flatten(args, leaves)
-        n_fixed = len(fixed_leaves)
-        input_positions = _input_positions(step_args, n_fixed)
-        state_positions = _state_positions(step_args, n_fixed) if with_state else []
-
-        def build():
-            step = self._plain_step(fixed, step_args)
-
-            def rows_vjp(*all_leaves):
-                leaves, cots = list(all_leaves[: len(all_leaves) - len(cotangent_rows)]), list(all_leaves[len(all_leaves) - len(cotangent_rows) :])
-                wrt = list(range(n_fixed)) + input_positions + state_positions
-
-                def of_inputs(*values):
+                def of_wrt(*values):
                     for position, value in zip(wrt, values):
                         leaves[position] = value
                     return step(*leaves)
 
-                return _vjp(of_inputs, [leaves[p] for p in wrt], cots)
+                return _vjp(of_wrt, [leaves[p] for p in wrt], cots)
 
-            return mx.compile(rows_vjp)
+            return mx.compile(step_vjp)
 
-        key = ("rows_vjp", fixed_key, step_args, len(cotangent_rows), with_state)
-        grads = self._cached(key, build)(*leaves, *cotangent_rows)
-        d_fixed = grads[:n_fixed]
-        d_inputs = list(grads[n_fixed:])
-        d_cell = d_inputs.pop(0) if args[0] is not None else None
-        d_lstm = d_inputs.pop(0) if args[1] is not None else None
+        key = ("vjp", fixed_key, step_args, len(cotangents), parameters, state)
+        return list(self._cached(key, build)(*leaves, *cotangents))
+
+    def _state_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents):
+        """(dh, dc) of one step for the cotangents of its (out, h, c)."""
+        grads = self._step_vjp(fixed, fixed_key, fixed_leaves, args, [g for g in cotangents if g is not None], False, True)
+        return grads[0], (grads[1] if args[3] is not None else None)
+
+    def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows, with_state=False):
+        """Gradients of the fixed leaves and of the input rows, for all rows at once; with
+        ``with_state`` also those of the state rows: (d_fixed, d_cell, d_lstm[, dh, dc])."""
+        grads = self._step_vjp(fixed, fixed_key, fixed_leaves, args, cotangent_rows, True, with_state)
+        n_fixed = len(fixed_leaves)
+        d_fixed, rest = grads[:n_fixed], grads[n_fixed:]
+        d_cell = rest.pop(0) if args[0] is not None else None
+        d_lstm = rest.pop(0) if args[1] is not None else None
         if with_state:
-            dh = d_inputs.pop(0)
-            dc = d_inputs.pop(0) if args[3] is not None else None
-            return list(d_fixed), d_cell, d_lstm, dh, dc
-        return list(d_fixed), d_cell, d_lstm
+            dh = rest.pop(0)
+            dc = rest.pop(0) if args[3] is not None else None
+            return d_fixed, d_cell, d_lstm, dh, dc
+        return d_fixed, d_cell, d_lstm
 
 
 def _vjp(function, primals, cotangents):
@@ -328,14 +311,6 @@ def _positions(step_args, n_fixed, which):
             positions.append(position)
         position += count
     return positions
-
-
-def _state_positions(step_args, n_fixed):
-    return _positions(step_args, n_fixed, (2, 3))
-
-
-def _input_positions(step_args, n_fixed):
-    return _positions(step_args, n_fixed, (0, 1))
 
 
 class _Worker:
