@@ -64,9 +64,9 @@ def initial_state(model):
 @pytest.mark.parametrize("row_budget", [512, 2], ids=["rows_pass", "per_step_vjp"])
 @pytest.mark.parametrize("name", MODELS)
 def test_differentiable_path_matches_eager_gradients(name, row_budget, monkeypatch):
-    # A batch of at least ROW_BUDGET rows takes one full vjp per step; smaller ones a
+    # A batch of at least row_budget() rows takes one full vjp per step; smaller ones a
     # state-only reverse pass, then vjps over chunks of batch x time rows.
-    monkeypatch.setattr(stepping.Steps, "ROW_BUDGET", row_budget)
+    monkeypatch.setattr(stepping.Steps, "row_budget", lambda self: row_budget)
     model = models()[name]
     x, ts = inputs()
     hx = initial_state(model)

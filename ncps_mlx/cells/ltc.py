@@ -171,6 +171,16 @@ class LTCCell(nn.Module):
             self.__dict__["_synapse_index"] = index
         return self.__dict__["_synapse_index"]
 
+    @property
+    def backward_rows(self) -> int:
+        """Batch x time rows per vjp call when the sequence loop computes gradients
+        (``ncps_mlx.stepping``): each row holds an activation per synapse, so fewer rows than
+        for other cells. Dense LTC (64 units) forward+backward at batch 32: 36 seq/s with one
+        vjp per step, 22 with 512 rows a call."""
+        synapses = self._synapses()
+        per_row = self.state_size**2 if synapses is None else int(synapses[0].shape[0])
+        return max(1, 65536 // per_row)
+
     def prepare(self):
         """Once per sequence: cm, gleak, gleak * vleak and the synapse terms, with the run-time
         constraint applied: (sigma, mu, w, w * erev) masked (S, S), or for a sparse wiring the
