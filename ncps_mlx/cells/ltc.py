@@ -206,6 +206,7 @@ class LTCCell(nn.Module):
         """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
         cm, gleak, leak, *synapse_terms = self.prepare() if prepared is None else prepared
         sparse = len(synapse_terms) == 3
+        presynaptic = self._synapses()[0] if sparse else None
         sensory_numerator, sensory_denominator = mx.split(u, 2, axis=-1)
         cm_t = cm / (ts / self.ode_unfolds)
         for _ in range(self.ode_unfolds):
@@ -213,8 +214,7 @@ class LTCCell(nn.Module):
             # folding w * mask (* erev) once per sequence changes only the last bit.
             if sparse:
                 sigma, mu, to_post = synapse_terms
-                pre = self._synapses()[0]
-                activation = fastmath.sigmoid(sigma * (mx.take(v, pre, axis=1) - mu))
+                activation = fastmath.sigmoid(sigma * (mx.take(v, presynaptic, axis=1) - mu))
                 numerator, denominator = mx.split(activation @ to_post, 2, axis=-1)
             else:
                 sigma, mu, w, w_erev = synapse_terms
