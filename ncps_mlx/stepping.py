@@ -329,7 +329,7 @@ class _Worker:
         # Evaluated, then copied: arrays that still belong to the caller's graph (tracers
         # among them) must not be shared with another thread's graph.
         mx.eval(args)
-        args = _map_arrays(lambda a: mx.array(np.array(a, copy=False)), args)
+        args = _map_arrays(lambda a: mx.array(np.asarray(a)), args)
         if self.thread is None:
             self.jobs = queue.Queue()
             self.thread = threading.Thread(target=self._serve, name="ncps-mlx", daemon=True)
