@@ -114,12 +114,24 @@ def _accelerate() -> str:
     if created:
         print(f"ncps_mlx: {message}", file=sys.stderr)
     return message
-def _mlx_blas_name():
-    spec = importlib.util.find_spec("mlx")
+
+
+def _package_file(package: str, *parts: str):
+    """A file inside an installed package, found without importing it; None if absent."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libmlx.so"
-    if not library.exists():
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    return path if path.exists() else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
+
+
+def _mlx_blas_name():
+    library = _package_file("mlx", "lib", "libmlx.so")
+    if library is None:
         return None
     names = [n for n in needed_libraries(library.read_bytes()) if n.startswith("libblas")]
     return names[0] if names else None
@@ -163,18 +175,14 @@ def needed_libraries(elf: bytes) -> list[str]:
 
 
 def _wheel_openblas():
-    """The OpenBLAS of the scipy-openblas32 wheel, if installed (found without importing it)."""
-    spec = importlib.util.find_spec("scipy_openblas32")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libscipy_openblas.so"
-    return str(library) if library.exists() else None
+    """The OpenBLAS of the scipy-openblas32 wheel, if installed."""
+    library = _package_file("scipy_openblas32", "lib", "libscipy_openblas.so")
+    return None if library is None else str(library)
 
 
 def _mlx_libraries():
     """(libmlx.so, the folder of the libraries bundled with it)."""
-    spec = importlib.util.find_spec("mlx")
-    library = Path(list(spec.submodule_search_locations)[0]) / "lib" / "libmlx.so"
+    library = _package_file("mlx", "lib", "libmlx.so")
     return library, library.parent.parent.parent / "mlx_cpu.libs"
 
 
@@ -202,7 +210,7 @@ def _forwarding_shim(soname: str, openblas: str):
         f".globl {name}\n.type {name}, @function\n{name}:\n    {jump.format('scipy_' + name)}" for name in forwarded
     )
     source = ".text\n" + source + '\n.section .note.GNU-stack,"",@progbits\n'
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
+    cache = _cache_dir()
     key = hashlib.sha256(f"{soname}\0{openblas}\0{source}".encode()).hexdigest()[:16]
     path = cache / key / soname
     if path.exists():
@@ -267,7 +275,7 @@ def _find_blas():
 
 def _shim_file(soname: str, blas: str, machine: int):
     """(path, newly created?) of the cached shim: SONAME ``soname``, one dependency, ``blas``."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
+    cache = _cache_dir()
     key = hashlib.sha256(f"{soname}\0{blas}\0{machine}".encode()).hexdigest()[:16]
     path = cache / key / soname
     content = shim_elf(soname, blas, machine)

@@ -46,17 +46,18 @@ def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(a - b)))
 
 
-def to_torch(x):
+def _float32(x, make):
+    """None, an array, or a tuple of them, as float32 arrays made by ``make``."""
     if x is None:
         return None
     if isinstance(x, tuple):
-        return tuple(to_torch(v) for v in x)
-    return torch.from_numpy(np.asarray(x, dtype=np.float32))
+        return tuple(_float32(v, make) for v in x)
+    return make(np.asarray(x, dtype=np.float32))
+
+
+def to_torch(x):
+    return _float32(x, torch.from_numpy)
 
 
 def to_mlx(x):
-    if x is None:
-        return None
-    if isinstance(x, tuple):
-        return tuple(to_mlx(v) for v in x)
-    return mx.array(np.asarray(x, dtype=np.float32))
+    return _float32(x, mx.array)
