@@ -41,10 +41,64 @@ def test_tanh_error_over_the_float_range():
     got = fast("tanh", X)
     assert np.all(np.abs(got) <= 1.0)
     assert np.max(np.abs(got - reference)) <= 4e-7
-    # Relative too, down to the smallest subnormals: tanh(x) = x P / Q keeps tiny inputs exact.
-    nonzero = reference != 0.0
-    assert np.max(np.abs(got[nonzero] - reference[nonzero]) / np.abs(reference[nonzero])) <= 4e-7
-    assert np.array_equal(got[np.abs(X) < 1e-20], X[np.abs(X) < 1e-20])
+    # Relative too, down to |x| = 3e-39 (tanh(x) = x P / Q): below, 1 / x overflows in the clip
+    # and tanh flushes to a zero of x's sign.
+    relative = np.abs(X) >= 3e-39
+    assert np.max(np.abs(got[relative] - reference[relative]) / np.abs(reference[relative])) <= 4e-7
+    flushed = np.abs(X) < 2.9e-39
+    assert np.all(got[flushed] == 0.0) and np.array_equal(np.signbit(got[flushed]), np.signbit(X[flushed]))
+
+
+def every_float_near_the_clip() -> np.ndarray:
+    bits = np.arange(np.float32(7.5).view(np.int32), np.float32(8.5).view(np.int32), dtype=np.int32)
+    return np.concatenate([bits.view(np.float32), -bits.view(np.float32)])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_never_beyond_one_at_any_float_near_the_clip(compiled):
+    """The float32 ratio oscillates around 1 above 8.022 (33 floats exceed it): the clip and the
+    reciprocal round trip that implements it must keep every input below that."""
+    x = every_float_near_the_clip()
+    tanh = mx.compile(fastmath.rational_tanh) if compiled else fastmath.tanh
+    got = np.array(tanh(mx.array(x)))
+    assert np.all(np.abs(got) <= 1.0)
+    assert np.max(np.abs(got - np.tanh(x.astype(np.float64)))) <= 4e-7
+    sigmoid = np.array(fastmath.sigmoid(mx.array(2 * x)))
+    assert np.all((sigmoid >= 0.0) & (sigmoid <= 1.0))
+
+
+def test_clip_keeps_inputs_and_saturates_at_clip():
+    x = np.concatenate([every_float_near_the_clip(), np.array([np.inf, -np.inf, 1e30, -3e38, 1.0, -1e-30], np.float32)])
+    got = np.array(mx.compile(fastmath.clip)(mx.array(x)))
+    inside = np.abs(x) < fastmath.BOUND
+    assert np.max(np.abs(got[inside] - x[inside]) / np.abs(x[inside])) <= 2**-23  # within an ulp
+    assert np.all(np.abs(got) <= np.float32(fastmath.CLIP))
+    outside = np.abs(x) > fastmath.BOUND
+    assert np.array_equal(got[outside], np.sign(x[outside]) * np.float32(fastmath.CLIP))
+
+
+def test_mlx_evaluates_the_rational_as_the_fit_tool_models_it():
+    """tools/fit_tanh.py chooses the clip from a numpy float32 model of the evaluation; it is
+    only valid if MLX's compiled loop computes the same bits."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fit_tanh", Path(__file__).parent.parent / "tools" / "fit_tanh.py")
+    fit_tanh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_tanh)
+    x = fit_tanh.floats_between(4.0, 8.4)[::7]
+    model = fit_tanh.evaluate_float32(fastmath.P, fastmath.Q, x, clip=np.inf)
+    s = mx.array(x)
+    got = np.array(mx.compile(lambda v: v * fastmath._estrin(fastmath.P, *_powers(v)) / fastmath._estrin(fastmath.Q, *_powers(v)))(s))
+    assert np.array_equal(got, model)
+    clip, bound, inverse = fit_tanh.choose_clip(fastmath.P, fastmath.Q)
+    assert (float(clip), float(bound), float(inverse)) == (fastmath.CLIP, fastmath.BOUND, fastmath.INVERSE_BOUND)
+
+
+def _powers(x):
+    s = x * x + 1e-9
+    s2 = s * s
+    return s, s2, s2 * s2
 
 
 def test_the_fit_itself_is_tighter_than_float32_rounding():

@@ -53,12 +53,39 @@ def estrin(c, s, s2, s4):
 
 
 def evaluate_float32(p, q, x, clip=CLIP):
+    """The rational in float32, operation for operation as ``ncps_mlx.fastmath`` evaluates it
+    (numpy's float32 arithmetic is the same IEEE single precision, without FMA contraction,
+    as the loops MLX compiles; ``tests/test_fastmath.py`` checks the two agree bit for bit)."""
     x = np.clip(x, -clip, clip).astype(np.float32)
-    s = np.maximum(x * x, np.float32(1e-9))
+    s = x * x + np.float32(1e-9)
     s2 = s * s
     s4 = s2 * s2
     p32, q32 = [np.float32(c) for c in p], [np.float32(c) for c in q]
     return (x * estrin(p32, s, s2, s4) / estrin(q32, s, s2, s4)).astype(np.float32)
+
+
+def floats_between(low: float, high: float) -> np.ndarray:
+    """Every float32 in [low, high] (both positive)."""
+    bits = np.arange(np.float32(low).view(np.int32), np.float32(high).view(np.int32) + 1, dtype=np.int32)
+    return bits.view(np.float32)
+
+
+def choose_clip(p, q):
+    """(clip, bound, inverse bound): the largest float below which the float32 ratio never
+    exceeds 1 and at which it is within an ulp of 1, so saturated values are 1 - 6e-8 (not
+    1 - 4e-7, tanh(7.9)); the bound two ulps inside it, beyond which fastmath.clip moves
+    inputs; the smallest float whose float32 reciprocal is at most the clip."""
+    x = floats_between(4.0, CLIP + 0.5)  # every float: a grid missed 33 above 1 near 8.02
+    ratio = evaluate_float32(p, q, x, clip=np.inf)
+    below = np.maximum.accumulate(ratio) <= 1.0
+    clip = x[np.where(below & (ratio >= np.float32(1 - 2**-24)))[0][-1]]
+    bound = np.nextafter(np.nextafter(clip, np.float32(0)), np.float32(0))
+    inverse = np.float32(1) / clip
+    while np.float32(1) / inverse > clip:
+        inverse = np.nextafter(inverse, np.float32(1))
+    while np.float32(1) / np.nextafter(inverse, np.float32(0)) <= clip:
+        inverse = np.nextafter(inverse, np.float32(0))
+    return clip, bound, inverse
 
 
 def main():
@@ -69,13 +96,10 @@ def main():
     print(f"P = {tuple(float(np.float32(v)) for v in p)}")
     print(f"Q = {tuple(float(np.float32(v)) for v in q)}")
     print(f"relative error of the fit (float64): {error:.2e}")
-    # The clip: as large as possible while the float32 ratio never exceeds 1 below it, and
-    # within an ulp of 1 at it, so saturated values are 1 - 6e-8 (not 1 - 4e-7, tanh(7.9)).
-    grid = np.linspace(CLIP, CLIP + 0.5, 500_001).astype(np.float32)
-    ratio = evaluate_float32(p, q, grid, clip=np.inf)
-    below = np.maximum.accumulate(ratio) <= 1.0
-    clip = grid[np.where(below & (ratio >= np.float32(1 - 2**-24)))[0][-1]]
-    print(f"clip = {float(clip)!r} (ratio there {evaluate_float32(p, q, np.array([clip]), clip=np.inf)[0]!r})")
+    clip, bound, inverse = choose_clip(p, q)
+    print(f"CLIP = {float(clip)!r} (ratio there {evaluate_float32(p, q, np.array([clip]), clip=np.inf)[0]!r})")
+    print(f"BOUND = {float(bound)!r}")
+    print(f"INVERSE_BOUND = {float(inverse)!r}")
     x = np.linspace(-12, 12, 2_000_001).astype(np.float32)
     got = evaluate_float32(p, q, x, clip)
     print(f"absolute error evaluated in float32: {np.abs(got - np.tanh(x.astype(np.float64))).max():.2e}")

@@ -152,39 +152,88 @@ class CfCCell(nn.Module):
         return mx.addmm(bias, x, weight[:, : self.input_size].T)
 
     def prepare(self):
-        """(input weight.T, bias, state weight.T, heads): the first layer split into its
-        input and state halves, and the fused heads after a backbone (or None)."""
+        """Loop-invariant tensors: (input weight (P, I), bias (P,), state weight (P, H), heads).
+
+        The first layer split into its input and state halves, (out, in) and contiguous, as
+        ``step_features`` multiplies them. ``heads`` is None without a backbone, else the fused
+        head layer twice, (weight (K, units), bias (K, 1)) each, rows ff1, ff2 and then the
+        time gate's halved terms (exact: a power of two): (t_a + t_b) / 2 for a timespan of
+        1.0 (K = 3H; sigmoid(v) = 1/2 + tanh(v / 2) / 2, so the gate is one tanh), else t_a / 2
+        and t_b / 2 (K = 4H). Pure mode has the ff1 head alone, in both.
+        """
         weight, bias = self._first_layer()
         heads = None
         if self.backbone_layers > 0:
             head_weight, head_bias = self._heads()
-            heads = (head_weight.T, head_bias)
-        return weight[:, : self.input_size].T, bias, weight[:, self.input_size :].T, heads
+            head_bias = head_bias[:, None]
+            if self.mode == "pure":
+                heads = (head_weight, head_bias) * 2
+            else:
+                H = self.hidden_size
+                halved = mx.concatenate([mx.ones((2 * H, 1)), mx.full((2 * H, 1), 0.5)])
+                weight_4, bias_4 = head_weight * halved, head_bias * halved
+                fused = [weight_4[: 2 * H], weight_4[2 * H : 3 * H] + weight_4[3 * H :]]
+                fused_bias = [bias_4[: 2 * H], bias_4[2 * H : 3 * H] + bias_4[3 * H :]]
+                heads = (mx.concatenate(fused), mx.concatenate(fused_bias), weight_4, bias_4)
+        I = self.input_size
+        return mx.contiguous(weight[:, :I]), bias, mx.contiguous(weight[:, I:]), heads
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
+        out, h = self.step_features(u.T, h.T, _features_first(ts), prepared)
+        return out.T, h.T
+
+    def step_features(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+        """The step feature-major: u (P, B), h (H, B), ts a float or (1, B) -> (output (H, B),
+        new state (H, B)).
+
+        The heads are then row blocks of one matrix product, so every elementwise operation
+        reads whole contiguous rows. MLX vectorises a compiled loop only over contiguous
+        inputs; batch-major, the heads are column slices read with strides, in scalar loops
+        (a CfC step at batch 1024 takes half the time this way). ``recurrent_step`` and the
+        sequence loop pass transposed views, so the state stays feature-major from step to
+        step without a copy.
+        """
         _, _, state_weight, heads = self.prepare() if prepared is None else prepared
-        z = u + h @ state_weight
+        z = mx.addmm(u, state_weight, h)
+        halved = False
+        unit_timespan = isinstance(ts, (int, float)) and ts == 1
         if self.backbone_layers > 0:
             z = self.activation(z)
             for layer in self.backbone[1:]:
-                z = self.activation(layer(z))
+                z = self.activation(mx.addmm(layer.bias[:, None], layer.weight, z))
                 if self.dropout is not None:
-                    z = self.dropout(z)
-            z = mx.addmm(heads[1], z, heads[0])
+                    # Drawn batch-major, so a seed gives the masks it gave before this layout.
+                    z = self.dropout(z.T).T
+            weight, bias = heads[:2] if unit_timespan else heads[2:]
+            z = mx.addmm(bias, weight, z)
+            halved = True
 
+        H = self.hidden_size
         if self.mode == "pure":
             ff1 = z
-            new_h = -self.A * mx.exp(-ts * (mx.abs(self.w_tau) + mx.abs(ff1))) * ff1 + self.A
+            w_tau, A = self.w_tau.T, self.A.T
+            new_h = -A * mx.exp(-ts * (mx.abs(w_tau) + mx.abs(ff1))) * ff1 + A
+            return new_h, new_h
+        if halved and unit_timespan and self.ff_activation == "tanh":
+            t = fastmath.tanh(z)  # ff1, ff2 and the gate in one call
+            ff1, ff2, gate = t[:H], t[H : 2 * H], t[2 * H :]
         else:
-            ff1, ff2, t_a, t_b = mx.split(z, 4, axis=-1)
+            ff1, ff2 = z[:H], z[H : 2 * H]
             if self.ff_activation == "tanh":
-                ff1, ff2 = fastmath.tanh(ff1), fastmath.tanh(ff2)
-            t_interp = fastmath.sigmoid(t_a * ts + t_b)
-            if self.mode == "no_gate":
-                new_h = ff1 + t_interp * ff2
+                both = fastmath.tanh(z[: 2 * H])
+                ff1, ff2 = both[:H], both[H:]
+            if halved and unit_timespan:
+                argument = z[2 * H :]
             else:
-                new_h = ff1 * (1.0 - t_interp) + t_interp * ff2
+                argument = z[2 * H : 3 * H] * ts + z[3 * H :]
+                argument = argument if halved else 0.5 * argument
+            gate = fastmath.tanh(argument)
+        # t_interp = sigmoid(t_a ts + t_b) = 1/2 + gate / 2
+        if self.mode == "no_gate":
+            new_h = ff1 + (0.5 + 0.5 * gate) * ff2
+        else:
+            new_h = ff1 * (0.5 - 0.5 * gate) + (0.5 + 0.5 * gate) * ff2
         return new_h, new_h
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
@@ -260,19 +309,28 @@ class WiredCfCCell(nn.Module):
         return [layer.prepare() for layer in self.layers]
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+        """u (B, P), h (B, units), ts float or (B, 1) -> (output (B, F), new state (B, units)).
+        Computed feature-major, as ``CfCCell.step_features``: each layer's state is then a
+        block of rows."""
         prepared = self.prepare() if prepared is None else prepared
+        ts = _features_first(ts)
         offsets = np.cumsum(self.layer_sizes)[:-1].tolist()
-        states = mx.split(h, offsets, axis=-1)
+        states = mx.split(h.T, offsets, axis=0)
         new_states = []
-        out, state = self.layer_0.recurrent_step(u, states[0], ts, prepared[0])
+        out, state = self.layer_0.step_features(u.T, states[0], ts, prepared[0])
         new_states.append(state)
         for layer, state, weights in zip(self.layers[1:], states[1:], prepared[1:]):
             input_weight, bias = weights[:2]
-            out, state = layer.recurrent_step(mx.addmm(bias, out, input_weight), state, ts, weights)
+            out, state = layer.step_features(mx.addmm(bias[:, None], input_weight, out), state, ts, weights)
             new_states.append(state)
         if self.motor_output:
-            out = out[:, : self.wiring.output_dim]
-        return out, mx.concatenate(new_states, axis=-1)
+            out = out[: self.wiring.output_dim]
+        return out.T, mx.concatenate(new_states, axis=0).T
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
+
+
+def _features_first(ts):
+    """A timespan for ``step_features``: a number or 0-d array as it is, (B, 1) as (1, B)."""
+    return ts.T if isinstance(ts, mx.array) and ts.ndim == 2 else ts
