@@ -69,6 +69,7 @@ class Steps:
     def __init__(self, model):
         self.model = weakref.ref(model)  # no cycle: the model holds this object
         self.cache = {}
+        self.kept, self.tokens = {}, 0
 
     # Rows (batch x time) per parameter-gradient vjp call, unless the cell says otherwise
     # (``backward_rows``). Measured on 2 cores, batch 32: CfC f+b 436 / 590 / 634 / 606 seq/s
@@ -146,12 +147,135 @@ class Steps:
             fixed_leaves = [next(leaves) for _ in range(n_fixed)]
             return fixed_leaves, _unflatten(sequence_args, leaves)
 
+        split.index, split.n_unique = index, n_unique
+
         def forward(*leaves):
             fixed_leaves, (cell_inputs, lstm_inputs, h, c, ts) = split(leaves)
             outs, hs, cs = time_loop(self.forward(fixed, fixed_leaves), cell_inputs, lstm_inputs, h, c, ts)
             result = (mx.stack(outs, axis=1), mx.stack(hs, axis=1))
             return result if c is None else result + (mx.stack(cs, axis=1),)
 
+        n_outputs = 2 if sequence_args[1][3] == ("constant", None) else 3
+        cell = self.model().rnn_cell
+        mixed_or_unprojected = sequence_args[1][3] != ("constant", None) or sequence_args[1][0] == ("constant", None)
+        if getattr(cell, "residual_backward", False) and not mixed_or_unprojected:
+            forward, backward = self._residual_pass(fixed, fixed_key, split, cell)
+        else:
+            backward = None
+        if backward is None:
+            backward = self._generic_backward(fixed, fixed_key, split)
+
+        @mx.custom_function
+        def sequence(leaves):
+            return WORKER.run(forward, *leaves)
+
+        @sequence.vjp
+        def sequence_vjp(primals, cotangents, outputs):
+            # (Y, H[, C]) have cotangents; the residuals that may follow them are not outputs.
+            cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents[:n_outputs], outputs)]
+            return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
+
+        return lambda *leaves: sequence(list(leaves))
+
+    def _residual_pass(self, fixed, fixed_key, split, cell):
+        """(forward, backward) of the sequence for a cell that backpropagates from saved
+        residuals (``CfCCell.residual_step`` and friends): the forward pass keeps each step's
+        residuals, stacked over time, and returns after (Y, H) a token for them; the reverse pass is then a vjp of the
+        step's elementwise parts and two matrix products a step, with no step recomputed, and
+        the weight gradients are one matrix product each over all batch x time columns."""
+        layers = cell.backbone_layers
+
+        def forward(*leaves):
+            fixed_leaves, (cell_inputs, _, h, _, ts) = split(leaves)
+            state = h.T
+            hs, states, d_tails = [], [], []
+            zs, activations = [[] for _ in range(layers)], [[] for _ in range(layers)]
+            for t in range(cell_inputs.shape[1]):
+                args = (cell_inputs[:, t].T, state, _feature_timespan(ts, t))
+                state, d_tail, *rest = self._cell_call("residual_step", fixed, fixed_key, fixed_leaves, args, True)
+                hs.append(state.T)
+                states.append(state)
+                d_tails.append(d_tail)
+                for i in range(layers):
+                    zs[i].append(rest[i])
+                    activations[i].append(rest[layers + i])
+            stacked = [mx.stack(states), mx.stack(d_tails)] + [mx.stack(z) for z in zs] + [mx.stack(a) for a in activations]
+            return mx.stack(hs, axis=1), mx.stack(hs, axis=1), self._keep(stacked)
+
+        def backward(primals, cotangents, outputs):
+            fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
+            prepared = _unflatten(fixed, iter(fixed_leaves))[1]
+            states, d_tails, *rest = self.kept.pop(int(outputs[2].item()))
+            zs, activations = rest[:layers], rest[layers:]
+            steps = states.shape[0]
+            d_activations = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (list(zs),), False)
+            d_states = (cotangents[0] + cotangents[1]).transpose(1, 2, 0)  # (T, H, B)
+            dh = mx.zeros_like(h0.T)
+            d_inputs, dys, dzs = [None] * steps, [None] * steps, [None] * steps
+            for t in reversed(range(steps)):
+                derivatives = (d_tails[t], [d[t] for d in d_activations])
+                args = (derivatives, _feature_timespan(ts, t), d_states[t] + dh)
+                dh, d_inputs[t], dys[t], *dzs[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False)
+
+            previous = mx.concatenate([h0.T[None], states[:-1]])  # (T, H, B)
+            d_prepared = self._cell_call(
+                "residual_gradients",
+                fixed,
+                fixed_key,
+                fixed_leaves,
+                (1.0 if ts is None else ts, previous, list(activations), mx.stack(dys), [mx.stack(d) for d in zip(*dzs)]),
+                False,
+                flat=False,
+            )
+            d_fixed = []
+            _flatten(_zeros_where_none(_unflatten(fixed, iter(fixed_leaves)), (None, d_prepared, None)), d_fixed)
+            d_cell_inputs = mx.stack(d_inputs).transpose(2, 0, 1)
+            d_sequence = [d_cell_inputs, dh.T] + ([] if ts is None else [mx.zeros_like(ts)])
+            return _gather_unique(d_fixed + d_sequence, split)
+
+        return forward, backward
+
+    # Residuals of forward passes whose backward pass has not run yet, by token: they stay
+    # on the worker thread, where they were made (passing them through the custom function's
+    # outputs would copy them in and out of it: 100 MB, 0.1 s, for CfC at batch 1024 x 50).
+    # A forward pass that is never differentiated leaves its residuals; the oldest go first.
+    KEEP = 4
+
+    def _keep(self, residuals) -> mx.array:
+        self.tokens += 1
+        self.kept[self.tokens] = residuals
+        while len(self.kept) > self.KEEP:
+            self.kept.pop(next(iter(self.kept)))
+        return mx.array(self.tokens)
+
+    def _cell_call(self, name, fixed, fixed_key, fixed_leaves, args, inline, flat=True):
+        """``cell.<name>(*args, prepared)`` compiled (once per argument structure), its
+        result as a flat list of arrays (``flat``) or as the structure it returned;
+        ``inline`` traces it with the bare rational tanh/sigmoid (for a function that is not
+        differentiated)."""
+        leaves = list(fixed_leaves)
+        structure = _flatten(args, leaves)
+
+        def build():
+            model = self.model
+
+            def function(*all_leaves):
+                leaves = iter(all_leaves)
+                _, prepared, _ = _unflatten(fixed, leaves)
+                args = _unflatten(structure, leaves)
+                with fastmath.inline_functions() if inline else contextlib.nullcontext():
+                    result = getattr(model().rnn_cell, name)(*args, prepared)
+                out = []
+                shapes[0] = _flatten(result, out)
+                return out
+
+            return mx.compile(function)
+
+        shapes = self.cache.setdefault(("result", name, fixed_key, structure), [None])
+        result = self._cached((name, fixed_key, structure), build)(*leaves)
+        return result if flat else _unflatten(shapes[0], iter(result))
+
+    def _generic_backward(self, fixed, fixed_key, split):
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, lstm_inputs, h0, c0, ts) = split(primals)
             mixed = c0 is not None
@@ -232,21 +356,9 @@ class Steps:
                 dc,
                 None if ts is None else mx.zeros_like(ts),  # timespans get no gradient
             ]
-            d_unique = [None] * n_unique
-            for i, d in zip(index, list(d_fixed) + [d for d in d_sequence if d is not None]):
-                d_unique[i] = d if d_unique[i] is None else d_unique[i] + d
-            return tuple(d_unique)
+            return _gather_unique(list(d_fixed) + [d for d in d_sequence if d is not None], split)
 
-        @mx.custom_function
-        def sequence(leaves):
-            return WORKER.run(forward, *leaves)
-
-        @sequence.vjp
-        def sequence_vjp(primals, cotangents, outputs):
-            cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents, outputs)]
-            return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
-
-        return lambda *leaves: sequence(list(leaves))
+        return backward
 
     def _step_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents, parameters: bool, state: bool):
         """The vjp of one step call (any number of rows) for the cotangents of its outputs,
@@ -294,6 +406,34 @@ class Steps:
             dc = rest.pop(0) if args[3] is not None else None
             return d_fixed, d_cell, d_lstm, dh, dc
         return d_fixed, d_cell, d_lstm
+
+
+def _gather_unique(gradients, split):
+    """Gradients of the leaves (in ``split``'s order, a leaf possibly more than once) summed
+    onto the distinct leaves the custom function was given."""
+    d_unique = [None] * split.n_unique
+    for i, d in zip(split.index, gradients):
+        d_unique[i] = d if d_unique[i] is None else d_unique[i] + d
+    return tuple(d_unique)
+
+
+def _zeros_where_none(like, gradients):
+    """``gradients`` shaped as the tree ``like``, with zeros for its arrays that have none."""
+    if isinstance(like, mx.array):
+        return mx.zeros_like(like) if gradients is None else gradients
+    if isinstance(like, dict):
+        return {k: _zeros_where_none(v, None if gradients is None else gradients.get(k)) for k, v in like.items()}
+    if isinstance(like, (list, tuple)):
+        parts = [None] * len(like) if gradients is None else gradients
+        return type(like)(_zeros_where_none(v, g) for v, g in zip(like, parts))
+    return like
+
+
+def _feature_timespan(ts, t):
+    """Step t's timespan for a feature-major step: 1.0, a 0-d array, or (1, B)."""
+    if ts is None:
+        return 1.0
+    return ts if ts.ndim < 3 else ts[:, t].T
 
 
 def _vjp(function, primals, cotangents):

@@ -152,14 +152,16 @@ class CfCCell(nn.Module):
         return mx.addmm(bias, x, weight[:, : self.input_size].T)
 
     def prepare(self):
-        """Loop-invariant tensors: (input weight (P, I), bias (P,), state weight (P, H), heads).
+        """Loop-invariant tensors: (input weight (P, I), bias (P,), state weight (P, H), heads,
+        hidden layers).
 
         The first layer split into its input and state halves, (out, in) and contiguous, as
         ``step_features`` multiplies them. ``heads`` is None without a backbone, else the fused
         head layer twice, (weight (K, units), bias (K, 1)) each, rows ff1, ff2 and then the
         time gate's halved terms (exact: a power of two): (t_a + t_b) / 2 for a timespan of
         1.0 (K = 3H; sigmoid(v) = 1/2 + tanh(v / 2) / 2, so the gate is one tanh), else t_a / 2
-        and t_b / 2 (K = 4H). Pure mode has the ff1 head alone, in both.
+        and t_b / 2 (K = 4H). Pure mode has the ff1 head alone, in both. ``hidden layers``:
+        (weight, bias (units, 1)) of backbone layers 2..n.
         """
         weight, bias = self._first_layer()
         heads = None
@@ -175,8 +177,9 @@ class CfCCell(nn.Module):
                 fused = [weight_4[: 2 * H], weight_4[2 * H : 3 * H] + weight_4[3 * H :]]
                 fused_bias = [bias_4[: 2 * H], bias_4[2 * H : 3 * H] + bias_4[3 * H :]]
                 heads = (mx.concatenate(fused), mx.concatenate(fused_bias), weight_4, bias_4)
+        hidden = tuple((layer.weight, layer.bias[:, None]) for layer in self.backbone[1:]) if self.backbone_layers else ()
         I = self.input_size
-        return mx.contiguous(weight[:, :I]), bias, mx.contiguous(weight[:, I:]), heads
+        return mx.contiguous(weight[:, :I]), bias, mx.contiguous(weight[:, I:]), heads, hidden
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
@@ -194,47 +197,137 @@ class CfCCell(nn.Module):
         sequence loop pass transposed views, so the state stays feature-major from step to
         step without a copy.
         """
-        _, _, state_weight, heads = self.prepare() if prepared is None else prepared
-        z = mx.addmm(u, state_weight, h)
-        halved = False
-        unit_timespan = isinstance(ts, (int, float)) and ts == 1
-        if self.backbone_layers > 0:
-            z = self.activation(z)
-            for layer in self.backbone[1:]:
-                z = self.activation(mx.addmm(layer.bias[:, None], layer.weight, z))
-                if self.dropout is not None:
-                    # Drawn batch-major, so a seed gives the masks it gave before this layout.
-                    z = self.dropout(z.T).T
-            weight, bias = heads[:2] if unit_timespan else heads[2:]
-            z = mx.addmm(bias, weight, z)
-            halved = True
+        prepared = self.prepare() if prepared is None else prepared
+        y, _, _ = self._layers(u, h, ts, prepared)
+        new_h = self._tail(y, ts)
+        return new_h, new_h
 
-        H = self.hidden_size
+    def _layers(self, u, h, ts, prepared):
+        """The matrix products of a step, feature-major: (head input y (K, B), the backbone's
+        pre-activations and activations). Without a backbone y is the first layer's output."""
+        _, _, state_weight, heads, hidden = prepared
+        z = mx.addmm(u, state_weight, h)
+        if self.backbone_layers == 0:
+            return z, [], []
+        zs, activations = [z], [self.activation(z)]
+        for weight, bias in hidden:
+            zs.append(mx.addmm(bias, weight, activations[-1]))
+            activations.append(self.activation(zs[-1]))
+            if self.dropout is not None:
+                # Drawn batch-major, so a seed gives the masks it gave before this layout.
+                activations[-1] = self.dropout(activations[-1].T).T
+        weight, bias = heads[:2] if _unit(ts) else heads[2:]
+        return mx.addmm(bias, weight, activations[-1]), zs, activations
+
+    def _tail(self, y, ts):
+        """The elementwise rest of a step: head input y (K, B) -> new state (H, B)."""
         if self.mode == "pure":
-            ff1 = z
             w_tau, A = self.w_tau.T, self.A.T
-            new_h = -A * mx.exp(-ts * (mx.abs(w_tau) + mx.abs(ff1))) * ff1 + A
-            return new_h, new_h
-        if halved and unit_timespan and self.ff_activation == "tanh":
-            t = fastmath.tanh(z)  # ff1, ff2 and the gate in one call
-            ff1, ff2, gate = t[:H], t[H : 2 * H], t[2 * H :]
-        else:
-            ff1, ff2 = z[:H], z[H : 2 * H]
-            if self.ff_activation == "tanh":
-                both = fastmath.tanh(z[: 2 * H])
-                ff1, ff2 = both[:H], both[H:]
-            if halved and unit_timespan:
-                argument = z[2 * H :]
-            else:
-                argument = z[2 * H : 3 * H] * ts + z[3 * H :]
-                argument = argument if halved else 0.5 * argument
-            gate = fastmath.tanh(argument)
+            return -A * mx.exp(-ts * (mx.abs(w_tau) + mx.abs(y))) * y + A
+        ff1, ff2, gate = self._tail_parts(y, ts)
         # t_interp = sigmoid(t_a ts + t_b) = 1/2 + gate / 2
+        if self.mode == "no_gate":
+            return ff1 + (0.5 + 0.5 * gate) * ff2
+        return ff1 * (0.5 - 0.5 * gate) + (0.5 + 0.5 * gate) * ff2
+
+    def _tail_parts(self, y, ts):
+        """(ff1, ff2, gate) (H, B) of head input y (K, B), not pure mode; the time gate
+        t_interp is 1/2 + gate / 2."""
+        H = self.hidden_size
+        halved = self.backbone_layers > 0  # prepare() halved the gate rows of the heads
+        if halved and _unit(ts) and self.ff_activation == "tanh":
+            t = fastmath.tanh(y)  # ff1, ff2 and the gate in one call
+            return t[:H], t[H : 2 * H], t[2 * H :]
+        ff1, ff2 = y[:H], y[H : 2 * H]
+        if self.ff_activation == "tanh":
+            both = fastmath.tanh(y[: 2 * H])
+            ff1, ff2 = both[:H], both[H:]
+        if halved and _unit(ts):
+            argument = y[2 * H :]
+        else:
+            argument = y[2 * H : 3 * H] * ts + y[3 * H :]
+            argument = argument if halved else 0.5 * argument
+        return ff1, ff2, fastmath.tanh(argument)
+
+    def _tail_jacobian(self, parts, ts):
+        """d new state / d y (K, B) of a backbone CfC's ``_tail``, from its ``_tail_parts``: the
+        tail is row-local (head input row k reaches only state row k mod H), so this is its
+        whole Jacobian. Written out rather than taken from ``mx.vjp``, whose slices' vjps pad
+        full-size zeros; ``tests/test_stepping.py`` checks it against ``mx.vjp``."""
+        ff1, ff2, gate = parts
+        d_argument = 0.5 * (1.0 - gate * gate)  # d t_interp / d (halved) argument
+        if self.mode == "no_gate":
+            d_ff1, d_ff2, d_argument = mx.ones_like(ff1), 0.5 + 0.5 * gate, d_argument * ff2
+        else:
+            d_ff1, d_ff2, d_argument = 0.5 - 0.5 * gate, 0.5 + 0.5 * gate, d_argument * (ff2 - ff1)
+        if self.ff_activation == "tanh":
+            d_ff1, d_ff2 = d_ff1 * (1.0 - ff1 * ff1), d_ff2 * (1.0 - ff2 * ff2)
+        gate_rows = [d_argument] if _unit(ts) else [d_argument * ts, d_argument]
+        return mx.concatenate([d_ff1, d_ff2] + gate_rows)
+
+    # Backpropagation through time from saved residuals (``ncps_mlx.stepping``): a backbone
+    # CfC's step is matrix products between elementwise functions, so its vjp needs only the
+    # pre-activations the forward pass computed, where a generic vjp recomputes the step.
+
+    @property
+    def residual_backward(self) -> bool:
+        """Whether ``residual_step``/``residual_vjp``/``residual_gradients`` apply: a backbone
+        and a tail without parameters (not pure mode), and no dropout."""
+        return self.backbone_layers > 0 and self.mode != "pure" and self.dropout is None
+
+    def residual_step(self, u, h, ts, prepared):
+        """``step_features`` that also returns its residuals: (new h (H, B), (d new h / d head
+        input (K, B), pre-activations and activations per backbone layer (units, B)))."""
+        y, zs, activations = self._layers(u, h, ts, prepared)
+        parts = self._tail_parts(y, ts)
+        ff1, ff2, gate = parts
         if self.mode == "no_gate":
             new_h = ff1 + (0.5 + 0.5 * gate) * ff2
         else:
             new_h = ff1 * (0.5 - 0.5 * gate) + (0.5 + 0.5 * gate) * ff2
-        return new_h, new_h
+        return new_h, (self._tail_jacobian(parts, ts), zs, activations)
+
+    def residual_derivatives(self, zs, prepared):
+        """d activation / d pre-activation of whole stacks (T, units, B) at once."""
+        return [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
+
+    def residual_vjp(self, derivatives, ts, cotangent, prepared):
+        """A step's vjp for the cotangent (H, B) of its new state, from its slice of
+        ``residual_derivatives``: (d state (H, B), d input (P, B), d head input (K, B), d
+        pre-activation per layer (units, B))."""
+        d_tail, d_activations = derivatives
+        _, _, state_weight, heads, hidden = prepared
+        weight = heads[0] if _unit(ts) else heads[2]
+        K, H = d_tail.shape[0], self.hidden_size
+        dy = (d_tail.reshape(K // H, H, -1) * cotangent).reshape(K, -1)
+        da = weight.T @ dy
+        dzs = [None] * len(d_activations)
+        for i in reversed(range(len(dzs))):
+            dzs[i] = d_activations[i] * da
+            if i > 0:
+                da = hidden[i - 1][0].T @ dzs[i]
+        return state_weight.T @ dzs[0], dzs[0], dy, dzs
+
+    def residual_gradients(self, ts, states, activations, dy, dzs, prepared):
+        """The gradient of ``prepared`` (its structure, None where there is none) from a whole
+        sequence, as stacks over time: previous states (T, H, B), activations per layer (T,
+        units, B) and the cotangents ``residual_vjp`` gave, head input (T, K, B) and
+        pre-activations per layer (T, units, B). One batched matrix product per weight."""
+
+        def summed(cotangent, inputs):  # sum over t of cotangent_t inputs_t^T, and its bias
+            if cotangent.shape[-1] >= 256:  # a batched product: one sgemm a step
+                weight = mx.sum(cotangent @ inputs.swapaxes(1, 2), axis=0)
+            else:  # small batches: one sgemm over all batch x time columns (T sgemm calls cost more)
+                weight = columns(cotangent) @ columns(inputs).T
+            return weight, mx.sum(cotangent, axis=(0, 2))[:, None]
+
+        def columns(a):  # (T, F, B) -> (F, T * B)
+            return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+        d_heads = summed(dy, activations[-1])
+        d_heads = d_heads + (None, None) if _unit(ts) else (None, None) + d_heads
+        d_hidden = tuple(summed(dz, a) for dz, a in zip(dzs[1:], activations[:-1]))
+        return None, None, summed(dzs[0], states)[0], d_heads, d_hidden
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
@@ -329,6 +422,11 @@ class WiredCfCCell(nn.Module):
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
+
+
+def _unit(ts) -> bool:
+    """A timespan of exactly 1 given as a number (the default): the gate's terms are fused."""
+    return isinstance(ts, (int, float)) and ts == 1
 
 
 def _features_first(ts):
