@@ -140,15 +140,15 @@ class SequenceModel(nn.Module):
                 outs, h = result[0], result[1][:, -1]
                 c = result[2][:, -1] if c is not None else None
                 y = outs if self.return_sequences else outs[:, -1]
+            elif mode == "compiled":
+                fixed_leaves = []
+                fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
+                y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts)
+                y = y if self.return_sequences else y[:, -1]
             else:
-                if mode == "compiled":
-                    fixed_leaves = []
-                    fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
-                    step = self._steps().forward(fixed, fixed_leaves)
-                else:
 
-                    def step(u, lstm_u, h, c, ts):
-                        return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
+                def step(u, lstm_u, h, c, ts):
+                    return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
 
                 outs, hs, cs = stepping.time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
                 h, c = hs[-1], cs[-1]

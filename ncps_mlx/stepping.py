@@ -84,45 +84,86 @@ class Steps:
             self.cache[key] = build()
         return self.cache[key]
 
+    @contextlib.contextmanager
+    def _model_from(self, fixed, leaves, inline):
+        """While tracing a compiled function: the model with the parameters taken from
+        ``leaves`` (an iterator over the function's arguments) swapped in, and the cell's and
+        LSTM's prepared tensors: (model, prepared, lstm_prepared). ``inline`` traces with the
+        bare rational tanh/sigmoid, which fuses better, for what is not differentiated."""
+        this = self.model()
+        parameters, prepared, lstm_prepared = _unflatten(fixed, leaves)
+        current = this.parameters()
+        this.update(parameters)
+        try:
+            with fastmath.inline_functions() if inline else contextlib.nullcontext():
+                yield this, prepared, lstm_prepared
+        finally:
+            this.update(current)
+
     def _plain_step(self, fixed, step_args, differentiated=True):
-        """The step as a function of leaves -> (out, h) or (out, h, c). A step that will not
-        be differentiated is traced with the bare rational tanh/sigmoid, which fuses better."""
-        model = self.model
+        """The step as a function of leaves -> (out, h) or (out, h, c)."""
 
         def step(*leaves):
-            this, leaves = model(), iter(leaves)
-            parameters, prepared, lstm_prepared = _unflatten(fixed, leaves)
-            current = this.parameters()
-            this.update(parameters)
-            try:
-                with contextlib.nullcontext() if differentiated else fastmath.inline_functions():
-                    out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
-            finally:
-                this.update(current)
+            leaves = iter(leaves)
+            with self._model_from(fixed, leaves, inline=not differentiated) as (this, prepared, lstm_prepared):
+                out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
             return (out, h) if c is None else (out, h, c)
 
         return step
 
-    def forward(self, fixed, fixed_leaves):
-        """A ``time_loop`` step that runs each step as one compiled call."""
+    # Steps per compiled call of a forward pass: what a call costs besides its kernels
+    # (slicing, flattening the arguments, building the call's graph: ~12 us) is then paid
+    # once a chunk. CfC at batch 8, us a step, by chunk size 1 / 4 / 8 / 32: 58 / 45 / 42 /
+    # 44; wired CfC at batch 32 slows beyond 8 (112 / 107 / 110 / 142).
+    CHUNK = 8
 
-        # By the step arguments' structure alone: hashing ``fixed`` (every parameter's name)
-        # at each step cost ~10 us.
-        compiled_for = {}
+    def run_forward(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=False):
+        """The loop, not differentiated, in compiled chunks of ``CHUNK`` steps (each chunk runs
+        ``time_loop``): -> (Y (B, T, F), h, c), h and c the last states (B, S), or with
+        ``every_state`` every step's (B, T, S). c is None without mixed memory."""
+        steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
         fixed_key = _Key(fixed)
+        ys, hs, cs = [], [], []
+        for start in range(0, steps, self.CHUNK):
+            span = slice(start, min(start + self.CHUNK, steps))
 
-        def step(u, lstm_u, h, c, ts):
+            def part(a):
+                return None if a is None else a[:, span]
+
             leaves = list(fixed_leaves)
-            step_args = _flatten((u, lstm_u, h, c, ts), leaves)
-            compiled = compiled_for.get(step_args)
-            if compiled is None:
-                compiled = compiled_for[step_args] = self._cached(
-                    ("forward", fixed_key, step_args), lambda: mx.compile(self._plain_step(fixed, step_args, False))
-                )
-            result = compiled(*leaves)
-            return result[0], result[1], (result[2] if len(result) == 3 else None)
+            structure = _flatten((part(cell_inputs), part(lstm_inputs), h, c, ts if ts is None or ts.ndim < 3 else part(ts)), leaves)
+            compiled = self._cached(
+                ("chunk", fixed_key, structure, every_state), lambda: mx.compile(self._chunk(fixed, structure, every_state))
+            )
+            y, h, *rest = compiled(*leaves)
+            c = rest.pop(0) if c is not None else None
+            ys.append(y)
+            if every_state:
+                hs.append(rest.pop(0))
+                cs.append(rest.pop(0) if c is not None else None)
+        if every_state:
+            h, c = mx.concatenate(hs, axis=1), (mx.concatenate(cs, axis=1) if c is not None else None)
+        return (ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)), h, c
 
-        return step
+    def _chunk(self, fixed, structure, every_state):
+        """A chunk of steps as a function of leaves -> [Y, h, (c,) (H, (C,))]."""
+
+        def chunk(*leaves):
+            leaves = iter(leaves)
+            with self._model_from(fixed, leaves, inline=True) as (this, prepared, lstm_prepared):
+                cell_inputs, lstm_inputs, h, c, ts = _unflatten(structure, leaves)
+
+                def step(u, lstm_u, h, c, ts_t):
+                    return this._step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
+
+                outs, hs, cs = time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
+            mixed = c is not None
+            result = [mx.stack(outs, axis=1), hs[-1]] + ([cs[-1]] if mixed else [])
+            if every_state:
+                result += [mx.stack(hs, axis=1)] + ([mx.stack(cs, axis=1)] if mixed else [])
+            return result
+
+        return chunk
 
     def sequence(self, fixed, sequence_args, leaves):
         """The whole loop as a differentiable function, applied to ``leaves`` (the fixed
@@ -151,9 +192,8 @@ class Steps:
 
         def forward(*leaves):
             fixed_leaves, (cell_inputs, lstm_inputs, h, c, ts) = split(leaves)
-            outs, hs, cs = time_loop(self.forward(fixed, fixed_leaves), cell_inputs, lstm_inputs, h, c, ts)
-            result = (mx.stack(outs, axis=1), mx.stack(hs, axis=1))
-            return result if c is None else result + (mx.stack(cs, axis=1),)
+            y, hs, cs = self.run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=True)
+            return (y, hs) if c is None else (y, hs, cs)
 
         n_outputs = 2 if sequence_args[1][3] == ("constant", None) else 3
         cell = self.model().rnn_cell
