@@ -239,15 +239,18 @@ class Steps:
                 for i in range(layers):
                     zs[i].append(rest[i])
                     activations[i].append(rest[layers + i])
-            stacked = [mx.stack(states), mx.stack(d_tails)] + [mx.stack(z) for z in zs] + [mx.stack(a) for a in activations]
+            # What the reverse pass reads a step at a time is stacked (T, F, B); what only the
+            # weight gradients read, (F, T, B), so that (F, T x B) is a free reshape.
+            previous = mx.stack([h.T] + states[:-1], axis=1)
+            stacked = [previous, mx.stack(d_tails)] + [mx.stack(z) for z in zs] + [mx.stack(a, axis=1) for a in activations]
             return mx.stack(hs, axis=1), mx.stack(hs, axis=1), self._keep(stacked)
 
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
             prepared = _unflatten(fixed, iter(fixed_leaves))[1]
-            states, d_tails, *rest = self.kept.pop(int(outputs[2].item()))
+            previous, d_tails, *rest = self.kept.pop(int(outputs[2].item()))
             zs, activations = rest[:layers], rest[layers:]
-            steps = states.shape[0]
+            steps = d_tails.shape[0]
             d_activations = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (list(zs),), False)
             d_states = (cotangents[0] + cotangents[1]).transpose(1, 2, 0)  # (T, H, B)
             dh = mx.zeros_like(h0.T)
@@ -257,16 +260,17 @@ class Steps:
                 args = (derivatives, _feature_timespan(ts, t), d_states[t] + dh)
                 dh, d_inputs[t], dys[t], *dzs[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False)
 
-            previous = mx.concatenate([h0.T[None], states[:-1]])  # (T, H, B)
-            d_prepared = self._cell_call(
-                "residual_gradients",
-                fixed,
-                fixed_key,
-                fixed_leaves,
-                (1.0 if ts is None else ts, previous, list(activations), mx.stack(dys), [mx.stack(d) for d in zip(*dzs)]),
-                False,
-                flat=False,
+            def columns(a):  # (F, T, B) -> (F, T x B)
+                return a.reshape(a.shape[0], -1)
+
+            gradient_args = (
+                1.0 if ts is None else ts,
+                columns(previous),
+                [columns(a) for a in activations],
+                columns(mx.stack(dys, axis=1)),
+                [columns(mx.stack(d, axis=1)) for d in zip(*dzs)],
             )
+            d_prepared = self._cell_call("residual_gradients", fixed, fixed_key, fixed_leaves, gradient_args, False, flat=False)
             d_fixed = []
             _flatten(_zeros_where_none(_unflatten(fixed, iter(fixed_leaves)), (None, d_prepared, None)), d_fixed)
             d_cell_inputs = mx.stack(d_inputs).transpose(2, 0, 1)

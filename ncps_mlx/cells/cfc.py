@@ -317,19 +317,12 @@ class CfCCell(nn.Module):
 
     def residual_gradients(self, ts, states, activations, dy, dzs, prepared):
         """The gradient of ``prepared`` (its structure, None where there is none) from a whole
-        sequence, as stacks over time: previous states (T, H, B), activations per layer (T,
-        units, B) and the cotangents ``residual_vjp`` gave, head input (T, K, B) and
-        pre-activations per layer (T, units, B). One batched matrix product per weight."""
+        sequence, every array (features, N) with N = time x batch columns: previous states,
+        activations per layer and the cotangents ``residual_vjp`` gave (head input,
+        pre-activations per layer). One matrix product per weight."""
 
-        def summed(cotangent, inputs):  # sum over t of cotangent_t inputs_t^T, and its bias
-            if cotangent.shape[-1] >= 256:  # a batched product: one sgemm a step
-                weight = mx.sum(cotangent @ inputs.swapaxes(1, 2), axis=0)
-            else:  # small batches: one sgemm over all batch x time columns (T sgemm calls cost more)
-                weight = columns(cotangent) @ columns(inputs).T
-            return weight, mx.sum(cotangent, axis=(0, 2))[:, None]
-
-        def columns(a):  # (T, F, B) -> (F, T * B)
-            return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+        def summed(cotangent, inputs):  # sum over columns of cotangent inputs^T, and the bias's
+            return cotangent @ inputs.T, mx.sum(cotangent, axis=1, keepdims=True)
 
         d_heads = summed(dy, activations[-1])
         d_heads = d_heads + (None, None) if _unit(ts) else (None, None) + d_heads
