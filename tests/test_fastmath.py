@@ -143,3 +143,20 @@ def test_any_shape_and_inside_a_compiled_function(shape):
     assert compiled(x).shape == x.shape
     # Each is within its bound of the truth, MLX's within 1e-7; the sum rounds once more.
     assert float(mx.max(mx.abs(compiled(x) - expected))) <= 2e-7 + 4e-7 + 2e-7 + 2.4e-7
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "tanh"])
+def test_both_forms_small_and_large_arrays(fn):
+    """Under fastmath.SMALL elements one fused loop with mx.clip, from it on the vectorised form
+    with the arithmetic clip: the same function to within rounding, error bound and limits."""
+    x = every_float_near_the_clip()[:: 97]
+    x = np.concatenate([x, np.linspace(-20, 20, 4001, dtype=np.float32), [np.inf, -np.inf, 0.0]]).astype(np.float32)
+    reference = np.tanh(x.astype(np.float64)) if fn == "tanh" else 0.5 + 0.5 * np.tanh(0.5 * x.astype(np.float64))
+    for size in (fastmath.SMALL - 1, fastmath.SMALL, 4 * fastmath.SMALL):
+        chunk = np.resize(x, size)
+        expected = np.resize(reference, size)
+        for mode in ("fast", "inline"):
+            with fastmath._using(mode):
+                got = np.array(mx.compile(getattr(fastmath, fn))(mx.array(chunk)))
+            assert np.max(np.abs(got - expected)) <= (4e-7 if fn == "tanh" else 2e-7), (size, mode)
+            assert np.all(np.abs(got) <= 1.0)
