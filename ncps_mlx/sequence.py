@@ -135,8 +135,10 @@ class SequenceModel(nn.Module):
             if mode == "differentiable":
                 fixed_leaves, sequence_leaves = [], []
                 fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
-                sequence_args = stepping.flatten((cell_inputs, lstm_inputs, h, c, ts), sequence_leaves)
-                result = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves)
+                features_first = cell_inputs is not None and getattr(self.rnn_cell, "features_first_inputs", False)
+                inputs = cell_inputs.transpose(1, 2, 0) if features_first else cell_inputs
+                sequence_args = stepping.flatten((inputs, lstm_inputs, h, c, ts), sequence_leaves)
+                result = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves, features_first)
                 outs, h = result[0], result[1][:, -1]
                 c = result[2][:, -1] if c is not None else None
                 y = outs if self.return_sequences else outs[:, -1]

@@ -165,10 +165,13 @@ class Steps:
 
         return chunk
 
-    def sequence(self, fixed, sequence_args, leaves):
+    def sequence(self, fixed, sequence_args, leaves, features_first=False):
         """The whole loop as a differentiable function, applied to ``leaves`` (the fixed
         leaves, then those of ``sequence_args`` = (cell_inputs, lstm_inputs, h0, c0, ts)):
-        -> (Y (B, T, F), H (B, T, S)[, C (B, T, S)]), every step's output and states."""
+        -> (Y (B, T, F), H (B, T, S)[, C (B, T, S)]), every step's output and states.
+        ``features_first``: cell_inputs come as the (T, P, B) array of which the cell's
+        feature-major projection is a view; the worker thread copies its inputs, and that
+        array copies as it lies, where the (B, T, P) view would be transposed by the copy."""
         # An array may appear twice (a bias both as a parameter and in prepare()'s output);
         # MLX matches a custom function's cotangents to its distinct inputs, so pass each once.
         unique, index, seen = [], [], {}
@@ -176,19 +179,21 @@ class Steps:
             index.append(seen.setdefault(id(leaf), len(unique)))
             if index[-1] == len(unique):
                 unique.append(leaf)
-        key = ("sequence", fixed, sequence_args, tuple(index))
-        return self._cached(key, lambda: self._build_sequence(fixed, sequence_args, index, len(unique)))(*unique)
+        key = ("sequence", fixed, sequence_args, tuple(index), features_first)
+        build = lambda: self._build_sequence(fixed, sequence_args, index, len(unique), features_first)  # noqa: E731
+        return self._cached(key, build)(*unique)
 
-    def _build_sequence(self, fixed, sequence_args, index, n_unique):
+    def _build_sequence(self, fixed, sequence_args, index, n_unique, features_first):
         n_fixed = _count(fixed)
         fixed_key = _Key(fixed)
 
         def split(unique):
             leaves = iter([unique[i] for i in index])
             fixed_leaves = [next(leaves) for _ in range(n_fixed)]
-            return fixed_leaves, _unflatten(sequence_args, leaves)
+            cell_inputs, *rest = _unflatten(sequence_args, leaves)
+            return fixed_leaves, (cell_inputs.transpose(2, 0, 1) if features_first else cell_inputs, *rest)
 
-        split.index, split.n_unique = index, n_unique
+        split.index, split.n_unique, split.features_first = index, n_unique, features_first
 
         def forward(*leaves):
             fixed_leaves, (cell_inputs, lstm_inputs, h, c, ts) = split(leaves)
@@ -198,11 +203,10 @@ class Steps:
         n_outputs = 2 if sequence_args[1][3] == ("constant", None) else 3
         cell = self.model().rnn_cell
         mixed_or_unprojected = sequence_args[1][3] != ("constant", None) or sequence_args[1][0] == ("constant", None)
-        if getattr(cell, "residual_backward", False) and not mixed_or_unprojected:
+        residual = getattr(cell, "residual_backward", False) and not mixed_or_unprojected
+        if residual:
             forward, backward = self._residual_pass(fixed, fixed_key, split, cell)
         else:
-            backward = None
-        if backward is None:
             backward = self._generic_backward(fixed, fixed_key, split)
 
         @mx.custom_function
@@ -211,8 +215,10 @@ class Steps:
 
         @sequence.vjp
         def sequence_vjp(primals, cotangents, outputs):
-            # (Y, H[, C]) have cotangents; the residuals that may follow them are not outputs.
+            # (Y, H[, C]) have cotangents; a residual token that may follow them has none.
             cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents[:n_outputs], outputs)]
+            if residual:  # it needs the token of the outputs, and the state's total cotangent
+                return list(WORKER.run(backward, list(primals), [cotangents[0] + cotangents[1]], [outputs[-1]]))
             return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
 
         return lambda *leaves: sequence(list(leaves))
@@ -248,11 +254,11 @@ class Steps:
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
             prepared = _unflatten(fixed, iter(fixed_leaves))[1]
-            previous, d_tails, *rest = self.kept.pop(int(outputs[2].item()))
+            previous, d_tails, *rest = self.kept.pop(int(outputs[0].item()))
             zs, activations = rest[:layers], rest[layers:]
             steps = d_tails.shape[0]
             d_activations = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (list(zs),), False)
-            d_states = (cotangents[0] + cotangents[1]).transpose(1, 2, 0)  # (T, H, B)
+            d_states = cotangents[0].transpose(1, 2, 0)  # (T, H, B)
             dh = mx.zeros_like(h0.T)
             d_inputs, dys, dzs = [None] * steps, [None] * steps, [None] * steps
             for t in reversed(range(steps)):
@@ -273,7 +279,8 @@ class Steps:
             d_prepared = self._cell_call("residual_gradients", fixed, fixed_key, fixed_leaves, gradient_args, False, flat=False)
             d_fixed = []
             _flatten(_zeros_where_none(_unflatten(fixed, iter(fixed_leaves)), (None, d_prepared, None)), d_fixed)
-            d_cell_inputs = mx.stack(d_inputs).transpose(2, 0, 1)
+            d_cell_inputs = mx.stack(d_inputs)  # (T, P, B)
+            d_cell_inputs = d_cell_inputs if split.features_first else d_cell_inputs.transpose(2, 0, 1)
             d_sequence = [d_cell_inputs, dh.T] + ([] if ts is None else [mx.zeros_like(ts)])
             return _gather_unique(d_fixed + d_sequence, split)
 
@@ -392,6 +399,8 @@ class Steps:
                     return mx.concatenate([d.reshape(like.shape[0], -1, like.shape[-1]) for d in chunks], axis=1)
 
                 d_cell_inputs, d_lstm_inputs = joined(d_cells, cell_inputs), joined(d_lstms, lstm_inputs)
+            if split.features_first:
+                d_cell_inputs = d_cell_inputs.transpose(1, 2, 0)
 
             d_sequence = [
                 d_cell_inputs,

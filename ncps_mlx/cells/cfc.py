@@ -146,6 +146,9 @@ class CfCCell(nn.Module):
             return self.backbone[0].weight, self.backbone[0].bias
         return self._heads()
 
+    # ``project_input`` of a sequence is a transposed view of a (T, P, B) array.
+    features_first_inputs = True
+
     def project_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., P): the input half of the first layer, bias included.
 
@@ -394,6 +397,8 @@ class WiredCfCCell(nn.Module):
     def output_size(self) -> int:
         """Features this cell returns: the motor neurons, or the whole last layer."""
         return self.wiring.output_dim if self.motor_output else self.layer_sizes[-1]
+
+    features_first_inputs = True  # as CfCCell's
 
     def project_input(self, x: mx.array) -> mx.array:
         return self.layer_0.project_input(x)
