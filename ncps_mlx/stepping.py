@@ -217,54 +217,51 @@ class Steps:
         def sequence_vjp(primals, cotangents, outputs):
             # (Y, H[, C]) have cotangents; a residual token that may follow them has none.
             cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents[:n_outputs], outputs)]
-            if residual:  # it needs the token of the outputs, and the state's total cotangent
-                return list(WORKER.run(backward, list(primals), [cotangents[0] + cotangents[1]], [outputs[-1]]))
+            if residual:  # it needs no outputs but the token
+                return list(WORKER.run(backward, list(primals), cotangents, [outputs[-1]]))
             return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
 
         return lambda *leaves: sequence(list(leaves))
 
     def _residual_pass(self, fixed, fixed_key, split, cell):
         """(forward, backward) of the sequence for a cell that backpropagates from saved
-        residuals (``CfCCell.residual_step`` and friends): the forward pass keeps each step's
-        residuals, stacked over time, and returns after (Y, H) a token for them; the reverse pass is then a vjp of the
-        step's elementwise parts and two matrix products a step, with no step recomputed, and
-        the weight gradients are one matrix product each over all batch x time columns."""
-        layers = cell.backbone_layers
+        residuals (the protocol in ``ncps_mlx.cells.cfc``): the forward pass keeps each step's
+        residuals, stacked over time, and returns after (Y, H) a token for them; the reverse
+        pass is then a vjp of the step's elementwise parts and a few matrix products a step,
+        with no step recomputed, and the weight gradients are one matrix product each over all
+        batch x time columns."""
 
         def forward(*leaves):
             fixed_leaves, (cell_inputs, _, h, _, ts) = split(leaves)
             state = h.T
-            hs, states, d_tails = [], [], []
-            zs, activations = [[] for _ in range(layers)], [[] for _ in range(layers)]
+            outs, states, step_residuals, gradient_residuals = [], [state], [], []
             for t in range(cell_inputs.shape[1]):
                 args = (cell_inputs[:, t].T, state, _feature_timespan(ts, t))
-                state, d_tail, *rest = self._cell_call("residual_step", fixed, fixed_key, fixed_leaves, args, True)
-                hs.append(state.T)
+                out, state, per_step, per_gradient = self._cell_call("residual_step", fixed, fixed_key, fixed_leaves, args, True, flat=False)
+                outs.append(out.T)
                 states.append(state)
-                d_tails.append(d_tail)
-                for i in range(layers):
-                    zs[i].append(rest[i])
-                    activations[i].append(rest[layers + i])
+                step_residuals.append(per_step)
+                gradient_residuals.append(per_gradient)
             # What the reverse pass reads a step at a time is stacked (T, F, B); what only the
             # weight gradients read, (F, T, B), so that (F, T x B) is a free reshape.
-            previous = mx.stack([h.T] + states[:-1], axis=1)
-            stacked = [previous, mx.stack(d_tails)] + [mx.stack(z) for z in zs] + [mx.stack(a, axis=1) for a in activations]
-            return mx.stack(hs, axis=1), mx.stack(hs, axis=1), self._keep(stacked)
+            kept = (
+                mx.stack(states[:-1], axis=1),
+                [mx.stack(r) for r in zip(*step_residuals)],
+                [mx.stack(r, axis=1) for r in zip(*gradient_residuals)],
+            )
+            return mx.stack(outs, axis=1), mx.stack([s.T for s in states[1:]], axis=1), self._keep(kept)
 
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
-            prepared = _unflatten(fixed, iter(fixed_leaves))[1]
-            previous, d_tails, *rest = self.kept.pop(int(outputs[0].item()))
-            zs, activations = rest[:layers], rest[layers:]
-            steps = d_tails.shape[0]
-            d_activations = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (list(zs),), False)
-            d_states = cotangents[0].transpose(1, 2, 0)  # (T, H, B)
+            previous, step_residuals, gradient_residuals = self.kept.pop(int(outputs[0].item()))
+            steps = previous.shape[1]
+            derivatives = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (step_residuals,), False)
+            d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
             dh = mx.zeros_like(h0.T)
-            d_inputs, dys, dzs = [None] * steps, [None] * steps, [None] * steps
+            d_inputs, per_step = [None] * steps, [None] * steps
             for t in reversed(range(steps)):
-                derivatives = (d_tails[t], [d[t] for d in d_activations])
-                args = (derivatives, _feature_timespan(ts, t), d_states[t] + dh)
-                dh, d_inputs[t], dys[t], *dzs[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False)
+                args = ([d[t] for d in derivatives], _feature_timespan(ts, t), d_outs[t], d_states[t] + dh)
+                dh, d_inputs[t], per_step[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False, flat=False)
 
             def columns(a):  # (F, T, B) -> (F, T x B)
                 return a.reshape(a.shape[0], -1)
@@ -272,9 +269,8 @@ class Steps:
             gradient_args = (
                 1.0 if ts is None else ts,
                 columns(previous),
-                [columns(a) for a in activations],
-                columns(mx.stack(dys, axis=1)),
-                [columns(mx.stack(d, axis=1)) for d in zip(*dzs)],
+                [columns(r) for r in gradient_residuals],
+                [columns(mx.stack(g, axis=1)) for g in zip(*per_step)],
             )
             d_prepared = self._cell_call("residual_gradients", fixed, fixed_key, fixed_leaves, gradient_args, False, flat=False)
             d_fixed = []

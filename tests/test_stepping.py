@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ncps_mlx import CTGRU, CTRNN, LTC, CfC, stepping
-from ncps_mlx.wirings import NCP, AutoNCP
+from ncps_mlx.wirings import NCP, AutoNCP, FullyConnected
 
 B, T, I = 3, 9, 5
 
@@ -189,26 +189,29 @@ def test_a_process_that_took_gradients_exits_cleanly():
     assert result.stdout.strip() == "done"
 
 
+RESIDUAL_MODELS = {
+    "default": lambda: CfC(I, 8, backbone_units=16),
+    "two_layers_silu": lambda: CfC(I, 8, backbone_units=16, backbone_layers=2, activation="silu"),
+    "no_gate_gelu": lambda: CfC(I, 8, backbone_units=16, mode="no_gate", activation="gelu"),
+    "three_layers_proj": lambda: CfC(I, 8, backbone_units=16, backbone_layers=3, proj_size=2),
+    "wired_autoncp": lambda: CfC(I, AutoNCP(12, 3, seed=5)),
+    "wired_ncp_no_gate": lambda: CfC(I, NCP(4, 3, 2, 2, 2, 2, 2, seed=6), mode="no_gate"),
+    # One layer of 10 of which 3 are motor neurons: the output is a slice of the state.
+    "wired_motor_raw_heads": lambda: CfC(I, FullyConnected(10, 3), motor_output=True, ff_activation=None),
+}
+
+
 @pytest.mark.parametrize("timespans", [False, True], ids=["unit_timespan", "timespans"])
-@pytest.mark.parametrize(
-    "config",
-    [
-        {},
-        {"backbone_layers": 2, "activation": "silu"},
-        {"mode": "no_gate", "activation": "gelu"},
-        {"backbone_layers": 3, "proj_size": 2},
-    ],
-    ids=["default", "two_layers_silu", "no_gate_gelu", "three_layers_proj"],
-)
-def test_residual_backward_matches_eager_gradients(config, timespans, monkeypatch):
-    """A backbone CfC backpropagates from the residuals its forward pass saved (no step is
+@pytest.mark.parametrize("name", sorted(RESIDUAL_MODELS))
+def test_residual_backward_matches_eager_gradients(name, timespans, monkeypatch):
+    """A CfC backpropagates from the residuals its forward pass saved (no step is
     recomputed): every gradient, the input's and the initial state's included, must equal
     plain MLX autodiff of the eager loop."""
     taken = []
     original = stepping.Steps._residual_pass
     monkeypatch.setattr(stepping.Steps, "_residual_pass", lambda self, *a: taken.append(1) or original(self, *a))
     mx.random.seed(4)
-    model = CfC(I, 8, backbone_units=16, **config)
+    model = RESIDUAL_MODELS[name]()
     x, ts = inputs()
     ts = ts if timespans else None
     hx = initial_state(model)
@@ -235,15 +238,17 @@ def test_residual_backward_matches_eager_gradients(config, timespans, monkeypatc
         assert error <= 1e-5 * max(scale, 1.0), f"{key}: {error:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.parametrize("backbone", [1, 0], ids=["backbone", "no_backbone"])
 @pytest.mark.parametrize("timespan", ["unit", "array"])
 @pytest.mark.parametrize("config", [{}, {"mode": "no_gate"}, {"ff_activation": None}], ids=["default", "no_gate", "raw_heads"])
-def test_written_out_tail_jacobian_is_mlx_autodiff(config, timespan):
-    """The residual backward uses a hand-written Jacobian of the CfC step's elementwise tail."""
+def test_written_out_tail_jacobian_is_mlx_autodiff(config, timespan, backbone):
+    """The residual backward uses a hand-written Jacobian of the CfC step's elementwise tail
+    (with a backbone the gate's terms are halved in prepare(), without at run time)."""
     from ncps_mlx.cells.cfc import CfCCell
 
-    cell = CfCCell(I, 8, backbone_units=16, **config)
+    cell = CfCCell(I, 8, backbone_units=16, backbone_layers=backbone, **config)
     rng = np.random.default_rng(7)
-    K = 3 * 8 if timespan == "unit" else 4 * 8
+    K = 3 * 8 if timespan == "unit" and backbone else 4 * 8
     y = mx.array(rng.normal(scale=2.0, size=(K, 6)).astype(np.float32))
     ts = 1.0 if timespan == "unit" else mx.array(rng.uniform(0.2, 2.0, size=(1, 6)).astype(np.float32))
     ours = cell._tail_jacobian(cell._tail_parts(y, ts), ts)

@@ -234,7 +234,10 @@ class CfCCell(nn.Module):
         if self.mode == "pure":
             w_tau, A = self.w_tau.T, self.A.T
             return -A * mx.exp(-ts * (mx.abs(w_tau) + mx.abs(y))) * y + A
-        ff1, ff2, gate = self._tail_parts(y, ts)
+        return self._combine(self._tail_parts(y, ts))
+
+    def _combine(self, parts):
+        ff1, ff2, gate = parts
         # t_interp = sigmoid(t_a ts + t_b) = 1/2 + gate / 2
         if self.mode == "no_gate":
             return ff1 + (0.5 + 0.5 * gate) * ff2
@@ -260,77 +263,81 @@ class CfCCell(nn.Module):
         return ff1, ff2, fastmath.tanh(argument)
 
     def _tail_jacobian(self, parts, ts):
-        """d new state / d y (K, B) of a backbone CfC's ``_tail``, from its ``_tail_parts``: the
+        """d new state / d y (K, B) of ``_tail`` (not pure mode), from its ``_tail_parts``: the
         tail is row-local (head input row k reaches only state row k mod H), so this is its
         whole Jacobian. Written out rather than taken from ``mx.vjp``, whose slices' vjps pad
         full-size zeros; ``tests/test_stepping.py`` checks it against ``mx.vjp``."""
         ff1, ff2, gate = parts
-        d_argument = 0.5 * (1.0 - gate * gate)  # d t_interp / d (halved) argument
+        halved = self.backbone_layers > 0  # as in _tail_parts
+        # d t_interp / d argument; without a backbone the argument is halved at run time
+        d_argument = (0.5 if halved else 0.25) * (1.0 - gate * gate)
         if self.mode == "no_gate":
             d_ff1, d_ff2, d_argument = mx.ones_like(ff1), 0.5 + 0.5 * gate, d_argument * ff2
         else:
             d_ff1, d_ff2, d_argument = 0.5 - 0.5 * gate, 0.5 + 0.5 * gate, d_argument * (ff2 - ff1)
         if self.ff_activation == "tanh":
             d_ff1, d_ff2 = d_ff1 * (1.0 - ff1 * ff1), d_ff2 * (1.0 - ff2 * ff2)
-        gate_rows = [d_argument] if _unit(ts) else [d_argument * ts, d_argument]
+        gate_rows = [d_argument] if halved and _unit(ts) else [d_argument * ts, d_argument]
         return mx.concatenate([d_ff1, d_ff2] + gate_rows)
 
-    # Backpropagation through time from saved residuals (``ncps_mlx.stepping``): a backbone
-    # CfC's step is matrix products between elementwise functions, so its vjp needs only the
-    # pre-activations the forward pass computed, where a generic vjp recomputes the step.
+    # Backpropagation through time from saved residuals (``ncps_mlx.stepping.Steps``): a CfC
+    # step is matrix products between elementwise functions, so its vjp needs only what the
+    # forward pass computed, where a generic vjp recomputes the step. The protocol, every
+    # array feature-major (features, B):
+    #   residual_step(u, h, ts, prepared) -> (out, new h, step residuals, gradient residuals)
+    #   residual_derivatives(step residuals stacked (T, F, B), prepared) -> per-step arrays
+    #   residual_vjp(their step t, ts, d out, d new h, prepared) -> (d h, d u, cotangents)
+    #   residual_gradients(ts, previous states, gradient residuals, cotangents, prepared)
+    #       -> the gradient of ``prepared``, from (F, T x B) columns.
 
     @property
     def residual_backward(self) -> bool:
-        """Whether ``residual_step``/``residual_vjp``/``residual_gradients`` apply: a backbone
-        and a tail without parameters (not pure mode), and no dropout."""
+        """Whether the residual protocol applies: a backbone and a tail without parameters (not
+        pure mode), and no dropout."""
         return self.backbone_layers > 0 and self.mode != "pure" and self.dropout is None
 
     def residual_step(self, u, h, ts, prepared):
-        """``step_features`` that also returns its residuals: (new h (H, B), (d new h / d head
-        input (K, B), pre-activations and activations per backbone layer (units, B)))."""
+        """``step_features`` and its residuals: for each step d new h / d head input (K, B)
+        and the backbone's pre-activations, for the gradients its activations (units, B)."""
         y, zs, activations = self._layers(u, h, ts, prepared)
         parts = self._tail_parts(y, ts)
-        ff1, ff2, gate = parts
-        if self.mode == "no_gate":
-            new_h = ff1 + (0.5 + 0.5 * gate) * ff2
-        else:
-            new_h = ff1 * (0.5 - 0.5 * gate) + (0.5 + 0.5 * gate) * ff2
-        return new_h, (self._tail_jacobian(parts, ts), zs, activations)
+        new_h = self._combine(parts)
+        return new_h, new_h, [self._tail_jacobian(parts, ts)] + zs, activations
 
-    def residual_derivatives(self, zs, prepared):
-        """d activation / d pre-activation of whole stacks (T, units, B) at once."""
-        return [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
+    def residual_derivatives(self, step_residuals, prepared):
+        """[d new h / d head input, then d activation / d pre-activation per layer], for whole
+        stacks (T, F, B) at once."""
+        d_tail, *zs = step_residuals
+        return [d_tail] + [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
 
-    def residual_vjp(self, derivatives, ts, cotangent, prepared):
-        """A step's vjp for the cotangent (H, B) of its new state, from its slice of
-        ``residual_derivatives``: (d state (H, B), d input (P, B), d head input (K, B), d
-        pre-activation per layer (units, B))."""
-        d_tail, d_activations = derivatives
+    def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
+        """A step's vjp: (d previous state (H, B), d input (P, B), [d head input (K, B), d
+        pre-activation per layer (units, B)])."""
+        d_tail, *d_activations = derivatives
         _, _, state_weight, heads, hidden = prepared
-        weight = heads[0] if _unit(ts) else heads[2]
-        K, H = d_tail.shape[0], self.hidden_size
-        dy = (d_tail.reshape(K // H, H, -1) * cotangent).reshape(K, -1)
-        da = weight.T @ dy
-        dzs = [None] * len(d_activations)
-        for i in reversed(range(len(dzs))):
-            dzs[i] = d_activations[i] * da
-            if i > 0:
-                da = hidden[i - 1][0].T @ dzs[i]
-        return state_weight.T @ dzs[0], dzs[0], dy, dzs
+        dy = _rows_times(d_tail, d_out + d_state)
+        d_first, dzs = dy, []
+        if d_activations:
+            da = (heads[0] if _unit(ts) else heads[2]).T @ dy
+            dzs = [None] * len(d_activations)
+            for i in reversed(range(len(dzs))):
+                dzs[i] = d_activations[i] * da
+                if i > 0:
+                    da = hidden[i - 1][0].T @ dzs[i]
+            d_first = dzs[0]
+        return state_weight.T @ d_first, d_first, [dy] + dzs
 
-    def residual_gradients(self, ts, states, activations, dy, dzs, prepared):
-        """The gradient of ``prepared`` (its structure, None where there is none) from a whole
-        sequence, every array (features, N) with N = time x batch columns: previous states,
-        activations per layer and the cotangents ``residual_vjp`` gave (head input,
-        pre-activations per layer). One matrix product per weight."""
-
-        def summed(cotangent, inputs):  # sum over columns of cotangent inputs^T, and the bias's
-            return cotangent @ inputs.T, mx.sum(cotangent, axis=1, keepdims=True)
-
-        d_heads = summed(dy, activations[-1])
+    def residual_gradients(self, ts, states, activations, cotangents, prepared):
+        """The gradient of ``prepared`` (its structure, None where there is none) from (F, N)
+        columns, N = time x batch: previous states, activations, and the cotangents of
+        ``residual_vjp``. One matrix product per weight."""
+        dy, *dzs = cotangents
+        if not dzs:
+            return None, None, dy @ states.T, None, ()
+        d_heads = _summed(dy, activations[-1])
         d_heads = d_heads + (None, None) if _unit(ts) else (None, None) + d_heads
-        d_hidden = tuple(summed(dz, a) for dz, a in zip(dzs[1:], activations[:-1]))
-        return None, None, summed(dzs[0], states)[0], d_heads, d_hidden
+        d_hidden = tuple(_summed(dz, a) for dz, a in zip(dzs[1:], activations[:-1]))
+        return None, None, dzs[0] @ states.T, d_heads, d_hidden
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
@@ -425,8 +432,73 @@ class WiredCfCCell(nn.Module):
             out = out[: self.wiring.output_dim]
         return out.T, mx.concatenate(new_states, axis=0).T
 
+    # The residual protocol of ``CfCCell`` (see there), layer by layer: a layer's output is
+    # its new state, and the next layer's input.
+
+    @property
+    def residual_backward(self) -> bool:
+        return self.layer_0.mode != "pure"
+
+    def _offsets(self):
+        return np.cumsum(self.layer_sizes)[:-1].tolist()
+
+    def residual_step(self, u, h, ts, prepared):
+        """-> (out, new h, [d new layer state / d head input per layer], [each layer's input
+        after the first])."""
+        states = mx.split(h, self._offsets(), axis=0)
+        out, new_states, jacobians, layer_inputs = u, [], [], []
+        for i, (layer, state, weights) in enumerate(zip(self.layers, states, prepared)):
+            if i > 0:
+                layer_inputs.append(out)
+                out = mx.addmm(weights[1][:, None], weights[0], out)
+            parts = layer._tail_parts(layer._layers(out, state, ts, weights)[0], ts)
+            out = layer._combine(parts)
+            new_states.append(out)
+            jacobians.append(layer._tail_jacobian(parts, ts))
+        if self.motor_output:
+            out = out[: self.wiring.output_dim]
+        return out, mx.concatenate(new_states, axis=0), jacobians, layer_inputs
+
+    def residual_derivatives(self, step_residuals, prepared):
+        return step_residuals
+
+    def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
+        """-> (d previous state (units, B), d input (P, B), [d head input per layer])."""
+        d_states = mx.split(d_state, self._offsets(), axis=0)
+        if d_out.shape[0] < d_states[-1].shape[0]:  # motor_output: the first neurons
+            d_out = mx.concatenate([d_out, mx.zeros((d_states[-1].shape[0] - d_out.shape[0], d_out.shape[1]))])
+        d_states[-1] = d_states[-1] + d_out
+        d_previous, dys, carried = [None] * len(d_states), [None] * len(d_states), None
+        for i in reversed(range(len(d_states))):
+            dys[i] = _rows_times(derivatives[i], d_states[i] if carried is None else d_states[i] + carried)
+            d_previous[i] = prepared[i][2].T @ dys[i]
+            if i > 0:
+                carried = prepared[i][0].T @ dys[i]
+        return mx.concatenate(d_previous, axis=0), dys[0], dys
+
+    def residual_gradients(self, ts, states, layer_inputs, cotangents, prepared):
+        """Per layer (input weight, input bias, state weight) gradients; layer 0's input
+        weight and bias reach their gradients through ``project_input``."""
+        previous = mx.split(states, self._offsets(), axis=0)
+        gradients = [(None, None, cotangents[0] @ previous[0].T, None, ())]
+        for dy, state, inputs in zip(cotangents[1:], previous[1:], layer_inputs):
+            d_weight, d_bias = _summed(dy, inputs)
+            gradients.append((d_weight, d_bias[:, 0], dy @ state.T, None, ()))
+        return gradients
+
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
+
+
+def _rows_times(jacobian, cotangent):
+    """jacobian (k H, B) times cotangent (H, B) repeated k times along the rows."""
+    K, H = jacobian.shape[0], cotangent.shape[0]
+    return (jacobian.reshape(K // H, H, -1) * cotangent).reshape(K, -1)
+
+
+def _summed(cotangent, inputs):
+    """A layer's weight and bias (column) gradients from (F, N) columns."""
+    return cotangent @ inputs.T, mx.sum(cotangent, axis=1, keepdims=True)
 
 
 def _unit(ts) -> bool:
