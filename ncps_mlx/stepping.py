@@ -253,7 +253,10 @@ class Steps:
 
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
-            previous, step_residuals, gradient_residuals = self.kept.pop(int(outputs[0].item()))
+            kept = self.kept.pop(int(outputs[0].item()), None)
+            if kept is None:  # dropped (more than KEEP forward passes awaited their backward)
+                kept = self.kept.pop(int(forward(*primals)[-1].item()))
+            previous, step_residuals, gradient_residuals = kept
             steps = previous.shape[1]
             derivatives = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (step_residuals,), False)
             d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
@@ -285,7 +288,8 @@ class Steps:
     # Residuals of forward passes whose backward pass has not run yet, by token: they stay
     # on the worker thread, where they were made (passing them through the custom function's
     # outputs would copy them in and out of it: 100 MB, 0.1 s, for CfC at batch 1024 x 50).
-    # A forward pass that is never differentiated leaves its residuals; the oldest go first.
+    # A forward pass that is never differentiated leaves its residuals; beyond KEEP the oldest
+    # go, and a backward pass that finds its residuals gone runs its forward pass again.
     KEEP = 4
 
     def _keep(self, residuals) -> mx.array:
