@@ -17,8 +17,11 @@ names a separate BLAS. Two sources, in this order:
 * the ``scipy-openblas32`` wheel (a dependency of ncps-mlx on Linux), whose symbols all carry
   a ``scipy_`` prefix: a shim of one tail jump per function that libmlx.so or the bundled
   LAPACK takes from the bundled BLAS, assembled once by the C compiler (``cc``, which MLX's
-  CPU ``mx.compile`` needs too) and cached. Its idle threads are told to stop spinning after
-  ~1.6 ms (``OPENBLAS_THREAD_TIMEOUT``, set only while it loads), so they do not slow torch.
+  CPU ``mx.compile`` needs too) and cached.
+
+Either way the library's idle threads are told to stop spinning after ~1.6 ms
+(``OPENBLAS_THREAD_TIMEOUT``, set only while it loads), so that they take no core from torch
+or from MLX's own threads (``_short_spin``).
 
 Otherwise nothing changes. ``NCPS_MLX_BLAS=0`` turns it off (``=wheel`` skips the system
 library, for tests). ``status()`` says what happened; the first activation on a machine says
@@ -27,6 +30,7 @@ so once on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -84,7 +88,8 @@ def _accelerate() -> str:
         blas = None if choice == "wheel" else _find_blas()
         if blas is not None:
             shim, created = _shim_file(needed, blas, machine)
-            _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
+            with _short_spin():
+                _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
             _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
         else:
             wheel = _wheel_openblas()
@@ -94,19 +99,8 @@ def _accelerate() -> str:
                     "ncps-mlx on Linux) or OpenBLAS (apt install libopenblas0-pthread)"
                 )
             shim, created = _forwarding_shim(needed, wheel)
-            # This OpenBLAS's idle workers spin for ~2**28 cycles (0.1 s) by default, and that
-            # spinning slowed torch in the same process by half (W1 3140 -> 1430 seq/s). 2**22
-            # cycles (~1.6 ms) keeps MLX's back-to-back products warm and torch unaffected. The
-            # variable is read once, as the library loads, and only for the duration of the load.
-            previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
-            os.environ["OPENBLAS_THREAD_TIMEOUT"] = "22"
-            try:
+            with _short_spin():
                 _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
-            finally:
-                if previous is None:
-                    del os.environ["OPENBLAS_THREAD_TIMEOUT"]
-                else:
-                    os.environ["OPENBLAS_THREAD_TIMEOUT"] = previous
             blas = f"{wheel} (scipy-openblas32)"
     except (OSError, ValueError, struct.error, subprocess.SubprocessError) as error:
         return f"not used ({error})"
@@ -114,6 +108,25 @@ def _accelerate() -> str:
     if created:
         print(f"ncps_mlx: {message}", file=sys.stderr)
     return message
+
+
+@contextlib.contextmanager
+def _short_spin():
+    """OpenBLAS's idle workers spin for ~2**28 cycles (0.1 s) after each product by default.
+    That spinning slowed torch in the same process by half (W1 3140 -> 1430 seq/s), and on two
+    cores it took a core from MLX's own threads in one process out of two or three: CfC at
+    batch 8 ran at 80 or 170 seq/s by chance. 2**22 cycles (~1.6 ms) keeps MLX's back-to-back
+    products warm (10 runs out of 10 at 170). The variable is read once, as the library loads,
+    so it is set only for the duration of the load."""
+    previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "22"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["OPENBLAS_THREAD_TIMEOUT"]
+        else:
+            os.environ["OPENBLAS_THREAD_TIMEOUT"] = previous
 
 
 def _package_file(package: str, *parts: str):
