@@ -111,21 +111,26 @@ class Steps:
 
         return step
 
-    # Steps per compiled call of a forward pass: what a call costs besides its kernels
-    # (slicing, flattening the arguments, building the call's graph: ~12 us) is then paid
-    # once a chunk. CfC at batch 8, us a step, by chunk size 1 / 4 / 8 / 32: 58 / 45 / 42 /
-    # 44; wired CfC at batch 32 slows beyond 8 (112 / 107 / 110 / 142).
+    # Steps per compiled call of a forward pass, unless the cell says otherwise
+    # (``steps_per_call``): what a call costs besides its kernels (slicing, flattening the
+    # arguments, building the call's graph: ~12 us) is then paid once a chunk. CfC at batch 8,
+    # us a step, by chunk size 1 / 4 / 8 / 32: 58 / 45 / 42 / 44; wired CfC at batch 32 slows
+    # beyond 8 (112 / 107 / 110 / 142).
     CHUNK = 8
 
+    def chunk(self) -> int:
+        return getattr(self.model().rnn_cell, "steps_per_call", None) or self.CHUNK
+
     def run_forward(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=False):
-        """The loop, not differentiated, in compiled chunks of ``CHUNK`` steps (each chunk runs
+        """The loop, not differentiated, in compiled chunks of ``chunk()`` steps (each chunk runs
         ``time_loop``): -> (Y (B, T, F), h, c), h and c the last states (B, S), or with
         ``every_state`` every step's (B, T, S). c is None without mixed memory."""
         steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
         fixed_key = _Key(fixed)
         ys, hs, cs = [], [], []
-        for start in range(0, steps, self.CHUNK):
-            span = slice(start, min(start + self.CHUNK, steps))
+        chunk = self.chunk()
+        for start in range(0, steps, chunk):
+            span = slice(start, min(start + chunk, steps))
 
             def part(a):
                 return None if a is None else a[:, span]
