@@ -199,22 +199,31 @@ class LTCCell(nn.Module):
     def prepare(self):
         """Once per sequence: cm, gleak, gleak * vleak and the synapse terms, with the run-time
         constraint applied: (sigma, mu, w, w * erev) masked (S, S), or for a sparse wiring the
-        N existing synapses' sigma and mu (N,) and the (N, 2S) matrix that sums their
-        w * erev and w terms into each postsynaptic neuron."""
+        N existing synapses' (selection * sigma (S, N), -sigma mu (N,)) (or (sigma, mu) (N,) past
+        the selection's size limit) and the (N, 2S) matrix that sums their w * erev and w terms
+        into each postsynaptic neuron."""
         gleak = self._positive(self.gleak)
         synapses = self._synapses()
         if synapses is None:
             w = self._positive(self.w) * self.sparsity_mask
             terms = (self.sigma, self.mu, w, w * self.erev)
         else:
-            _, flat, one_hot = synapses
+            presynaptic, flat, one_hot = synapses
 
             def existing(a):
                 return mx.take(a.reshape(-1), flat)
 
             w = existing(self._positive(self.w)) * existing(self.sparsity_mask)
             to_post = mx.concatenate([one_hot * (w * existing(self.erev))[:, None], one_hot * w[:, None]], axis=1)
-            terms = (existing(self.sigma), existing(self.mu), to_post)
+            sigma, mu = existing(self.sigma), existing(self.mu)
+            if presynaptic.ndim == 2:
+                # sigma (v - mu) as one product, v @ (selection * sigma) - sigma mu: the
+                # sigmoid's argument then arrives contiguous, and its loops vectorise (with sigma
+                # and mu broadcast over the batch they ran scalar). It rounds v sigma and
+                # sigma mu apart, ~1e-7 off the reference's order.
+                terms = (presynaptic * sigma, -(sigma * mu), to_post)
+            else:
+                terms = (sigma, mu, to_post)
         return (self._positive(self.cm), gleak, gleak * self.vleak) + terms
 
     def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0, prepared=None):
@@ -228,9 +237,12 @@ class LTCCell(nn.Module):
             # The reference multiplies sigmoid, w, mask and erev per synapse in another order;
             # folding w * mask (* erev) once per sequence changes only the last bit.
             if sparse:
-                sigma, mu, to_post = synapse_terms
-                gathered = v @ presynaptic if presynaptic.ndim == 2 else mx.take(v, presynaptic, axis=1)
-                activation = fastmath.sigmoid(sigma * (gathered - mu))
+                first, second, to_post = synapse_terms
+                if presynaptic.ndim == 2:
+                    argument = mx.addmm(second, v, first)
+                else:
+                    argument = first * (mx.take(v, presynaptic, axis=1) - second)
+                activation = fastmath.sigmoid(argument)
                 numerator, denominator = mx.split(activation @ to_post, 2, axis=-1)
             else:
                 sigma, mu, w, w_erev = synapse_terms
