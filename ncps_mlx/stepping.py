@@ -7,17 +7,23 @@ Three ways to run the same loop (``time_loop``), chosen by ``SequenceModel``:
 
 * ``eager``: the step as written; for active dropout (random draws must not be frozen into
   a graph) and inside ``mx.vmap`` or an outer ``mx.compile``.
-* ``compiled``: each step is one compiled call (``Steps.forward``). Plain inference.
+* ``compiled``: compiled calls of a few steps each (``Steps.run_forward``). Plain inference.
 * ``differentiable``: under ``mx.grad``/``value_and_grad`` the model runs as one
   ``mx.custom_function`` over the whole sequence (``Steps.sequence``). MLX retraces any
   compiled function called while a gradient is being traced, so its forward loop and its
   backward pass run on a worker thread (MLX's tracing state is per thread) over evaluated
-  inputs, where the compiled functions come from the cache. The backward pass walks the
-  steps in reverse propagating only the state cotangents (a compiled vjp per step, which
-  recomputes that step), then gets the parameter and input gradients of all steps at once
-  from one vjp of the step over all batch x time rows: the step treats rows independently,
-  so that vjp is exactly the sum over time, done with a few large operations. Higher-order
-  gradients through this path are not supported.
+  inputs, where the compiled functions come from the cache. Two backward passes:
+
+  - residual (CfC cells, ``Steps._residual_pass``): the forward pass keeps what each step's
+    vjp needs (the protocol is in ``ncps_mlx.cells.cfc``), the reverse pass is a few matrix
+    products a step, and each weight gradient one product over all time x batch columns;
+  - generic (every other cell): the steps walked in reverse propagating only the state
+    cotangents (a compiled vjp per step, which recomputes that step), then the parameter and
+    input gradients of all steps at once from one vjp of the step over all batch x time
+    rows: the step treats rows independently, so that vjp is exactly the sum over time,
+    done with a few large operations.
+
+  Higher-order gradients through this path are not supported.
 
 A step function here takes flat lists of arrays ("leaves"): the fixed ones (parameters and
 the cell's ``prepare()`` output, the same at every step) and the step's own (input slice,
