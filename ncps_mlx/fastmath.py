@@ -11,13 +11,14 @@ synapse six times a step, so both are bound by them. Here
 with P and Q of degree 4: a rational fit of tanh(x) / x on [0, 7.9] (``tools/fit_tanh.py``
 makes the coefficients and the clip; in float64 the fit is within 1e-8). The clip is the
 largest float below which the float32 ratio never exceeds 1 (checked at every float) and at
-which it is 1 - 6e-8, so saturated values are off by about one ulp (tanh(8.022) = 1 - 2.1e-7). Eigen, and so TensorFlow/XLA on
-CPU, uses the same kind of approximation. Evaluated in float32 the absolute error is <= 4e-7
-over the whole float range (mx.tanh: ~9e-8; ``tests/test_fastmath.py`` sweeps every
-binade), relative <= 4e-7 down to |x| = 3e-39, below which tanh(x) is flushed to a zero of
-x's sign. ``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)``: absolute error <= 2e-7; it is 3e-8 (not
-~1e-38) in the far negative tail, where only absolute error matters to the models. NaN stays
-NaN, +-inf give +-1; |tanh| never exceeds 1.
+which it is 1 - 6e-8, so saturated values are off by about one ulp (tanh(8.022) =
+1 - 2.1e-7). Eigen, and so TensorFlow/XLA on CPU, uses the same kind of approximation.
+Evaluated in float32 the absolute error is <= 4e-7 over the whole float range (mx.tanh:
+~9e-8; ``tests/test_fastmath.py`` sweeps every binade), relative <= 4e-7 down to
+|x| = 3e-39; below that the vectorised form (arrays of ``SMALL`` elements or more) flushes
+tanh(x) to a zero of x's sign. ``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)``: absolute error
+<= 2e-7; it is 3e-8 (not ~1e-38) in the far negative tail, where only absolute error
+matters to the models. NaN stays NaN, +-inf give +-1; |tanh| never exceeds 1.
 
 How it is written is dictated by the loops MLX generates for a compiled function and by the
 depth at which it cuts them:
