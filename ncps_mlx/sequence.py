@@ -132,9 +132,11 @@ class SequenceModel(nn.Module):
             prepared = self.rnn_cell.prepare()
             lstm_prepared = self.lstm.prepare() if self.use_mixed else None
 
-            if mode == "differentiable":
-                fixed_leaves, sequence_leaves = [], []
+            if mode != "eager":
+                fixed_leaves = []
                 fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
+            if mode == "differentiable":
+                sequence_leaves = []
                 features_first = cell_inputs is not None and getattr(self.rnn_cell, "features_first_inputs", False)
                 inputs = cell_inputs.transpose(1, 2, 0) if features_first else cell_inputs
                 sequence_args = stepping.flatten((inputs, lstm_inputs, h, c, ts), sequence_leaves)
@@ -143,8 +145,6 @@ class SequenceModel(nn.Module):
                 c = result[2][:, -1] if c is not None else None
                 y = outs if self.return_sequences else outs[:, -1]
             elif mode == "compiled":
-                fixed_leaves = []
-                fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
                 y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts)
                 y = y if self.return_sequences else y[:, -1]
             else:

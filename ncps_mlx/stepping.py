@@ -55,7 +55,7 @@ def time_loop(step, cell_inputs, lstm_inputs, h, c, ts):
     steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
     outs, hs, cs = [], [], []
     for t in range(steps):
-        ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t])
+        ts_t = timespan_at(ts, t)
         u_t = None if cell_inputs is None else cell_inputs[:, t]
         lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
         out, h, c = step(u_t, lstm_u_t, h, c, ts_t)
@@ -249,7 +249,7 @@ class Steps:
             for t in range(cell_inputs.shape[1]):
                 args = (cell_inputs[:, t].T, state, _feature_timespan(ts, t))
                 out, state, per_step, per_gradient = self._cell_call("residual_step", fixed, fixed_key, fixed_leaves, args, True, flat=False)
-                outs.append(out.T)
+                outs.append(None if out is state else out.T)
                 states.append(state)
                 step_residuals.append(per_step)
                 gradient_residuals.append(per_gradient)
@@ -260,21 +260,29 @@ class Steps:
                 [mx.stack(r) for r in zip(*step_residuals)],
                 [mx.stack(r, axis=1) for r in zip(*gradient_residuals)],
             )
-            return mx.stack(outs, axis=1), mx.stack([s.T for s in states[1:]], axis=1), self._keep(kept)
+            hs = mx.stack([s.T for s in states[1:]], axis=1)
+            # A CfC's output is its state: one transposing stack, and a plain copy of it (the
+            # custom function's outputs must be distinct arrays).
+            ys = hs + 0.0 if outs[0] is None else mx.stack(outs, axis=1)
+            return ys, hs, self._keep((outs[0] is None,) + kept)
 
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
             kept = self.kept.pop(int(outputs[0].item()), None)
             if kept is None:  # dropped (more than KEEP forward passes awaited their backward)
                 kept = self.kept.pop(int(forward(*primals)[-1].item()))
-            previous, step_residuals, gradient_residuals = kept
+            output_is_state, previous, step_residuals, gradient_residuals = kept
             steps = previous.shape[1]
             derivatives = self._cell_call("residual_derivatives", fixed, fixed_key, fixed_leaves, (step_residuals,), False)
-            d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
+            if output_is_state:  # one cotangent, summed once rather than at every step
+                d_outs, d_states = None, (cotangents[0] + cotangents[1]).transpose(1, 2, 0)
+            else:
+                d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
             dh = mx.zeros_like(h0.T)
             d_inputs, per_step = [None] * steps, [None] * steps
             for t in reversed(range(steps)):
-                args = ([d[t] for d in derivatives], _feature_timespan(ts, t), d_outs[t], d_states[t] + dh)
+                d_out = 0.0 if d_outs is None else d_outs[t]
+                args = ([d[t] for d in derivatives], _feature_timespan(ts, t), d_out, d_states[t] + dh)
                 dh, d_inputs[t], per_step[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False, flat=False)
 
             def columns(a):  # (F, T, B) -> (F, T x B)
@@ -352,7 +360,7 @@ class Steps:
                     None if lstm_inputs is None else lstm_inputs[:, t],
                     h0 if t == 0 else hs[:, t - 1],
                     (c0 if t == 0 else cs[:, t - 1]) if mixed else None,
-                    1.0 if ts is None else (ts if ts.ndim < 3 else ts[:, t]),
+                    timespan_at(ts, t),
                 )
 
             def by_time(per_step, like):
@@ -493,11 +501,18 @@ def _zeros_where_none(like, gradients):
     return like
 
 
-def _feature_timespan(ts, t):
-    """Step t's timespan for a feature-major step: 1.0, a 0-d array, or (1, B)."""
+def timespan_at(ts, t):
+    """Step t's timespan from the loop's ts (None, a 0-d array, or (B, T, 1)): 1.0, the 0-d
+    array, or (B, 1)."""
     if ts is None:
         return 1.0
-    return ts if ts.ndim < 3 else ts[:, t].T
+    return ts if ts.ndim < 3 else ts[:, t]
+
+
+def _feature_timespan(ts, t):
+    """Step t's timespan for a feature-major step: 1.0, a 0-d array, or (1, B)."""
+    ts_t = timespan_at(ts, t)
+    return ts_t.T if isinstance(ts_t, mx.array) and ts_t.ndim == 2 else ts_t
 
 
 def _vjp(function, primals, cotangents):

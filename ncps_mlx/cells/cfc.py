@@ -286,7 +286,8 @@ class CfCCell(nn.Module):
     # array feature-major (features, B):
     #   residual_step(u, h, ts, prepared) -> (out, new h, step residuals, gradient residuals)
     #   residual_derivatives(step residuals stacked (T, F, B), prepared) -> per-step arrays
-    #   residual_vjp(their step t, ts, d out, d new h, prepared) -> (d h, d u, cotangents)
+    #   residual_vjp(their step t, ts, d out, d new h, prepared) -> (d h, d u, cotangents);
+    #       d out is 0.0 when the output is the new state (the state's cotangent has it)
     #   residual_gradients(ts, previous states, gradient residuals, cotangents, prepared)
     #       -> the gradient of ``prepared``, from (F, T x B) columns.
 
@@ -418,18 +419,30 @@ class WiredCfCCell(nn.Module):
         Computed feature-major, as ``CfCCell.step_features``: each layer's state is then a
         block of rows."""
         prepared = self.prepare() if prepared is None else prepared
-        ts = _features_first(ts)
-        states = mx.split(h.T, self._offsets(), axis=0)
-        new_states = []
-        out, state = self.layer_0.step_features(u.T, states[0], ts, prepared[0])
-        new_states.append(state)
-        for layer, state, weights in zip(self.layers[1:], states[1:], prepared[1:]):
-            input_weight, bias = weights[:2]
-            out, state = layer.step_features(mx.addmm(bias[:, None], input_weight, out), state, ts, weights)
-            new_states.append(state)
+        out, h, _, _ = self._walk(u.T, h.T, _features_first(ts), prepared, residuals=False)
+        return out.T, h.T
+
+    def _walk(self, u, h, ts, prepared, residuals):
+        """The layers in turn, feature-major: (out, new h, [d new layer state / d head input
+        per layer], [each layer's input after the first]); the two lists only with
+        ``residuals``."""
+        states = mx.split(h, self._offsets(), axis=0)
+        out, new_states, jacobians, layer_inputs = u, [], [], []
+        for i, (layer, state, weights) in enumerate(zip(self.layers, states, prepared)):
+            if i > 0:
+                layer_inputs.append(out)
+                out = mx.addmm(weights[1][:, None], weights[0], out)
+            y = layer._layers(out, state, ts, weights)[0]
+            if residuals:  # not pure mode (``residual_backward``)
+                parts = layer._tail_parts(y, ts)
+                out = layer._combine(parts)
+                jacobians.append(layer._tail_jacobian(parts, ts))
+            else:
+                out = layer._tail(y, ts)
+            new_states.append(out)
         if self.motor_output:
             out = out[: self.wiring.output_dim]
-        return out.T, mx.concatenate(new_states, axis=0).T
+        return out, mx.concatenate(new_states, axis=0), jacobians, layer_inputs
 
     # The residual protocol of ``CfCCell`` (see there), layer by layer: a layer's output is
     # its new state, and the next layer's input.
@@ -444,19 +457,7 @@ class WiredCfCCell(nn.Module):
     def residual_step(self, u, h, ts, prepared):
         """-> (out, new h, [d new layer state / d head input per layer], [each layer's input
         after the first])."""
-        states = mx.split(h, self._offsets(), axis=0)
-        out, new_states, jacobians, layer_inputs = u, [], [], []
-        for i, (layer, state, weights) in enumerate(zip(self.layers, states, prepared)):
-            if i > 0:
-                layer_inputs.append(out)
-                out = mx.addmm(weights[1][:, None], weights[0], out)
-            parts = layer._tail_parts(layer._layers(out, state, ts, weights)[0], ts)
-            out = layer._combine(parts)
-            new_states.append(out)
-            jacobians.append(layer._tail_jacobian(parts, ts))
-        if self.motor_output:
-            out = out[: self.wiring.output_dim]
-        return out, mx.concatenate(new_states, axis=0), jacobians, layer_inputs
+        return self._walk(u, h, ts, prepared, residuals=True)
 
     def residual_derivatives(self, step_residuals, prepared):
         return step_residuals
