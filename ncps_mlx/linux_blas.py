@@ -134,8 +134,13 @@ def _package_file(package: str, *parts: str):
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
-    return path if path.exists() else None
+    # mlx is a namespace package: any folder named mlx earlier on sys.path (MLX's own JIT
+    # cache, /tmp/mlx, when a script runs from /tmp) is one of its locations too.
+    for location in spec.submodule_search_locations:
+        path = Path(location).joinpath(*parts)
+        if path.exists():
+            return path
+    return None
 
 
 def _cache_dir() -> Path:

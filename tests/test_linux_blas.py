@@ -36,9 +36,9 @@ def test_shim_loads_and_brings_its_dependency():
         assert hasattr(handle, "cos")  # found through the shim's DT_NEEDED
 
 
-def run(code: str, **env) -> dict:
+def run(code: str, cwd=None, **env) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **env}, cwd=cwd
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -67,6 +67,16 @@ def test_status_and_scope():
     assert late["status"].startswith("mlx.core was imported before ncps_mlx")
     if linux_blas._find_blas() is not None:
         assert default["status"].startswith("MLX matrix products use")
+
+
+@linux
+def test_a_folder_named_mlx_on_the_path_does_not_hide_libmlx(tmp_path):
+    # MLX's CPU compiler caches kernels in /tmp/mlx; mlx is a namespace package, so a script
+    # run from /tmp saw that folder as mlx's first location and found no libmlx.so there.
+    (tmp_path / "mlx" / "0.32.4" / "cpu").mkdir(parents=True)
+    from_there = run(PROBE.format(first="import ncps_mlx"), cwd=tmp_path, NCPS_MLX_BLAS="1")
+    assert from_there["status"] == run(PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="1")["status"]
+    assert from_there["status"] != "libmlx.so names no separate BLAS library"
 
 
 TORCH_PROBE = """
