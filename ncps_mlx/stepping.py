@@ -129,40 +129,77 @@ class Steps:
 
     def run_forward(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=False):
         """The loop, not differentiated, in compiled chunks of ``chunk()`` steps (each chunk runs
-        ``time_loop``): -> (Y (B, T, F), h, c), h and c the last states (B, S), or with
-        ``every_state`` every step's (B, T, S). c is None without mixed memory."""
-        steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
+        ``time_loop``, or a cell's ``step_features`` feature-major): -> (Y (B, T, F), h, c), h
+        and c the last states (B, S), or with ``every_state`` every step's (B, T, S). c is None
+        without mixed memory."""
+        cell = self.model().rnn_cell
+        if lstm_inputs is None and cell_inputs is not None and getattr(cell, "features_first_inputs", False):
+            # Feature-major from end to end: each step's input is a contiguous (P, B) block and
+            # the state stays (H, B), where batch-major every step transposed its input, its
+            # state and its output (CfC at batch 8: 13 dispatched operations a step, not 17).
+            if ts is not None and ts.ndim == 3:
+                ts = ts[:, :, 0].T[:, None, :]  # (T, 1, B)
+            y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
+                                        every_state, features_first=True)  # fmt: skip
+            h = states[0].transpose(2, 0, 1) if every_state else h.T
+            return y.transpose(2, 0, 1), h, None
+        y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state)
+        c = states[1] if every_state else states
+        return y, (states[0] if every_state else h), c
+
+    def _chunks(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state, features_first=False):
+        """The compiled chunks in turn, along the time axis (0 when ``features_first``, else 1):
+        -> (outputs, last h, (every h, every c) if ``every_state`` else last c)."""
+        axis = 0 if features_first else 1
+        steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[axis]
         fixed_key = _Key(fixed)
         ys, hs, cs = [], [], []
         chunk = self.chunk()
         for start in range(0, steps, chunk):
-            span = slice(start, min(start + chunk, steps))
+            span = (slice(None),) * axis + (slice(start, min(start + chunk, steps)),)
 
             def part(a):
-                return None if a is None else a[:, span]
+                return None if a is None else a[span]
 
             leaves = list(fixed_leaves)
             structure = _flatten((part(cell_inputs), part(lstm_inputs), h, c, ts if ts is None or ts.ndim < 3 else part(ts)), leaves)
-            compiled = self._cached(
-                ("chunk", fixed_key, structure, every_state), lambda: mx.compile(self._chunk(fixed, structure, every_state))
-            )
+            key = ("chunk", fixed_key, structure, every_state, features_first)
+            compiled = self._cached(key, lambda: mx.compile(self._chunk(fixed, structure, every_state, features_first)))
             y, h, *rest = compiled(*leaves)
             c = rest.pop(0) if c is not None else None
             ys.append(y)
             if every_state:
                 hs.append(rest.pop(0))
                 cs.append(rest.pop(0) if c is not None else None)
-        if every_state:
-            h, c = mx.concatenate(hs, axis=1), (mx.concatenate(cs, axis=1) if c is not None else None)
-        return (ys[0] if len(ys) == 1 else mx.concatenate(ys, axis=1)), h, c
 
-    def _chunk(self, fixed, structure, every_state):
-        """A chunk of steps as a function of leaves -> [Y, h, (c,) (H, (C,))]."""
+        def joined(parts):
+            return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
+        states = (joined(hs), joined(cs) if c is not None else None) if every_state else c
+        return joined(ys), h, states
+
+    def _chunk(self, fixed, structure, every_state, features_first):
+        """A chunk of steps as a function of leaves -> [Y, h, (c,) (H, (C,))]; time is axis 0
+        of Y and H when ``features_first``, else axis 1."""
 
         def chunk(*leaves):
             leaves = iter(leaves)
             with self._model_from(fixed, leaves, inline=True) as (this, prepared, lstm_prepared):
                 cell_inputs, lstm_inputs, h, c, ts = _unflatten(structure, leaves)
+                if features_first:
+                    # Rows of a 2-D array: a step's input is then one slice, where indexing the
+                    # (n, P, B) chunk is a gather and a squeeze, and the steps join in one
+                    # concatenation, where stacking expands each first.
+                    steps, P, B = cell_inputs.shape
+                    rows = cell_inputs.reshape(steps * P, B)
+                    outs, hs = [], []
+                    for t in range(steps):
+                        ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[t])
+                        out, h = this.rnn_cell.step_features(rows[t * P : (t + 1) * P], h, ts_t, prepared)
+                        outs.append(out)
+                        hs.append(h)
+                    result = [_join_rows(outs), h]
+                    return result + [_join_rows(hs)] if every_state else result
 
                 def step(u, lstm_u, h, c, ts_t):
                     return this._step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
@@ -499,6 +536,11 @@ def _zeros_where_none(like, gradients):
         parts = [None] * len(like) if gradients is None else gradients
         return type(like)(_zeros_where_none(v, g) for v, g in zip(like, parts))
     return like
+
+
+def _join_rows(arrays):
+    """n arrays (F, B) -> (n, F, B), as one concatenation."""
+    return mx.concatenate(arrays, axis=0).reshape(len(arrays), *arrays[0].shape)
 
 
 def timespan_at(ts, t):

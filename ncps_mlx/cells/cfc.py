@@ -418,9 +418,14 @@ class WiredCfCCell(nn.Module):
         """u (B, P), h (B, units), ts float or (B, 1) -> (output (B, F), new state (B, units)).
         Computed feature-major, as ``CfCCell.step_features``: each layer's state is then a
         block of rows."""
-        prepared = self.prepare() if prepared is None else prepared
-        out, h, _, _ = self._walk(u.T, h.T, _features_first(ts), prepared, residuals=False)
+        out, h = self.step_features(u.T, h.T, _features_first(ts), prepared)
         return out.T, h.T
+
+    def step_features(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+        """The step feature-major: u (P, B), h (units, B), ts a float or (1, B) -> (output
+        (F, B), new state (units, B))."""
+        prepared = self.prepare() if prepared is None else prepared
+        return self._walk(u, h, ts, prepared, residuals=False)[:2]
 
     def _walk(self, u, h, ts, prepared, residuals):
         """The layers in turn, feature-major: (out, new h, [d new layer state / d head input
