@@ -5,10 +5,12 @@
     y, h = model(x)            # x: (batch, time, 20) -> y: (batch, time, 4), h: (batch, 32)
 """
 
-from . import linux_blas
+from . import cpu_kernels, linux_blas
 
 # Before anything imports mlx.core: give MLX a fast BLAS on Linux, privately (linux_blas).
 linux_blas.accelerate()
+# Before any kernel is compiled: MLX's fused CPU kernels built for AVX2 where it has it.
+cpu_kernels.enable()
 
 from . import wirings  # noqa: E402
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell  # noqa: E402
@@ -19,6 +21,7 @@ from .sequence import SequenceModel  # noqa: E402
 from .stack import Stack  # noqa: E402
 
 blas_status = linux_blas.status
+kernel_status = cpu_kernels.status
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ __all__ = [
     "export_onnx",
     "Stack",
     "blas_status",
+    "kernel_status",
     "wirings",
     "__version__",
 ]
