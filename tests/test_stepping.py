@@ -208,12 +208,15 @@ RESIDUAL_MODELS = {
 }
 
 
+@pytest.mark.parametrize("columns", [1024, 6], ids=["one_gradient_block", "blocks_of_1_and_2_steps"])
 @pytest.mark.parametrize("timespans", [False, True], ids=["unit_timespan", "timespans"])
 @pytest.mark.parametrize("name", sorted(RESIDUAL_MODELS))
-def test_residual_backward_matches_eager_gradients(name, timespans, monkeypatch):
+def test_residual_backward_matches_eager_gradients(name, timespans, columns, monkeypatch):
     """A CfC backpropagates from the residuals its forward pass saved (no step is
     recomputed): every gradient, the input's and the initial state's included, must equal
-    plain MLX autodiff of the eager loop."""
+    plain MLX autodiff of the eager loop. The weight gradients are summed over blocks of
+    steps: with 6 columns at batch 3, blocks of 2 steps and a last one of 1."""
+    monkeypatch.setattr(stepping.Steps, "GRADIENT_COLUMNS", columns)
     taken = []
     original = stepping.Steps._residual_pass
     monkeypatch.setattr(stepping.Steps, "_residual_pass", lambda self, *a: taken.append(1) or original(self, *a))

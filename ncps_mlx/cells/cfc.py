@@ -284,12 +284,12 @@ class CfCCell(nn.Module):
     # step is matrix products between elementwise functions, so its vjp needs only what the
     # forward pass computed, where a generic vjp recomputes the step. The protocol, every
     # array feature-major (features, B):
-    #   residual_step(u, h, ts, prepared) -> (out, new h, step residuals, gradient residuals)
-    #   residual_derivatives(step residuals stacked (T, F, B), prepared) -> per-step arrays
-    #   residual_vjp(their step t, ts, d out, d new h, prepared) -> (d h, d u, cotangents);
+    #   residual_step(u, h, ts, prepared) -> (out, new h, step residuals, gradient residuals):
+    #       the step residuals are the derivatives that step's vjp needs
+    #   residual_vjp(step residuals, ts, d out, d new h, prepared) -> (d h, d u, cotangents);
     #       d out is 0.0 when the output is the new state (the state's cotangent has it)
     #   residual_gradients(ts, previous states, gradient residuals, cotangents, prepared)
-    #       -> the gradient of ``prepared``, from (F, T x B) columns.
+    #       -> the gradient of ``prepared``, from (F, N) columns of N = steps x B.
 
     @property
     def residual_backward(self) -> bool:
@@ -298,18 +298,17 @@ class CfCCell(nn.Module):
         return self.backbone_layers > 0 and self.mode != "pure" and self.dropout is None
 
     def residual_step(self, u, h, ts, prepared):
-        """``step_features`` and its residuals: for each step d new h / d head input (K, B)
-        and the backbone's pre-activations, for the gradients its activations (units, B)."""
+        """``step_features`` and its residuals: for the vjp d new h / d head input (K, B) and
+        d activation / d pre-activation per backbone layer (units, B), for the gradients the
+        activations (units, B)."""
         y, zs, activations = self._layers(u, h, ts, prepared)
         parts = self._tail_parts(y, ts)
         new_h = self._combine(parts)
-        return new_h, new_h, [self._tail_jacobian(parts, ts)] + zs, activations
-
-    def residual_derivatives(self, step_residuals, prepared):
-        """[d new h / d head input, then d activation / d pre-activation per layer], for whole
-        stacks (T, F, B) at once."""
-        d_tail, *zs = step_residuals
-        return [d_tail] + [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
+        # Through tanh/sigmoid's own gradient (``fastmath``: 1 - t^2 of its output), not the
+        # derivative of the inline rational that the forward pass traced.
+        with fastmath.custom_gradients():
+            d_activations = [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
+        return new_h, new_h, [self._tail_jacobian(parts, ts)] + d_activations, activations
 
     def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
         """A step's vjp: (d previous state (H, B), d input (P, B), [d head input (K, B), d
@@ -330,7 +329,7 @@ class CfCCell(nn.Module):
 
     def residual_gradients(self, ts, states, activations, cotangents, prepared):
         """The gradient of ``prepared`` (its structure, None where there is none) from (F, N)
-        columns, N = time x batch: previous states, activations, and the cotangents of
+        columns, N = steps x batch: previous states, activations, and the cotangents of
         ``residual_vjp``. One matrix product per weight."""
         dy, *dzs = cotangents
         if not dzs:
@@ -463,9 +462,6 @@ class WiredCfCCell(nn.Module):
         """-> (out, new h, [d new layer state / d head input per layer], [each layer's input
         after the first])."""
         return self._walk(u, h, ts, prepared, residuals=True)
-
-    def residual_derivatives(self, step_residuals, prepared):
-        return step_residuals
 
     def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
         """-> (d previous state (units, B), d input (P, B), [d head input per layer])."""
