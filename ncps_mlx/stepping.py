@@ -136,7 +136,7 @@ class Steps:
         if lstm_inputs is None and cell_inputs is not None and getattr(cell, "features_first_inputs", False):
             # Feature-major from end to end: each step's input is a contiguous (P, B) block and
             # the state stays (H, B), where batch-major every step transposed its input, its
-            # state and its output (CfC at batch 8: 13 dispatched operations a step, not 17).
+            # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
             if ts is not None and ts.ndim == 3:
                 ts = ts[:, :, 0].T[:, None, :]  # (T, 1, B)
             y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
