@@ -136,13 +136,19 @@ _mode = threading.local()
 
 
 @contextlib.contextmanager
-def _using(mode: str):
-    previous = getattr(_mode, "value", "fast")
-    _mode.value = mode
+def _using(new_mode: str):
+    previous = mode()
+    _mode.value = new_mode
     try:
         yield
     finally:
         _mode.value = previous
+
+
+def mode() -> str:
+    """This thread's mode: "fast" (the rational with its custom gradient, the default),
+    "inline" (``inline_functions``) or "exact" (``exact_functions``)."""
+    return getattr(_mode, "value", "fast")
 
 
 def exact_functions(enabled: bool = True):
@@ -172,15 +178,15 @@ def inline_functions():
 
 def tanh(x: mx.array) -> mx.array:
     """Elementwise tanh of a float32 array of any shape; see the module docstring."""
-    mode = getattr(_mode, "value", "fast")
-    if mode == "fast":
+    current = mode()
+    if current == "fast":
         return _fast_tanh[x.size < SMALL](x)
-    return rational_tanh(x) if mode == "inline" else mx.tanh(x)
+    return rational_tanh(x) if current == "inline" else mx.tanh(x)
 
 
 def sigmoid(x: mx.array) -> mx.array:
     """Elementwise logistic sigmoid of a float32 array of any shape; see the module docstring."""
-    mode = getattr(_mode, "value", "fast")
-    if mode == "fast":
+    current = mode()
+    if current == "fast":
         return _fast_sigmoid[x.size < SMALL](x)
-    return rational_sigmoid(x) if mode == "inline" else mx.sigmoid(x)
+    return rational_sigmoid(x) if current == "inline" else mx.sigmoid(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
@@ -137,19 +139,16 @@ class LTCCell(nn.Module):
         """(..., I) -> (..., 2S): the sensory synapses' numerator and denominator terms.
 
         They depend on the input only, so they are computed once per sequence rather than
-        once per step.
+        once per step, as one (..., I, S) tensor in a compiled function whose elementwise
+        operations fuse (W3, batch 32 x 100: 90 ms as separate operations, 8 compiled). The
+        (I, S) weights are made outside it: inside, MLX would fuse their softplus into the big
+        loop and evaluate it for every element (67 ms).
         """
-        if self.input_mapping in ("affine", "linear"):
-            x = x * self.input_w
-        if self.input_mapping == "affine":
-            x = x + self.input_b
-        activation = self._positive(self.sensory_w) * fastmath.sigmoid(
-            self.sensory_sigma * (x[..., :, None] - self.sensory_mu)
-        )
-        activation = activation * self.sensory_sparsity_mask
-        numerator = mx.sum(activation * self.sensory_erev, axis=-2)
-        denominator = mx.sum(activation, axis=-2)
-        return mx.concatenate([numerator, denominator], axis=-1)
+        w = self._positive(self.sensory_w) * self.sensory_sparsity_mask
+        mapping = [self.input_w] if self.input_mapping in ("affine", "linear") else []
+        mapping += [self.input_b] if self.input_mapping == "affine" else []
+        terms = _sensory_terms(fastmath.mode())
+        return terms(x, self.sensory_sigma, self.sensory_mu, w * self.sensory_erev, w, *mapping)
 
     # With at most this fraction of the S x S synapses present (NCP/AutoNCP wirings keep ~12%)
     # the step computes only the existing ones; denser wirings use the dense tensors.
@@ -263,3 +262,23 @@ class LTCCell(nn.Module):
 
     def __call__(self, x: mx.array, v: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), v, ts)
+
+
+@functools.lru_cache(maxsize=None)
+def _sensory_terms(mode):
+    """``LTCCell.project_input`` as a function of its arrays: x (..., I), sigma and mu (I, S),
+    the masked weights times erev and alone (I, S), then the input mapping's scale and shift
+    if it has them. Compiled, except in fastmath's "exact" mode (under ``mx.vmap`` or an outer
+    ``mx.compile``, where compiling gains nothing); one per mode, as a compiled function keeps
+    the tanh/sigmoid it was traced with. The reference multiplies sigmoid, w, mask and erev
+    in another order; folding them first changes only the last bit."""
+
+    def terms(x, sigma, mu, w_erev, w, input_w=None, input_b=None):
+        if input_w is not None:
+            x = x * input_w
+        if input_b is not None:
+            x = x + input_b
+        activation = fastmath.sigmoid(sigma * (x[..., :, None] - mu))
+        return mx.concatenate([mx.sum(activation * w_erev, axis=-2), mx.sum(activation * w, axis=-2)], axis=-1)
+
+    return terms if mode == "exact" else mx.compile(terms)
