@@ -63,10 +63,9 @@ def _enable() -> str:
     missing = [flag for flag in NEEDED if flag not in cpu_flags()]
     if missing:
         return f"the processor lacks {', '.join(missing)}: MLX builds its kernels as it always does"
-    compiler = shutil.which("g++")
+    compiler = find_compiler()
     if compiler is None:
         return "no g++ on PATH (mx.compile on the CPU needs one too)"
-    compiler = os.path.realpath(compiler)
     try:
         folder, created = _script_folder(compiler)
     except OSError as error:
@@ -78,6 +77,17 @@ def _enable() -> str:
     if created:
         print(f"ncps_mlx: {message}", file=sys.stderr)
     return message
+
+
+def find_compiler(path=None):
+    """The ``g++`` that PATH names, past any script of this module's (a child process
+    inherits its parent's), as PATH names it: a symlink is kept, not resolved, as ccache's
+    ``g++ -> ccache`` works only under its own name. None if there is none."""
+    path = os.environ.get("PATH", "") if path is None else path
+    ours = str(_cache_dir())
+    kept = [entry for entry in path.split(os.pathsep) if entry and not os.path.abspath(entry).startswith(ours)]
+    found = shutil.which("g++", path=os.pathsep.join(kept))
+    return None if found is None else os.path.abspath(found)
 
 
 def cpu_flags() -> set:

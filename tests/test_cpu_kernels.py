@@ -123,3 +123,19 @@ def test_script_quotes_the_compiler_and_adds_flags_only_for_mlx_kernels():
     assert text.rstrip().endswith("exec '/opt/my tools/g++' \"$@\"")
     assert 'if [ "${NCPS_MLX_AVX2:-1}" = 0 ]; then exec \'/opt/my tools/g++\' "$@"; fi' in text
     assert "*/mlx/*/cpu/*.cpp)" in text
+
+
+def test_compiler_found_past_our_scripts_and_by_its_own_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ours = cpu_kernels._cache_dir() / "0123456789abcdef"
+    ccache = tmp_path / "bin" / "ccache"
+    for folder in (ours, tmp_path / "lib" / "ccache", ccache.parent):
+        folder.mkdir(parents=True)
+    (ours / "g++").write_text("#!/bin/sh\n")
+    ccache.write_text("#!/bin/sh\n")
+    for script in (ours / "g++", ccache):
+        script.chmod(0o755)
+    (tmp_path / "lib" / "ccache" / "g++").symlink_to(ccache)  # as Debian's ccache package does
+    path = os.pathsep.join([str(ours), str(tmp_path / "lib" / "ccache"), str(ccache.parent)])
+    assert cpu_kernels.find_compiler(path) == str(tmp_path / "lib" / "ccache" / "g++")
+    assert cpu_kernels.find_compiler(str(ours)) is None
