@@ -165,6 +165,10 @@ class Steps:
             structure = _flatten((part(cell_inputs), part(lstm_inputs), h, c, ts if ts is None or ts.ndim < 3 else part(ts)), leaves)
             key = ("chunk", fixed_key, structure, every_state, features_first)
             compiled = self._cached(key, lambda: mx.compile(self._chunk(fixed, structure, every_state, features_first)))
+            if features_first and not every_state:  # each step's output, then the last state
+                *outputs, h = compiled(*leaves)
+                ys += outputs if len(outputs) == span[axis].stop - start else outputs + [h]
+                continue
             y, h, *rest = compiled(*leaves)
             c = rest.pop(0) if c is not None else None
             ys.append(y)
@@ -176,6 +180,10 @@ class Steps:
             return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
         states = (joined(hs), joined(cs) if c is not None else None) if every_state else c
+        if features_first and not every_state:
+            # One concatenation of every step's output, where joining each chunk's and then
+            # the chunks copied the outputs twice (CfC at batch 1024 x 50: 13 MB).
+            return _join_rows(ys), h, states
         return joined(ys), h, states
 
     def _chunk(self, fixed, structure, every_state, features_first):
@@ -198,8 +206,9 @@ class Steps:
                         out, h = this.rnn_cell.step_features(rows[t * P : (t + 1) * P], h, ts_t, prepared)
                         outs.append(out)
                         hs.append(h)
-                    result = [_join_rows(outs), h]
-                    return result + [_join_rows(hs)] if every_state else result
+                    if not every_state:  # the state once: it is often the last output too
+                        return outs if outs[-1] is h else outs + [h]
+                    return [_join_rows(outs), h, _join_rows(hs)]
 
                 def step(u, lstm_u, h, c, ts_t):
                     return this._step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
