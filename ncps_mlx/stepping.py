@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import queue
 import threading
 import weakref
@@ -137,8 +138,7 @@ class Steps:
             # Feature-major from end to end: each step's input is a contiguous (P, B) block and
             # the state stays (H, B), where batch-major every step transposed its input, its
             # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
-            if ts is not None and ts.ndim == 3:
-                ts = ts[:, :, 0].T[:, None, :]  # (T, 1, B)
+            ts = _features_timespans(ts)
             y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
                                         every_state, features_first=True)  # fmt: skip
             h = states[0].transpose(2, 0, 1) if every_state else h.T
@@ -202,8 +202,7 @@ class Steps:
                     rows = cell_inputs.reshape(steps * P, B)
                     outs, hs = [], []
                     for t in range(steps):
-                        ts_t = 1.0 if ts is None else (ts if ts.ndim < 3 else ts[t])
-                        out, h = this.rnn_cell.step_features(rows[t * P : (t + 1) * P], h, ts_t, prepared)
+                        out, h = this.rnn_cell.step_features(rows[t * P : (t + 1) * P], h, _timespan_row(ts, t), prepared)
                         outs.append(out)
                         hs.append(h)
                     if not every_state:  # the state once: it is often the last output too
@@ -286,19 +285,24 @@ class Steps:
         residuals and returns after (Y, H) a token for them; the reverse pass is then a few
         matrix products and elementwise products a step, with no step recomputed, and the
         weight gradients are matrix products over blocks of ``GRADIENT_COLUMNS`` batch x time
-        columns."""
+        columns. Both passes run ``chunk()`` steps per compiled call (``_residual_steps``,
+        ``_reverse_steps``): one call a step cost CfC at batch 8 x 1000 ~20 us of Python each,
+        ~50 ms of a ~200 ms forward+backward."""
 
         def forward(*leaves):
             fixed_leaves, (cell_inputs, _, h, _, ts) = split(leaves)
-            state = h.T
-            outs, states, step_residuals, gradient_residuals = [], [state], [], []
-            for t in range(cell_inputs.shape[1]):
-                args = (cell_inputs[:, t].T, state, _feature_timespan(ts, t))
-                out, state, per_step, per_gradient = self._cell_call("residual_step", fixed, fixed_key, fixed_leaves, args, True, flat=False)
-                outs.append(None if out is state else out)
-                states.append(state)
-                step_residuals.append(per_step)
-                gradient_residuals.append(per_gradient)
+            rows, ts = cell_inputs.transpose(1, 2, 0), _features_timespans(ts)  # (T, P, B), (T, 1, B)
+            steps, chunk = rows.shape[0], self.chunk()
+            outs, states, step_residuals, gradient_residuals = [], [h.T], [], []
+            for start in range(0, steps, chunk):
+                span = slice(start, min(start + chunk, steps))
+                # The step count is part of the call's structure: the result's depends on it.
+                args = (span.stop - start, rows[span], states[-1], ts if ts is None or ts.ndim < 3 else ts[span])
+                result = self._cell_call(_residual_steps, fixed, fixed_key, fixed_leaves, args, True, flat=False)
+                outs += result[0] or []
+                states += result[1]
+                step_residuals += result[2]
+                gradient_residuals += result[3]
             # Y and H leave as (B, T, F) views of (T, F, B) stacks: stacking feature-major
             # states is a plain copy, where a batch-major stack transposes (CfC at batch 1024 x
             # 50: ~5 ns an element). Elementwise cotangents of such a view keep its layout, so
@@ -306,8 +310,8 @@ class Steps:
             hs = mx.stack(states[1:])
             # A CfC's output is its state: a plain copy (the custom function's outputs must be
             # distinct arrays).
-            ys = hs + 0.0 if outs[0] is None else mx.stack(outs)
-            kept = (outs[0] is None, states[:-1], step_residuals, gradient_residuals)
+            ys = hs + 0.0 if not outs else mx.stack(outs)
+            kept = (not outs, states[:-1], step_residuals, gradient_residuals)
             return ys.transpose(2, 0, 1), hs.transpose(2, 0, 1), self._keep(kept)
 
         def backward(primals, cotangents, outputs):
@@ -316,17 +320,24 @@ class Steps:
             if kept is None:  # dropped (more than KEEP forward passes awaited their backward)
                 kept = self.kept.pop(int(forward(*primals)[-1].item()))
             output_is_state, previous, step_residuals, gradient_residuals = kept
-            steps = len(previous)
+            steps, chunk, ts = len(previous), self.chunk(), _features_timespans(ts)
             if output_is_state:  # one cotangent, summed once rather than at every step
                 d_outs, d_states = None, (cotangents[0] + cotangents[1]).transpose(1, 2, 0)
             else:
                 d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
             dh = mx.zeros_like(h0.T)
-            d_inputs, per_step = [None] * steps, [None] * steps
-            for t in reversed(range(steps)):
-                d_out = 0.0 if d_outs is None else d_outs[t]
-                args = (step_residuals[t], _feature_timespan(ts, t), d_out, d_states[t] + dh)
-                dh, d_inputs[t], per_step[t] = self._cell_call("residual_vjp", fixed, fixed_key, fixed_leaves, args, False, flat=False)
+            d_inputs, per_step = [], []
+            for start in reversed(range(0, steps, chunk)):
+                span = slice(start, min(start + chunk, steps))
+                args = (
+                    step_residuals[span],
+                    ts if ts is None or ts.ndim < 3 else ts[span],
+                    None if d_outs is None else d_outs[span],
+                    d_states[span],
+                    dh,
+                )
+                dh, d_in, cots = self._cell_call(_reverse_steps, fixed, fixed_key, fixed_leaves, args, False, flat=False)
+                d_inputs, per_step = d_in + d_inputs, cots + per_step
 
             def columns(arrays):  # n arrays (F, B) -> (F, n x B)
                 return arrays[0] if len(arrays) == 1 else mx.stack(arrays, axis=1).reshape(arrays[0].shape[0], -1)
@@ -374,7 +385,9 @@ class Steps:
         return mx.array(self.tokens)
 
     def _cell_call(self, name, fixed, fixed_key, fixed_leaves, args, inline, flat=True):
-        """``cell.<name>(*args, prepared)`` compiled (once per argument structure), its
+        """``cell.<name>(*args, prepared)``, or ``name(cell, *args, prepared)`` for a function,
+        compiled (once per argument structure: the structure of its result may depend on
+        nothing else), its
         result as a flat list of arrays (``flat``) or as the structure it returned;
         ``inline`` traces it with the bare rational tanh/sigmoid (for a function that is not
         differentiated)."""
@@ -388,8 +401,10 @@ class Steps:
                 leaves = iter(all_leaves)
                 _, prepared, _ = _unflatten(fixed, leaves)
                 args = _unflatten(structure, leaves)
+                cell = model().rnn_cell
+                call = getattr(cell, name) if isinstance(name, str) else functools.partial(name, cell)
                 with fastmath.inline_functions() if inline else contextlib.nullcontext():
-                    result = getattr(model().rnn_cell, name)(*args, prepared)
+                    result = call(*args, prepared)
                 out = []
                 shapes[0] = _flatten(result, out)
                 return out
@@ -556,6 +571,54 @@ def _zeros_where_none(like, gradients):
     return like
 
 
+def _residual_steps(cell, n, inputs, state, ts, prepared):
+    """A chunk of the residual forward pass as one compiled call: ``cell.residual_step`` over
+    n steps, inputs (n, P, B) from state (H, B), ts None, 0-d or (n, 1, B) -> (each step's
+    output, or None where the outputs are the states; states; step residuals; gradient
+    residuals)."""
+    _, P, B = inputs.shape
+    rows = inputs.reshape(n * P, B)  # a step's input is then one slice, not a gather
+    outs, states, step_residuals, gradient_residuals = [], [], [], []
+    for t in range(n):
+        out, state, residuals, gradient = cell.residual_step(rows[t * P : (t + 1) * P], state, _timespan_row(ts, t), prepared)
+        outs.append(out)
+        states.append(state)
+        step_residuals.append(residuals)
+        gradient_residuals.append(gradient)
+    return (None if outs[0] is states[0] else outs), states, step_residuals, gradient_residuals
+
+
+def _reverse_steps(cell, step_residuals, ts, d_outs, d_states, dh, prepared):
+    """A chunk of the reverse pass as one compiled call: ``cell.residual_vjp`` from the last
+    of n steps to the first, d outs None or (n, F, B), d states (n, H, B), dh (H, B) the
+    cotangent carried into the last -> (dh into the first, [d input], [cotangents])."""
+    n = len(step_residuals)
+    d_inputs, cotangents = [None] * n, [None] * n
+    for t in reversed(range(n)):
+        d_out = 0.0 if d_outs is None else _row_block(d_outs, t)
+        args = (step_residuals[t], _timespan_row(ts, t), d_out, _row_block(d_states, t) + dh)
+        dh, d_inputs[t], cotangents[t] = cell.residual_vjp(*args, prepared)
+    return dh, d_inputs, cotangents
+
+
+def _row_block(stack, t):
+    """stack[t] of an (n, F, B) array as a slice of its rows (indexing is a gather)."""
+    n, F, B = stack.shape
+    return stack.reshape(n * F, B)[t * F : (t + 1) * F]
+
+
+def _timespan_row(ts, t):
+    """Step t's timespan in a chunk: 1.0, the 0-d array, or (1, B) of (n, 1, B)."""
+    if ts is None:
+        return 1.0
+    return ts if ts.ndim < 3 else _row_block(ts, t)
+
+
+def _features_timespans(ts):
+    """The loop's ts (None, 0-d or (B, T, 1)) with per-step timespans as (T, 1, B)."""
+    return ts if ts is None or ts.ndim < 3 else ts[:, :, 0].T[:, None, :]
+
+
 def _tree_sum(a, b):
     """The sum of two gradients of the same structure (lists, tuples, arrays, None)."""
     if a is None:
@@ -576,12 +639,6 @@ def timespan_at(ts, t):
     if ts is None:
         return 1.0
     return ts if ts.ndim < 3 else ts[:, t]
-
-
-def _feature_timespan(ts, t):
-    """Step t's timespan for a feature-major step: 1.0, a 0-d array, or (1, B)."""
-    ts_t = timespan_at(ts, t)
-    return ts_t.T if isinstance(ts_t, mx.array) and ts_t.ndim == 2 else ts_t
 
 
 def _vjp(function, primals, cotangents):
