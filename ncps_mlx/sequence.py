@@ -140,9 +140,7 @@ class SequenceModel(nn.Module):
                 features_first = cell_inputs is not None and getattr(self.rnn_cell, "features_first_inputs", False)
                 inputs = cell_inputs.transpose(1, 2, 0) if features_first else cell_inputs
                 sequence_args = stepping.flatten((inputs, lstm_inputs, h, c, ts), sequence_leaves)
-                result = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves, features_first)
-                outs, h = result[0], result[1][:, -1]
-                c = result[2][:, -1] if c is not None else None
+                outs, h, c = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves, features_first)
                 y = outs if self.return_sequences else outs[:, -1]
             elif mode == "compiled":
                 y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts)

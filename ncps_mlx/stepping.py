@@ -224,7 +224,7 @@ class Steps:
     def sequence(self, fixed, sequence_args, leaves, features_first=False):
         """The whole loop as a differentiable function, applied to ``leaves`` (the fixed
         leaves, then those of ``sequence_args`` = (cell_inputs, lstm_inputs, h0, c0, ts)):
-        -> (Y (B, T, F), H (B, T, S)[, C (B, T, S)]), every step's output and states.
+        -> (Y (B, T, F) every step's output, the last h (B, S), the last c (B, S) or None).
         ``features_first``: cell_inputs come as the (T, P, B) array of which the cell's
         feature-major projection is a view; the worker thread copies its inputs, and that
         array copies as it lies, where the (B, T, P) view would be transposed by the copy."""
@@ -271,18 +271,25 @@ class Steps:
 
         @sequence.vjp
         def sequence_vjp(primals, cotangents, outputs):
-            # (Y, H[, C]) have cotangents; a residual token that may follow them has none.
-            cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents[:n_outputs], outputs)]
+            # (Y, H[, C]), or (Y, last h) and a token, have cotangents; the token has none.
+            n = 2 if residual else n_outputs
+            cotangents = [mx.zeros_like(o) if g is None else g for g, o in zip(cotangents[:n], outputs)]
             if residual:  # it needs no outputs but the token
                 return list(WORKER.run(backward, list(primals), cotangents, [outputs[-1]]))
             return list(WORKER.run(backward, list(primals), cotangents, list(outputs)))
 
-        return lambda *leaves: sequence(list(leaves))
+        def run(*leaves):
+            out = sequence(list(leaves))
+            if residual:
+                return out[0], out[1], None
+            return out[0], out[1][:, -1], (out[2][:, -1] if n_outputs == 3 else None)
+
+        return run
 
     def _residual_pass(self, fixed, fixed_key, split, cell):
         """(forward, backward) of the sequence for a cell that backpropagates from saved
         residuals (the protocol in ``ncps_mlx.cells.cfc``): the forward pass keeps each step's
-        residuals and returns after (Y, H) a token for them; the reverse pass is then a few
+        residuals and returns after (Y, last h) a token for them; the reverse pass is then a few
         matrix products and elementwise products a step, with no step recomputed, and the
         weight gradients are matrix products over blocks of ``GRADIENT_COLUMNS`` batch x time
         columns. Both passes run ``chunk()`` steps per compiled call (``_residual_steps``,
@@ -304,16 +311,16 @@ class Steps:
                 states += result[1]
                 step_residuals += result[2]
                 gradient_residuals += result[3]
-            # Y and H leave as (B, T, F) views of (T, F, B) stacks: stacking feature-major
-            # states is a plain copy, where a batch-major stack transposes (CfC at batch 1024 x
-            # 50: ~5 ns an element). Elementwise cotangents of such a view keep its layout, so
-            # the reverse pass reads each step's as contiguous rows.
-            hs = mx.stack(states[1:])
-            # A CfC's output is its state: a plain copy (the custom function's outputs must be
-            # distinct arrays).
-            ys = hs + 0.0 if not outs else mx.stack(outs)
+            # Y leaves as a (B, T, F) view of a (T, F, B) stack: stacking feature-major states
+            # is a plain copy, where a batch-major stack transposes (CfC at batch 1024 x 50:
+            # ~5 ns an element). Elementwise cotangents of such a view keep its layout, so the
+            # reverse pass reads each step's as contiguous rows. Of the states only the last
+            # leaves: every one, as the generic path returns them, cost a copy of Y (a CfC's
+            # output is its state, and a custom function's outputs must be distinct arrays)
+            # and a cotangent as large, of zeros when unused, copied to this thread.
+            ys = mx.stack(states[1:] if not outs else outs)
             kept = (not outs, states[:-1], step_residuals, gradient_residuals)
-            return ys.transpose(2, 0, 1), hs.transpose(2, 0, 1), self._keep(kept)
+            return ys.transpose(2, 0, 1), states[-1].T, self._keep(kept)
 
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, _, h0, _, ts) = split(primals)
@@ -322,15 +329,10 @@ class Steps:
                 kept = self.kept.pop(int(forward(*primals)[-1].item()))
             output_is_state, previous, step_residuals, gradient_residuals = kept
             steps, chunk, ts = len(previous), self.chunk(), _features_timespans(ts)
-            if output_is_state:  # one cotangent, summed once rather than at every step
-                # Summed as (T, F, B) views: the sum is then laid out (T, F, B), each step's rows
-                # contiguous. Y's cotangent is usually a (B, T, F) view of such an array, H's
-                # (zeros when H is unused) plain (B, T, F); summed as they come, the result
-                # took the plain layout.
-                d_outs, d_states = None, cotangents[0].transpose(1, 2, 0) + cotangents[1].transpose(1, 2, 0)
-            else:
-                d_outs, d_states = (g.transpose(1, 2, 0) for g in cotangents)  # (T, F, B)
-            dh = mx.zeros_like(h0.T)
+            # (T, F, B) views of Y's cotangent (usually of such an array: its rows contiguous);
+            # the last state's is carried into the last step.
+            d_ys, dh = cotangents[0].transpose(1, 2, 0), cotangents[1].T
+            d_outs, d_states = (None, d_ys) if output_is_state else (d_ys, None)
             d_inputs, per_step = [], []
             for start in reversed(range(0, steps, chunk)):
                 span = slice(start, min(start + chunk, steps))
@@ -338,7 +340,7 @@ class Steps:
                     step_residuals[span],
                     ts if ts is None or ts.ndim < 3 else ts[span],
                     None if d_outs is None else d_outs[span],
-                    d_states[span],
+                    None if d_states is None else d_states[span],
                     dh,
                 )
                 dh, d_in, cots = self._cell_call(_reverse_steps, fixed, fixed_key, fixed_leaves, args, False, flat=False)
@@ -595,13 +597,14 @@ def _residual_steps(cell, n, inputs, state, ts, prepared):
 
 def _reverse_steps(cell, step_residuals, ts, d_outs, d_states, dh, prepared):
     """A chunk of the reverse pass as one compiled call: ``cell.residual_vjp`` from the last
-    of n steps to the first, d outs None or (n, F, B), d states (n, H, B), dh (H, B) the
+    of n steps to the first, d outs and d states None (zeros) or (n, F, B), dh (H, B) the
     cotangent carried into the last -> (dh into the first, [d input], [cotangents])."""
     n = len(step_residuals)
     d_inputs, cotangents = [None] * n, [None] * n
     for t in reversed(range(n)):
         d_out = 0.0 if d_outs is None else _row_block(d_outs, t)
-        args = (step_residuals[t], _timespan_row(ts, t), d_out, _row_block(d_states, t) + dh)
+        d_state = dh if d_states is None else _row_block(d_states, t) + dh
+        args = (step_residuals[t], _timespan_row(ts, t), d_out, d_state)
         dh, d_inputs[t], cotangents[t] = cell.residual_vjp(*args, prepared)
     return dh, d_inputs, cotangents
 
