@@ -46,6 +46,7 @@ from pathlib import Path
 
 _STATUS = "not attempted"
 _HANDLES = []  # keep the loaded shim and BLAS alive for the life of the process
+_THREADS = None  # (get, set) of the loaded OpenBLAS's thread count, where it exports them
 
 CANDIDATES = [
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -91,6 +92,7 @@ def _accelerate() -> str:
             with _short_spin():
                 _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
             _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
+            _thread_control(_HANDLES[-2])
         else:
             wheel = _wheel_openblas()
             if wheel is None:
@@ -101,6 +103,8 @@ def _accelerate() -> str:
             shim, created = _forwarding_shim(needed, wheel)
             with _short_spin():
                 _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
+            _HANDLES.append(ctypes.CDLL(str(wheel), mode=os.RTLD_LOCAL))  # loaded already, by the shim
+            _thread_control(_HANDLES[-1])
             blas = f"{wheel} (scipy-openblas32)"
     except (OSError, ValueError, struct.error, subprocess.SubprocessError) as error:
         return f"not used ({error})"
@@ -108,6 +112,42 @@ def _accelerate() -> str:
     if created:
         print(f"ncps_mlx: {message}", file=sys.stderr)
     return message
+
+
+def _thread_control(library) -> None:
+    """Keep the library's thread-count getter and setter, if it exports them."""
+    global _THREADS
+    for prefix in ("openblas", "scipy_openblas"):
+        get = getattr(library, f"{prefix}_get_num_threads", None)
+        set_ = getattr(library, f"{prefix}_set_num_threads", None)
+        if get is not None and set_ is not None:
+            get.restype, set_.argtypes, set_.restype = ctypes.c_int, [ctypes.c_int], None
+            _THREADS = (get, set_)
+            return
+
+
+def can_set_threads() -> bool:
+    """Whether ``one_thread()`` can act: this module loaded an OpenBLAS that exports its
+    thread count."""
+    return _THREADS is not None
+
+
+@contextlib.contextmanager
+def one_thread():
+    """MLX's matrix products on one thread each within this block, for work that runs on
+    several MLX streams at once (each stream's thread then has a core); the count is restored
+    after. Does nothing where ``can_set_threads()`` is False. The count is the library's,
+    so products that other threads start meanwhile run single-threaded too."""
+    if _THREADS is None:
+        yield
+        return
+    get, set_ = _THREADS
+    previous = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 @contextlib.contextmanager

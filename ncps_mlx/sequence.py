@@ -143,7 +143,7 @@ class SequenceModel(nn.Module):
                 outs, h, c = self._steps().sequence(fixed, sequence_args, fixed_leaves + sequence_leaves, features_first)
                 y = outs if self.return_sequences else outs[:, -1]
             elif mode == "compiled":
-                y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts)
+                y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, x=x)
                 y = y if self.return_sequences else y[:, -1]
             else:
 

@@ -101,6 +101,32 @@ def test_compiled_forward_matches_eager(name, timespans, monkeypatch):
         assert float(mx.max(mx.abs(fast[1] - reference[1]))) <= 5e-6
 
 
+@pytest.mark.parametrize("timespans", [False, True], ids=["unit_timespan", "timespans"])
+@pytest.mark.parametrize("name", ["cfc", "cfc_wired"])
+def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch):
+    from ncps_mlx import linux_blas
+
+    if not stepping._can_split(3, 3):
+        pytest.skip("needs two cores and a BLAS whose thread count ncps_mlx can set")
+    model = models()[name]
+    x, ts = inputs()
+    ts = ts if timespans else None
+    hx = initial_state(model)
+    whole = model(x, hx=hx, timespans=ts)
+    taken = []
+    original = stepping.Steps._in_halves
+    monkeypatch.setattr(stepping.Steps, "_in_halves", lambda self, *a: taken.append(1) or original(self, *a))
+    monkeypatch.setattr(stepping.Steps, "SPLIT_BATCH", 2)  # B = 3: halves of 1 and 2
+    threads = linux_blas._THREADS[0]()
+    halves = model(x, hx=hx, timespans=ts)
+    assert taken, "the batch was not split"
+    assert linux_blas._THREADS[0]() == threads  # restored
+    for (key, got), (_, reference) in zip(tree_flatten(halves), tree_flatten(whole)):
+        assert got.shape == reference.shape, key
+        # The halves' matrix products may round differently (other blockings, one thread).
+        assert float(mx.max(mx.abs(got - reference))) <= 1e-6, key
+
+
 def test_gradient_of_the_input_and_the_initial_state():
     model = models()["cfc_wired_mixed"]
     x, ts = inputs()
