@@ -658,9 +658,12 @@ def _features_timespans(ts):
 
 
 def _can_split(batch: int, threshold: int) -> bool:
-    """Whether a forward pass of this batch runs in halves on two streams (``Steps.SPLIT_BATCH``)."""
+    """Whether a forward pass of this batch runs in halves on two streams (``Steps.SPLIT_BATCH``):
+    in the main thread only, as MLX's streams belong to the thread that made them and a
+    stream left behind by a thread that ended is not cleaned up."""
     return (
         batch >= threshold
+        and threading.current_thread() is threading.main_thread()
         and (os.cpu_count() or 1) >= 2
         and mx.default_device() == mx.cpu
         and linux_blas.can_set_threads()
@@ -671,7 +674,7 @@ _STREAMS = []
 
 
 def _split_streams():
-    """The CPU's default stream and one more, made once."""
+    """The main thread's CPU stream and one more, made once."""
     if not _STREAMS:
         _STREAMS.extend([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
     return _STREAMS

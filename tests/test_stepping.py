@@ -4,6 +4,7 @@ custom function with its compiled backward pass, and eager. Each must give the s
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 import textwrap
 
@@ -125,6 +126,31 @@ def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch
         assert got.shape == reference.shape, key
         # The halves' matrix products may round differently (other blockings, one thread).
         assert float(mx.max(mx.abs(got - reference))) <= 1e-6, key
+
+
+def test_halves_only_in_the_main_thread(monkeypatch):
+    # MLX's streams belong to the thread that made them: from another thread the batch runs
+    # whole, before and after the main thread has made its two streams.
+    monkeypatch.setattr(stepping.Steps, "SPLIT_BATCH", 2)
+    model = models()["cfc"]
+    x, _ = inputs()
+    mx.eval(model.parameters())  # made lazily on this thread's stream, which the other lacks
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(np.array(model(x)[0]))  # evaluated here: a lazy array keeps its thread's stream
+        except Exception as error:  # handed to the assertion below
+            errors.append(error)
+
+    for _ in range(2):
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        results.append(np.array(model(x)[0]))
+    assert not errors, errors
+    for y in results[1:]:
+        assert np.max(np.abs(y - results[0])) <= 1e-6
 
 
 def test_gradient_of_the_input_and_the_initial_state():
