@@ -27,13 +27,14 @@ run: set ``NCPS_MLX_AVX2=0`` there.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shlex
 import shutil
 import sys
 from pathlib import Path
+
+from . import file_cache
 
 FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 NEEDED = ("avx2", "fma", "f16c")
@@ -122,19 +123,12 @@ def script(compiler: str) -> str:
 
 def _script_folder(compiler: str):
     """(folder holding the ``g++`` script for ``compiler``, whether it was just written)."""
-    text = script(compiler)
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
-    folder = _cache_dir() / key
-    target = folder / "g++"
-    if target.is_file() and target.read_text() == text and os.access(target, os.X_OK):
-        return folder, False
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".g++.{os.getpid()}"
-    partial.write_text(text)
-    partial.chmod(0o755)
-    os.replace(partial, target)  # atomic: a concurrent process sees the old file or the new
-    return folder, True
+    path, created = file_cache.cached_file(KIND, "g++", script(compiler).encode(), executable=True)
+    return path.parent, created
+
+
+KIND = "kernel-compiler"
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "kernel-compiler"
+    return file_cache.folder(KIND)

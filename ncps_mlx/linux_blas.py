@@ -44,6 +44,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import file_cache
+
 _STATUS = "not attempted"
 _HANDLES = []  # keep the loaded shim and BLAS alive for the life of the process
 _THREADS = None  # (get, set) of the loaded OpenBLAS's thread count, where it exports them
@@ -183,10 +185,6 @@ def _package_file(package: str, *parts: str):
     return None
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / "blas-shim"
-
-
 def _mlx_blas_name():
     library = _package_file("mlx", "lib", "libmlx.so")
     if library is None:
@@ -268,7 +266,7 @@ def _forwarding_shim(soname: str, openblas: str):
         f".globl {name}\n.type {name}, @function\n{name}:\n    {jump.format('scipy_' + name)}" for name in forwarded
     )
     source = ".text\n" + source + '\n.section .note.GNU-stack,"",@progbits\n'
-    cache = _cache_dir()
+    cache = file_cache.folder("blas-shim")
     key = hashlib.sha256(f"{soname}\0{openblas}\0{source}".encode()).hexdigest()[:16]
     path = cache / key / soname
     if path.exists():
@@ -333,18 +331,7 @@ def _find_blas():
 
 def _shim_file(soname: str, blas: str, machine: int):
     """(path, newly created?) of the cached shim: SONAME ``soname``, one dependency, ``blas``."""
-    cache = _cache_dir()
-    key = hashlib.sha256(f"{soname}\0{blas}\0{machine}".encode()).hexdigest()[:16]
-    path = cache / key / soname
-    content = shim_elf(soname, blas, machine)
-    if path.exists() and path.read_bytes() == content:
-        return path, False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(content)
-    os.replace(tmp, path)
-    return path, True
+    return file_cache.cached_file("blas-shim", soname, shim_elf(soname, blas, machine))
 
 
 def shim_elf(soname: str, needed: str, machine: int = 62) -> bytes:
