@@ -225,14 +225,10 @@ class Steps:
             with self._model_from(fixed, leaves, inline=True) as (this, prepared, lstm_prepared):
                 cell_inputs, lstm_inputs, h, c, ts = _unflatten(structure, leaves)
                 if features_first:
-                    # Rows of a 2-D array: a step's input is then one slice, where indexing the
-                    # (n, P, B) chunk is a gather and a squeeze, and the steps join in one
-                    # concatenation, where stacking expands each first.
-                    steps, P, B = cell_inputs.shape
-                    rows = cell_inputs.reshape(steps * P, B)
+                    # The steps join in one concatenation, where stacking expands each first.
                     outs, hs = [], []
-                    for t in range(steps):
-                        out, h = this.rnn_cell.step_features(rows[t * P : (t + 1) * P], h, _timespan_row(ts, t), prepared)
+                    for t, u in enumerate(_step_blocks(cell_inputs)):
+                        out, h = this.rnn_cell.step_features(u, h, _timespan_row(ts, t), prepared)
                         outs.append(out)
                         hs.append(h)
                     if not every_state:  # the state once: it is often the last output too
@@ -423,11 +419,10 @@ class Steps:
 
     def _cell_call(self, name, fixed, fixed_key, fixed_leaves, args, inline, flat=True):
         """``cell.<name>(*args, prepared)``, or ``name(cell, *args, prepared)`` for a function,
-        compiled (once per argument structure: the structure of its result may depend on
-        nothing else), its
-        result as a flat list of arrays (``flat``) or as the structure it returned;
-        ``inline`` traces it with the bare rational tanh/sigmoid (for a function that is not
-        differentiated)."""
+        compiled once per argument structure (the structure of its result may depend on
+        nothing else), its result as a flat list of arrays (``flat``) or as the structure it
+        returned; ``inline`` traces it with the bare rational tanh/sigmoid (for a function
+        that is not differentiated)."""
         leaves = list(fixed_leaves)
         structure = _flatten(args, leaves)
 
@@ -612,12 +607,10 @@ def _residual_steps(cell, n, inputs, state, ts, prepared):
     """A chunk of the residual forward pass as one compiled call: ``cell.residual_step`` over
     n steps, inputs (n, P, B) from state (H, B), ts None, 0-d or (n, 1, B) -> (each step's
     output, or None where the outputs are the states; states; step residuals; gradient
-    residuals)."""
-    _, P, B = inputs.shape
-    rows = inputs.reshape(n * P, B)  # a step's input is then one slice, not a gather
+    residuals). n is passed to put it in the call's structure, on which the result's depends."""
     outs, states, step_residuals, gradient_residuals = [], [], [], []
-    for t in range(n):
-        out, state, residuals, gradient = cell.residual_step(rows[t * P : (t + 1) * P], state, _timespan_row(ts, t), prepared)
+    for t, u in enumerate(_step_blocks(inputs)):
+        out, state, residuals, gradient = cell.residual_step(u, state, _timespan_row(ts, t), prepared)
         outs.append(out)
         states.append(state)
         step_residuals.append(residuals)
@@ -637,6 +630,14 @@ def _reverse_steps(cell, step_residuals, ts, d_outs, d_states, dh, prepared):
         args = (step_residuals[t], _timespan_row(ts, t), d_out, d_state)
         dh, d_inputs[t], cotangents[t] = cell.residual_vjp(*args, prepared)
     return dh, d_inputs, cotangents
+
+
+def _step_blocks(stack):
+    """Each step's (F, B) block of a contiguous (n, F, B) chunk, as slices of its rows: indexing
+    the chunk is a gather and a squeeze a step, a slice of the (n F, B) rows one operation."""
+    n, F, B = stack.shape
+    rows = stack.reshape(n * F, B)
+    return [rows[t * F : (t + 1) * F] for t in range(n)]
 
 
 def _row_block(stack, t):

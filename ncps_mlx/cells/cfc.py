@@ -162,7 +162,7 @@ class CfCCell(nn.Module):
         return mx.addmm(bias, x, weight.T)
 
     def prepare(self):
-        """Loop-invariant tensors: (input weight (P, I), bias (P,), state weight (P, H), heads,
+        """Loop-invariant tensors: (input weight (P, I), bias (P, 1), state weight (P, H), heads,
         hidden layers).
 
         The first layer split into its input and state halves, (out, in) and contiguous, as
@@ -189,7 +189,7 @@ class CfCCell(nn.Module):
                 heads = (mx.concatenate(fused), mx.concatenate(fused_bias), weight_4, bias_4)
         hidden = tuple((layer.weight, layer.bias[:, None]) for layer in self.backbone[1:]) if self.backbone_layers else ()
         I = self.input_size
-        return mx.contiguous(weight[:, :I]), bias, mx.contiguous(weight[:, I:]), heads, hidden
+        return mx.contiguous(weight[:, :I]), bias[:, None], mx.contiguous(weight[:, I:]), heads, hidden
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
@@ -203,9 +203,9 @@ class CfCCell(nn.Module):
         The heads are then row blocks of one matrix product, so every elementwise operation
         reads whole contiguous rows. MLX vectorises a compiled loop only over contiguous
         inputs; batch-major, the heads are column slices read with strides, in scalar loops
-        (at batch 1024 a CfC step's evaluation went from 1.47 to 0.96 ms this way). ``recurrent_step`` and the
-        sequence loop pass transposed views, so the state stays feature-major from step to
-        step without a copy.
+        (at batch 1024 a CfC step's evaluation went from 1.47 to 0.96 ms this way).
+        ``recurrent_step`` and the sequence loop pass transposed views, so the state stays
+        feature-major from step to step without a copy.
         """
         prepared = self.prepare() if prepared is None else prepared
         y, _, _ = self._layers(u, h, ts, prepared)
@@ -435,7 +435,7 @@ class WiredCfCCell(nn.Module):
         for i, (layer, state, weights) in enumerate(zip(self.layers, states, prepared)):
             if i > 0:
                 layer_inputs.append(out)
-                out = mx.addmm(weights[1][:, None], weights[0], out)
+                out = mx.addmm(weights[1], weights[0], out)
             y = layer._layers(out, state, ts, weights)[0]
             if residuals:  # not pure mode (``residual_backward``)
                 parts = layer._tail_parts(y, ts)
@@ -484,7 +484,7 @@ class WiredCfCCell(nn.Module):
         gradients = [(None, None, cotangents[0] @ previous[0].T, None, ())]
         for dy, state, inputs in zip(cotangents[1:], previous[1:], layer_inputs):
             d_weight, d_bias = _summed(dy, inputs)
-            gradients.append((d_weight, d_bias[:, 0], dy @ state.T, None, ()))
+            gradients.append((d_weight, d_bias, dy @ state.T, None, ()))
         return gradients
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
