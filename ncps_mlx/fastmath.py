@@ -106,7 +106,11 @@ def _rational(x: mx.array) -> mx.array:
 
 
 def rational_sigmoid(x: mx.array) -> mx.array:
-    return 0.5 + 0.5 * rational_tanh(0.5 * x)
+    return _sigmoid_of(rational_tanh, x)
+
+
+def _sigmoid_of(tanh_form, x: mx.array) -> mx.array:
+    return 0.5 + 0.5 * tanh_form(0.5 * x)
 
 
 def _with_gradient(function, derivative_from_output):
@@ -127,7 +131,7 @@ def _with_gradient(function, derivative_from_output):
 # Compiled shapeless, so the form is chosen by size outside them: a custom function per form.
 _fast_tanh = {small: _with_gradient(form, lambda t: 1.0 - t * t) for small, form in ((True, _tanh_small), (False, _tanh_large))}
 _fast_sigmoid = {
-    small: _with_gradient(lambda x, form=form: 0.5 + 0.5 * form(0.5 * x), lambda s: s * (1.0 - s))
+    small: _with_gradient(lambda x, form=form: _sigmoid_of(form, x), lambda s: s * (1.0 - s))
     for small, form in ((True, _tanh_small), (False, _tanh_large))
 }
 
