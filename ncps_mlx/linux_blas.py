@@ -88,11 +88,12 @@ def _accelerate() -> str:
         needed = _mlx_blas_name()
         if needed is None:
             return "libmlx.so names no separate BLAS library"
-        blas = None if choice == "wheel" else _find_blas()
+        # _find_blas loads the candidates: the first load runs the library's initialiser.
+        with _short_spin():
+            blas = None if choice == "wheel" else _find_blas()
         if blas is not None:
             shim, created = _shim_file(needed, blas, machine)
-            with _short_spin():
-                _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
+            _HANDLES.append(ctypes.CDLL(blas, mode=os.RTLD_LOCAL))
             _HANDLES.append(ctypes.CDLL(str(shim), mode=os.RTLD_LOCAL))
             _thread_control(_HANDLES[-2])
         else:
@@ -158,8 +159,10 @@ def _short_spin():
     That spinning slowed torch in the same process by half (W1 3140 -> 1430 seq/s), and on two
     cores it took a core from MLX's own threads in one process out of two or three: CfC at
     batch 8 ran at 80 or 170 seq/s by chance. 2**22 cycles (~1.6 ms) keeps MLX's back-to-back
-    products warm (10 runs out of 10 at 170). The variable is read once, as the library loads,
-    so it is set only for the duration of the load."""
+    products warm (10 runs out of 10 at 170). The variable is read once, by the library's
+    initialiser at its first load, so it is set only around that: around the search for a
+    system library too, which loads the candidates (until a fix in session 5 it was not, and
+    the system OpenBLAS's worker still spun 0.1 s after every product)."""
     previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "22"
     try:

@@ -155,3 +155,42 @@ def test_torch_is_untouched_by_the_wheel_route():
     alone = run(TORCH_PROBE.format(first=""), NCPS_MLX_BLAS="wheel")
     together = run(TORCH_PROBE.format(first="import ncps_mlx"), NCPS_MLX_BLAS="wheel")
     assert alone == together
+
+
+SPIN_PROBE = """
+import json, os, time
+import ncps_mlx, mlx.core as mx
+a = mx.random.normal((512, 512))
+mx.eval(a)
+
+def cpu_seconds():  # per thread: user + system time
+    tasks = {}
+    for task in os.listdir("/proc/self/task"):
+        fields = open(f"/proc/self/task/{task}/stat").read().rsplit(")", 1)[1].split()
+        tasks[task] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return tasks
+
+time.sleep(0.2)
+before = cpu_seconds()
+for _ in range(3):
+    mx.eval(a @ a)  # ~3 ms on two threads
+    time.sleep(0.15)
+after = cpu_seconds()
+others = sum(seconds - before.get(task, 0.0) for task, seconds in after.items() if task != str(os.getpid()))
+print(json.dumps({"status": ncps_mlx.blas_status(), "other_threads_cpu": others}))
+"""
+
+
+@linux
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a one-core machine runs the BLAS on one thread")
+@pytest.mark.parametrize("route", ["1", pytest.param("wheel", marks=wheel)])
+def test_idle_blas_threads_stop_spinning(route):
+    """After a two-thread product OpenBLAS's idle worker spins, ~0.1 s by default, taking a core
+    from MLX's other stream and from torch. ``_short_spin`` shortens that to ~1.6 ms, but only
+    if it is in force when the library first loads: the search for a system OpenBLAS loaded it
+    earlier, and three products left the worker spinning 0.3 s."""
+    with tempfile.TemporaryDirectory() as cache:
+        probe = run(SPIN_PROBE, NCPS_MLX_BLAS=route, XDG_CACHE_HOME=cache)
+    if "use" not in probe["status"]:
+        pytest.skip(probe["status"])
+    assert probe["other_threads_cpu"] < 0.08, probe
