@@ -129,12 +129,12 @@ class Steps:
     def chunk(self) -> int:
         return getattr(self.model().rnn_cell, "steps_per_call", None) or self.CHUNK
 
-    # From this batch on, a feature-major forward pass runs as two halves of the batch on two
-    # MLX streams, each on a core, with the BLAS on one thread per product: on one stream the
-    # elementwise loops leave the second core idle. CfC x 50 steps, ms, halves / whole: batch
-    # 256 11.3 / 11.1, 512 18.5 / 19.3, 1024 31.7 / 35.0 (halves with two BLAS threads each:
-    # 43). Not under a transformation, and only where ``linux_blas`` can set the BLAS's
-    # thread count.
+    # From this batch on (unless the cell says otherwise, ``split_batch``), a forward pass runs
+    # as two halves of the batch on two MLX streams, each on a core, with the BLAS on one
+    # thread per product: on one stream the elementwise loops leave the second core idle. CfC
+    # x 50 steps, ms, halves / whole: batch 256 11.3 / 11.1, 512 18.5 / 19.3, 1024 31.7 / 35.0
+    # (halves with two BLAS threads each: 43). Not under a transformation, not with mixed
+    # memory, and only where ``linux_blas`` can set the BLAS's thread count.
     SPLIT_BATCH = 512
 
     def run_forward(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=False, x=None):
@@ -142,11 +142,12 @@ class Steps:
         ``time_loop``, or a cell's ``step_features`` feature-major): -> (Y (B, T, F), h, c), h
         and c the last states (B, S), or with ``every_state`` every step's (B, T, S). c is None
         without mixed memory. Given the sequence ``x`` (B, T, I) that ``cell_inputs`` project, a
-        batch of ``SPLIT_BATCH`` or more is projected and run in halves, and evaluated here."""
+        batch of ``split_batch()`` or more is projected and run in halves, and evaluated here."""
         cell = self.model().rnn_cell
-        if lstm_inputs is None and cell_inputs is not None and getattr(cell, "features_first_inputs", False):
-            if x is not None and not every_state and _can_split(h.shape[0], self.SPLIT_BATCH):
+        if lstm_inputs is None and cell_inputs is not None:
+            if x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
                 return self._in_halves(fixed, fixed_leaves, x, h, ts)
+        if lstm_inputs is None and cell_inputs is not None and getattr(cell, "features_first_inputs", False):
             # Feature-major from end to end: each step's input is a contiguous (P, B) block and
             # the state stays (H, B), where batch-major every step transposed its input, its
             # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
@@ -159,9 +160,12 @@ class Steps:
         c = states[1] if every_state else states
         return y, (states[0] if every_state else h), c
 
+    def split_batch(self) -> int:
+        return getattr(self.model().rnn_cell, "split_batch", None) or self.SPLIT_BATCH
+
     def _in_halves(self, fixed, fixed_leaves, x, h, ts):
-        """``run_forward`` of a feature-major cell as two halves of the batch, each projected
-        and run on its own MLX stream, evaluated with the BLAS on one thread: -> (Y (B, T, F),
+        """``run_forward`` without mixed memory as two halves of the batch, each projected and
+        run on its own MLX stream, evaluated with the BLAS on one thread: -> (Y (B, T, F),
         h (B, S), None)."""
         batch, cell = h.shape[0], self.model().rnn_cell
         halves = []
@@ -171,10 +175,17 @@ class Steps:
                 inputs = cell.project_input(x[rows])
                 halves.append(self.run_forward(fixed, fixed_leaves, inputs, None, h[rows], None, part_ts))
         with linux_blas.one_thread():
+            # The last states first: evaluated with the outputs, which join every step's, MLX
+            # ran the two streams' work one after the other (dense LTC at batch 32: 160 ms
+            # either way; states first, 110).
+            mx.eval([half[1] for half in halves])
             mx.eval(halves)
-        # Each half's Y is a (B / 2, T, F) view of a (T, F, B / 2) array: joined as those, the
-        # copy moves rows of B / 2 elements, where joining the views would transpose.
-        y = mx.concatenate([half[0].transpose(1, 2, 0) for half in halves], axis=2).transpose(2, 0, 1)
+        if getattr(cell, "features_first_inputs", False):
+            # Each half's Y is a (B / 2, T, F) view of a (T, F, B / 2) array: joined as those,
+            # the copy moves rows of B / 2 elements, where joining the views would transpose.
+            y = mx.concatenate([half[0].transpose(1, 2, 0) for half in halves], axis=2).transpose(2, 0, 1)
+        else:
+            y = mx.concatenate([half[0] for half in halves])
         return y, mx.concatenate([half[1] for half in halves]), None
 
     def _chunks(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state, features_first=False):

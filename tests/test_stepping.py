@@ -103,13 +103,15 @@ def test_compiled_forward_matches_eager(name, timespans, monkeypatch):
 
 
 @pytest.mark.parametrize("timespans", [False, True], ids=["unit_timespan", "timespans"])
-@pytest.mark.parametrize("name", ["cfc", "cfc_wired"])
+@pytest.mark.parametrize("name", ["cfc", "cfc_wired", "ltc", "ltc_wired"])
 def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch):
     from ncps_mlx import linux_blas
 
     if not stepping._can_split(3, 3):
         pytest.skip("needs two cores and a BLAS whose thread count ncps_mlx can set")
-    model = models()[name]
+    mx.random.seed(5)
+    model = LTC(I, AutoNCP(16, 3, seed=4)) if name == "ltc_wired" else models()[name]
+    assert name != "ltc_wired" or model.rnn_cell._synapses() is not None  # the sparse step
     x, ts = inputs()
     ts = ts if timespans else None
     hx = initial_state(model)
@@ -117,7 +119,7 @@ def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch
     taken = []
     original = stepping.Steps._in_halves
     monkeypatch.setattr(stepping.Steps, "_in_halves", lambda self, *a: taken.append(1) or original(self, *a))
-    monkeypatch.setattr(stepping.Steps, "SPLIT_BATCH", 2)  # B = 3: halves of 1 and 2
+    monkeypatch.setattr(stepping.Steps, "split_batch", lambda self: 2)  # B = 3: halves of 1 and 2
     threads = linux_blas._THREADS[0]()
     halves = model(x, hx=hx, timespans=ts)
     assert taken, "the batch was not split"
@@ -126,6 +128,22 @@ def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch
         assert got.shape == reference.shape, key
         # The halves' matrix products may round differently (other blockings, one thread).
         assert float(mx.max(mx.abs(got - reference))) <= 1e-6, key
+
+
+def test_mixed_memory_runs_whole(monkeypatch):
+    taken = []
+    original = stepping.Steps._in_halves
+    monkeypatch.setattr(stepping.Steps, "_in_halves", lambda self, *a: taken.append(1) or original(self, *a))
+    monkeypatch.setattr(stepping.Steps, "split_batch", lambda self: 2)
+    x, _ = inputs()
+    mx.eval(models()["ltc_ncp_mixed"](x)[0])
+    assert not taken
+
+
+def test_split_thresholds():
+    assert models()["cfc"]._steps().split_batch() == stepping.Steps.SPLIT_BATCH
+    assert models()["ltc"]._steps().split_batch() == 32  # dense
+    assert LTC(I, AutoNCP(16, 3, seed=4))._steps().split_batch() == 128  # sparse
 
 
 def test_halves_only_in_the_main_thread(monkeypatch):
