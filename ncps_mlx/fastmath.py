@@ -114,8 +114,12 @@ def _sigmoid_of(tanh_form, x: mx.array) -> mx.array:
 
 
 def _with_gradient(function, derivative_from_output):
-    """``function`` compiled, with the gradient written in terms of its own output."""
-    compiled = mx.compile(function, shapeless=True)
+    """``function`` compiled, with the gradient written in terms of its own output.
+
+    Compiled for each shape, not shapeless: called on its own (a cell's single step, eager
+    use), the shapeless sigmoid took 0.36 ms on (32, 64, 64) and 0.56 ms on (1024, 192), the
+    one compiled for the shape 0.085 and 0.11."""
+    compiled = mx.compile(function)
 
     @mx.custom_function
     def fast(x: mx.array) -> mx.array:
@@ -128,7 +132,7 @@ def _with_gradient(function, derivative_from_output):
     return fast
 
 
-# Compiled shapeless, so the form is chosen by size outside them: a custom function per form.
+# The form is chosen by size outside the compiled functions: a custom function per form.
 _fast_tanh = {small: _with_gradient(form, lambda t: 1.0 - t * t) for small, form in ((True, _tanh_small), (False, _tanh_large))}
 _fast_sigmoid = {
     small: _with_gradient(lambda x, form=form: _sigmoid_of(form, x), lambda s: s * (1.0 - s))
