@@ -126,9 +126,10 @@ class SequenceModel(nn.Module):
             mode = "differentiable" if traced else "compiled"
 
         with fastmath.exact_functions(mode == "eager"):
-            # Compiled, a projection that is not differentiated takes the bare rational: with the
-            # custom-gradient sigmoid inside it, MLX's compiled LTC sensory term, once traced for
-            # one batch size, ran 5x slower at the next (batch 16 then 32: 7 -> 34 ms).
+            # Compiled, a projection that is not differentiated takes the bare rational, as the
+            # steps do: around the custom-gradient sigmoid the LTC's sensory term did not fuse,
+            # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
+            # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
             with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
                 lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
                 cell_inputs = None
