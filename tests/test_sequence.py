@@ -173,3 +173,23 @@ def test_properties():
     assert (cfc.state_size, cfc.output_size, cfc.synapse_count, cfc.sensory_synapse_count) == (8, 8, 64, 40)
     assert CTGRU(5, 4, M=8).state_size == 32 and CTGRU(5, 4).output_size == 4
     assert ncps_mlx.__version__
+
+
+@pytest.mark.parametrize("mapping", ["affine", "linear", None])
+def test_sparse_sensory_projection_matches_the_dense_term(mapping, monkeypatch):
+    """An LTC with sparse sensory synapses projects only the existing ones (two one-hot
+    products); the dense (..., I, S) term over the masked weights must give the same."""
+    from ncps_mlx.cells.ltc import LTCCell
+    from ncps_mlx.wirings import AutoNCP
+
+    mx.random.seed(3)
+    cell = LTC(7, AutoNCP(16, 3, seed=2), input_mapping=mapping).rnn_cell
+    assert cell._sensory_synapses() is not None
+    cell.update({name: mx.random.uniform(-1.0, 1.0, value.shape) for name, value in cell.parameters().items()
+                 if name in ("input_w", "input_b", "sensory_mu", "sensory_erev")})  # fmt: skip
+    x = mx.random.normal((4, 5, 7))
+    sparse = cell.project_input(x)
+    monkeypatch.setattr(LTCCell, "_sensory_synapses", lambda self: None)
+    dense = cell.project_input(x)
+    assert float(mx.max(mx.abs(dense))) > 0.1
+    assert float(mx.max(mx.abs(sparse - dense))) <= 1e-6

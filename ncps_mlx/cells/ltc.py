@@ -139,16 +139,29 @@ class LTCCell(nn.Module):
         """(..., I) -> (..., 2S): the sensory synapses' numerator and denominator terms.
 
         They depend on the input only, so they are computed once per sequence rather than
-        once per step, as one (..., I, S) tensor in a compiled function whose elementwise
-        operations fuse (W3, batch 32 x 100: 90 ms as separate operations, 8 compiled). The
-        (I, S) weights are made outside it: inside, MLX would fuse their softplus into the big
-        loop and evaluate it for every element (67 ms).
+        once per step, in a compiled function whose elementwise operations fuse. Dense, that is
+        one (..., I, S) tensor (W3, batch 32 x 100: 90 ms as separate operations, 8 compiled).
+        With at most ``SPARSE_DENSITY`` of the I x S sensory synapses present (AutoNCP(64, 8)
+        keeps 340 of 1280), only the existing ones, as the sparse step does: their sigmoid's
+        argument from one matrix product, their currents summed into their neurons with
+        another (AutoNCP(64, 8) at batch 32 x 100: forward 58 -> 48 ms, forward+backward
+        280-300 -> 255-260). The (I, S) weights are made outside the compiled function:
+        inside, MLX would fuse their softplus into the big loop and evaluate it for every
+        element (67 ms).
         """
-        w = self._positive(self.sensory_w) * self.sensory_sparsity_mask
         mapping = [self.input_w] if self.input_mapping in ("affine", "linear") else []
         mapping += [self.input_b] if self.input_mapping == "affine" else []
-        terms = _sensory_terms(fastmath.mode())
-        return terms(x, self.sensory_sigma, self.sensory_mu, w * self.sensory_erev, w, *mapping)
+        positive_w = self._positive(self.sensory_w)
+        synapses = self._sensory_synapses()
+        if synapses is None:
+            w = positive_w * self.sensory_sparsity_mask
+            terms = _sensory_terms(fastmath.mode())
+            return terms(x, self.sensory_sigma, self.sensory_mu, w * self.sensory_erev, w, *mapping)
+        presynaptic = synapses[0]
+        sigma, mu, _, to_post = _existing(synapses, self.sensory_sigma, self.sensory_mu, positive_w, self.sensory_erev,
+                                          self.sensory_sparsity_mask)  # fmt: skip
+        terms = _sparse_sensory_terms(fastmath.mode())
+        return terms(x, presynaptic * sigma, -(sigma * mu), to_post, *mapping)
 
     # With at most this fraction of the S x S synapses present (NCP/AutoNCP wirings keep ~12%)
     # the step computes only the existing ones; denser wirings use the dense tensors.
@@ -163,22 +176,16 @@ class LTCCell(nn.Module):
         (N,) instead, for ``mx.take``. Made once from the wiring (the masks are frozen copies of
         it) and kept as constants."""
         if "_synapse_index" not in self.__dict__:
-            mask = np.abs(self.wiring.adjacency_matrix)
-            pre, post = np.nonzero(mask)
-            index = None
-            if pre.size <= self.SPARSE_DENSITY * mask.size:
-                one_hot = np.zeros((pre.size, mask.shape[1]), np.float32)
-                one_hot[np.arange(pre.size), post] = 1.0
-                flat = (pre * mask.shape[1] + post).astype(np.int32)
-                if mask.shape[0] * pre.size <= 2**22:
-                    select = np.zeros((mask.shape[0], pre.size), np.float32)
-                    select[pre, np.arange(pre.size)] = 1.0
-                    presynaptic = mx.array(select)
-                else:
-                    presynaptic = mx.array(pre.astype(np.int32))
-                index = (presynaptic, mx.array(flat), mx.array(one_hot))
-            self.__dict__["_synapse_index"] = index
+            self.__dict__["_synapse_index"] = _sparse_index(self.wiring.adjacency_matrix, self.SPARSE_DENSITY)
         return self.__dict__["_synapse_index"]
+
+    def _sensory_synapses(self):
+        """``_synapses`` of the sensory synapses: (selection (I, N), flat index, one-hot (N, S)),
+        or None for the dense sensory term (also past the selection's size limit)."""
+        if "_sensory_synapse_index" not in self.__dict__:
+            index = _sparse_index(self.wiring.sensory_adjacency_matrix, self.SPARSE_DENSITY)
+            self.__dict__["_sensory_synapse_index"] = index if index is not None and index[0].ndim == 2 else None
+        return self.__dict__["_sensory_synapse_index"]
 
     # One step per compiled call (``ncps_mlx.stepping``): compiled eight at a time, the
     # unfolds of consecutive steps fuse worse, at batch 32 W4 ran at 211 seq/s instead of 371
@@ -218,14 +225,9 @@ class LTCCell(nn.Module):
             w = self._positive(self.w) * self.sparsity_mask
             terms = (self.sigma, self.mu, w, w * self.erev)
         else:
-            presynaptic, flat, one_hot = synapses
-
-            def existing(a):
-                return mx.take(a.reshape(-1), flat)
-
-            w = existing(self._positive(self.w)) * existing(self.sparsity_mask)
-            to_post = mx.concatenate([one_hot * (w * existing(self.erev))[:, None], one_hot * w[:, None]], axis=1)
-            sigma, mu = existing(self.sigma), existing(self.mu)
+            presynaptic = synapses[0]
+            sigma, mu, w, to_post = _existing(synapses, self.sigma, self.mu, self._positive(self.w), self.erev,
+                                              self.sparsity_mask)  # fmt: skip
             if presynaptic.ndim == 2:
                 # sigma (v - mu) as one product, v @ (selection * sigma) - sigma mu: the
                 # sigmoid's argument then arrives contiguous, and its loops vectorise (with sigma
@@ -291,5 +293,56 @@ def _sensory_terms(mode):
             x = x + input_b
         activation = fastmath.sigmoid(sigma * (x[..., :, None] - mu))
         return mx.concatenate([mx.sum(activation * w_erev, axis=-2), mx.sum(activation * w, axis=-2)], axis=-1)
+
+    return terms if mode == "exact" else mx.compile(terms)
+
+
+def _sparse_index(adjacency, density_limit):
+    """(presynaptic selection (P, N) one-hot, or past 2**22 entries the index (N,); flat index
+    (N,) into P x S; postsynaptic one-hot (N, S)) of the N synapses of a (P, S) adjacency
+    matrix, or None if more than ``density_limit`` of them are present."""
+    mask = np.abs(adjacency)
+    pre, post = np.nonzero(mask)
+    if pre.size > density_limit * mask.size:
+        return None
+    one_hot = np.zeros((pre.size, mask.shape[1]), np.float32)
+    one_hot[np.arange(pre.size), post] = 1.0
+    flat = (pre * mask.shape[1] + post).astype(np.int32)
+    if mask.shape[0] * pre.size <= 2**22:
+        select = np.zeros((mask.shape[0], pre.size), np.float32)
+        select[pre, np.arange(pre.size)] = 1.0
+        presynaptic = mx.array(select)
+    else:
+        presynaptic = mx.array(pre.astype(np.int32))
+    return presynaptic, mx.array(flat), mx.array(one_hot)
+
+
+def _existing(synapses, sigma, mu, positive_w, erev, mask):
+    """The existing synapses' sigma, mu, masked w (N,) and the (N, 2S) matrix that sums their
+    w * erev and w terms into their postsynaptic neurons, from (P, S) parameters."""
+    _, flat, one_hot = synapses
+
+    def existing(a):
+        return mx.take(a.reshape(-1), flat)
+
+    w = existing(positive_w) * existing(mask)
+    to_post = mx.concatenate([one_hot * (w * existing(erev))[:, None], one_hot * w[:, None]], axis=1)
+    return existing(sigma), existing(mu), w, to_post
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_sensory_terms(mode):
+    """``LTCCell.project_input`` of sparse sensory synapses as a function of its arrays: x
+    (..., I), the selection times sigma (I, N), -sigma mu (N,), the (N, 2S) postsynaptic sums,
+    then the input mapping's scale and shift if it has them. Compiled as ``_sensory_terms``
+    is. The argument x sigma - sigma mu rounds its two products apart, ~1e-7 off the
+    reference's sigma (x - mu)."""
+
+    def terms(x, first, second, to_post, input_w=None, input_b=None):
+        if input_w is not None:
+            x = x * input_w
+        if input_b is not None:
+            x = x + input_b
+        return fastmath.sigmoid(mx.addmm(second, x, first)) @ to_post
 
     return terms if mode == "exact" else mx.compile(terms)
