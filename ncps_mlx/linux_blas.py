@@ -160,9 +160,9 @@ def _short_spin():
     cores it took a core from MLX's own threads in one process out of two or three: CfC at
     batch 8 ran at 80 or 170 seq/s by chance. 2**22 cycles (~1.6 ms) keeps MLX's back-to-back
     products warm (10 runs out of 10 at 170). The variable is read once, by the library's
-    initialiser at its first load, so it is set only around that: around the search for a
-    system library too, which loads the candidates (until a fix in session 5 it was not, and
-    the system OpenBLAS's worker still spun 0.1 s after every product)."""
+    initialiser at its first load, so it is set only around that, which for a system library
+    is the search that loads the candidates (set around a later load, it left the worker
+    spinning 0.1 s after every product)."""
     previous = os.environ.get("OPENBLAS_THREAD_TIMEOUT")
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "22"
     try:

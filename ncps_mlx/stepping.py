@@ -147,15 +147,16 @@ class Steps:
         if lstm_inputs is None and cell_inputs is not None:
             if x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
                 return self._in_halves(fixed, fixed_leaves, x, h, ts)
-        if lstm_inputs is None and cell_inputs is not None and getattr(cell, "features_first_inputs", False):
-            # Feature-major from end to end: each step's input is a contiguous (P, B) block and
-            # the state stays (H, B), where batch-major every step transposed its input, its
-            # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
-            ts = _features_timespans(ts)
-            y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
-                                        every_state, features_first=True)  # fmt: skip
-            h = states[0].transpose(2, 0, 1) if every_state else h.T
-            return y.transpose(2, 0, 1), h, None
+            if getattr(cell, "features_first_inputs", False):
+                # Feature-major from end to end: each step's input is a contiguous (P, B) block
+                # and the state stays (H, B), where batch-major every step transposed its input,
+                # its state and its output (CfC at batch 8: 14 dispatched operations a step, not
+                # 18).
+                ts = _features_timespans(ts)
+                y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
+                                            every_state, features_first=True)  # fmt: skip
+                h = states[0].transpose(2, 0, 1) if every_state else h.T
+                return y.transpose(2, 0, 1), h, None
         y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state)
         c = states[1] if every_state else states
         return y, (states[0] if every_state else h), c
