@@ -78,6 +78,7 @@ class Steps:
         self.model = weakref.ref(model)  # no cycle: the model holds this object
         self.cache = {}
         self.kept, self.tokens = {}, 0
+        self.last_pass = None  # what this model ran last: a sequence pass's key and shapes
 
     # Rows (batch x time) per parameter-gradient vjp call, unless the cell says otherwise
     # (``backward_rows``). Measured on 2 cores, batch 32: CfC f+b 436 / 590 / 634 / 606 seq/s
@@ -144,6 +145,8 @@ class Steps:
         without mixed memory. Given the sequence ``x`` (B, T, I) that ``cell_inputs`` project, a
         batch of ``split_batch()`` or more is projected and run in halves, and evaluated here."""
         cell = self.model().rnn_cell
+        if x is not None:  # a forward pass of its own, not a sequence pass's
+            self.last_pass = None
         if lstm_inputs is None and cell_inputs is not None:
             if x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
                 return self._in_halves(fixed, fixed_leaves, x, h, ts)
@@ -276,6 +279,17 @@ class Steps:
                 unique.append(leaf)
         key = ("sequence", fixed, sequence_args, tuple(index), features_first)
         build = lambda: self._build_sequence(fixed, sequence_args, index, len(unique), features_first)  # noqa: E731
+        this_pass = (key, tuple(leaf.shape for leaf in unique))
+        if self.last_pass != this_pass:
+            # MLX's buffer cache (on the CPU 32 MiB by default) stops taking buffers once it is
+            # full and keeps those that filled it. Full of another batch size's, every temporary
+            # of this pass went back to the system and returned as fresh pages: the dense LTC's
+            # forward+backward at batch 32 after a forward pass in halves took 1100-1300 ms
+            # instead of 630, with 314k page faults instead of 9k. After a pass like this one the
+            # cache holds what the next needs, so it is kept (cleared at every pass, the dense
+            # LTC's passes took as long, each with 9k page faults instead of 4).
+            mx.clear_cache()
+            self.last_pass = this_pass
         return self._cached(key, build)(*unique)
 
     def _build_sequence(self, fixed, sequence_args, index, n_unique, features_first):
@@ -306,12 +320,6 @@ class Steps:
 
         @mx.custom_function
         def sequence(leaves):
-            # MLX's buffer cache (on the CPU 32 MiB by default) stops taking buffers once it
-            # is full and keeps those that filled it. Full of another batch size's, every
-            # temporary of this pass went back to the system and returned as fresh pages: the
-            # dense LTC's forward+backward at batch 32 after a forward pass in halves took
-            # 1100-1300 ms instead of 630, with 314k page faults instead of 9k.
-            mx.clear_cache()
             return WORKER.run(forward, *leaves)
 
         @sequence.vjp

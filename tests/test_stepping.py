@@ -366,7 +366,7 @@ def test_forward_backward_reuses_its_buffers_after_the_cache_filled_up():
     """MLX's CPU buffer cache stops taking buffers once full and keeps those that filled it;
     full of sizes no later allocation fits, every temporary of a forward+backward pass went
     back to the system and returned as fresh pages (64k page faults a pass here; a dense LTC
-    at batch 32 x 100 ran 2x slower). The sequence pass clears the cache first."""
+    at batch 32 x 100 ran 2x slower). A model's first sequence pass clears the cache."""
     code = textwrap.dedent(
         """
         import resource, ncps_mlx, mlx.core as mx, mlx.nn as nn
@@ -389,3 +389,26 @@ def test_forward_backward_reuses_its_buffers_after_the_cache_filled_up():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 2000
+
+
+def test_the_cache_is_cleared_when_the_pass_changes(monkeypatch):
+    """Cleared before a model's first sequence pass, the first after a forward pass of its own
+    and the first at new shapes; kept between equal passes, whose buffers it then holds."""
+    model = models()["ltc"]
+    x, _ = inputs()
+    grad = nn.value_and_grad(model, lambda m, x: mx.sum(m(x)[0] ** 2))
+    cleared = []
+    clear = mx.clear_cache
+    monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1) or clear())
+
+    def passes(n, x=x):
+        before = len(cleared)
+        for _ in range(n):
+            mx.eval(grad(model, x))
+        return len(cleared) - before
+
+    assert passes(3) == 1
+    mx.eval(model(x)[0])
+    assert passes(2) == 1
+    assert passes(2, x[:2]) == 1
+    assert passes(1) == 1
