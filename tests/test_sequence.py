@@ -178,7 +178,8 @@ def test_properties():
 @pytest.mark.parametrize("mapping", ["affine", "linear", None])
 def test_sparse_sensory_projection_matches_the_dense_term(mapping, monkeypatch):
     """An LTC with sparse sensory synapses projects only the existing ones (two one-hot
-    products); the dense (..., I, S) term over the masked weights must give the same."""
+    products); the dense (..., I, S) term over the masked weights must give the same, and the
+    same gradients."""
     from ncps_mlx.cells.ltc import LTCCell
     from ncps_mlx.wirings import AutoNCP
 
@@ -188,8 +189,19 @@ def test_sparse_sensory_projection_matches_the_dense_term(mapping, monkeypatch):
     cell.update({name: mx.random.uniform(-1.0, 1.0, value.shape) for name, value in cell.parameters().items()
                  if name in ("input_w", "input_b", "sensory_mu", "sensory_erev")})  # fmt: skip
     x = mx.random.normal((4, 5, 7))
-    sparse = cell.project_input(x)
+    weights = mx.random.normal((4, 5, 2 * cell.state_size))
+
+    def projected(parameters):
+        cell.update(parameters)
+        return mx.sum(cell.project_input(x) * weights)
+
+    parameters = cell.trainable_parameters()
+    sparse, sparse_grad = cell.project_input(x), mx.grad(projected)(parameters)
     monkeypatch.setattr(LTCCell, "_sensory_synapses", lambda self: None)
-    dense = cell.project_input(x)
+    dense, dense_grad = cell.project_input(x), mx.grad(projected)(parameters)
     assert float(mx.max(mx.abs(dense))) > 0.1
     assert float(mx.max(mx.abs(sparse - dense))) <= 1e-6
+    mapped = {"affine": ("input_w", "input_b"), "linear": ("input_w",), None: ()}[mapping]
+    for name in ("sensory_w", "sensory_sigma", "sensory_mu", "sensory_erev") + mapped:
+        scale = max(float(mx.max(mx.abs(dense_grad[name]))), 1.0)
+        assert float(mx.max(mx.abs(sparse_grad[name] - dense_grad[name]))) <= 1e-5 * scale, name
