@@ -154,11 +154,13 @@ class CfCCell(nn.Module):
 
         A sequence (B, T, I) gives (B, T, P) laid out feature-major, a transposed view of
         (T, P, B), so that each step's input is contiguous for ``step_features`` (at batch
-        1024 a strided one cost a fifth of the step)."""
+        1024 a strided one cost a fifth of the step). The bias is added after the product:
+        ``mx.addmm`` would first copy it, broadcast, into the (T, P, B) output with MLX's
+        general strided copy (batch 512 x 50: 2.8 ms, against 1.8 for this)."""
         weight, bias = self._first_layer()
         weight = weight[:, : self.input_size]
         if x.ndim == 3:
-            return mx.addmm(bias[:, None], weight, x.transpose(1, 2, 0)).transpose(2, 0, 1)
+            return (weight @ x.transpose(1, 2, 0) + bias[:, None]).transpose(2, 0, 1)
         return mx.addmm(bias, x, weight.T)
 
     def prepare(self):
@@ -190,6 +192,22 @@ class CfCCell(nn.Module):
         hidden = tuple((layer.weight, layer.bias[:, None]) for layer in self.backbone[1:]) if self.backbone_layers else ()
         I = self.input_size
         return mx.contiguous(weight[:, :I]), bias[:, None], mx.contiguous(weight[:, I:]), heads, hidden
+
+    def expand_biases(self, prepared, batch: int):
+        """``prepare()``'s output with the biases of its products contiguous (features, batch)
+        arrays, for a run of feature-major steps that is not differentiated. Given a (K, 1)
+        bias, ``mx.addmm`` copies it, broadcast, into its output at every step with MLX's
+        general strided copy (heads at batch 512: 156 us a product, 132 with the bias made
+        once per run)."""
+
+        def expanded(bias):
+            return mx.contiguous(mx.broadcast_to(bias, (bias.shape[0], batch)))
+
+        weight, bias, state_weight, heads, hidden = prepared
+        if heads is not None:
+            heads = (heads[0], expanded(heads[1]), heads[2], expanded(heads[3]))
+        hidden = tuple((w, expanded(b)) for w, b in hidden)
+        return weight, expanded(bias), state_weight, heads, hidden
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
@@ -412,6 +430,10 @@ class WiredCfCCell(nn.Module):
 
     def prepare(self):
         return [layer.prepare() for layer in self.layers]
+
+    def expand_biases(self, prepared, batch: int):
+        """``CfCCell.expand_biases`` layer by layer."""
+        return [layer.expand_biases(weights, batch) for layer, weights in zip(self.layers, prepared)]
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, units), ts float or (B, 1) -> (output (B, F), new state (B, units)).
