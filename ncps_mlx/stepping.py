@@ -240,9 +240,10 @@ class Steps:
             leaves = iter(leaves)
             with self._model_from(fixed, leaves, inline=True) as (this, prepared, lstm_prepared):
                 cell_inputs, lstm_inputs, h, c, ts = _unflatten(structure, leaves)
+                expand = getattr(this.rnn_cell, "expand_biases", None)
+                if expand is not None:  # (S, B) feature-major, else (B, S)
+                    prepared = expand(prepared, h.shape[1] if features_first else h.shape[0])
                 if features_first:
-                    expand = getattr(this.rnn_cell, "expand_biases", None)
-                    prepared = prepared if expand is None else expand(prepared, h.shape[1])
                     # The steps join in one concatenation, where stacking expands each first.
                     outs, hs = [], []
                     for t, u in enumerate(_step_blocks(cell_inputs)):

@@ -238,6 +238,16 @@ class LTCCell(nn.Module):
                 terms = (sigma, mu, to_post)
         return (self._positive(self.cm), gleak, gleak * self.vleak) + terms
 
+    def expand_biases(self, prepared, batch: int):
+        """``prepare()``'s output for a run of steps that is not differentiated, with the sparse
+        step's -sigma mu a contiguous (batch, N) array: given an (N,) one, ``mx.addmm``
+        copies it, broadcast, into its output at every unfold with MLX's general strided
+        copy."""
+        if len(prepared) != 6 or prepared[3].ndim != 2:  # dense, or no selection matrix
+            return prepared
+        *head, second, to_post = prepared
+        return (*head, mx.contiguous(mx.broadcast_to(second, (batch, second.shape[0]))), to_post)
+
     def recurrent_step(self, u: mx.array, v: mx.array, ts=1.0, prepared=None):
         """u (B, 2S), v (B, S), ts float or (B, 1) -> (output (B, M), new state (B, S))."""
         cm, gleak, leak, *synapse_terms = self.prepare() if prepared is None else prepared
@@ -343,6 +353,9 @@ def _sparse_sensory_terms(mode):
             x = x * input_w
         if input_b is not None:
             x = x + input_b
-        return fastmath.sigmoid(mx.addmm(second, x, first)) @ to_post
+        # -sigma mu as the product's last row, times a column of ones: ``mx.addmm`` would copy
+        # it, broadcast over batch x time, into its output with MLX's general strided copy.
+        x = mx.concatenate([x, mx.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
+        return fastmath.sigmoid(x @ mx.concatenate([first, second[None]])) @ to_post
 
     return terms if mode == "exact" else mx.compile(terms)
