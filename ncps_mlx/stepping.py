@@ -147,22 +147,33 @@ class Steps:
         cell = self.model().rnn_cell
         if x is not None:  # a forward pass of its own, not a sequence pass's
             self.last_pass = None
-        if lstm_inputs is None and cell_inputs is not None:
-            if x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
-                return self._in_halves(fixed, fixed_leaves, x, h, ts)
-            if getattr(cell, "features_first_inputs", False):
-                # Feature-major from end to end: each step's input is a contiguous (P, B) block
-                # and the state stays (H, B), where batch-major every step transposed its input,
-                # its state and its output (CfC at batch 8: 14 dispatched operations a step, not
-                # 18).
-                ts = _features_timespans(ts)
-                y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
-                                            every_state, features_first=True)  # fmt: skip
-                h = states[0].transpose(2, 0, 1) if every_state else h.T
-                return y.transpose(2, 0, 1), h, None
+        projected_only = lstm_inputs is None and cell_inputs is not None  # no mixed memory
+        if projected_only and x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
+            return self._in_halves(fixed, fixed_leaves, x, h, ts)
+        fixed_leaves = self._expanded(fixed, fixed_leaves, h.shape[0])
+        if projected_only and getattr(cell, "features_first_inputs", False):
+            # Feature-major from end to end: each step's input is a contiguous (P, B) block and
+            # the state stays (H, B), where batch-major every step transposed its input, its
+            # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
+            ts = _features_timespans(ts)
+            y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
+                                        every_state, features_first=True)  # fmt: skip
+            h = states[0].transpose(2, 0, 1) if every_state else h.T
+            return y.transpose(2, 0, 1), h, None
         y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state)
         c = states[1] if every_state else states
         return y, (states[0] if every_state else h), c
+
+    def _expanded(self, fixed, fixed_leaves, batch: int):
+        """``fixed_leaves`` with the cell's ``expand_biases`` applied to its prepared tensors,
+        once for a loop that is not differentiated (the structure ``fixed`` is kept)."""
+        expand = getattr(self.model().rnn_cell, "expand_biases", None)
+        if expand is None:
+            return fixed_leaves
+        parameters, prepared, lstm_prepared = _unflatten(fixed, iter(fixed_leaves))
+        leaves = []
+        _flatten((parameters, expand(prepared, batch), lstm_prepared), leaves)
+        return leaves
 
     def split_batch(self) -> int:
         return getattr(self.model().rnn_cell, "split_batch", None) or self.SPLIT_BATCH
@@ -240,9 +251,6 @@ class Steps:
             leaves = iter(leaves)
             with self._model_from(fixed, leaves, inline=True) as (this, prepared, lstm_prepared):
                 cell_inputs, lstm_inputs, h, c, ts = _unflatten(structure, leaves)
-                expand = getattr(this.rnn_cell, "expand_biases", None)
-                if expand is not None:  # (S, B) feature-major, else (B, S)
-                    prepared = expand(prepared, h.shape[1] if features_first else h.shape[0])
                 if features_first:
                     # The steps join in one concatenation, where stacking expands each first.
                     outs, hs = [], []
@@ -689,7 +697,7 @@ def _features_timespans(ts):
 
 
 def _can_split(batch: int, threshold: int) -> bool:
-    """Whether a forward pass of this batch runs in halves on two streams (``Steps.SPLIT_BATCH``):
+    """Whether a forward pass of this batch runs in halves on two streams (``Steps.split_batch``):
     in the main thread only, as MLX's streams belong to the thread that made them and a
     stream left behind by a thread that ended is not cleaned up."""
     return (

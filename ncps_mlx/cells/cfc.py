@@ -195,10 +195,10 @@ class CfCCell(nn.Module):
 
     def expand_biases(self, prepared, batch: int):
         """``prepare()``'s output with the biases of its products contiguous (features, batch)
-        arrays, for a run of feature-major steps that is not differentiated. Given a (K, 1)
-        bias, ``mx.addmm`` copies it, broadcast, into its output at every step with MLX's
-        general strided copy (heads at batch 512: 156 us a product, 132 with the bias made
-        once per run)."""
+        arrays, made once for a loop that is not differentiated (``ncps_mlx.stepping``). Given
+        a (K, 1) bias, ``mx.addmm`` copies it, broadcast, into its output at every step with
+        MLX's general strided copy (heads at batch 512: 156 us a product, 132 with the bias
+        made once)."""
 
         def expanded(bias):
             return mx.contiguous(mx.broadcast_to(bias, (bias.shape[0], batch)))

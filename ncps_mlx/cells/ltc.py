@@ -239,10 +239,10 @@ class LTCCell(nn.Module):
         return (self._positive(self.cm), gleak, gleak * self.vleak) + terms
 
     def expand_biases(self, prepared, batch: int):
-        """``prepare()``'s output for a run of steps that is not differentiated, with the sparse
-        step's -sigma mu a contiguous (batch, N) array: given an (N,) one, ``mx.addmm``
-        copies it, broadcast, into its output at every unfold with MLX's general strided
-        copy."""
+        """``prepare()``'s output for a loop that is not differentiated (``ncps_mlx.stepping``),
+        with the sparse step's -sigma mu a contiguous (batch, N) array, made once: given an
+        (N,) one, ``mx.addmm`` copies it, broadcast, into its output at every unfold with MLX's
+        general strided copy."""
         if len(prepared) != 6 or prepared[3].ndim != 2:  # dense, or no selection matrix
             return prepared
         *head, second, to_post = prepared
@@ -297,14 +297,18 @@ def _sensory_terms(mode):
     in another order; folding them first changes only the last bit."""
 
     def terms(x, sigma, mu, w_erev, w, input_w=None, input_b=None):
-        if input_w is not None:
-            x = x * input_w
-        if input_b is not None:
-            x = x + input_b
+        x = _mapped(x, input_w, input_b)
         activation = fastmath.sigmoid(sigma * (x[..., :, None] - mu))
         return mx.concatenate([mx.sum(activation * w_erev, axis=-2), mx.sum(activation * w, axis=-2)], axis=-1)
 
     return terms if mode == "exact" else mx.compile(terms)
+
+
+def _mapped(x, input_w=None, input_b=None):
+    """The input mapping: x scaled by input_w and shifted by input_b, where given."""
+    if input_w is not None:
+        x = x * input_w
+    return x if input_b is None else x + input_b
 
 
 def _sparse_index(adjacency, density_limit):
@@ -349,10 +353,7 @@ def _sparse_sensory_terms(mode):
     reference's sigma (x - mu)."""
 
     def terms(x, first, second, to_post, input_w=None, input_b=None):
-        if input_w is not None:
-            x = x * input_w
-        if input_b is not None:
-            x = x + input_b
+        x = _mapped(x, input_w, input_b)
         # -sigma mu as the product's last row, times a column of ones: ``mx.addmm`` would copy
         # it, broadcast over batch x time, into its output with MLX's general strided copy.
         x = mx.concatenate([x, mx.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
