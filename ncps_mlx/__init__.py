@@ -12,7 +12,7 @@ linux_blas.accelerate()
 # Before any kernel is compiled: MLX's fused CPU kernels built for AVX2 where it has it.
 cpu_kernels.enable()
 
-from . import wirings  # noqa: E402
+from . import native, wirings  # noqa: E402
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell  # noqa: E402
 from .modelfile import ModelFileError, load, save  # noqa: E402
 from .models import CTGRU, CTRNN, LTC, CfC, model_from_config  # noqa: E402
@@ -22,6 +22,7 @@ from .stack import Stack  # noqa: E402
 
 blas_status = linux_blas.status
 kernel_status = cpu_kernels.status
+ltc_kernel_status = native.status
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Stack",
     "blas_status",
     "kernel_status",
+    "ltc_kernel_status",
     "wirings",
     "__version__",
 ]

@@ -139,6 +139,15 @@ class SequenceModel(nn.Module):
             prepared = self.rnn_cell.prepare()
             lstm_prepared = self.lstm.prepare() if self.use_mixed else None
 
+            native = getattr(self.rnn_cell, "native_sequence", None)
+            if mode != "eager" and native is not None and cell_inputs is not None and not self.use_mixed:
+                # A cell's whole loop in one CPU kernel (the LTC's: ``ncps_mlx.native``), where
+                # it has one that applies; it returns None where not.
+                result = native(cell_inputs, h, ts)
+                if result is not None:
+                    y, states = result
+                    y = y if self.return_sequences else y[:, -1]
+                    return (self.fc(y) if self.fc is not None else y), states[:, -1], None
             if mode != "eager":
                 fixed_leaves = []
                 fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)

@@ -67,7 +67,7 @@ def probe(tmp_path, name, **env) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PATH": ORIGINAL_PATH, "TMPDIR": str(folder), "XDG_CACHE_HOME": str(tmp_path / "cache"), **env},
+        env={**os.environ, "PATH": ORIGINAL_PATH, "TMPDIR": str(folder), "XDG_CACHE_HOME": str(tmp_path / "cache"), "NCPS_MLX_NATIVE": "0", **env},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -8,6 +8,8 @@ on the same input. Outputs and final states must agree within 1e-5.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -137,6 +139,19 @@ def test_forward_parity(case):
     assert_parity(*run_pair(t_model, m_model, make_inputs(batch=3)))
 
 
+# Where the LTC's CPU kernel applies (ncps_mlx.native) the tests above run it; these run the
+# LTC on MLX's own kernels too.
+LTC_UNMIXED = sorted(k for k, v in ALL_CASES.items() if k.startswith("ltc_") and not v[2].get("mixed_memory"))
+
+
+@pytest.mark.parametrize("case", LTC_UNMIXED)
+def test_forward_parity_without_the_ltc_kernel(case):
+    family, units, kwargs = ALL_CASES[case]
+    t_model, m_model = build(family, units, kwargs)
+    with ncps_mlx.native.turned_off():
+        assert_parity(*run_pair(t_model, m_model, make_inputs(batch=3)))
+
+
 def initial_state(m_model, batch, mixed, seed=3):
     rng = np.random.default_rng(seed)
     shape = (batch, m_model.state_size) if batch else (m_model.state_size,)
@@ -201,11 +216,20 @@ def mlx_loss(model, x, target):
     return mx.sum(mx.square(out - target)) / target.size
 
 
+GRADIENT_CASES = ["cfc_default", "cfc_backbone2", "cfc_pure", "cfc_mixed", "cfc_wired_autoncp", "ltc_fc", "ltc_ncp_unconstrained", "ltc_mixed"]
+
+
 @pytest.mark.parametrize(
-    "case",
-    ["cfc_default", "cfc_backbone2", "cfc_pure", "cfc_mixed", "cfc_wired_autoncp", "ltc_fc", "ltc_ncp_unconstrained", "ltc_mixed"],
+    "case, ltc_kernel",
+    [(case, True) for case in GRADIENT_CASES] + [(case, False) for case in GRADIENT_CASES if case in LTC_UNMIXED],
+    ids=lambda value: {True: "default_paths", False: "without_ltc_kernel"}.get(value, value) if isinstance(value, bool) else value,
 )
-def test_gradient_parity(case):
+def test_gradient_parity(case, ltc_kernel):
+    with contextlib.nullcontext() if ltc_kernel else ncps_mlx.native.turned_off():
+        gradient_parity(case)
+
+
+def gradient_parity(case):
     family, units, kwargs = ALL_CASES[case]
     t_model, m_model = build(family, units, kwargs)
     x = make_inputs(batch=3, steps=20)

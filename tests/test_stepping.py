@@ -3,6 +3,7 @@ custom function with its compiled backward pass, and eager. Each must give the s
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import sys
@@ -15,10 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ncps_mlx import CTGRU, CTRNN, LTC, CfC, stepping
+from ncps_mlx import CTGRU, CTRNN, LTC, CfC, native, stepping
 from ncps_mlx.wirings import NCP, AutoNCP, FullyConnected
 
 B, T, I = 3, 9, 5
+
+
+@pytest.fixture(autouse=True)
+def mlx_path_only():
+    """These tests are about MLX's time loop, which the LTC's CPU kernel would replace where it
+    applies (tests/test_native.py compares the two)."""
+    with native.turned_off():
+        yield
 
 
 def models():
@@ -386,7 +395,8 @@ def test_forward_backward_reuses_its_buffers_after_the_cache_filled_up():
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         """
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    environment = {**os.environ, "NCPS_MLX_NATIVE": "0"}  # MLX's path, as the fixture above
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environment)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 2000
 

@@ -8,7 +8,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath
+from .. import fastmath, native
 from ._common import check_choice
 
 MAPPINGS = ("affine", "linear", None)
@@ -276,12 +276,26 @@ class LTCCell(nn.Module):
         return self._map_outputs(v), v
 
     def _map_outputs(self, v: mx.array) -> mx.array:
-        out = v[:, : self.motor_size] if self.motor_size < self.state_size else v
+        out = v[..., : self.motor_size] if self.motor_size < self.state_size else v
         if self.output_mapping in ("affine", "linear"):
             out = out * self.output_w
         if self.output_mapping == "affine":
             out = out + self.output_b
         return out
+
+    def native_sequence(self, inputs: mx.array, v: mx.array, ts=None):
+        """The whole loop in ``ncps_mlx.native``'s CPU kernel, differentiable: inputs (B, T, 2S)
+        from ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every
+        step's state (B, T, S)); None where the kernel does not apply (see ``native.applies``)
+        or the arrays are not float32. Every synapse is computed, masked, as in the dense step."""
+        arrays = (inputs, v, self.sigma, self.mu, self.w, self.cm) + (() if ts is None else (ts,))
+        if any(a.dtype != mx.float32 for a in arrays) or not native.applies(self.state_size):
+            return None
+        gleak = self._positive(self.gleak)
+        w = self._positive(self.w) * self.sparsity_mask
+        states = native.ltc_states(inputs, v, ts, self.ode_unfolds, self.epsilon, self.sigma, self.mu, w,
+                                   w * self.erev, self._positive(self.cm), gleak, gleak * self.vleak)  # fmt: skip
+        return self._map_outputs(states), states
 
     def __call__(self, x: mx.array, v: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), v, ts)

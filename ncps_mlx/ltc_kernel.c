@@ -1,0 +1,186 @@
+/* The LTC's time loop as one CPU kernel: forward and backward over a range of batch rows.
+ *
+ * Built by ncps_mlx/native.py (g++ -O3, AVX2 + FMA) and called through ctypes; see that module
+ * for why and for the arguments' shapes. Plain C, no MLX or Python headers.
+ *
+ * One batch row at a time: per ODE unfold, for each presynaptic neuron i a loop over the
+ * postsynaptic j that the compiler vectorises (the parameters are (S, S) row-major, j fastest).
+ * The sigmoid is ncps_mlx.fastmath's rational (tanh(x/2) = y P(y^2) / Q(y^2), y clipped to
+ * +-CLIP), so this kernel and the MLX path compute the same function; its gradient is the exact
+ * s (1 - s) of its output, as fastmath's custom vjp. The clip is written with comparisons, which
+ * g++ vectorises under -fno-trapping-math (they select, nothing traps).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define CLIP 8.021990776062012f
+
+static inline float sigmoid(float x) {
+    float y = 0.5f * x;
+    y = y > CLIP ? CLIP : y;
+    y = y < -CLIP ? -CLIP : y;
+    float s = y * y + 1e-9f;
+    float s2 = s * s;
+    float s4 = s2 * s2;
+    float p = (1.0f + 0.13450613617897034f * s) + s2 * (0.003578983014449477f + 2.2023032215656713e-05f * s) +
+              1.5427520594357702e-08f * s4;
+    float q = (1.0f + 0.46783941984176636f * s) + s2 * (0.026192206889390945f + 0.0003423633170314133f * s) +
+              8.598630074629909e-07f * s4;
+    return 0.5f + 0.5f * (y * p / q);
+}
+
+/* One presynaptic neuron's synapses in the backward pass of an unfold: their parameters'
+ * gradients added into d_* (rows of (S, S)), the presynaptic potential's returned. along: S
+ * floats of scratch, so that the loop over j has no reduction in it and vectorises. */
+static float synapse_gradients(int S, float vi, const float *restrict sigma, const float *restrict mu,
+                               const float *restrict w, const float *restrict w_erev, const float *restrict gn,
+                               const float *restrict gd, float *restrict d_sigma, float *restrict d_mu,
+                               float *restrict d_w, float *restrict d_w_erev, float *restrict along) {
+    for (int j = 0; j < S; ++j) {
+        float centred = vi - mu[j];
+        float s = sigmoid(sigma[j] * centred);
+        d_w_erev[j] += gn[j] * s;
+        d_w[j] += gd[j] * s;
+        float dx = (gn[j] * w_erev[j] + gd[j] * w[j]) * (s * (1.0f - s));
+        d_sigma[j] += dx * centred;
+        d_mu[j] -= dx * sigma[j];
+        along[j] = dx * sigma[j];
+    }
+    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= S; j += 8)
+        for (int l = 0; l < 8; ++l) partial[l] += along[j + l];
+    float total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+    for (; j < S; ++j) total += along[j];
+    return total;
+}
+
+typedef struct {
+    int32_t batch, steps, units, unfolds;
+    float epsilon;
+    const float *sigma, *mu, *w, *w_erev; /* (S, S) */
+    const float *cm, *gleak, *leak;       /* (S,) */
+    const float *inputs;                  /* (B, T, 2S): sensory numerator terms, then denominator */
+    const float *timespans;               /* (B, T), or NULL: every step 1.0 */
+} ltc_args;
+
+/* The synaptic sums of one unfold: numerator[j], denominator[j] over presynaptic i. */
+static void synapses(const ltc_args *a, const float *v, float *numerator, float *denominator) {
+    const int S = a->units;
+    for (int j = 0; j < S; ++j) numerator[j] = denominator[j] = 0.0f;
+    for (int i = 0; i < S; ++i) {
+        const float vi = v[i];
+        const float *sigma = a->sigma + (int64_t)i * S, *mu = a->mu + (int64_t)i * S;
+        const float *w = a->w + (int64_t)i * S, *w_erev = a->w_erev + (int64_t)i * S;
+        for (int j = 0; j < S; ++j) {
+            float s = sigmoid(sigma[j] * (vi - mu[j]));
+            numerator[j] += s * w_erev[j];
+            denominator[j] += s * w[j];
+        }
+    }
+}
+
+static float timespan(const ltc_args *a, int b, int t) {
+    return a->timespans ? a->timespans[(int64_t)b * a->steps + t] : 1.0f;
+}
+
+/* One unfold: v (S,) -> out (S,), the elementwise part after the synaptic sums. */
+static void unfold(const ltc_args *a, const float *v, const float *cm_t, const float *u, float *numerator,
+                   float *denominator, float *out) {
+    const int S = a->units;
+    synapses(a, v, numerator, denominator);
+    for (int j = 0; j < S; ++j) {
+        float n = cm_t[j] * v[j] + a->leak[j] + (numerator[j] + u[j]);
+        float d = cm_t[j] + a->gleak[j] + (denominator[j] + u[S + j]);
+        out[j] = n / (d + a->epsilon);
+    }
+}
+
+/* Rows [first, last): every step's state, states (B, T, S), from initial (B, S).
+ * scratch: 5 S floats. */
+void ltc_forward(const ltc_args *a, const float *initial, float *states, int first, int last, float *scratch) {
+    const int S = a->units, T = a->steps, U = a->unfolds;
+    float *v = scratch, *next = scratch + S, *cm_t = scratch + 2 * S, *numerator = scratch + 3 * S,
+          *denominator = scratch + 4 * S;
+    for (int b = first; b < last; ++b) {
+        memcpy(v, initial + (int64_t)b * S, S * sizeof(float));
+        for (int t = 0; t < T; ++t) {
+            const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
+            const float step = timespan(a, b, t) / (float)U;
+            for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
+            for (int k = 0; k < U; ++k) {
+                unfold(a, v, cm_t, u, numerator, denominator, next);
+                float *swap = v; v = next; next = swap;
+            }
+            memcpy(states + ((int64_t)b * T + t) * S, v, S * sizeof(float));
+        }
+    }
+}
+
+/* Gradients of rows [first, last) given d_states (B, T, S), the cotangent of every step's state:
+ * d_inputs (B, T, 2S), d_initial (B, S) and d_timespans (B, T) (if timespans) written for these
+ * rows; the parameters' (S, S) and (S,) gradients added into d_sigma ... d_leak (this caller's
+ * own buffers, summed by the caller). scratch: (T U + 1) S + 9 S floats. */
+void ltc_backward(const ltc_args *a, const float *initial, const float *d_states, float *d_inputs,
+                  float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
+                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, int first, int last,
+                  float *scratch) {
+    const int S = a->units, T = a->steps, U = a->unfolds;
+    float *trail = scratch; /* every unfold's input state, then the last state: (T U + 1, S) */
+    float *cm_t = trail + ((int64_t)T * U + 1) * S, *numerator = cm_t + S, *denominator = cm_t + 2 * S;
+    float *g = cm_t + 3 * S, *g_prev = cm_t + 4 * S, *gn = cm_t + 5 * S, *gd = cm_t + 6 * S,
+          *d_cm_t = cm_t + 7 * S, *along = cm_t + 8 * S;
+    for (int b = first; b < last; ++b) {
+        memcpy(trail, initial + (int64_t)b * S, S * sizeof(float));
+        for (int t = 0; t < T; ++t) {
+            const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
+            const float step = timespan(a, b, t) / (float)U;
+            for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
+            for (int k = 0; k < U; ++k) {
+                const float *v = trail + ((int64_t)t * U + k) * S;
+                unfold(a, v, cm_t, u, numerator, denominator, trail + ((int64_t)t * U + k + 1) * S);
+            }
+        }
+        for (int j = 0; j < S; ++j) g[j] = 0.0f;
+        for (int t = T - 1; t >= 0; --t) {
+            const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
+            float *du = d_inputs + ((int64_t)b * T + t) * 2 * S;
+            const float ts = timespan(a, b, t), step = ts / (float)U;
+            const float *ds = d_states + ((int64_t)b * T + t) * S;
+            for (int j = 0; j < S; ++j) {
+                cm_t[j] = a->cm[j] / step;
+                g[j] += ds[j];
+                du[j] = du[S + j] = d_cm_t[j] = 0.0f;
+            }
+            for (int k = U - 1; k >= 0; --k) {
+                const float *v = trail + ((int64_t)t * U + k) * S, *out = trail + ((int64_t)t * U + k + 1) * S;
+                synapses(a, v, numerator, denominator);
+                for (int j = 0; j < S; ++j) {
+                    float d = cm_t[j] + a->gleak[j] + (denominator[j] + u[S + j]) + a->epsilon;
+                    gn[j] = g[j] / d;
+                    gd[j] = -gn[j] * out[j];
+                    g_prev[j] = gn[j] * cm_t[j];
+                    d_cm_t[j] += gn[j] * v[j] + gd[j];
+                    d_leak[j] += gn[j];
+                    d_gleak[j] += gd[j];
+                    du[j] += gn[j];
+                    du[S + j] += gd[j];
+                }
+                for (int i = 0; i < S; ++i) {
+                    const int64_t row = (int64_t)i * S;
+                    g_prev[i] += synapse_gradients(S, v[i], a->sigma + row, a->mu + row, a->w + row, a->w_erev + row,
+                                                   gn, gd, d_sigma + row, d_mu + row, d_w + row, d_w_erev + row, along);
+                }
+                float *swap = g; g = g_prev; g_prev = swap;
+            }
+            /* cm_t = cm / (ts / U): d cm = d cm_t U / ts, d ts = -sum_j d cm_t cm_t / ts */
+            float d_ts = 0.0f;
+            for (int j = 0; j < S; ++j) {
+                d_cm[j] += d_cm_t[j] / step;
+                d_ts -= d_cm_t[j] * cm_t[j];
+            }
+            if (d_timespans) d_timespans[(int64_t)b * T + t] = d_ts / ts;
+        }
+        memcpy(d_initial + (int64_t)b * S, g, S * sizeof(float));
+    }
+}

@@ -1,0 +1,277 @@
+"""The LTC's time loop as one compiled CPU kernel (``ltc_kernel.c``), forward and backward.
+
+MLX runs the LTC's unfold as separate kernels over a (batch, S, S) tensor, each with broadcast
+inputs, for which its CPU backend generates scalar loops: ~200 us an unfold at batch 32 x 64
+units, against ncps.torch's ~100 (README, Performance). This kernel runs the whole sequence for
+a batch row in one call, the synapse loop vectorised, rows split over the cores; the backward
+pass recomputes each row's forward pass and walks it back. It computes the same function as the
+MLX path (fastmath's rational sigmoid, its exact gradient, the reference's operation order per
+unfold; only the synaptic sums are added in another order), and it is tested against it, against
+ncps.torch and against MLX's gradients (``tests/test_native.py``).
+
+It is built once per machine with the ``g++`` that ``mx.compile`` on the CPU needs anyway
+(``-O3 -fno-trapping-math``, plus ``-mavx2 -mfma`` where the processor has them), cached under
+``file_cache.folder("native")`` and loaded with ctypes: no dependency beyond mlx and numpy. It
+applies on Linux (x86-64 or aarch64) to the CPU device, outside ``mx.vmap``/``mx.compile``
+tracing, without mixed memory; ``NCPS_MLX_NATIVE=0`` turns it off, and where it cannot be built
+MLX's path runs as before. ``status()`` says which; the first build on a machine says so once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import cpu_kernels, file_cache
+
+SOURCE = Path(__file__).with_name("ltc_kernel.c")
+KIND = "native"
+
+_STATUS = "not attempted"
+_LIBRARY = None
+_LOCK = threading.Lock()
+
+
+class _Arguments(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int32), ("steps", ctypes.c_int32), ("units", ctypes.c_int32), ("unfolds", ctypes.c_int32),
+        ("epsilon", ctypes.c_float),
+        ("sigma", ctypes.c_void_p), ("mu", ctypes.c_void_p), ("w", ctypes.c_void_p), ("w_erev", ctypes.c_void_p),
+        ("cm", ctypes.c_void_p), ("gleak", ctypes.c_void_p), ("leak", ctypes.c_void_p),
+        ("inputs", ctypes.c_void_p), ("timespans", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+def status() -> str:
+    """Whether the LTC kernel is in use, in words (builds it on first call)."""
+    library()
+    return _STATUS
+
+
+def library():
+    """The loaded kernel library, or None where it does not apply (see ``status()``)."""
+    global _STATUS, _LIBRARY
+    with _LOCK:
+        if _STATUS == "not attempted":
+            _LIBRARY, _STATUS = _load()
+    return _LIBRARY
+
+
+def _load():
+    if os.environ.get("NCPS_MLX_NATIVE", "1") == "0":
+        return None, "turned off by NCPS_MLX_NATIVE=0"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return None, "not Linux on x86-64 or aarch64: the LTC runs on MLX's kernels"
+    compiler = cpu_kernels.find_compiler()
+    if compiler is None:
+        return None, "no g++ on PATH: the LTC runs on MLX's kernels"
+    flags = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_kernels.cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()[:16]
+    path = file_cache.folder(KIND) / key / "ltc_kernel.so"
+    built = False
+    if not path.is_file():
+        try:
+            _build(compiler, flags, path)
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, f"the LTC kernel could not be built ({error}): the LTC runs on MLX's kernels"
+        built = True
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        return None, f"the LTC kernel could not be loaded ({error}): the LTC runs on MLX's kernels"
+    lib.ltc_forward.restype = lib.ltc_backward.restype = None
+    message = f"the LTC's time loop runs in a CPU kernel built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns it off)"
+    if built:
+        print(f"ncps_mlx: {message}", file=sys.stderr)
+    return lib, message
+
+
+def _build(compiler, flags, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, suffix=".so")
+    os.close(descriptor)
+    try:
+        result = subprocess.run([compiler, "-x", "c", *flags, "-o", partial, str(SOURCE)],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        if result.returncode != 0:
+            raise subprocess.SubprocessError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "g++ failed")
+        os.replace(partial, path)  # atomically: a concurrent process loads the old file or this one
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def applies(units: int) -> bool:
+    """Whether an LTC of ``units`` neurons runs in the kernel now: built, on the CPU device,
+    not within ``turned_off()``."""
+    if getattr(_off, "value", False) or units > MAX_UNITS or mx.default_device() != mx.cpu:
+        return False
+    return library() is not None
+
+
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within this block (in this thread) the LTC runs on MLX's kernels, as where the kernel
+    does not apply: for comparing the two."""
+    previous = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = previous
+
+
+# The kernel computes all S x S synapses, as the dense MLX path does; past this the sparse MLX
+# path of a sparse wiring may do less work.
+MAX_UNITS = 256
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    return concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix="ncps_mlx_native")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _row_ranges(batch: int):
+    parts = min(batch, _threads())
+    edges = [batch * k // parts for k in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _host(array) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+
+
+def _pointer(array: np.ndarray):
+    return array.ctypes.data_as(ctypes.c_void_p)
+
+
+def _arguments(unfolds, epsilon, inputs, timespans, parameters):
+    """(ctypes arguments, the host arrays they point into: keep them alive)."""
+    host = [_host(a) for a in (inputs, *parameters)] + ([_host(timespans)] if timespans is not None else [])
+    inputs_h, sigma, mu, w, w_erev, cm, gleak, leak = host[:8]
+    batch, steps, _ = inputs_h.shape
+    arguments = _Arguments(batch, steps, sigma.shape[0], unfolds, epsilon,
+                           *(_pointer(a) for a in (sigma, mu, w, w_erev, cm, gleak, leak, inputs_h)),
+                           _pointer(host[8]) if timespans is not None else None)  # fmt: skip
+    return arguments, host
+
+
+def _run_rows(call, batch):
+    """``call(first, last)`` over the batch in one contiguous range of rows per core."""
+    futures = [_pool().submit(call, first, last) for first, last in _row_ranges(batch)]
+    return [future.result() for future in futures]
+
+
+def forward(unfolds, epsilon, inputs, initial, timespans, parameters) -> np.ndarray:
+    """Every step's state (B, T, S) as a host array; see ``ltc_states``."""
+    lib = library()
+    arguments, keep = _arguments(unfolds, epsilon, inputs, timespans, parameters)
+    initial = _host(initial)
+    batch, steps, units = arguments.batch, arguments.steps, arguments.units
+    states = np.empty((batch, steps, units), np.float32)
+
+    def rows(first, last):
+        scratch = np.empty(5 * units, np.float32)
+        lib.ltc_forward(ctypes.byref(arguments), _pointer(initial), _pointer(states), first, last, _pointer(scratch))
+
+    _run_rows(rows, batch)
+    del keep
+    return states
+
+
+def backward(unfolds, epsilon, inputs, initial, timespans, parameters, d_states):
+    """(d inputs (B, T, 2S), d initial (B, S), d timespans (B, T) or None, d parameters) as host
+    arrays, the parameters' summed over the batch."""
+    lib = library()
+    arguments, keep = _arguments(unfolds, epsilon, inputs, timespans, parameters)
+    initial, d_states = _host(initial), _host(d_states)
+    batch, steps, units = arguments.batch, arguments.steps, arguments.units
+    d_inputs = np.empty((batch, steps, 2 * units), np.float32)
+    d_initial = np.empty((batch, units), np.float32)
+    d_timespans = np.empty((batch, steps), np.float32) if timespans is not None else None
+
+    def rows(first, last):
+        scratch = np.empty(((steps * unfolds + 1) + 9) * units, np.float32)
+        matrices = [np.zeros((units, units), np.float32) for _ in range(4)]
+        vectors = [np.zeros(units, np.float32) for _ in range(3)]
+        lib.ltc_backward(ctypes.byref(arguments), _pointer(initial), _pointer(d_states), _pointer(d_inputs),
+                         _pointer(d_initial), _pointer(d_timespans) if d_timespans is not None else None,
+                         *(_pointer(a) for a in matrices + vectors), first, last, _pointer(scratch))  # fmt: skip
+        return matrices + vectors
+
+    parts = _run_rows(rows, batch)
+    del keep
+    d_parameters = [functools.reduce(np.add, grads) for grads in zip(*parts)]
+    return d_inputs, d_initial, d_timespans, d_parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _states_function(unfolds: int, epsilon: float, timed: bool):
+    """The kernel as an MLX custom function with its vjp: (inputs (B, T, 2S), initial (B, S),
+    [timespans (B, T)], sigma, mu, w, w_erev (S, S), cm, gleak, leak (S,)) -> states (B, T, S)."""
+
+    def split(arrays):
+        inputs, initial, *rest = arrays
+        timespans = rest.pop(0) if timed else None
+        return inputs, initial, timespans, rest
+
+    @mx.custom_function
+    def states(*arrays):
+        inputs, initial, timespans, parameters = split(arrays)
+        return mx.array(forward(unfolds, epsilon, inputs, initial, timespans, parameters))
+
+    @states.vjp
+    def states_vjp(primals, cotangent, output):
+        inputs, initial, timespans, parameters = split(primals)
+        d_inputs, d_initial, d_timespans, d_parameters = backward(unfolds, epsilon, inputs, initial, timespans,
+                                                                  parameters, cotangent)  # fmt: skip
+        grads = [d_inputs, d_initial] + ([d_timespans] if timed else []) + d_parameters
+        return tuple(mx.array(g) for g in grads)
+
+    return states
+
+
+def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_erev, cm, gleak, leak):
+    """Every step's state of an LTC, differentiable (MLX calls the kernel's backward pass).
+
+    inputs (B, T, 2S): the sensory numerator and denominator terms (``LTCCell.project_input``);
+    initial (B, S); timespans None (1.0 a step), 0-d or (B, T, 1); sigma, mu (S, S); w, w_erev
+    (S, S), the masked, constrained weights and their product with erev; cm, gleak, gleak * vleak
+    (S,), constrained. -> (B, T, S)."""
+    batch, steps = inputs.shape[:2]
+    arrays = [inputs, initial]
+    if timespans is not None:
+        arrays.append(mx.broadcast_to(timespans.reshape(timespans.shape[:2]) if timespans.ndim == 3 else timespans,
+                                      (batch, steps)))  # fmt: skip
+    function = _states_function(int(unfolds), float(epsilon), timespans is not None)
+    return function(*arrays, sigma, mu, w, w_erev, cm, gleak, leak)

@@ -1,0 +1,252 @@
+"""The LTC's CPU kernel (ncps_mlx.native): the same outputs and gradients as the MLX path, used
+where it applies and nowhere else, and a clean fall-back where it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+import ncps_mlx
+from ncps_mlx import native, wirings
+
+applies = pytest.mark.skipif(
+    native.library() is None, reason=f"the LTC kernel does not apply here: {native.status()}"
+)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often the kernel's forward and backward passes ran during the test."""
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        original = getattr(native, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(native, name, counted)
+    return calls
+
+
+def perturbed_ltc(units, seed=0, **kwargs):
+    """An LTC whose parameters are moved well off their initial ranges (so that sigmoids
+    saturate on both sides and erev has both signs)."""
+    mx.random.seed(seed)
+    model = ncps_mlx.LTC(5, units, **kwargs)
+    rng = np.random.default_rng(seed)
+    moved = []
+    for name, value in tree_flatten(model.trainable_parameters()):
+        noise = rng.normal(scale=0.3, size=value.shape).astype(np.float32)
+        moved.append((name, value * (1 + noise) + 0.1 * noise))
+    model.update(tree_unflatten(moved))
+    return model
+
+
+MODELS = {
+    "fc16": lambda: perturbed_ltc(16),
+    "fc13_unconstrained": lambda: perturbed_ltc(13, implicit_param_constraints=False, ode_unfolds=3),
+    "ncp": lambda: perturbed_ltc(wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7)),
+    "autoncp_linear": lambda: perturbed_ltc(wirings.AutoNCP(20, 4, seed=11), input_mapping="linear", output_mapping=None),
+}
+
+
+def both_paths(function):
+    """function() with the kernel, then with it turned off."""
+    with_kernel = function()
+    with native.turned_off():
+        without = function()
+    return with_kernel, without
+
+
+def max_diff(a, b):
+    return float(np.max(np.abs(np.array(a) - np.array(b))))
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
+def test_forward_equals_mlx_path(name, timespans, kernel_calls):
+    model = MODELS[name]()
+    rng = np.random.default_rng(1)
+    batch, steps = 5, 30
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    ts = {None: None, "scalar": 0.7, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps)).astype(np.float32))}[timespans]
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
+    assert kernel_calls["forward"] == 1
+    assert float(np.std(np.array(y))) > 1e-2  # the outputs move
+    assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradients_equal_mlx_path(name, kernel_calls):
+    model = MODELS[name]()
+    rng = np.random.default_rng(2)
+    batch, steps = 3, 20
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    ts = mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
+
+    def loss(model, x, hx, ts):
+        y, h = model(x, hx, ts)
+        return mx.mean(mx.square(y - target)) + mx.mean(h)
+
+    def gradients():
+        value, grads = nn.value_and_grad(model, loss)(model, x, hx, ts)
+        inputs = mx.grad(lambda x, hx: loss(model, x, hx, ts), argnums=(0, 1))(x, hx)
+        return value, dict(tree_flatten(grads)), inputs
+
+    (value, grads, inputs), (value_mlx, grads_mlx, inputs_mlx) = both_paths(gradients)
+    assert kernel_calls["backward"] == 2
+    assert abs(value.item() - value_mlx.item()) <= 1e-6
+    assert set(grads) == set(grads_mlx)
+    expected = {**grads_mlx, "x": inputs_mlx[0], "hx": inputs_mlx[1]}
+    got = {**grads, "x": inputs[0], "hx": inputs[1]}
+    for key in expected:
+        if key.endswith("sparsity_mask"):
+            continue
+        scale = float(np.max(np.abs(np.array(expected[key]))))
+        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
+        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+
+    # The timespans' gradient, which MLX's compiled backward pass does not give (it returns
+    # zeros), against plain autodiff through the cell's steps.
+    cell = model.rnn_cell
+
+    def unrolled(ts):
+        inputs, prepared, v, outs = cell.project_input(x), cell.prepare(), hx, []
+        for t in range(steps):
+            out, v = cell.recurrent_step(inputs[:, t], v, ts[:, t], prepared)
+            outs.append(out)
+        return mx.mean(mx.square(mx.stack(outs, axis=1) - target)) + mx.mean(v)
+
+    d_ts = mx.grad(lambda ts: loss(model, x, hx, ts))(ts)
+    d_ts_unrolled = mx.grad(unrolled)(ts)
+    scale = float(np.max(np.abs(np.array(d_ts_unrolled))))
+    assert scale > 0 and max_diff(d_ts, d_ts_unrolled) <= 1e-5 * max(scale, 1.0)
+
+
+@applies
+def test_row_splits_and_layouts(kernel_calls):
+    """Batches of 1 and odd sizes (rows split over the cores unevenly), unbatched, time-first,
+    and the last output only: all equal to the MLX path."""
+    model = MODELS["ncp"]()
+    rng = np.random.default_rng(3)
+    for batch in (1, 2, 7):
+        x = mx.array(rng.normal(size=(batch, 9, 5)).astype(np.float32))
+        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+        assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    x = mx.array(rng.normal(size=(9, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+    assert y.shape == y_mlx.shape == (9, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    mx.random.seed(0)
+    other = ncps_mlx.LTC(5, 10, batch_first=False, return_sequences=False)
+    x = mx.array(rng.normal(size=(9, 4, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: other(x))
+    assert y.shape == (4, 10) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    assert kernel_calls["forward"] == 5
+
+
+@applies
+def test_not_used_where_it_does_not_apply(kernel_calls):
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.normal(size=(2, 6, 5)).astype(np.float32))
+    mx.random.seed(0)
+    ncps_mlx.LTC(5, 8, mixed_memory=True)(x)
+    model = ncps_mlx.LTC(5, 8)
+    mx.vmap(lambda s: model(s)[0])(x)  # traced: MLX's path
+    mx.compile(lambda s: model(s)[0])(x)
+    model.set_dtype(mx.float16)
+    model(x.astype(mx.float16))
+    ncps_mlx.CfC(5, 8)(x)
+    assert kernel_calls == {"forward": 0, "backward": 0}
+    with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
+        ncps_mlx.LTC(5, 8)(x)
+    assert kernel_calls["forward"] == 1
+
+
+@applies
+def test_training_follows_the_mlx_path(kernel_calls):
+    """30 Adam steps with the kernel's gradients: the same losses as with MLX's, falling."""
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.normal(size=(8, 15, 3)).astype(np.float32))
+    target = mx.array(np.sin(np.cumsum(rng.normal(size=(8, 15, 2)), axis=1)).astype(np.float32) * 0.5)
+
+    def train():
+        mx.random.seed(0)
+        model = ncps_mlx.LTC(3, wirings.AutoNCP(12, 2, seed=1))
+        optimizer = optim.Adam(learning_rate=0.02)
+        step = nn.value_and_grad(model, lambda m: mx.mean(mx.square(m(x)[0] - target)))
+        losses = []
+        for _ in range(30):
+            loss, grads = step(model)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters())
+            losses.append(loss.item())
+        return np.array(losses)
+
+    losses, losses_mlx = both_paths(train)
+    assert kernel_calls["backward"] == 30
+    assert losses[-1] < 0.8 * losses[0]
+    assert np.max(np.abs(losses - losses_mlx)) <= 1e-5
+
+
+SUBPROCESS = """
+import numpy as np, mlx.core as mx, ncps_mlx
+mx.random.seed(0)
+model = ncps_mlx.LTC(5, 8)
+y, _ = model(mx.array(np.ones((2, 4, 5), np.float32)))
+print(ncps_mlx.ltc_kernel_status())
+print(float(mx.sum(y)))
+"""
+
+
+def run_python(tmp_path, **env):
+    done = subprocess.run([sys.executable, "-c", SUBPROCESS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines(), done.stderr
+
+
+@applies
+def test_built_once_said_once_and_turned_off(tmp_path):
+    (status, total), stderr = run_python(tmp_path)
+    assert status.startswith("the LTC's time loop runs in a CPU kernel") and stderr.count("ncps_mlx: the LTC's") == 1
+    (again, total_again), stderr = run_python(tmp_path)  # from the cache, silently
+    assert again == status and "the LTC's" not in stderr and total_again == total
+    (off, total_off), _ = run_python(tmp_path, NCPS_MLX_NATIVE="0")
+    assert off == "turned off by NCPS_MLX_NATIVE=0" and abs(float(total_off) - float(total)) < 1e-5
+
+
+@applies
+def test_falls_back_when_it_cannot_be_built(tmp_path):
+    """A g++ that fails on the kernel (and passes MLX's own kernels on): the LTC still runs, on
+    MLX's kernels, and the status says why."""
+    real = shutil.which("g++")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "g++").write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" -x c "*) echo "ltc_kernel.c: error: no C today" >&2; exit 1 ;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    (fake / "g++").chmod(0o755)
+    path = os.pathsep.join([str(fake)] + [p for p in os.environ["PATH"].split(os.pathsep) if "kernel-compiler" not in p])
+    (status, total), _ = run_python(tmp_path, PATH=path)
+    assert "could not be built" in status and "no C today" in status
+    (ok_status, ok_total), _ = run_python(tmp_path / "other")
+    assert abs(float(total) - float(ok_total)) < 1e-5
