@@ -22,7 +22,7 @@ from .stack import Stack  # noqa: E402
 
 blas_status = linux_blas.status
 kernel_status = cpu_kernels.status
-ltc_kernel_status = native.status
+native_status = native.status
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,7 @@ __all__ = [
     "Stack",
     "blas_status",
     "kernel_status",
-    "ltc_kernel_status",
+    "native_status",
     "wirings",
     "__version__",
 ]

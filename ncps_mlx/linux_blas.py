@@ -129,6 +129,17 @@ def _thread_control(library) -> None:
             return
 
 
+def sgemm_address():
+    """The address of the ``cblas_sgemm`` that MLX's matrix products use (the library this
+    module loaded, or for the wheel its shim's forwarding entry), or None where this module
+    loaded none: for the CPU kernels of ``ncps_mlx.native``."""
+    for handle in _HANDLES:
+        function = getattr(handle, "cblas_sgemm", None)
+        if function is not None:
+            return ctypes.cast(function, ctypes.c_void_p).value
+    return None
+
+
 def can_set_threads() -> bool:
     """Whether ``one_thread()`` can act: this module loaded an OpenBLAS that exports its
     thread count."""

@@ -141,9 +141,9 @@ class SequenceModel(nn.Module):
 
             native = getattr(self.rnn_cell, "native_sequence", None)
             if mode != "eager" and native is not None and cell_inputs is not None and not self.use_mixed:
-                # A cell's whole loop in one CPU kernel (the LTC's: ``ncps_mlx.native``), where
-                # it has one that applies; it returns None where not.
-                result = native(cell_inputs, h, ts)
+                # A cell's whole loop in one CPU kernel (``ncps_mlx.native``), where it has one
+                # that applies; it returns None where not.
+                result = native(cell_inputs, h, ts, differentiable=mode == "differentiable")
                 if result is not None:
                     y, states = result
                     y = y if self.return_sequences else y[:, -1]

@@ -1,5 +1,6 @@
-"""The LTC's CPU kernel (ncps_mlx.native): the same outputs and gradients as the MLX path, used
-where it applies and nowhere else, and a clean fall-back where it cannot be built."""
+"""The CPU kernels (ncps_mlx.native), the LTC's loop and a CfC's forward pass: the same outputs
+(and for the LTC gradients) as the MLX path, used where they apply and nowhere else, and a clean
+fall-back where they cannot be built."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ applies = pytest.mark.skipif(
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How often the kernel's forward and backward passes ran during the test."""
-    calls = {"forward": 0, "backward": 0}
+    """How often the LTC kernel's forward and backward passes and the CfC kernel ran during the
+    test."""
+    calls = {"forward": 0, "backward": 0, "cfc_states": 0}
     for name in calls:
         original = getattr(native, name)
 
@@ -160,7 +162,7 @@ def test_row_splits_and_layouts(kernel_calls):
 
 
 @applies
-def test_not_used_where_it_does_not_apply(kernel_calls):
+def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     rng = np.random.default_rng(4)
     x = mx.array(rng.normal(size=(2, 6, 5)).astype(np.float32))
     mx.random.seed(0)
@@ -170,8 +172,8 @@ def test_not_used_where_it_does_not_apply(kernel_calls):
     mx.compile(lambda s: model(s)[0])(x)
     model.set_dtype(mx.float16)
     model(x.astype(mx.float16))
-    ncps_mlx.CfC(5, 8)(x)
-    assert kernel_calls == {"forward": 0, "backward": 0}
+    ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
+    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0}
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         ncps_mlx.LTC(5, 8)(x)
     assert kernel_calls["forward"] == 1
@@ -205,12 +207,83 @@ def test_training_follows_the_mlx_path(kernel_calls):
     assert np.max(np.abs(losses - losses_mlx)) <= 1e-5
 
 
+CFC_CASES = {
+    "default": {},
+    "no_gate": {"mode": "no_gate"},
+    "pure": {"mode": "pure"},
+    "two_layers_silu": {"backbone_layers": 2, "backbone_units": 24, "activation": "silu"},
+    "relu_raw_heads": {"activation": "relu", "ff_activation": None},
+    "gelu": {"activation": "gelu"},
+    "tanh_units_13": {"activation": "tanh", "backbone_units": 13},
+}
+
+
+def perturbed_cfc(seed=0, **kwargs):
+    mx.random.seed(seed)
+    cell_arguments = {k: kwargs.pop(k) for k in ("ff_activation",) if k in kwargs}
+    model = ncps_mlx.CfC(5, 11, **kwargs)
+    if cell_arguments:  # an ncps.tf/keras CfC: raw ff1/ff2 heads
+        model.rnn_cell.ff_activation = cell_arguments["ff_activation"]
+    rng = np.random.default_rng(seed)
+    moved = [(name, value * (1 + rng.normal(scale=0.3, size=value.shape).astype(np.float32)))
+             for name, value in tree_flatten(model.trainable_parameters())]  # fmt: skip
+    model.update(tree_unflatten(moved))
+    return model
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(CFC_CASES))
+@pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
+def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
+    if native.linux_blas.sgemm_address() is None:
+        pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.linux_blas loads")
+    model = perturbed_cfc(**dict(CFC_CASES[name]))
+    rng = np.random.default_rng(6)
+    batch, steps = 7, 25
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, 11)).astype(np.float32))
+    ts = {None: None, "scalar": 0.6, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))}[timespans]
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
+    assert kernel_calls["cfc_states"] == 1
+    assert float(np.std(np.array(y))) > 1e-2
+    assert max_diff(y, y_mlx) <= 3e-6 and max_diff(h, h_mlx) <= 3e-6
+
+
+@applies
+def test_cfc_kernel_only_for_plain_forward_passes(kernel_calls):
+    """Not under a gradient (MLX's residual backward pass needs MLX's forward pass), not
+    without a backbone, not for a wired CfC or mixed memory; every batch size and layout else."""
+    if native.linux_blas.sgemm_address() is None:
+        pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.linux_blas loads")
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.normal(size=(3, 6, 5)).astype(np.float32))
+    mx.random.seed(0)
+    model = ncps_mlx.CfC(5, 8)
+    value, grads = nn.value_and_grad(model, lambda m: mx.sum(m(x)[0]))(model)
+    mx.eval(value, grads)
+    ncps_mlx.CfC(5, 8, backbone_layers=0)(x)
+    ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))(x)
+    ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
+    assert kernel_calls["cfc_states"] == 0
+    for batch in (1, 2, 5):
+        xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
+        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(xs))
+        assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    other = ncps_mlx.CfC(5, 8, batch_first=False, return_sequences=False, proj_size=3)
+    xt = mx.array(rng.normal(size=(6, 4, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: other(xt))
+    assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x[0]))  # unbatched
+    assert y.shape == (6, 8) and max_diff(y, y_mlx) <= 2e-6
+    assert kernel_calls["cfc_states"] == 5
+
+
 SUBPROCESS = """
 import numpy as np, mlx.core as mx, ncps_mlx
 mx.random.seed(0)
 model = ncps_mlx.LTC(5, 8)
 y, _ = model(mx.array(np.ones((2, 4, 5), np.float32)))
-print(ncps_mlx.ltc_kernel_status())
+print(ncps_mlx.native_status())
 print(float(mx.sum(y)))
 """
 
@@ -225,9 +298,9 @@ def run_python(tmp_path, **env):
 @applies
 def test_built_once_said_once_and_turned_off(tmp_path):
     (status, total), stderr = run_python(tmp_path)
-    assert status.startswith("the LTC's time loop runs in a CPU kernel") and stderr.count("ncps_mlx: the LTC's") == 1
+    assert status.startswith("LTC and CfC time loops run in CPU kernels") and stderr.count("ncps_mlx: LTC and CfC") == 1
     (again, total_again), stderr = run_python(tmp_path)  # from the cache, silently
-    assert again == status and "the LTC's" not in stderr and total_again == total
+    assert again == status and "LTC and CfC" not in stderr and total_again == total
     (off, total_off), _ = run_python(tmp_path, NCPS_MLX_NATIVE="0")
     assert off == "turned off by NCPS_MLX_NATIVE=0" and abs(float(total_off) - float(total)) < 1e-5
 

@@ -163,7 +163,7 @@ def machine() -> dict:
         "ncps_mlx": ncps_mlx.__version__,
         "blas": ncps_mlx.blas_status(),
         "kernels": ncps_mlx.kernel_status(),
-        "ltc_kernel": ncps_mlx.ltc_kernel_status(),
+        "native": ncps_mlx.native_status(),
         "commit": commit,
     }
 
@@ -172,7 +172,7 @@ def markdown(rows, info) -> str:
     lines = [
         f"Machine: {info['platform']}, {info['cpus']} CPUs; mlx {info['mlx']}, torch {info['torch']} "
         f"({info['torch_threads']} threads); commit {info['commit']}; {info.get('settle_s', 0) * 1000:.0f} ms settle before each timed call",
-        f"BLAS: {info.get('blas', 'not recorded')}. Kernels: {info.get('kernels', 'not recorded')}. LTC: {info.get('ltc_kernel', 'not recorded')}",
+        f"BLAS: {info.get('blas', 'not recorded')}. Kernels: {info.get('kernels', 'not recorded')}. Time loops: {info.get('native', 'not recorded')}",
         "",
         "| workload | model | batch x steps | torch fwd seq/s | mlx fwd seq/s | fwd ratio | torch f+b seq/s | mlx f+b seq/s | f+b ratio | max abs diff |",
         "|---|---|---|---|---|---|---|---|---|---|",

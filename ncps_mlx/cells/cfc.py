@@ -19,7 +19,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath
+from .. import fastmath, native
 from ._common import check_choice, get_activation, glorot_uniform
 
 MODES = ("default", "pure", "no_gate")
@@ -356,6 +356,27 @@ class CfCCell(nn.Module):
         d_heads = d_heads + (None, None) if _unit(ts) else (None, None) + d_heads
         d_hidden = tuple(_summed(dz, a) for dz, a in zip(dzs[1:], activations[:-1]))
         return None, None, dzs[0] @ states.T, d_heads, d_hidden
+
+    def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
+        """A forward pass's whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
+        ``project_input``, h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
+        both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
+        under a gradient (the compiled residual backward pass is MLX's), without a backbone,
+        for arrays that are not float32, or where ``native.cfc_applies()`` is False."""
+        arrays = (inputs, h, self.backbone[0].weight if self.backbone_layers else h) + (() if ts is None else (ts,))
+        if differentiable or self.backbone_layers == 0 or any(a.dtype != mx.float32 for a in arrays):
+            return None
+        if not native.cfc_applies():
+            return None
+        heads, head_bias = self._heads()
+        pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else ()
+        states = native.cfc_states(
+            inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, self.ff_activation == "tanh",
+            self.backbone[0].weight[:, self.input_size :], [(layer.weight, layer.bias) for layer in self.backbone[1:]],
+            heads, head_bias, *pure,
+        )  # fmt: skip
+        y = states.transpose(2, 0, 1)
+        return y, y
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)

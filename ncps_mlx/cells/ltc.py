@@ -283,13 +283,13 @@ class LTCCell(nn.Module):
             out = out + self.output_b
         return out
 
-    def native_sequence(self, inputs: mx.array, v: mx.array, ts=None):
+    def native_sequence(self, inputs: mx.array, v: mx.array, ts=None, differentiable: bool = False):
         """The whole loop in ``ncps_mlx.native``'s CPU kernel, differentiable: inputs (B, T, 2S)
         from ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every
         step's state (B, T, S)); None where the kernel does not apply (see ``native.applies``)
         or the arrays are not float32. Every synapse is computed, masked, as in the dense step."""
         arrays = (inputs, v, self.sigma, self.mu, self.w, self.cm) + (() if ts is None else (ts,))
-        if any(a.dtype != mx.float32 for a in arrays) or not native.applies(self.state_size):
+        if any(a.dtype != mx.float32 for a in arrays) or not native.applies():
             return None
         gleak = self._positive(self.gleak)
         w = self._positive(self.w) * self.sparsity_mask

@@ -1,59 +1,17 @@
 /* The LTC's time loop as one CPU kernel: forward and backward over a range of batch rows.
  *
- * Built by ncps_mlx/native.py (g++ -O3, AVX2 + FMA) and called through ctypes; see that module
- * for why and for the arguments' shapes. Plain C, no MLX or Python headers.
+ * Built by ncps_mlx/native.py and called through ctypes; see that module for why and for the
+ * arguments' shapes. Plain C, no MLX or Python headers.
  *
  * One batch row at a time: per ODE unfold, for each presynaptic neuron i a loop over the
  * postsynaptic j that the compiler vectorises (the parameters are (S, S) row-major, j fastest).
- * The sigmoid is ncps_mlx.fastmath's rational (tanh(x/2) = y P(y^2) / Q(y^2), y clipped to
- * +-CLIP), so this kernel and the MLX path compute the same function; its gradient is the exact
- * s (1 - s) of its output, as fastmath's custom vjp. The clip is written with comparisons, which
- * g++ vectorises under -fno-trapping-math (they select, nothing traps).
+ * The sigmoid is rational.h's, the function the MLX path computes; its gradient is the exact
+ * s (1 - s) of its output, as fastmath's custom vjp.
  */
 #include <stdint.h>
 #include <string.h>
 
-#define CLIP 8.021990776062012f
-
-static inline float sigmoid(float x) {
-    float y = 0.5f * x;
-    y = y > CLIP ? CLIP : y;
-    y = y < -CLIP ? -CLIP : y;
-    float s = y * y + 1e-9f;
-    float s2 = s * s;
-    float s4 = s2 * s2;
-    float p = (1.0f + 0.13450613617897034f * s) + s2 * (0.003578983014449477f + 2.2023032215656713e-05f * s) +
-              1.5427520594357702e-08f * s4;
-    float q = (1.0f + 0.46783941984176636f * s) + s2 * (0.026192206889390945f + 0.0003423633170314133f * s) +
-              8.598630074629909e-07f * s4;
-    return 0.5f + 0.5f * (y * p / q);
-}
-
-/* One presynaptic neuron's synapses in the backward pass of an unfold: their parameters'
- * gradients added into d_* (rows of (S, S)), the presynaptic potential's returned. along: S
- * floats of scratch, so that the loop over j has no reduction in it and vectorises. */
-static float synapse_gradients(int S, float vi, const float *restrict sigma, const float *restrict mu,
-                               const float *restrict w, const float *restrict w_erev, const float *restrict gn,
-                               const float *restrict gd, float *restrict d_sigma, float *restrict d_mu,
-                               float *restrict d_w, float *restrict d_w_erev, float *restrict along) {
-    for (int j = 0; j < S; ++j) {
-        float centred = vi - mu[j];
-        float s = sigmoid(sigma[j] * centred);
-        d_w_erev[j] += gn[j] * s;
-        d_w[j] += gd[j] * s;
-        float dx = (gn[j] * w_erev[j] + gd[j] * w[j]) * (s * (1.0f - s));
-        d_sigma[j] += dx * centred;
-        d_mu[j] -= dx * sigma[j];
-        along[j] = dx * sigma[j];
-    }
-    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int j = 0;
-    for (; j + 8 <= S; j += 8)
-        for (int l = 0; l < 8; ++l) partial[l] += along[j + l];
-    float total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
-    for (; j < S; ++j) total += along[j];
-    return total;
-}
+#include "rational.h"
 
 typedef struct {
     int32_t batch, steps, units, unfolds;
@@ -115,6 +73,32 @@ void ltc_forward(const ltc_args *a, const float *initial, float *states, int fir
             memcpy(states + ((int64_t)b * T + t) * S, v, S * sizeof(float));
         }
     }
+}
+
+/* One presynaptic neuron's synapses in the backward pass of an unfold: their parameters'
+ * gradients added into d_* (rows of (S, S)), the presynaptic potential's returned. along: S
+ * floats of scratch, so that the loop over j has no reduction in it and vectorises. */
+static float synapse_gradients(int S, float vi, const float *restrict sigma, const float *restrict mu,
+                               const float *restrict w, const float *restrict w_erev, const float *restrict gn,
+                               const float *restrict gd, float *restrict d_sigma, float *restrict d_mu,
+                               float *restrict d_w, float *restrict d_w_erev, float *restrict along) {
+    for (int j = 0; j < S; ++j) {
+        float centred = vi - mu[j];
+        float s = sigmoid(sigma[j] * centred);
+        d_w_erev[j] += gn[j] * s;
+        d_w[j] += gd[j] * s;
+        float dx = (gn[j] * w_erev[j] + gd[j] * w[j]) * (s * (1.0f - s));
+        d_sigma[j] += dx * centred;
+        d_mu[j] -= dx * sigma[j];
+        along[j] = dx * sigma[j];
+    }
+    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= S; j += 8)
+        for (int l = 0; l < 8; ++l) partial[l] += along[j + l];
+    float total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+    for (; j < S; ++j) total += along[j];
+    return total;
 }
 
 /* Gradients of rows [first, last) given d_states (B, T, S), the cotangent of every step's state:
