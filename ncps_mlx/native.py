@@ -95,7 +95,8 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's kernels"
-    lib.ltc_forward.restype = lib.ltc_backward.restype = lib.cfc_forward.restype = None
+    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.wired_cfc_forward):
+        function.restype = None
     message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns them off)"
     if built:
         print(f"ncps_mlx: {message}", file=sys.stderr)
@@ -351,4 +352,70 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     with linux_blas.one_thread():
         _run_rows(columns, batch, None if linux_blas.can_set_threads() else 1)
     del host, pure, layers, ts
+    return mx.array(states)
+
+
+class _WiredArguments(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int32), ("steps", ctypes.c_int32), ("layers", ctypes.c_int32), ("mode", ctypes.c_int32),
+        ("ff_tanh", ctypes.c_int32), ("sizes", ctypes.POINTER(ctypes.c_int32)), ("heads", ctypes.POINTER(ctypes.c_int32)),
+        ("inputs", ctypes.c_void_p), ("timespans", ctypes.c_void_p), ("input_weights", ctypes.POINTER(ctypes.c_void_p)),
+        ("biases", ctypes.POINTER(ctypes.c_void_p)), ("state_weights", ctypes.POINTER(ctypes.c_void_p)),
+        ("w_tau", ctypes.POINTER(ctypes.c_void_p)), ("A", ctypes.POINTER(ctypes.c_void_p)), ("sgemm", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+def _fused_gate(rows, hidden_size, axis=0):
+    """Head rows ff1, ff2, time_a, time_b (4H along ``axis``) -> ff1, ff2, time_a + time_b."""
+    H = hidden_size
+
+    def part(start, stop):
+        return rows[(slice(None),) * axis + (slice(start, stop),)]
+
+    return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
+
+
+def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
+    """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer), forward
+    only, feature-major.
+
+    inputs (T, K_0, B): layer 0's input product, bias included (``project_input``'s view,
+    transposed back); initial (S, B), the layers' states stacked; timespans None, 0-d or
+    (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
+    state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
+    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B), evaluated. Without
+    timespans the time gate's two heads are fused, as in ``cfc_states``."""
+    lib = library()
+    steps, _, batch = inputs.shape
+    sizes = [int(layer[2].shape[1]) for layer in layers]
+    if timespans is None and mode != "pure":
+        inputs = _fused_gate(inputs, sizes[0], axis=1)
+        layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
+                  for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
+    heads = [int(layer[2].shape[0]) for layer in layers]
+    host = {"inputs": _host(inputs), "initial": _host(initial)}
+    per_layer = [[None if a is None else _host(a) for a in layer] for layer in layers]
+    ts = None
+    if timespans is not None:
+        ts = _host(mx.broadcast_to(timespans.reshape(timespans.shape[:2]).T if timespans.ndim == 3 else timespans,
+                                   (steps, batch)))  # fmt: skip
+
+    def pointers(index):
+        return (ctypes.c_void_p * len(layers))(*[None if layer[index] is None else layer[index].ctypes.data for layer in per_layer])
+
+    arguments = _WiredArguments(
+        batch, steps, len(layers), CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * len(sizes))(*sizes),
+        (ctypes.c_int32 * len(heads))(*heads), _pointer(host["inputs"]), _pointer(ts) if ts is not None else None,
+        pointers(0), pointers(1), pointers(2), pointers(3), pointers(4), linux_blas.sgemm_address(),
+    )  # fmt: skip
+    states = np.empty((steps, sum(sizes), batch), np.float32)
+
+    def columns(first, last):
+        scratch = np.empty((sum(sizes) + max(heads)) * (last - first), np.float32)
+        lib.wired_cfc_forward(ctypes.byref(arguments), _pointer(host["initial"]), _pointer(states), first, last,
+                              _pointer(scratch))  # fmt: skip
+
+    with linux_blas.one_thread():
+        _run_rows(columns, batch, None if linux_blas.can_set_threads() else 1)
+    del host, per_layer, ts
     return mx.array(states)

@@ -28,7 +28,7 @@ applies = pytest.mark.skipif(
 def kernel_calls(monkeypatch):
     """How often the LTC kernel's forward and backward passes and the CfC kernel ran during the
     test."""
-    calls = {"forward": 0, "backward": 0, "cfc_states": 0}
+    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0}
     for name in calls:
         original = getattr(native, name)
 
@@ -173,7 +173,7 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model.set_dtype(mx.float16)
     model(x.astype(mx.float16))
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
-    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0}
+    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0}
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         ncps_mlx.LTC(5, 8)(x)
     assert kernel_calls["forward"] == 1
@@ -208,22 +208,29 @@ def test_training_follows_the_mlx_path(kernel_calls):
 
 
 CFC_CASES = {
-    "default": {},
-    "no_gate": {"mode": "no_gate"},
-    "pure": {"mode": "pure"},
-    "two_layers_silu": {"backbone_layers": 2, "backbone_units": 24, "activation": "silu"},
-    "relu_raw_heads": {"activation": "relu", "ff_activation": None},
-    "gelu": {"activation": "gelu"},
-    "tanh_units_13": {"activation": "tanh", "backbone_units": 13},
+    "default": (11, {}),
+    "no_gate": (11, {"mode": "no_gate"}),
+    "pure": (11, {"mode": "pure"}),
+    "two_layers_silu": (11, {"backbone_layers": 2, "backbone_units": 24, "activation": "silu"}),
+    "relu_raw_heads": (11, {"activation": "relu", "ff_activation": None}),
+    "gelu": (11, {"activation": "gelu"}),
+    "tanh_units_13": (11, {"activation": "tanh", "backbone_units": 13}),
+    "no_backbone": (11, {"backbone_layers": 0}),
+    "no_backbone_pure": (11, {"backbone_layers": 0, "mode": "pure"}),
+    "wired_autoncp": (lambda: wirings.AutoNCP(16, 3, seed=2), {}),
+    "wired_ncp_no_gate": (lambda: wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7), {"mode": "no_gate"}),
+    "wired_random_pure": (lambda: wirings.Random(10, 4, sparsity_level=0.5, random_seed=5), {"mode": "pure"}),
+    "wired_autoncp_raw_heads": (lambda: wirings.AutoNCP(16, 3, seed=2), {"ff_activation": None}),
 }
 
 
-def perturbed_cfc(seed=0, **kwargs):
+def perturbed_cfc(units, seed=0, **kwargs):
     mx.random.seed(seed)
-    cell_arguments = {k: kwargs.pop(k) for k in ("ff_activation",) if k in kwargs}
-    model = ncps_mlx.CfC(5, 11, **kwargs)
-    if cell_arguments:  # an ncps.tf/keras CfC: raw ff1/ff2 heads
-        model.rnn_cell.ff_activation = cell_arguments["ff_activation"]
+    ff_activation = kwargs.pop("ff_activation", "tanh")
+    model = ncps_mlx.CfC(5, units() if callable(units) else units, **kwargs)
+    cell = model.rnn_cell
+    for layer in getattr(cell, "layers", [cell]):  # an ncps.tf/keras CfC has raw ff1/ff2 heads
+        layer.ff_activation = ff_activation
     rng = np.random.default_rng(seed)
     moved = [(name, value * (1 + rng.normal(scale=0.3, size=value.shape).astype(np.float32)))
              for name, value in tree_flatten(model.trainable_parameters())]  # fmt: skip
@@ -237,45 +244,50 @@ def perturbed_cfc(seed=0, **kwargs):
 def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.linux_blas loads")
-    model = perturbed_cfc(**dict(CFC_CASES[name]))
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, **kwargs)
     rng = np.random.default_rng(6)
     batch, steps = 7, 25
     x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
-    hx = mx.array(rng.normal(scale=0.5, size=(batch, 11)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
     ts = {None: None, "scalar": 0.6, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))}[timespans]
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
-    assert kernel_calls["cfc_states"] == 1
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 1
     assert float(np.std(np.array(y))) > 1e-2
     assert max_diff(y, y_mlx) <= 3e-6 and max_diff(h, h_mlx) <= 3e-6
 
 
 @applies
-def test_cfc_kernel_only_for_plain_forward_passes(kernel_calls):
-    """Not under a gradient (MLX's residual backward pass needs MLX's forward pass), not
-    without a backbone, not for a wired CfC or mixed memory; every batch size and layout else."""
+def test_cfc_kernels_only_for_plain_forward_passes(kernel_calls):
+    """Not under a gradient (MLX's residual backward pass needs MLX's forward pass), not with
+    mixed memory or float16; every batch size and layout else."""
     if native.linux_blas.sgemm_address() is None:
-        pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.linux_blas loads")
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     rng = np.random.default_rng(7)
     x = mx.array(rng.normal(size=(3, 6, 5)).astype(np.float32))
     mx.random.seed(0)
     model = ncps_mlx.CfC(5, 8)
-    value, grads = nn.value_and_grad(model, lambda m: mx.sum(m(x)[0]))(model)
-    mx.eval(value, grads)
-    ncps_mlx.CfC(5, 8, backbone_layers=0)(x)
-    ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))(x)
+    wired = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))
+    for each in (model, wired):
+        value, grads = nn.value_and_grad(each, lambda m: mx.sum(m(x)[0]))(each)
+        mx.eval(value, grads)
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
-    assert kernel_calls["cfc_states"] == 0
+    half = ncps_mlx.CfC(5, 8)
+    half.set_dtype(mx.float16)
+    half(x.astype(mx.float16))
+    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 0
     for batch in (1, 2, 5):
         xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
-        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(xs))
-        assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+        for each in (model, wired):
+            (y, h), (y_mlx, h_mlx) = both_paths(lambda: each(xs))
+            assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
     other = ncps_mlx.CfC(5, 8, batch_first=False, return_sequences=False, proj_size=3)
     xt = mx.array(rng.normal(size=(6, 4, 5)).astype(np.float32))
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: other(xt))
     assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
-    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x[0]))  # unbatched
-    assert y.shape == (6, 8) and max_diff(y, y_mlx) <= 2e-6
-    assert kernel_calls["cfc_states"] == 5
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: wired(x[0]))  # unbatched
+    assert y.shape == (6, 3) and h.shape == (10,) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    assert kernel_calls["cfc_states"] == 4 and kernel_calls["wired_cfc_states"] == 4
 
 
 SUBPROCESS = """

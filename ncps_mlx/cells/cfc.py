@@ -361,15 +361,20 @@ class CfCCell(nn.Module):
         """A forward pass's whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
         ``project_input``, h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
         both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
-        under a gradient (the compiled residual backward pass is MLX's), without a backbone,
-        for arrays that are not float32, or where ``native.cfc_applies()`` is False."""
-        arrays = (inputs, h, self.backbone[0].weight if self.backbone_layers else h) + (() if ts is None else (ts,))
-        if differentiable or self.backbone_layers == 0 or any(a.dtype != mx.float32 for a in arrays):
+        under a gradient (the compiled residual backward pass is MLX's), for arrays that are
+        not float32, or where ``native.cfc_applies()`` is False."""
+        weight, bias = self._first_layer()
+        arrays = (inputs, h, weight) + (() if ts is None else (ts,))
+        if differentiable or any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
             return None
-        if not native.cfc_applies():
-            return None
+        pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
+        if self.backbone_layers == 0:
+            layer = (None, None, weight[:, self.input_size :]) + pure
+            y = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.ff_activation == "tanh",
+                                        [layer]).transpose(2, 0, 1)  # fmt: skip
+            return y, y
         heads, head_bias = self._heads()
-        pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else ()
+        pure = pure if self.mode == "pure" else ()
         states = native.cfc_states(
             inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, self.ff_activation == "tanh",
             self.backbone[0].weight[:, self.input_size :], [(layer.weight, layer.bias) for layer in self.backbone[1:]],
@@ -455,6 +460,26 @@ class WiredCfCCell(nn.Module):
     def expand_biases(self, prepared, batch: int):
         """``CfCCell.expand_biases`` layer by layer."""
         return [layer.expand_biases(weights, batch) for layer, weights in zip(self.layers, prepared)]
+
+    def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
+        """``CfCCell.native_sequence`` for the wired cell: inputs (B, T, P), h (B, units) ->
+        (outputs (B, T, F), every step's state (B, T, units)), views of one (T, units, B)
+        array; None where the kernel does not apply."""
+        first = self.layer_0
+        arrays = (inputs, h, first.ff1.weight) + (() if ts is None else (ts,))
+        if differentiable or any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
+            return None
+        layers = []
+        for i, layer in enumerate(self.layers):
+            weight, bias = layer._heads()
+            width = layer.input_size
+            pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
+            inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
+            layers.append(inputs_part + (weight[:, width:],) + pure)
+        states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers)
+        start = sum(self.layer_sizes[:-1])
+        out = states[:, start : start + self.output_size]
+        return out.transpose(2, 0, 1), states.transpose(2, 0, 1)
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, units), ts float or (B, 1) -> (output (B, F), new state (B, units)).

@@ -1,5 +1,5 @@
-/* The CfC's forward time loop (a CfCCell with a backbone) as one CPU kernel, over a block of
- * batch columns.
+/* A CfC's forward time loop as one CPU kernel, over a block of batch columns: a CfCCell with a
+ * backbone (cfc_forward), or a wired CfC or a CfCCell without one (wired_cfc_forward).
  *
  * Built by ncps_mlx/native.py and called through ctypes; see that module for why. Everything is
  * feature-major, as in ncps_mlx.cells.cfc (features, batch), so each layer is one matrix
@@ -82,22 +82,22 @@ static void gated_row(int no_gate, const float *restrict ff1, const float *restr
 }
 
 /* The new state (H, R) of head outputs g (K, R), whose ff1 and ff2 rows it overwrites with
- * their tanh; ts (R,) or NULL. */
-static void tail(const cfc_args *a, float *restrict g, const float *restrict ts, float *restrict h, int R) {
-    const int H = a->hidden;
-    if (a->mode == PURE) {
+ * their tanh (ff_tanh); ts (R,) or NULL; w_tau and A (H,) in pure mode. */
+static void tail(int mode, int ff_tanh, int H, int K, const float *w_tau, const float *A, float *restrict g,
+                 const float *restrict ts, float *restrict h, int R) {
+    if (mode == PURE) {
         for (int j = 0; j < H; ++j) {
-            const float *ff1 = g + (int64_t)j * R, w_tau = fabsf(a->w_tau[j]), A = a->A[j];
+            const float *ff1 = g + (int64_t)j * R, tau = fabsf(w_tau[j]), a = A[j];
             float *out = h + (int64_t)j * R;
-            for (int c = 0; c < R; ++c) out[c] = -A * expf(-(ts ? ts[c] : 1.0f) * (w_tau + fabsf(ff1[c]))) * ff1[c] + A;
+            for (int c = 0; c < R; ++c) out[c] = -a * expf(-(ts ? ts[c] : 1.0f) * (tau + fabsf(ff1[c]))) * ff1[c] + a;
         }
         return;
     }
-    if (a->ff_tanh)
+    if (ff_tanh)
         for (int64_t i = 0; i < (int64_t)2 * H * R; ++i) g[i] = rational_tanh(g[i]);
-    const int fused = a->heads == 3 * H;
+    const int fused = K == 3 * H;
     for (int j = 0; j < H; ++j)
-        gated_row(a->mode == NO_GATE, g + (int64_t)j * R, g + (int64_t)(H + j) * R, g + (int64_t)(2 * H + j) * R,
+        gated_row(mode == NO_GATE, g + (int64_t)j * R, g + (int64_t)(H + j) * R, g + (int64_t)(2 * H + j) * R,
                   fused ? NULL : g + (int64_t)(3 * H + j) * R, ts, h + (int64_t)j * R, R);
 }
 
@@ -121,8 +121,55 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, int fir
         }
         fill_rows(g, a->head_bias, K, R);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, x, R, 1.0f, g, R);
-        tail(a, g, a->timespans ? a->timespans + (int64_t)t * B + first : NULL, h, R);
+        tail(a->mode, a->ff_tanh, H, K, a->w_tau, a->A, g, a->timespans ? a->timespans + (int64_t)t * B + first : NULL, h, R);
         float *out = states + (int64_t)t * H * B + first;
         for (int j = 0; j < H; ++j) memcpy(out + (int64_t)j * B, h + (int64_t)j * R, R * sizeof(float));
+    }
+}
+
+/* A wired CfC (ncps_mlx.cells.cfc.WiredCfCCell), or a CfCCell without a backbone (one layer):
+ * layers of masked CfC cells without backbones, each reading the previous layer's new state. */
+typedef struct {
+    int32_t batch, steps, layers, mode, ff_tanh;
+    const int32_t *sizes;              /* H_l */
+    const int32_t *heads;              /* K_l: 4 H_l, or 3 H_l with time_a + time_b fused; pure mode H_l */
+    const float *inputs;               /* (T, K_0, B): layer 0's input product, bias included */
+    const float *timespans;            /* (T, B), or NULL: every step 1.0 */
+    const float *const *input_weights; /* per layer (K_l, H_{l-1}); layer 0's unused */
+    const float *const *biases;        /* per layer (K_l,); layer 0's unused */
+    const float *const *state_weights; /* per layer (K_l, H_l) */
+    const float *const *w_tau, *const *A; /* per layer (H_l,), pure mode */
+    sgemm_fn sgemm;
+} wired_args;
+
+/* Columns [first, last) of every step's state, states (T, S, B) with S the layers' sizes summed,
+ * from initial (S, B). scratch: (S + max K_l) (last - first) floats. */
+void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch) {
+    const int B = a->batch, R = last - first;
+    int S = 0;
+    for (int l = 0; l < a->layers; ++l) S += a->sizes[l];
+    float *h = scratch, *g = h + (int64_t)S * R;
+    for (int j = 0; j < S; ++j) memcpy(h + (int64_t)j * R, initial + (int64_t)j * B + first, R * sizeof(float));
+    for (int t = 0; t < a->steps; ++t) {
+        const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
+        float *state = h, *previous = NULL;
+        for (int l = 0; l < a->layers; ++l) {
+            const int H = a->sizes[l], K = a->heads[l];
+            if (l == 0) {
+                const float *u = a->inputs + (int64_t)t * K * B + first;
+                for (int k = 0; k < K; ++k) memcpy(g + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
+            } else {
+                const int P = a->sizes[l - 1];
+                fill_rows(g, a->biases[l], K, R);
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, P, 1.0f, a->input_weights[l], P, previous, R, 1.0f, g, R);
+            }
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, H, 1.0f, a->state_weights[l], H, state, R, 1.0f, g, R);
+            tail(a->mode, a->ff_tanh, H, K, a->mode == PURE ? a->w_tau[l] : NULL, a->mode == PURE ? a->A[l] : NULL, g,
+                 ts, state, R);
+            previous = state;
+            state += (int64_t)H * R;
+        }
+        float *out = states + (int64_t)t * S * B + first;
+        for (int j = 0; j < S; ++j) memcpy(out + (int64_t)j * B, h + (int64_t)j * R, R * sizeof(float));
     }
 }
