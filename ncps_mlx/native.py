@@ -95,7 +95,7 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's kernels"
-    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.wired_cfc_forward):
+    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward):
         function.restype = None
     message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns them off)"
     if built:
@@ -302,57 +302,125 @@ def cfc_applies() -> bool:
 
 
 def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weight, hidden, head_weight, head_bias,
-               w_tau=None, A=None):  # fmt: skip
-    """Every step's state of a CfCCell with a backbone, forward only, feature-major.
+               w_tau=None, A=None, differentiable=False):  # fmt: skip
+    """Every step's state of a CfCCell with a backbone, feature-major.
 
     inputs (T, units, B): the input half of the first backbone layer, bias included
     (``CfCCell.project_input``'s (B, T, units) view, transposed back); initial (H, B);
     timespans None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
     (units, units), bias (units,)) of backbone layers 2..n; head_weight (K, units) and head_bias
     (K,), the heads fused in the order ff1, ff2, time_a, time_b (pure mode: ff1 alone); w_tau, A
-    (H,) in pure mode. -> (T, H, B), evaluated.
+    (H,) in pure mode. -> (T, H, B).
 
     Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
-    a quarter of the heads' product less.
+    a quarter of the heads' product less. ``differentiable``: an MLX custom function whose vjp
+    is the kernel's backward pass (not pure mode), else the forward pass alone, evaluated.
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread; without control of the BLAS's threads (``linux_blas.can_set_threads``) the
     batch runs as one block."""
-    lib = library()
     steps, units, batch = inputs.shape
-    hidden_size = state_weight.shape[1]
     if timespans is None and mode != "pure":
-        H = hidden_size
-        head_weight = mx.concatenate([head_weight[: 2 * H], head_weight[2 * H : 3 * H] + head_weight[3 * H :]])
-        head_bias = mx.concatenate([head_bias[: 2 * H], head_bias[2 * H : 3 * H] + head_bias[3 * H :]])
-    host = [_host(a) for a in (inputs, initial, state_weight, head_weight, head_bias)]
-    inputs_h, initial_h, state_weight_h, head_weight_h, head_bias_h = host
-    pure = [_host(a) for a in (w_tau, A)] if mode == "pure" else [None, None]
-    layers = [(_host(w), _host(b)) for w, b in hidden]
+        head_weight = _fused_gate(head_weight, state_weight.shape[1])
+        head_bias = _fused_gate(head_bias, state_weight.shape[1])
     ts = None
     if timespans is not None:
-        ts = _host(mx.broadcast_to(timespans.reshape(timespans.shape[:2]).T if timespans.ndim == 3 else timespans,
-                                   (steps, batch)))  # fmt: skip
-    weights = (ctypes.c_void_p * max(1, len(layers)))(*[w.ctypes.data for w, _ in layers])
-    biases = (ctypes.c_void_p * max(1, len(layers)))(*[b.ctypes.data for _, b in layers])
-    arguments = _CfCArguments(
-        batch, steps, hidden_size, units, len(layers) + 1, CFC_MODES[mode], CFC_ACTIVATIONS[activation], int(ff_tanh),
-        head_weight_h.shape[0],
-        _pointer(inputs_h), _pointer(ts) if ts is not None else None, _pointer(state_weight_h), weights, biases,
-        _pointer(head_weight_h), _pointer(head_bias_h), *(_pointer(a) if a is not None else None for a in pure),
-        linux_blas.sgemm_address(),
-    )  # fmt: skip
-    heads = head_weight_h.shape[0]
-    states = np.empty((steps, hidden_size, batch), np.float32)
+        ts = mx.broadcast_to(timespans.reshape(timespans.shape[:2]).T if timespans.ndim == 3 else timespans, (steps, batch))
+    arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
+    arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
+    key = (mode, activation, bool(ff_tanh), ts is not None, len(hidden))
+    if differentiable and mode != "pure":
+        return _cfc_function(*key)(*arrays)
+    return mx.array(_CfCRun(key, arrays).forward())
 
-    def columns(first, last):
-        scratch = np.empty((hidden_size + 2 * units + heads) * (last - first), np.float32)
-        lib.cfc_forward(ctypes.byref(arguments), _pointer(initial_h), _pointer(states), first, last, _pointer(scratch))
 
-    with linux_blas.one_thread():
-        _run_rows(columns, batch, None if linux_blas.can_set_threads() else 1)
-    del host, pure, layers, ts
-    return mx.array(states)
+class _CfCRun:
+    """The CfC kernel's arguments for one call, from ``cfc_states``' arrays (host copies kept)."""
+
+    def __init__(self, key, arrays):
+        mode, activation, ff_tanh, timed, n_hidden = key
+        host = [_host(a) for a in arrays]
+        inputs, initial = host[:2]
+        rest = host[2:]
+        ts = rest.pop(0) if timed else None
+        state_weight, head_weight, head_bias = rest[:3]
+        hidden = [(rest[3 + 2 * i], rest[4 + 2 * i]) for i in range(n_hidden)]
+        pure = rest[3 + 2 * n_hidden :] if mode == "pure" else [None, None]
+        self.host, self.hidden, self.initial = host, hidden, initial
+        self.shape = (inputs.shape[0], state_weight.shape[1], inputs.shape[2], inputs.shape[1], head_weight.shape[0])
+        self.arguments = _CfCArguments(
+            inputs.shape[2], inputs.shape[0], state_weight.shape[1], inputs.shape[1], n_hidden + 1, CFC_MODES[mode],
+            CFC_ACTIVATIONS[activation], int(ff_tanh), head_weight.shape[0], _pointer(inputs),
+            _pointer(ts) if ts is not None else None, _pointer(state_weight), self._pointers(w for w, _ in hidden),
+            self._pointers(b for _, b in hidden), _pointer(head_weight), _pointer(head_bias),
+            *(_pointer(a) if a is not None else None for a in pure), linux_blas.sgemm_address(),
+        )  # fmt: skip
+
+    @staticmethod
+    def _pointers(arrays):
+        arrays = [a.ctypes.data for a in arrays]
+        return (ctypes.c_void_p * max(1, len(arrays)))(*arrays)
+
+    def _columns(self, call):
+        with linux_blas.one_thread():
+            return _run_rows(call, self.shape[2], None if linux_blas.can_set_threads() else 1)
+
+    def forward(self) -> np.ndarray:
+        steps, hidden_size, batch, units, heads = self.shape
+        self.states = np.empty((steps, hidden_size, batch), np.float32)
+
+        def columns(first, last):
+            scratch = np.empty((hidden_size + 2 * units + heads) * (last - first), np.float32)
+            library().cfc_forward(ctypes.byref(self.arguments), _pointer(self.initial), _pointer(self.states), first,
+                                  last, _pointer(scratch))  # fmt: skip
+
+        self._columns(columns)
+        return self.states
+
+    def backward(self, states, d_states):
+        """(d inputs, d initial, d timespans or None, d state weight, d head weight, d head
+        bias, then d weight and d bias of each hidden layer), host arrays."""
+        steps, hidden_size, batch, units, heads = self.shape
+        states, d_states = _host(states), _host(d_states)
+        layers = len(self.hidden) + 1
+        d_inputs = np.empty((steps, units, batch), np.float32)
+        d_initial = np.empty((hidden_size, batch), np.float32)
+        d_timespans = np.empty((steps, batch), np.float32) if self.arguments.timespans else None
+
+        def columns(first, last):
+            shapes = [(units, hidden_size), (heads, units), (heads,)] + [(units, units), (units,)] * len(self.hidden)
+            grads = [np.zeros(shape, np.float32) for shape in shapes]
+            scratch = np.empty((2 * hidden_size + (2 * layers + 1) * units + 2 * heads + 1) * (last - first), np.float32)
+            library().cfc_backward(
+                ctypes.byref(self.arguments), _pointer(self.initial), _pointer(states), _pointer(d_states),
+                _pointer(d_inputs), _pointer(d_initial), _pointer(d_timespans) if d_timespans is not None else None,
+                _pointer(grads[0]), self._pointers(grads[3::2]), self._pointers(grads[4::2]), _pointer(grads[1]),
+                _pointer(grads[2]), first, last, _pointer(scratch),
+            )  # fmt: skip
+            return grads
+
+        parts = self._columns(columns)
+        summed = [functools.reduce(np.add, grads) for grads in zip(*parts)]
+        return [d_inputs, d_initial, d_timespans] + summed
+
+
+@functools.lru_cache(maxsize=None)
+def _cfc_function(mode, activation, ff_tanh, timed, n_hidden):
+    """The CfC kernel as an MLX custom function of ``cfc_states``' arrays, with its vjp."""
+    key = (mode, activation, ff_tanh, timed, n_hidden)
+
+    @mx.custom_function
+    def states(*arrays):
+        return mx.array(_CfCRun(key, arrays).forward())
+
+    @states.vjp
+    def states_vjp(primals, cotangent, output):
+        d_inputs, d_initial, d_timespans, *d_weights = _CfCRun(key, primals).backward(output, cotangent)
+        d_state_weight, d_head_weight, d_head_bias, *d_hidden = d_weights
+        grads = [d_inputs, d_initial] + ([d_timespans] if timed else []) + [d_state_weight, d_head_weight, d_head_bias]
+        return tuple(mx.array(g) for g in grads + d_hidden)
+
+    return states
 
 
 class _WiredArguments(ctypes.Structure):

@@ -26,17 +26,19 @@ applies = pytest.mark.skipif(
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How often the LTC kernel's forward and backward passes and the CfC kernel ran during the
-    test."""
-    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0}
-    for name in calls:
-        original = getattr(native, name)
+    """How often the LTC kernel's forward and backward passes, and the CfC kernels' forward and
+    backward passes, ran during the test."""
+    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0}
+    targets = {"forward": (native, "forward"), "backward": (native, "backward"), "cfc_states": (native, "cfc_states"),
+               "wired_cfc_states": (native, "wired_cfc_states"), "cfc_backward": (native._CfCRun, "backward")}  # fmt: skip
+    for name, (owner, attribute) in targets.items():
+        original = getattr(owner, attribute)
 
-        def counted(*args, _name=name, _original=original):
+        def counted(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
-            return _original(*args)
+            return _original(*args, **kwargs)
 
-        monkeypatch.setattr(native, name, counted)
+        monkeypatch.setattr(owner, attribute, counted)
     return calls
 
 
@@ -173,7 +175,7 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model.set_dtype(mx.float16)
     model(x.astype(mx.float16))
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
-    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0}
+    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0}
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         ncps_mlx.LTC(5, 8)(x)
     assert kernel_calls["forward"] == 1
@@ -258,9 +260,10 @@ def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
 
 
 @applies
-def test_cfc_kernels_only_for_plain_forward_passes(kernel_calls):
-    """Not under a gradient (MLX's residual backward pass needs MLX's forward pass), not with
-    mixed memory or float16; every batch size and layout else."""
+def test_cfc_kernels_where_they_apply(kernel_calls):
+    """A CfC with a backbone in the kernel forward and under a gradient (except pure mode, whose
+    backward pass only MLX has); a wired CfC forward only; neither with mixed memory or float16;
+    every batch size and layout."""
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     rng = np.random.default_rng(7)
@@ -268,14 +271,16 @@ def test_cfc_kernels_only_for_plain_forward_passes(kernel_calls):
     mx.random.seed(0)
     model = ncps_mlx.CfC(5, 8)
     wired = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))
-    for each in (model, wired):
+    pure = ncps_mlx.CfC(5, 8, mode="pure")
+    for each in (model, wired, pure):
         value, grads = nn.value_and_grad(each, lambda m: mx.sum(m(x)[0]))(each)
         mx.eval(value, grads)
+    assert kernel_calls["cfc_states"] == 1 and kernel_calls["cfc_backward"] == 1 and kernel_calls["wired_cfc_states"] == 0
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
     half = ncps_mlx.CfC(5, 8)
     half.set_dtype(mx.float16)
     half(x.astype(mx.float16))
-    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 0
+    assert kernel_calls["cfc_states"] == 1 and kernel_calls["wired_cfc_states"] == 0
     for batch in (1, 2, 5):
         xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
         for each in (model, wired):
@@ -287,7 +292,71 @@ def test_cfc_kernels_only_for_plain_forward_passes(kernel_calls):
     assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: wired(x[0]))  # unbatched
     assert y.shape == (6, 3) and h.shape == (10,) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
-    assert kernel_calls["cfc_states"] == 4 and kernel_calls["wired_cfc_states"] == 4
+    assert kernel_calls["cfc_states"] == 5 and kernel_calls["wired_cfc_states"] == 4
+
+
+GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13"]
+
+
+@applies
+@pytest.mark.parametrize("name", GRADIENT_CFC_CASES)
+@pytest.mark.parametrize("timespans", [None, "per_step"])
+def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
+    if native.linux_blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, **kwargs)
+    rng = np.random.default_rng(8)
+    batch, steps = 5, 16
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.state_size)).astype(np.float32))
+
+    def loss(model, x, hx):
+        y, h = model(x, hx, ts)
+        return mx.mean(mx.square(y - target)) + mx.mean(mx.sin(h))
+
+    def gradients():
+        value, grads = nn.value_and_grad(model, loss)(model, x, hx)
+        inputs = mx.grad(lambda x, hx: loss(model, x, hx), argnums=(0, 1))(x, hx)
+        return value, {**dict(tree_flatten(grads)), "x": inputs[0], "hx": inputs[1]}
+
+    (value, grads), (value_mlx, grads_mlx) = both_paths(gradients)
+    assert kernel_calls["cfc_states"] == 2 and kernel_calls["cfc_backward"] == 2  # parameters', inputs' gradients
+    assert abs(value.item() - value_mlx.item()) <= 1e-6
+    assert set(grads) == set(grads_mlx)
+    for key, expected in grads_mlx.items():
+        scale = float(np.max(np.abs(np.array(expected))))
+        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
+        assert max_diff(grads[key], expected) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(grads[key], expected):.3g}"
+
+
+@applies
+def test_cfc_timespans_gradient(kernel_calls):
+    """The timespans' gradient, which MLX's residual backward pass does not give (zeros),
+    against plain autodiff through the cell's steps."""
+    if native.linux_blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
+    model = perturbed_cfc(11, backbone_layers=2, backbone_units=24)
+    cell = model.rnn_cell
+    rng = np.random.default_rng(9)
+    batch, steps = 4, 12
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    ts = mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+
+    def unrolled(ts):
+        inputs, h, outs = cell.project_input(x), mx.zeros((batch, 11)), []
+        for t in range(steps):
+            out, h = cell.recurrent_step(inputs[:, t], h, ts[:, t])
+            outs.append(out)
+        return mx.sum(mx.sin(mx.stack(outs, axis=1)))
+
+    d_ts = mx.grad(lambda ts: mx.sum(mx.sin(model(x, timespans=ts)[0])))(ts)
+    expected = mx.grad(unrolled)(ts)
+    assert kernel_calls["cfc_states"] == 1
+    scale = float(np.max(np.abs(np.array(expected))))
+    assert scale > 0 and max_diff(d_ts, expected) <= 1e-5 * max(scale, 1.0)
 
 
 SUBPROCESS = """

@@ -142,7 +142,6 @@ def test_forward_parity(case):
 # Where the CPU kernels apply (ncps_mlx.native: the LTC's loop, a CfC's forward pass) the
 # tests above run them; these run the models on MLX's own kernels too.
 UNMIXED = sorted(k for k, v in ALL_CASES.items() if not v[2].get("mixed_memory"))
-LTC_UNMIXED = [k for k in UNMIXED if k.startswith("ltc_")]
 
 
 @pytest.mark.parametrize("case", UNMIXED)
@@ -221,12 +220,12 @@ GRADIENT_CASES = ["cfc_default", "cfc_backbone2", "cfc_pure", "cfc_mixed", "cfc_
 
 
 @pytest.mark.parametrize(
-    "case, ltc_kernel",
-    [(case, True) for case in GRADIENT_CASES] + [(case, False) for case in GRADIENT_CASES if case in LTC_UNMIXED],
-    ids=lambda value: {True: "default_paths", False: "without_ltc_kernel"}.get(value, value) if isinstance(value, bool) else value,
+    "case, kernels",
+    [(case, True) for case in GRADIENT_CASES] + [(case, False) for case in GRADIENT_CASES if case in UNMIXED],
+    ids=lambda value: {True: "default_paths", False: "without_kernels"}.get(value, value) if isinstance(value, bool) else value,
 )
-def test_gradient_parity(case, ltc_kernel):
-    with contextlib.nullcontext() if ltc_kernel else ncps_mlx.native.turned_off():
+def test_gradient_parity(case, kernels):
+    with contextlib.nullcontext() if kernels else ncps_mlx.native.turned_off():
         gradient_parity(case)
 
 

@@ -358,14 +358,17 @@ class CfCCell(nn.Module):
         return None, None, dzs[0] @ states.T, d_heads, d_hidden
 
     def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
-        """A forward pass's whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
+        """The whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
         ``project_input``, h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
         both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
-        under a gradient (the compiled residual backward pass is MLX's), for arrays that are
-        not float32, or where ``native.cfc_applies()`` is False."""
+        for arrays that are not float32, where ``native.cfc_applies()`` is False, and under a
+        gradient where ``residual_backward`` is False (no backbone, pure mode, dropout), whose
+        backward pass only MLX's path has."""
         weight, bias = self._first_layer()
         arrays = (inputs, h, weight) + (() if ts is None else (ts,))
-        if differentiable or any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
+        if differentiable and not self.residual_backward:  # the kernel's backward pass covers what that does
+            return None
+        if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
             return None
         pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
         if self.backbone_layers == 0:
@@ -378,7 +381,7 @@ class CfCCell(nn.Module):
         states = native.cfc_states(
             inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, self.ff_activation == "tanh",
             self.backbone[0].weight[:, self.input_size :], [(layer.weight, layer.bias) for layer in self.backbone[1:]],
-            heads, head_bias, *pure,
+            heads, head_bias, *pure, differentiable=differentiable,
         )  # fmt: skip
         y = states.transpose(2, 0, 1)
         return y, y

@@ -173,3 +173,141 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
         for (int j = 0; j < S; ++j) memcpy(out + (int64_t)j * B, h + (int64_t)j * R, R * sizeof(float));
     }
 }
+
+enum { TRANS = 112 };
+
+/* d activation / d pre-activation, given both; d may be z. */
+static void activation_derivative(int kind, const float *z, const float *a, float *d, int64_t n) {
+    switch (kind) {
+    case LECUN_TANH:
+        for (int64_t i = 0; i < n; ++i) {
+            float t = a[i] * (1.0f / 1.7159f);
+            d[i] = (1.7159f * 0.666f) * (1.0f - t * t);
+        }
+        break;
+    case TANH:
+        for (int64_t i = 0; i < n; ++i) d[i] = 1.0f - a[i] * a[i];
+        break;
+    case RELU:
+        for (int64_t i = 0; i < n; ++i) d[i] = z[i] > 0.0f ? 1.0f : 0.0f;
+        break;
+    case SILU:
+        for (int64_t i = 0; i < n; ++i) {
+            float s = sigmoid(z[i]);
+            d[i] = s + z[i] * s * (1.0f - s);
+        }
+        break;
+    default:
+        for (int64_t i = 0; i < n; ++i)
+            d[i] = 0.5f * (1.0f + erff(z[i] * 0.70710678118654752f)) + z[i] * expf(-0.5f * z[i] * z[i]) * 0.3989422804014327f;
+    }
+}
+
+/* gated_row's vjp for one state row: the head cotangents d1, d2, dga, dgb (dgb NULL when tb is,
+ * the gate's heads fused) from the new state's cotangent here + back; d_ts accumulates the
+ * timespans' (unfused heads only). Loops by case, so that each vectorises. */
+static void gated_row_vjp(int no_gate, int ff_tanh, const float *restrict g1, const float *restrict g2,
+                          const float *restrict ga, const float *restrict gb, const float *restrict ts,
+                          const float *restrict here, const float *restrict back, float *restrict d1,
+                          float *restrict d2, float *restrict dga, float *restrict dgb, float *restrict d_ts, int R) {
+    for (int c = 0; c < R; ++c) {
+        float f1 = ff_tanh ? rational_tanh(g1[c]) : g1[c], f2 = ff_tanh ? rational_tanh(g2[c]) : g2[c];
+        float argument = gb ? ga[c] * (ts ? ts[c] : 1.0f) + gb[c] : ga[c];
+        float gate = sigmoid(argument), dh = here[c] + back[c];
+        float d_f1 = no_gate ? dh : dh * (1.0f - gate), d_f2 = dh * gate;
+        d1[c] = ff_tanh ? d_f1 * (1.0f - f1 * f1) : d_f1;
+        d2[c] = ff_tanh ? d_f2 * (1.0f - f2 * f2) : d_f2;
+        dga[c] = dh * (no_gate ? f2 : f2 - f1) * (gate * (1.0f - gate)); /* d argument, for now */
+    }
+    if (!gb) return;
+    for (int c = 0; c < R; ++c) dgb[c] = dga[c];
+    if (ts)
+        for (int c = 0; c < R; ++c) {
+            d_ts[c] += dga[c] * ga[c];
+            dga[c] *= ts[c];
+        }
+}
+
+/* Row sums of m (n, r) added into out (n,). */
+static void add_row_sums(const float *m, float *out, int n, int r) {
+    for (int k = 0; k < n; ++k) {
+        const float *row = m + (int64_t)k * r;
+        float total = 0.0f;
+        for (int c = 0; c < r; ++c) total += row[c];
+        out[k] += total;
+    }
+}
+
+/* Gradients of cfc_forward (gated modes, not pure) for columns [first, last), given the forward
+ * pass's states (T, H, B) and their cotangents d_states (T, H, B): d_inputs (T, units, B),
+ * d_initial (H, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
+ * gradients added into d_state_weight (units, H), d_hidden_weights / d_hidden_biases (per hidden
+ * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers. Each step's
+ * forward pass is recomputed from its previous state.
+ * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers. */
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states,
+                  float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
+                  float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
+                  float *d_head_bias, int first, int last, float *scratch) {
+    const int B = a->batch, H = a->hidden, U = a->units, L = a->layers, R = last - first, K = a->heads;
+    const int fused = K == 3 * H, no_gate = a->mode == NO_GATE;
+    float *previous = scratch, *carried = previous + (int64_t)H * R;
+    float *z = carried + (int64_t)H * R;         /* L layers' pre-activations (U, R) */
+    float *act = z + (int64_t)L * U * R;         /* L layers' activations */
+    float *da = act + (int64_t)L * U * R;        /* (U, R) */
+    float *g = da + (int64_t)U * R, *dy = g + (int64_t)K * R, *d_ts = dy + (int64_t)K * R;
+    for (int i = 0; i < H * R; ++i) carried[i] = 0.0f;
+    for (int t = a->steps - 1; t >= 0; --t) {
+        /* the step's forward pass again, from its previous state */
+        const float *source = t == 0 ? initial : states + (int64_t)(t - 1) * H * B;
+        for (int j = 0; j < H; ++j) memcpy(previous + (int64_t)j * R, source + (int64_t)j * B + first, R * sizeof(float));
+        const float *u = a->inputs + (int64_t)t * U * B + first;
+        for (int k = 0; k < U; ++k) memcpy(z + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
+        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
+        for (int l = 0; l < L; ++l) {
+            float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
+            if (l > 0) {
+                fill_rows(zl, a->hidden_biases[l - 1], U, R);
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, al - (int64_t)U * R, R,
+                         1.0f, zl, R);
+            }
+            memcpy(al, zl, (int64_t)U * R * sizeof(float));
+            activate(a->activation, al, (int64_t)U * R);
+        }
+        const float *last_act = act + (int64_t)(L - 1) * U * R;
+        fill_rows(g, a->head_bias, K, R);
+        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
+
+        /* the tail's vjp: dy (K, R) from d new state = d_states[t] + what the next step sent */
+        const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
+        const float *ds = d_states + (int64_t)t * H * B + first;
+        for (int c = 0; c < R; ++c) d_ts[c] = 0.0f;
+        for (int j = 0; j < H; ++j)
+            gated_row_vjp(no_gate, a->ff_tanh, g + (int64_t)j * R, g + (int64_t)(H + j) * R, g + (int64_t)(2 * H + j) * R,
+                          fused ? NULL : g + (int64_t)(3 * H + j) * R, ts, ds + (int64_t)j * B, carried + (int64_t)j * R,
+                          dy + (int64_t)j * R, dy + (int64_t)(H + j) * R, dy + (int64_t)(2 * H + j) * R,
+                          fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
+        if (d_timespans) memcpy(d_timespans + (int64_t)t * B + first, d_ts, R * sizeof(float));
+
+        /* heads, backbone layers, first layer */
+        a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, U, R, 1.0f, dy, R, last_act, R, 1.0f, d_head_weight, U);
+        add_row_sums(dy, d_head_bias, K, R);
+        a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, U, R, K, 1.0f, a->head_weight, U, dy, R, 0.0f, da, R);
+        for (int l = L - 1; l >= 0; --l) {
+            float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
+            activation_derivative(a->activation, zl, al, zl, (int64_t)U * R); /* zl now d act / d z */
+            for (int64_t i = 0; i < (int64_t)U * R; ++i) zl[i] *= da[i];       /* zl now d z */
+            if (l > 0) {
+                const float *below = al - (int64_t)U * R;
+                a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, U, R, 1.0f, zl, R, below, R, 1.0f, d_hidden_weights[l - 1], U);
+                add_row_sums(zl, d_hidden_biases[l - 1], U, R);
+                a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, zl, R, 0.0f, da, R);
+            }
+        }
+        float *du = d_inputs + (int64_t)t * U * B + first;
+        for (int k = 0; k < U; ++k) memcpy(du + (int64_t)k * B, z + (int64_t)k * R, R * sizeof(float));
+        a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, previous, R, 1.0f, d_state_weight, H);
+        a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
+    }
+    for (int j = 0; j < H; ++j) memcpy(d_initial + (int64_t)j * B + first, carried + (int64_t)j * R, R * sizeof(float));
+}
