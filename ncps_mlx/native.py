@@ -330,7 +330,7 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
     key = (mode, activation, bool(ff_tanh), ts is not None, len(hidden))
     if differentiable and mode != "pure":
-        return _cfc_function(*key)(*arrays)
+        return _cfc_function(*key)(*arrays)[0]
     return mx.array(_CfCRun(key, arrays).forward())
 
 
@@ -365,23 +365,31 @@ class _CfCRun:
         with linux_blas.one_thread():
             return _run_rows(call, self.shape[2], None if linux_blas.can_set_threads() else 1)
 
-    def forward(self) -> np.ndarray:
+    def forward(self, keep=False):
+        """Every step's state (T, H, B); with ``keep`` also the residuals that spare
+        ``backward`` recomputing each step's products, (T, layers x units + K, B)."""
         steps, hidden_size, batch, units, heads = self.shape
-        self.states = np.empty((steps, hidden_size, batch), np.float32)
+        states = np.empty((steps, hidden_size, batch), np.float32)
+        residuals = np.empty((steps, (len(self.hidden) + 1) * units + heads, batch), np.float32) if keep else None
 
         def columns(first, last):
             scratch = np.empty((hidden_size + 2 * units + heads) * (last - first), np.float32)
-            library().cfc_forward(ctypes.byref(self.arguments), _pointer(self.initial), _pointer(self.states), first,
-                                  last, _pointer(scratch))  # fmt: skip
+            library().cfc_forward(ctypes.byref(self.arguments), _pointer(self.initial), _pointer(states),
+                                  _pointer(residuals) if keep else None, first, last, _pointer(scratch))  # fmt: skip
 
         self._columns(columns)
-        return self.states
+        return (states, residuals) if keep else states
 
-    def backward(self, states, d_states):
+    def residual_bytes(self) -> int:
+        steps, _, batch, units, heads = self.shape
+        return 4 * steps * batch * ((len(self.hidden) + 1) * units + heads)
+
+    def backward(self, states, d_states, residuals=None):
         """(d inputs, d initial, d timespans or None, d state weight, d head weight, d head
         bias, then d weight and d bias of each hidden layer), host arrays."""
         steps, hidden_size, batch, units, heads = self.shape
         states, d_states = _host(states), _host(d_states)
+        residuals = None if residuals is None else _host(residuals)
         layers = len(self.hidden) + 1
         d_inputs = np.empty((steps, units, batch), np.float32)
         d_initial = np.empty((hidden_size, batch), np.float32)
@@ -392,7 +400,8 @@ class _CfCRun:
             grads = [np.zeros(shape, np.float32) for shape in shapes]
             scratch = np.empty((2 * hidden_size + (2 * layers + 1) * units + 2 * heads + 1) * (last - first), np.float32)
             library().cfc_backward(
-                ctypes.byref(self.arguments), _pointer(self.initial), _pointer(states), _pointer(d_states),
+                ctypes.byref(self.arguments), _pointer(self.initial), _pointer(states),
+                _pointer(residuals) if residuals is not None else None, _pointer(d_states),
                 _pointer(d_inputs), _pointer(d_initial), _pointer(d_timespans) if d_timespans is not None else None,
                 _pointer(grads[0]), self._pointers(grads[3::2]), self._pointers(grads[4::2]), _pointer(grads[1]),
                 _pointer(grads[2]), first, last, _pointer(scratch),
@@ -404,18 +413,51 @@ class _CfCRun:
         return [d_inputs, d_initial, d_timespans] + summed
 
 
+# The forward pass keeps each step's pre-activations and head outputs for the backward pass when
+# they take at most this many bytes (W6, batch 1024 x 50: 66 MB); beyond, the backward pass
+# recomputes them. They stay host arrays, found through a token the custom function returns:
+# returned as MLX arrays they were copied and paged in. W6 forward+backward, alternating: 147-152
+# ms recomputing, 163-174 keeping them as MLX arrays, 131-139 this way. A forward pass that is
+# never differentiated leaves its residuals; beyond KEEP the oldest go, and a backward pass that
+# finds its residuals gone recomputes.
+KEEP_BYTES = 256 << 20
+KEEP = 4
+_kept: dict = {}
+_tokens = [0]
+
+
+def _keep(residuals) -> mx.array:
+    with _LOCK:
+        _tokens[0] += 1
+        _kept[_tokens[0]] = residuals
+        while len(_kept) > KEEP:
+            _kept.pop(next(iter(_kept)))
+        return mx.array(_tokens[0])
+
+
+def _kept_residuals(token):
+    with _LOCK:
+        return _kept.pop(int(token.item()), None)
+
+
 @functools.lru_cache(maxsize=None)
 def _cfc_function(mode, activation, ff_tanh, timed, n_hidden):
-    """The CfC kernel as an MLX custom function of ``cfc_states``' arrays, with its vjp."""
+    """The CfC kernel as an MLX custom function of ``cfc_states``' arrays, with its vjp: ->
+    (states, a token for the residuals kept, or -1)."""
     key = (mode, activation, ff_tanh, timed, n_hidden)
 
     @mx.custom_function
     def states(*arrays):
-        return mx.array(_CfCRun(key, arrays).forward())
+        run = _CfCRun(key, arrays)
+        if run.residual_bytes() > KEEP_BYTES:
+            return mx.array(run.forward()), mx.array(-1)
+        states, residuals = run.forward(keep=True)
+        return mx.array(states), _keep(residuals)
 
     @states.vjp
-    def states_vjp(primals, cotangent, output):
-        d_inputs, d_initial, d_timespans, *d_weights = _CfCRun(key, primals).backward(output, cotangent)
+    def states_vjp(primals, cotangents, outputs):
+        residuals = _kept_residuals(outputs[1])
+        d_inputs, d_initial, d_timespans, *d_weights = _CfCRun(key, primals).backward(outputs[0], cotangents[0], residuals)
         d_state_weight, d_head_weight, d_head_bias, *d_hidden = d_weights
         grads = [d_inputs, d_initial] + ([d_timespans] if timed else []) + [d_state_weight, d_head_weight, d_head_bias]
         return tuple(mx.array(g) for g in grads + d_hidden)

@@ -301,9 +301,12 @@ GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads",
 @applies
 @pytest.mark.parametrize("name", GRADIENT_CFC_CASES)
 @pytest.mark.parametrize("timespans", [None, "per_step"])
-def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
+@pytest.mark.parametrize("kept", [True, False], ids=["residuals_kept", "recomputed"])
+def test_cfc_gradients_equal_mlx_path(name, timespans, kept, kernel_calls, monkeypatch):
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
+    if not kept:
+        monkeypatch.setattr(native, "KEEP_BYTES", 0)
     units, kwargs = CFC_CASES[name]
     model = perturbed_cfc(units, **kwargs)
     rng = np.random.default_rng(8)

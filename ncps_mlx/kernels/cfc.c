@@ -101,29 +101,41 @@ static void tail(int mode, int ff_tanh, int H, int K, const float *w_tau, const 
                   fused ? NULL : g + (int64_t)(3 * H + j) * R, ts, h + (int64_t)j * R, R);
 }
 
-/* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B).
- * scratch: (H + 2 units + K) (last - first) floats. */
-void cfc_forward(const cfc_args *a, const float *initial, float *states, int first, int last, float *scratch) {
-    const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads;
+/* rows (n, R) out to the columns [first, first + R) of dest (n, B), or back (to_block). */
+static void copy_columns(float *block, float *wide, int n, int R, int B, int first, int to_block) {
+    for (int k = 0; k < n; ++k) {
+        float *a = block + (int64_t)k * R, *b = wide + (int64_t)k * B + first;
+        memcpy(to_block ? a : b, to_block ? b : a, R * sizeof(float));
+    }
+}
+
+/* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B). With
+ * residuals (T, L units + K, B) (or NULL) it also keeps each step's layers' pre-activations and
+ * head outputs there, for cfc_backward. scratch: (H + 2 units + K) (last - first) floats. */
+void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
+                 float *scratch) {
+    const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads, L = a->layers;
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
-    for (int j = 0; j < H; ++j) memcpy(h + (int64_t)j * R, initial + (int64_t)j * B + first, R * sizeof(float));
+    copy_columns(h, (float *)initial, H, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
-        const float *u = a->inputs + (int64_t)t * U * B + first;
-        for (int k = 0; k < U; ++k) memcpy(z + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
+        float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
+        copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, h, R, 1.0f, z, R);
+        if (kept) copy_columns(z, kept, U, R, B, first, 0);
         activate(a->activation, z, (int64_t)U * R);
         float *x = z, *y = spare;
-        for (int l = 0; l < a->layers - 1; ++l) {
+        for (int l = 0; l < L - 1; ++l) {
             fill_rows(y, a->hidden_biases[l], U, R);
             a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l], U, x, R, 1.0f, y, R);
+            if (kept) copy_columns(y, kept + (int64_t)(l + 1) * U * B, U, R, B, first, 0);
             activate(a->activation, y, (int64_t)U * R);
             float *swap = x; x = y; y = swap;
         }
         fill_rows(g, a->head_bias, K, R);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, x, R, 1.0f, g, R);
+        if (kept) copy_columns(g, kept + (int64_t)L * U * B, K, R, B, first, 0);
         tail(a->mode, a->ff_tanh, H, K, a->w_tau, a->A, g, a->timespans ? a->timespans + (int64_t)t * B + first : NULL, h, R);
-        float *out = states + (int64_t)t * H * B + first;
-        for (int j = 0; j < H; ++j) memcpy(out + (int64_t)j * B, h + (int64_t)j * R, R * sizeof(float));
+        copy_columns(h, states + (int64_t)t * H * B, H, R, B, first, 0);
     }
 }
 
@@ -243,9 +255,11 @@ static void add_row_sums(const float *m, float *out, int n, int r) {
  * d_initial (H, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
  * gradients added into d_state_weight (units, H), d_hidden_weights / d_hidden_biases (per hidden
  * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers. Each step's
- * forward pass is recomputed from its previous state.
+ * pre-activations and head outputs come from cfc_forward's residuals, or (NULL) are recomputed
+ * from its previous state.
  * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers. */
-void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states,
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,
+                  const float *d_states,
                   float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
                   float *d_head_bias, int first, int last, float *scratch) {
@@ -258,15 +272,20 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
     float *g = da + (int64_t)U * R, *dy = g + (int64_t)K * R, *d_ts = dy + (int64_t)K * R;
     for (int i = 0; i < H * R; ++i) carried[i] = 0.0f;
     for (int t = a->steps - 1; t >= 0; --t) {
-        /* the step's forward pass again, from its previous state */
+        /* the step's forward pass: kept by cfc_forward, or again from its previous state */
         const float *source = t == 0 ? initial : states + (int64_t)(t - 1) * H * B;
-        for (int j = 0; j < H; ++j) memcpy(previous + (int64_t)j * R, source + (int64_t)j * B + first, R * sizeof(float));
-        const float *u = a->inputs + (int64_t)t * U * B + first;
-        for (int k = 0; k < U; ++k) memcpy(z + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
-        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
+        copy_columns(previous, (float *)source, H, R, B, first, 1);
+        const float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
+        if (kept) {
+            copy_columns(z, (float *)kept, L * U, R, B, first, 1);
+            copy_columns(g, (float *)kept + (int64_t)L * U * B, K, R, B, first, 1);
+        } else {
+            copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
+        }
         for (int l = 0; l < L; ++l) {
             float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
-            if (l > 0) {
+            if (l > 0 && !kept) {
                 fill_rows(zl, a->hidden_biases[l - 1], U, R);
                 a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, al - (int64_t)U * R, R,
                          1.0f, zl, R);
@@ -275,8 +294,10 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
             activate(a->activation, al, (int64_t)U * R);
         }
         const float *last_act = act + (int64_t)(L - 1) * U * R;
-        fill_rows(g, a->head_bias, K, R);
-        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
+        if (!kept) {
+            fill_rows(g, a->head_bias, K, R);
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
+        }
 
         /* the tail's vjp: dy (K, R) from d new state = d_states[t] + what the next step sent */
         const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
