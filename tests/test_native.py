@@ -29,8 +29,8 @@ def kernel_calls(monkeypatch):
     """How often the LTC kernel's forward and backward passes, and the CfC kernels' forward and
     backward passes, ran during the test."""
     calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0}
-    targets = {"forward": (native, "forward"), "backward": (native, "backward"), "cfc_states": (native, "cfc_states"),
-               "wired_cfc_states": (native, "wired_cfc_states"), "cfc_backward": (native._CfCRun, "backward")}  # fmt: skip
+    targets = {"forward": (native.ltc, "forward"), "backward": (native.ltc, "backward"), "cfc_states": (native, "cfc_states"),
+               "wired_cfc_states": (native, "wired_cfc_states"), "cfc_backward": (native.cfc._CfCRun, "backward")}  # fmt: skip
     for name, (owner, attribute) in targets.items():
         original = getattr(owner, attribute)
 
@@ -306,7 +306,7 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kept, kernel_calls, monke
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     if not kept:
-        monkeypatch.setattr(native, "KEEP_BYTES", 0)
+        monkeypatch.setattr(native.cfc, "KEEP_BYTES", 0)
     units, kwargs = CFC_CASES[name]
     model = perturbed_cfc(units, **kwargs)
     rng = np.random.default_rng(8)

@@ -1,7 +1,8 @@
 /* A CfC's forward time loop as one CPU kernel, over a block of batch columns: a CfCCell with a
  * backbone (cfc_forward), or a wired CfC or a CfCCell without one (wired_cfc_forward).
  *
- * Built by ncps_mlx/native.py and called through ctypes; see that module for why. Everything is
+ * Built by ncps_mlx/native/__init__.py (which says why) and called through ctypes from cfc.py
+ * beside this file. Everything is
  * feature-major, as in ncps_mlx.cells.cfc (features, batch), so each layer is one matrix
  * product over the block's columns: the same BLAS sgemm that MLX's products use, passed in as a
  * function pointer, on one thread per block. tanh and sigmoid are rational.h's, as in the MLX

@@ -1,0 +1,193 @@
+"""The time loops of the LTC and the CfC as CPU kernels in C, where MLX's own are slow.
+
+On MLX's CPU backend a time step is many small operations, each dispatched to a stream thread,
+and the LTC's (batch, S, S) synapse tensors have broadcast inputs, for which MLX generates scalar
+loops (README, Performance). These kernels run a whole sequence in one call per block of the
+batch, blocks on all cores:
+
+* ``ltc`` (``ltc.c``): an LTC's loop, forward and backward, a batch row at a time, the synapse
+  loops vectorised; the backward pass recomputes each row's forward pass and walks it back.
+* ``cfc`` (``cfc.c``): a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a
+  matrix product of the BLAS that MLX's products use (``linux_blas``), on a block of batch
+  columns: forward for every CfC (wired, or with or without a backbone), backward for a CfC with
+  a backbone (not pure mode), whose other cases keep MLX's compiled backward pass.
+
+They compute the same functions as the MLX path (``rational.h`` is ``fastmath``'s tanh and
+sigmoid; gradients of the exact derivatives of their outputs), in another order of additions,
+and they are tested against it, against ncps.torch and against MLX's gradients
+(``tests/test_native.py``, ``tests/test_parity_torch.py``). Timespans get their true gradient,
+where MLX's compiled backward passes give them none.
+
+They are built once per machine with the ``g++`` that ``mx.compile`` on the CPU needs anyway
+(``-O3 -fno-trapping-math``, plus ``-mavx2 -mfma`` where the processor has them), cached under
+``file_cache.folder("native")``, and loaded with ctypes: nothing beyond mlx and numpy. They apply
+on Linux (x86-64 or aarch64) to the CPU device, outside ``mx.vmap``/``mx.compile`` tracing,
+without mixed memory, for float32; the CfC's also need ``linux_blas``'s BLAS. Elsewhere, with
+``NCPS_MLX_NATIVE=0``, within ``turned_off()``, or where they cannot be built, MLX's path runs.
+``status()`` says which; the first build on a machine says so once on stderr.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .. import cpu_kernels, file_cache, linux_blas
+
+SOURCES = Path(__file__).parent
+KIND = "native"
+
+_STATUS = "not attempted"
+_LIBRARY = None
+_LOCK = threading.Lock()
+
+
+def status() -> str:
+    """Whether the kernels are in use, in words (builds them on first call)."""
+    library()
+    return _STATUS
+
+
+def library():
+    """The loaded kernel library, or None where the kernels do not apply (see ``status()``)."""
+    global _STATUS, _LIBRARY
+    with _LOCK:
+        if _STATUS == "not attempted":
+            _LIBRARY, _STATUS = _load()
+    return _LIBRARY
+
+
+def _load():
+    if os.environ.get("NCPS_MLX_NATIVE", "1") == "0":
+        return None, "turned off by NCPS_MLX_NATIVE=0"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return None, "not Linux on x86-64 or aarch64: the models run on MLX's kernels"
+    compiler = cpu_kernels.find_compiler()
+    if compiler is None:
+        return None, "no g++ on PATH: the models run on MLX's kernels"
+    flags = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_kernels.cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    sources = sorted(SOURCES.glob("*.[ch]"))
+    key = hashlib.sha256(b"\0".join([f.read_bytes() for f in sources] + [compiler.encode(), " ".join(flags).encode()]))
+    path = file_cache.folder(KIND) / key.hexdigest()[:16] / "ncps_kernels.so"
+    built = False
+    if not path.is_file():
+        try:
+            _build(compiler, flags, [f for f in sources if f.suffix == ".c"], path)
+        except (OSError, subprocess.SubprocessError) as error:
+            return None, f"the CPU kernels could not be built ({error}): the models run on MLX's kernels"
+        built = True
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's kernels"
+    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward):
+        function.restype = None
+    message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns them off)"
+    if built:
+        print(f"ncps_mlx: {message}", file=sys.stderr)
+    return lib, message
+
+
+def _build(compiler, flags, sources, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, suffix=".so")
+    os.close(descriptor)
+    try:
+        # "-x c" before each file: g++ took a second file after one "-x c" for C++.
+        files = [argument for source in sources for argument in ("-x", "c", str(source))]
+        result = subprocess.run([compiler, *flags, "-o", partial, *files, "-lm"], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.strip().splitlines()
+            raise subprocess.SubprocessError(errors[0] if errors else f"g++ exited with {result.returncode}")
+        os.replace(partial, path)  # atomically: a concurrent process loads the old file or this one
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def applies() -> bool:
+    """Whether the kernels run now: built, on the CPU device, not within ``turned_off()``."""
+    if getattr(_off, "value", False) or mx.default_device() != mx.cpu:
+        return False
+    return library() is not None
+
+
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within this block (in this thread) the models run on MLX's kernels, as where these do
+    not apply: for comparing the two."""
+    previous = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = previous
+
+
+def threads() -> int:
+    """The cores this process may run on: the kernels' blocks of the batch."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    return concurrent.futures.ThreadPoolExecutor(threads(), thread_name_prefix="ncps_mlx_native")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def row_ranges(batch: int, parts=None):
+    """[(first, last)] of ``parts`` (default ``threads()``) contiguous ranges of the batch."""
+    parts = min(batch, parts or threads())
+    edges = [batch * k // parts for k in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def as_host(array) -> np.ndarray:
+    """A C-contiguous float32 host array of an MLX array (evaluated; a view where it can be)."""
+    return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
+
+
+def pointer(array: np.ndarray):
+    """The address of a host array's data, for a kernel's argument."""
+    return array.ctypes.data_as(ctypes.c_void_p)
+
+
+def run_rows(call, batch, parts=None):
+    """``call(first, last)`` over the batch in one contiguous range of rows per core (or
+    ``parts`` ranges)."""
+    futures = [_pool().submit(call, first, last) for first, last in row_ranges(batch, parts)]
+    return [future.result() for future in futures]
+
+
+def cfc_applies() -> bool:
+    """Whether a CfC runs in the kernel now: ``applies()``, and MLX's products use the BLAS
+    that ``linux_blas`` loaded (the kernel calls the same sgemm)."""
+    return applies() and linux_blas.sgemm_address() is not None
+
+
+from .cfc import cfc_states, wired_cfc_states  # noqa: E402
+from .ltc import ltc_states  # noqa: E402

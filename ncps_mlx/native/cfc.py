@@ -1,0 +1,263 @@
+"""A CfC's loop in ``cfc.c``: the host side, and for a CfC with a backbone an MLX custom function
+with its vjp."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+from .. import linux_blas
+from . import as_host, library, pointer, run_rows
+
+
+class _CfCArguments(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int32), ("steps", ctypes.c_int32), ("hidden", ctypes.c_int32), ("units", ctypes.c_int32),
+        ("layers", ctypes.c_int32), ("mode", ctypes.c_int32), ("activation", ctypes.c_int32), ("ff_tanh", ctypes.c_int32),
+        ("heads", ctypes.c_int32),
+        ("inputs", ctypes.c_void_p), ("timespans", ctypes.c_void_p), ("state_weight", ctypes.c_void_p),
+        ("hidden_weights", ctypes.POINTER(ctypes.c_void_p)), ("hidden_biases", ctypes.POINTER(ctypes.c_void_p)),
+        ("head_weight", ctypes.c_void_p), ("head_bias", ctypes.c_void_p), ("w_tau", ctypes.c_void_p), ("A", ctypes.c_void_p),
+        ("sgemm", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
+CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
+
+
+def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weight, hidden, head_weight, head_bias,
+               w_tau=None, A=None, differentiable=False):  # fmt: skip
+    """Every step's state of a CfCCell with a backbone, feature-major.
+
+    inputs (T, units, B): the input half of the first backbone layer, bias included
+    (``CfCCell.project_input``'s (B, T, units) view, transposed back); initial (H, B);
+    timespans None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
+    (units, units), bias (units,)) of backbone layers 2..n; head_weight (K, units) and head_bias
+    (K,), the heads fused in the order ff1, ff2, time_a, time_b (pure mode: ff1 alone); w_tau, A
+    (H,) in pure mode. -> (T, H, B).
+
+    Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
+    a quarter of the heads' product less. ``differentiable``: an MLX custom function whose vjp
+    is the kernel's backward pass (not pure mode), else the forward pass alone, evaluated.
+
+    The batch's columns are split over the cores, each block a sequence of matrix products on
+    one BLAS thread; without control of the BLAS's threads (``linux_blas.can_set_threads``) the
+    batch runs as one block."""
+    steps, units, batch = inputs.shape
+    if timespans is None and mode != "pure":
+        head_weight = _fused_gate(head_weight, state_weight.shape[1])
+        head_bias = _fused_gate(head_bias, state_weight.shape[1])
+    ts = _by_step(timespans, steps, batch)
+    arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
+    arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
+    key = (mode, activation, bool(ff_tanh), ts is not None, len(hidden))
+    if differentiable and mode != "pure":
+        return _cfc_function(*key)(*arrays)[0]
+    return mx.array(_CfCRun(key, arrays).forward())
+
+
+class _CfCRun:
+    """The CfC kernel's arguments for one call, from ``cfc_states``' arrays (host copies kept)."""
+
+    def __init__(self, key, arrays):
+        mode, activation, ff_tanh, timed, n_hidden = key
+        host = [as_host(a) for a in arrays]
+        inputs, initial = host[:2]
+        rest = host[2:]
+        ts = rest.pop(0) if timed else None
+        state_weight, head_weight, head_bias = rest[:3]
+        hidden = [(rest[3 + 2 * i], rest[4 + 2 * i]) for i in range(n_hidden)]
+        pure = rest[3 + 2 * n_hidden :] if mode == "pure" else [None, None]
+        self.host, self.hidden, self.initial = host, hidden, initial
+        self.shape = (inputs.shape[0], state_weight.shape[1], inputs.shape[2], inputs.shape[1], head_weight.shape[0])
+        self.arguments = _CfCArguments(
+            inputs.shape[2], inputs.shape[0], state_weight.shape[1], inputs.shape[1], n_hidden + 1, CFC_MODES[mode],
+            CFC_ACTIVATIONS[activation], int(ff_tanh), head_weight.shape[0], pointer(inputs),
+            pointer(ts) if ts is not None else None, pointer(state_weight), self._pointers(w for w, _ in hidden),
+            self._pointers(b for _, b in hidden), pointer(head_weight), pointer(head_bias),
+            *(pointer(a) if a is not None else None for a in pure), linux_blas.sgemm_address(),
+        )  # fmt: skip
+
+    @staticmethod
+    def _pointers(arrays):
+        arrays = [a.ctypes.data for a in arrays]
+        return (ctypes.c_void_p * max(1, len(arrays)))(*arrays)
+
+    def _columns(self, call):
+        with linux_blas.one_thread():
+            return run_rows(call, self.shape[2], None if linux_blas.can_set_threads() else 1)
+
+    def forward(self, keep=False):
+        """Every step's state (T, H, B); with ``keep`` also the residuals that spare
+        ``backward`` recomputing each step's products, (T, layers x units + K, B)."""
+        steps, hidden_size, batch, units, heads = self.shape
+        states = np.empty((steps, hidden_size, batch), np.float32)
+        residuals = np.empty((steps, (len(self.hidden) + 1) * units + heads, batch), np.float32) if keep else None
+
+        def columns(first, last):
+            scratch = np.empty((hidden_size + 2 * units + heads) * (last - first), np.float32)
+            library().cfc_forward(ctypes.byref(self.arguments), pointer(self.initial), pointer(states),
+                                  pointer(residuals) if keep else None, first, last, pointer(scratch))  # fmt: skip
+
+        self._columns(columns)
+        return (states, residuals) if keep else states
+
+    def residual_bytes(self) -> int:
+        steps, _, batch, units, heads = self.shape
+        return 4 * steps * batch * ((len(self.hidden) + 1) * units + heads)
+
+    def backward(self, states, d_states, residuals=None):
+        """(d inputs, d initial, d timespans or None, d state weight, d head weight, d head
+        bias, then d weight and d bias of each hidden layer), host arrays."""
+        steps, hidden_size, batch, units, heads = self.shape
+        states, d_states = as_host(states), as_host(d_states)
+        residuals = None if residuals is None else as_host(residuals)
+        layers = len(self.hidden) + 1
+        d_inputs = np.empty((steps, units, batch), np.float32)
+        d_initial = np.empty((hidden_size, batch), np.float32)
+        d_timespans = np.empty((steps, batch), np.float32) if self.arguments.timespans else None
+
+        def columns(first, last):
+            shapes = [(units, hidden_size), (heads, units), (heads,)] + [(units, units), (units,)] * len(self.hidden)
+            grads = [np.zeros(shape, np.float32) for shape in shapes]
+            scratch = np.empty((2 * hidden_size + (2 * layers + 1) * units + 2 * heads + 1) * (last - first), np.float32)
+            library().cfc_backward(
+                ctypes.byref(self.arguments), pointer(self.initial), pointer(states),
+                pointer(residuals) if residuals is not None else None, pointer(d_states),
+                pointer(d_inputs), pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None,
+                pointer(grads[0]), self._pointers(grads[3::2]), self._pointers(grads[4::2]), pointer(grads[1]),
+                pointer(grads[2]), first, last, pointer(scratch),
+            )  # fmt: skip
+            return grads
+
+        parts = self._columns(columns)
+        summed = [functools.reduce(np.add, grads) for grads in zip(*parts)]
+        return [d_inputs, d_initial, d_timespans] + summed
+
+
+# The forward pass keeps each step's pre-activations and head outputs for the backward pass when
+# they take at most this many bytes (W6, batch 1024 x 50: 66 MB); beyond, the backward pass
+# recomputes them. They stay host arrays, found through a token the custom function returns:
+# returned as MLX arrays they were copied and paged in. W6 forward+backward, alternating: 147-152
+# ms recomputing, 163-174 keeping them as MLX arrays, 131-139 this way. A forward pass that is
+# never differentiated leaves its residuals; beyond KEEP the oldest go, and a backward pass that
+# finds its residuals gone recomputes.
+KEEP_BYTES = 256 << 20
+KEEP = 4
+_KEPT_LOCK = threading.Lock()
+_kept: dict = {}
+_tokens = [0]
+
+
+def _keep(residuals) -> mx.array:
+    with _KEPT_LOCK:
+        _tokens[0] += 1
+        _kept[_tokens[0]] = residuals
+        while len(_kept) > KEEP:
+            _kept.pop(next(iter(_kept)))
+        return mx.array(_tokens[0])
+
+
+def _kept_residuals(token):
+    with _KEPT_LOCK:
+        return _kept.pop(int(token.item()), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cfc_function(mode, activation, ff_tanh, timed, n_hidden):
+    """The CfC kernel as an MLX custom function of ``cfc_states``' arrays, with its vjp: ->
+    (states, a token for the residuals kept, or -1)."""
+    key = (mode, activation, ff_tanh, timed, n_hidden)
+
+    @mx.custom_function
+    def states(*arrays):
+        run = _CfCRun(key, arrays)
+        if run.residual_bytes() > KEEP_BYTES:
+            return mx.array(run.forward()), mx.array(-1)
+        states, residuals = run.forward(keep=True)
+        return mx.array(states), _keep(residuals)
+
+    @states.vjp
+    def states_vjp(primals, cotangents, outputs):
+        residuals = _kept_residuals(outputs[1])
+        d_inputs, d_initial, d_timespans, *d_weights = _CfCRun(key, primals).backward(outputs[0], cotangents[0], residuals)
+        d_state_weight, d_head_weight, d_head_bias, *d_hidden = d_weights
+        grads = [d_inputs, d_initial] + ([d_timespans] if timed else []) + [d_state_weight, d_head_weight, d_head_bias]
+        return tuple(mx.array(g) for g in grads + d_hidden)
+
+    return states
+
+
+class _WiredArguments(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int32), ("steps", ctypes.c_int32), ("layers", ctypes.c_int32), ("mode", ctypes.c_int32),
+        ("ff_tanh", ctypes.c_int32), ("sizes", ctypes.POINTER(ctypes.c_int32)), ("heads", ctypes.POINTER(ctypes.c_int32)),
+        ("inputs", ctypes.c_void_p), ("timespans", ctypes.c_void_p), ("input_weights", ctypes.POINTER(ctypes.c_void_p)),
+        ("biases", ctypes.POINTER(ctypes.c_void_p)), ("state_weights", ctypes.POINTER(ctypes.c_void_p)),
+        ("w_tau", ctypes.POINTER(ctypes.c_void_p)), ("A", ctypes.POINTER(ctypes.c_void_p)), ("sgemm", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+def _by_step(timespans, steps, batch):
+    """None, or timespans (0-d or (B, T, 1)) as a (T, B) array, the kernels' layout."""
+    if timespans is None:
+        return None
+    return mx.broadcast_to(timespans.reshape(timespans.shape[:2]).T if timespans.ndim == 3 else timespans, (steps, batch))
+
+
+def _fused_gate(rows, hidden_size, axis=0):
+    """Head rows ff1, ff2, time_a, time_b (4H along ``axis``) -> ff1, ff2, time_a + time_b."""
+    H = hidden_size
+
+    def part(start, stop):
+        return rows[(slice(None),) * axis + (slice(start, stop),)]
+
+    return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
+
+
+def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
+    """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer), forward
+    only, feature-major.
+
+    inputs (T, K_0, B): layer 0's input product, bias included (``project_input``'s view,
+    transposed back); initial (S, B), the layers' states stacked; timespans None, 0-d or
+    (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
+    state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
+    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B), evaluated. Without
+    timespans the time gate's two heads are fused, as in ``cfc_states``."""
+    lib = library()
+    steps, _, batch = inputs.shape
+    sizes = [int(layer[2].shape[1]) for layer in layers]
+    if timespans is None and mode != "pure":
+        inputs = _fused_gate(inputs, sizes[0], axis=1)
+        layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
+                  for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
+    heads = [int(layer[2].shape[0]) for layer in layers]
+    host = {"inputs": as_host(inputs), "initial": as_host(initial)}
+    per_layer = [[None if a is None else as_host(a) for a in layer] for layer in layers]
+    ts = None if timespans is None else as_host(_by_step(timespans, steps, batch))
+
+    def pointers(index):
+        return (ctypes.c_void_p * len(layers))(*[None if layer[index] is None else layer[index].ctypes.data for layer in per_layer])
+
+    arguments = _WiredArguments(
+        batch, steps, len(layers), CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * len(sizes))(*sizes),
+        (ctypes.c_int32 * len(heads))(*heads), pointer(host["inputs"]), pointer(ts) if ts is not None else None,
+        pointers(0), pointers(1), pointers(2), pointers(3), pointers(4), linux_blas.sgemm_address(),
+    )  # fmt: skip
+    states = np.empty((steps, sum(sizes), batch), np.float32)
+
+    def columns(first, last):
+        scratch = np.empty((sum(sizes) + max(heads)) * (last - first), np.float32)
+        lib.wired_cfc_forward(ctypes.byref(arguments), pointer(host["initial"]), pointer(states), first, last,
+                              pointer(scratch))  # fmt: skip
+
+    with linux_blas.one_thread():
+        run_rows(columns, batch, None if linux_blas.can_set_threads() else 1)
+    del host, per_layer, ts
+    return mx.array(states)
