@@ -135,10 +135,6 @@ class SequenceModel(nn.Module):
                 cell_inputs = None
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = self.rnn_cell.project_input(x)
-            # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
-            prepared = self.rnn_cell.prepare()
-            lstm_prepared = self.lstm.prepare() if self.use_mixed else None
-
             native = getattr(self.rnn_cell, "native_sequence", None)
             if mode != "eager" and native is not None and cell_inputs is not None and not self.use_mixed:
                 # A cell's whole loop in one CPU kernel (``ncps_mlx.native``), where it has one
@@ -148,6 +144,10 @@ class SequenceModel(nn.Module):
                     y, states = result
                     y = y if self.return_sequences else y[:, -1]
                     return (self.fc(y) if self.fc is not None else y), states[:, -1], None
+            # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
+            prepared = self.rnn_cell.prepare()
+            lstm_prepared = self.lstm.prepare() if self.use_mixed else None
+
             if mode != "eager":
                 fixed_leaves = []
                 fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)

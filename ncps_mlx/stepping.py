@@ -25,6 +25,9 @@ Three ways to run the same loop (``time_loop``), chosen by ``SequenceModel``:
 
   Higher-order gradients through this path are not supported.
 
+Where a cell's loop has a CPU kernel that applies (``ncps_mlx.native``: the LTC's, a CfC's on
+Linux), ``SequenceModel`` runs that instead of the compiled and differentiable loops here.
+
 A step function here takes flat lists of arrays ("leaves"): the fixed ones (parameters and
 the cell's ``prepare()`` output, the same at every step) and the step's own (input slice,
 state, timespan); ``_flatten`` records the rest of their structure (None, numbers) as a
