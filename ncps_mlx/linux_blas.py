@@ -42,6 +42,7 @@ import subprocess
 import struct
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from . import file_cache
@@ -49,6 +50,7 @@ from . import file_cache
 _STATUS = "not attempted"
 _HANDLES = []  # keep the loaded shim and BLAS alive for the life of the process
 _THREADS = None  # (get, set) of the loaded OpenBLAS's thread count, where it exports them
+_ONE_THREAD = {"depth": 0, "previous": None, "lock": threading.Lock()}  # one_thread() blocks now open
 
 CANDIDATES = [
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -151,17 +153,25 @@ def one_thread():
     """MLX's matrix products on one thread each within this block, for work that runs on
     several MLX streams at once (each stream's thread then has a core); the count is restored
     after. Does nothing where ``can_set_threads()`` is False. The count is the library's,
-    so products that other threads start meanwhile run single-threaded too."""
+    so products that other threads start meanwhile run single-threaded too. Blocks in several
+    threads at once share the setting: the last to close restores the count the first found."""
     if _THREADS is None:
         yield
         return
     get, set_ = _THREADS
-    previous = get()
-    set_(1)
+    state = _ONE_THREAD
+    with state["lock"]:
+        if state["depth"] == 0:
+            state["previous"] = get()
+            set_(1)
+        state["depth"] += 1
     try:
         yield
     finally:
-        set_(previous)
+        with state["lock"]:
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                set_(state["previous"])
 
 
 @contextlib.contextmanager

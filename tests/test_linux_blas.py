@@ -194,3 +194,36 @@ def test_idle_blas_threads_stop_spinning(route):
     if "use" not in probe["status"]:
         pytest.skip(probe["status"])
     assert probe["other_threads_cpu"] < 0.08, probe
+
+
+def test_overlapping_one_thread_blocks_restore_the_count():
+    """Two threads' one_thread() blocks, the first closed before the second: the count is 1
+    while either is open and the original after both (not the first's 1, as when each block
+    restored what it found)."""
+    import threading
+
+    import ncps_mlx  # noqa: F401 (loads the BLAS)
+
+    if not linux_blas.can_set_threads():
+        pytest.skip(f"no thread control here: {linux_blas.status()}")
+    get, set_ = linux_blas._THREADS
+    set_(2)
+    first_open, second_open, first_closed = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def second():
+        first_open.wait()
+        with linux_blas.one_thread():
+            second_open.set()
+            first_closed.wait()
+            seen.append(get())
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    with linux_blas.one_thread():
+        first_open.set()
+        second_open.wait()
+        seen.append(get())
+    first_closed.set()
+    worker.join()
+    assert seen == [1, 1] and get() == 2
