@@ -28,9 +28,10 @@ applies = pytest.mark.skipif(
 def kernel_calls(monkeypatch):
     """How often the LTC kernel's forward and backward passes, and the CfC kernels' forward and
     backward passes, ran during the test."""
-    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0}
+    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0, "wired_backward": 0}
     targets = {"forward": (native.ltc, "forward"), "backward": (native.ltc, "backward"), "cfc_states": (native, "cfc_states"),
-               "wired_cfc_states": (native, "wired_cfc_states"), "cfc_backward": (native.cfc._CfCRun, "backward")}  # fmt: skip
+               "wired_cfc_states": (native, "wired_cfc_states"), "cfc_backward": (native.cfc._CfCRun, "backward"),
+               "wired_backward": (native.cfc._WiredRun, "backward")}  # fmt: skip
     for name, (owner, attribute) in targets.items():
         original = getattr(owner, attribute)
 
@@ -175,7 +176,7 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model.set_dtype(mx.float16)
     model(x.astype(mx.float16))
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
-    assert kernel_calls == {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0}
+    assert set(kernel_calls.values()) == {0}
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         ncps_mlx.LTC(5, 8)(x)
     assert kernel_calls["forward"] == 1
@@ -261,9 +262,9 @@ def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
 
 @applies
 def test_cfc_kernels_where_they_apply(kernel_calls):
-    """A CfC with a backbone in the kernel forward and under a gradient (except pure mode, whose
-    backward pass only MLX has); a wired CfC forward only; neither with mixed memory or float16;
-    every batch size and layout."""
+    """Every CfC in the kernels, forward and under a gradient, except pure mode under a gradient
+    (only MLX's path has that backward pass); none with mixed memory or float16; every batch
+    size and layout."""
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     rng = np.random.default_rng(7)
@@ -272,15 +273,17 @@ def test_cfc_kernels_where_they_apply(kernel_calls):
     model = ncps_mlx.CfC(5, 8)
     wired = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))
     pure = ncps_mlx.CfC(5, 8, mode="pure")
-    for each in (model, wired, pure):
+    wired_pure = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mode="pure")
+    for each in (model, wired, pure, wired_pure):
         value, grads = nn.value_and_grad(each, lambda m: mx.sum(m(x)[0]))(each)
         mx.eval(value, grads)
-    assert kernel_calls["cfc_states"] == 1 and kernel_calls["cfc_backward"] == 1 and kernel_calls["wired_cfc_states"] == 0
+    assert kernel_calls["cfc_states"] == kernel_calls["cfc_backward"] == 1
+    assert kernel_calls["wired_cfc_states"] == kernel_calls["wired_backward"] == 1
     ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
     half = ncps_mlx.CfC(5, 8)
     half.set_dtype(mx.float16)
     half(x.astype(mx.float16))
-    assert kernel_calls["cfc_states"] == 1 and kernel_calls["wired_cfc_states"] == 0
+    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 1
     for batch in (1, 2, 5):
         xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
         for each in (model, wired):
@@ -292,17 +295,25 @@ def test_cfc_kernels_where_they_apply(kernel_calls):
     assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: wired(x[0]))  # unbatched
     assert y.shape == (6, 3) and h.shape == (10,) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
-    assert kernel_calls["cfc_states"] == 5 and kernel_calls["wired_cfc_states"] == 4
+    assert kernel_calls["cfc_states"] == 5 and kernel_calls["wired_cfc_states"] == 5
 
 
-GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13"]
+GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13", "no_backbone",
+                      "wired_autoncp", "wired_ncp_no_gate", "wired_autoncp_raw_heads"]  # fmt: skip
+
+
+# A CfC with a backbone keeps its residuals for the backward pass, or past KEEP_BYTES recomputes
+# them: both ways. The wired kernel always recomputes.
+BACKBONE = [name for name in GRADIENT_CFC_CASES if name != "no_backbone" and not name.startswith("wired")]
 
 
 @applies
-@pytest.mark.parametrize("name", GRADIENT_CFC_CASES)
+@pytest.mark.parametrize(
+    "name, kept", [(name, True) for name in GRADIENT_CFC_CASES] + [(name, False) for name in BACKBONE],
+    ids=lambda value: {True: "", False: "recomputed"}.get(value, value) if isinstance(value, bool) else value,
+)
 @pytest.mark.parametrize("timespans", [None, "per_step"])
-@pytest.mark.parametrize("kept", [True, False], ids=["residuals_kept", "recomputed"])
-def test_cfc_gradients_equal_mlx_path(name, timespans, kept, kernel_calls, monkeypatch):
+def test_cfc_gradients_equal_mlx_path(name, kept, timespans, kernel_calls, monkeypatch):
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     if not kept:
@@ -314,7 +325,7 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kept, kernel_calls, monke
     x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
     hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
     ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
-    target = mx.array(rng.normal(size=(batch, steps, model.state_size)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
 
     def loss(model, x, hx):
         y, h = model(x, hx, ts)
@@ -326,7 +337,9 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kept, kernel_calls, monke
         return value, {**dict(tree_flatten(grads)), "x": inputs[0], "hx": inputs[1]}
 
     (value, grads), (value_mlx, grads_mlx) = both_paths(gradients)
-    assert kernel_calls["cfc_states"] == 2 and kernel_calls["cfc_backward"] == 2  # parameters', inputs' gradients
+    # the parameters' gradients, then the inputs'
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 2
+    assert kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
     assert abs(value.item() - value_mlx.item()) <= 1e-6
     assert set(grads) == set(grads_mlx)
     for key, expected in grads_mlx.items():

@@ -361,20 +361,19 @@ class CfCCell(nn.Module):
         """The whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
         ``project_input``, h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
         both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
-        for arrays that are not float32, where ``native.cfc_applies()`` is False, and under a
-        gradient where ``residual_backward`` is False (no backbone, pure mode, dropout), whose
-        backward pass only MLX's path has."""
+        for arrays that are not float32, where ``native.cfc_applies()`` is False, and in pure
+        mode under a gradient (only MLX's path has that backward pass)."""
         weight, bias = self._first_layer()
         arrays = (inputs, h, weight) + (() if ts is None else (ts,))
-        if differentiable and not self.residual_backward:  # the kernel's backward pass covers what that does
+        if differentiable and self.mode == "pure":  # the kernels' backward passes are the gated modes'
             return None
         if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
             return None
         pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
         if self.backbone_layers == 0:
             layer = (None, None, weight[:, self.input_size :]) + pure
-            y = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.ff_activation == "tanh",
-                                        [layer]).transpose(2, 0, 1)  # fmt: skip
+            y = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.ff_activation == "tanh", [layer],
+                                        differentiable=differentiable).transpose(2, 0, 1)  # fmt: skip
             return y, y
         heads, head_bias = self._heads()
         pure = pure if self.mode == "pure" else ()
@@ -467,10 +466,12 @@ class WiredCfCCell(nn.Module):
     def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
         """``CfCCell.native_sequence`` for the wired cell: inputs (B, T, P), h (B, units) ->
         (outputs (B, T, F), every step's state (B, T, units)), views of one (T, units, B)
-        array; None where the kernel does not apply."""
+        array; None where the kernel does not apply (as there)."""
         first = self.layer_0
         arrays = (inputs, h, first.ff1.weight) + (() if ts is None else (ts,))
-        if differentiable or any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
+        if differentiable and first.mode == "pure":
+            return None
+        if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
             return None
         layers = []
         for i, layer in enumerate(self.layers):
@@ -479,7 +480,8 @@ class WiredCfCCell(nn.Module):
             pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
             inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
             layers.append(inputs_part + (weight[:, width:],) + pure)
-        states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers)
+        states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
+                                         differentiable=differentiable)  # fmt: skip
         start = sum(self.layer_sizes[:-1])
         out = states[:, start : start + self.output_size]
         return out.transpose(2, 0, 1), states.transpose(2, 0, 1)

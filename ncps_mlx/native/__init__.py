@@ -95,7 +95,8 @@ def _load():
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's kernels"
-    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward):
+    for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward,
+                     lib.wired_cfc_backward):
         function.restype = None
     message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns them off)"
     if built:

@@ -217,7 +217,7 @@ static void activation_derivative(int kind, const float *z, const float *a, floa
 }
 
 /* gated_row's vjp for one state row: the head cotangents d1, d2, dga, dgb (dgb NULL when tb is,
- * the gate's heads fused) from the new state's cotangent here + back; d_ts accumulates the
+ * the gate's heads fused) from the new state's cotangent here + back (back may be NULL); d_ts accumulates the
  * timespans' (unfused heads only). Loops by case, so that each vectorises. */
 static void gated_row_vjp(int no_gate, int ff_tanh, const float *restrict g1, const float *restrict g2,
                           const float *restrict ga, const float *restrict gb, const float *restrict ts,
@@ -226,7 +226,7 @@ static void gated_row_vjp(int no_gate, int ff_tanh, const float *restrict g1, co
     for (int c = 0; c < R; ++c) {
         float f1 = ff_tanh ? rational_tanh(g1[c]) : g1[c], f2 = ff_tanh ? rational_tanh(g2[c]) : g2[c];
         float argument = gb ? ga[c] * (ts ? ts[c] : 1.0f) + gb[c] : ga[c];
-        float gate = sigmoid(argument), dh = here[c] + back[c];
+        float gate = sigmoid(argument), dh = back ? here[c] + back[c] : here[c];
         float d_f1 = no_gate ? dh : dh * (1.0f - gate), d_f2 = dh * gate;
         d1[c] = ff_tanh ? d_f1 * (1.0f - f1 * f1) : d_f1;
         d2[c] = ff_tanh ? d_f2 * (1.0f - f2 * f2) : d_f2;
@@ -332,4 +332,78 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
     }
     for (int j = 0; j < H; ++j) memcpy(d_initial + (int64_t)j * B + first, carried + (int64_t)j * R, R * sizeof(float));
+}
+
+/* Gradients of wired_cfc_forward (gated modes, not pure) for columns [first, last), given its
+ * states (T, S, B) and their cotangents d_states (T, S, B): d_inputs (T, K_0, B), d_initial
+ * (S, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
+ * gradients added into d_input_weights, d_biases (layers 1.., as input_weights and biases) and
+ * d_state_weights: this caller's own buffers. Each step's head outputs are recomputed from the
+ * states. scratch: (4 S + sum K_l + 2 max K_l + 1) (last - first) floats. */
+void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
+                        float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
+                        float *const *d_biases, float *const *d_state_weights, int first, int last, float *scratch) {
+    const int B = a->batch, R = last - first, L = a->layers, no_gate = a->mode == NO_GATE;
+    int S = 0, all_heads = 0, widest = 0;
+    for (int l = 0; l < L; ++l) {
+        S += a->sizes[l];
+        all_heads += a->heads[l];
+        widest = a->heads[l] > widest ? a->heads[l] : widest;
+    }
+    float *previous = scratch, *current = previous + (int64_t)S * R, *carried = current + (int64_t)S * R;
+    float *d_new = carried + (int64_t)S * R, *g = d_new + (int64_t)S * R, *dy = g + (int64_t)all_heads * R;
+    float *d_ts = dy + (int64_t)widest * R;
+    for (int64_t i = 0; i < (int64_t)S * R; ++i) carried[i] = 0.0f;
+    for (int t = a->steps - 1; t >= 0; --t) {
+        copy_columns(previous, (float *)(t == 0 ? initial : states + (int64_t)(t - 1) * S * B), S, R, B, first, 1);
+        copy_columns(current, (float *)states + (int64_t)t * S * B, S, R, B, first, 1);
+        copy_columns(d_new, (float *)d_states + (int64_t)t * S * B, S, R, B, first, 1);
+        for (int64_t i = 0; i < (int64_t)S * R; ++i) d_new[i] += carried[i];
+        const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
+        for (int c = 0; c < R; ++c) d_ts[c] = 0.0f;
+        /* each layer's head outputs again: its input (layer 0's projection, else the previous
+         * layer's new state) and its previous state */
+        int64_t offset = 0, head_offset = 0;
+        for (int l = 0; l < L; ++l) {
+            const int H = a->sizes[l], K = a->heads[l];
+            float *gl = g + head_offset * R;
+            if (l == 0) {
+                copy_columns(gl, (float *)a->inputs + (int64_t)t * K * B, K, R, B, first, 1);
+            } else {
+                const int P = a->sizes[l - 1];
+                fill_rows(gl, a->biases[l], K, R);
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, P, 1.0f, a->input_weights[l], P, current + (offset - P) * R, R,
+                         1.0f, gl, R);
+            }
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, H, 1.0f, a->state_weights[l], H, previous + offset * R, R, 1.0f, gl, R);
+            offset += H;
+            head_offset += K;
+        }
+        /* the layers in reverse: a layer's new state also feeds the next layer's input */
+        for (int l = L - 1; l >= 0; --l) {
+            const int H = a->sizes[l], K = a->heads[l], fused = K == 3 * H;
+            offset -= H;
+            head_offset -= K;
+            const float *gl = g + head_offset * R;
+            float *dh = d_new + offset * R;
+            for (int j = 0; j < H; ++j)
+                gated_row_vjp(no_gate, a->ff_tanh, gl + (int64_t)j * R, gl + (int64_t)(H + j) * R, gl + (int64_t)(2 * H + j) * R,
+                              fused ? NULL : gl + (int64_t)(3 * H + j) * R, ts, dh + (int64_t)j * R, NULL,
+                              dy + (int64_t)j * R, dy + (int64_t)(H + j) * R, dy + (int64_t)(2 * H + j) * R,
+                              fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
+            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, H, R, 1.0f, dy, R, previous + offset * R, R, 1.0f, d_state_weights[l], H);
+            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, K, 1.0f, a->state_weights[l], H, dy, R, 0.0f, carried + offset * R, R);
+            if (l == 0) {
+                copy_columns(dy, d_inputs + (int64_t)t * K * B, K, R, B, first, 0);
+            } else {
+                const int P = a->sizes[l - 1];
+                const float *x = current + (offset - P) * R;
+                a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, P, R, 1.0f, dy, R, x, R, 1.0f, d_input_weights[l], P);
+                add_row_sums(dy, d_biases[l], K, R);
+                a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, P, R, K, 1.0f, a->input_weights[l], P, dy, R, 1.0f, d_new + (offset - P) * R, R);
+            }
+        }
+        if (d_timespans) memcpy(d_timespans + (int64_t)t * B + first, d_ts, R * sizeof(float));
+    }
+    copy_columns(carried, d_initial, S, R, B, first, 0);
 }

@@ -220,44 +220,119 @@ def _fused_gate(rows, hidden_size, axis=0):
     return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
 
 
-def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
-    """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer), forward
-    only, feature-major.
+def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differentiable=False):
+    """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
+    feature-major.
 
     inputs (T, K_0, B): layer 0's input product, bias included (``project_input``'s view,
     transposed back); initial (S, B), the layers' states stacked; timespans None, 0-d or
     (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
     state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
-    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B), evaluated. Without
-    timespans the time gate's two heads are fused, as in ``cfc_states``."""
-    lib = library()
+    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B). Without timespans the time
+    gate's two heads are fused, as in ``cfc_states``. ``differentiable``: an MLX custom function
+    whose vjp is the kernel's backward pass (not pure mode), else the forward pass, evaluated."""
     steps, _, batch = inputs.shape
     sizes = [int(layer[2].shape[1]) for layer in layers]
     if timespans is None and mode != "pure":
         inputs = _fused_gate(inputs, sizes[0], axis=1)
         layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
                   for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
-    heads = [int(layer[2].shape[0]) for layer in layers]
-    host = {"inputs": as_host(inputs), "initial": as_host(initial)}
-    per_layer = [[None if a is None else as_host(a) for a in layer] for layer in layers]
-    ts = None if timespans is None else as_host(_by_step(timespans, steps, batch))
+    ts = _by_step(timespans, steps, batch)
+    arrays = [inputs, initial] + ([] if ts is None else [ts])
+    for i, (w, b, state_weight, tau, A) in enumerate(layers):
+        arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
+    key = (mode, bool(ff_tanh), ts is not None, len(layers))
+    if differentiable and mode != "pure":
+        return _wired_function(*key)(*arrays)
+    return mx.array(_WiredRun(key, arrays).forward())
 
-    def pointers(index):
-        return (ctypes.c_void_p * len(layers))(*[None if layer[index] is None else layer[index].ctypes.data for layer in per_layer])
 
-    arguments = _WiredArguments(
-        batch, steps, len(layers), CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * len(sizes))(*sizes),
-        (ctypes.c_int32 * len(heads))(*heads), pointer(host["inputs"]), pointer(ts) if ts is not None else None,
-        pointers(0), pointers(1), pointers(2), pointers(3), pointers(4), linux_blas.sgemm_address(),
-    )  # fmt: skip
-    states = np.empty((steps, sum(sizes), batch), np.float32)
+class _WiredRun:
+    """The wired CfC kernel's arguments for one call, from ``wired_cfc_states``' arrays."""
 
-    def columns(first, last):
-        scratch = np.empty((sum(sizes) + max(heads)) * (last - first), np.float32)
-        lib.wired_cfc_forward(ctypes.byref(arguments), pointer(host["initial"]), pointer(states), first, last,
-                              pointer(scratch))  # fmt: skip
+    def __init__(self, key, arrays):
+        mode, ff_tanh, timed, n_layers = key
+        host = [as_host(a) for a in arrays]
+        inputs, initial, *rest = host
+        ts = rest.pop(0) if timed else None
+        layers = []  # (input weight, bias, state weight, w_tau, A)
+        for i in range(n_layers):
+            state_weight = rest.pop(0)
+            w, b = (rest.pop(0), rest.pop(0)) if i > 0 else (None, None)
+            tau, A = (rest.pop(0), rest.pop(0)) if mode == "pure" else (None, None)
+            layers.append((w, b, state_weight, tau, A))
+        self.host, self.layers, self.initial = host, layers, initial
+        self.sizes = [int(layer[2].shape[1]) for layer in layers]
+        self.heads = [int(layer[2].shape[0]) for layer in layers]
+        self.steps, self.batch = inputs.shape[0], inputs.shape[2]
 
-    with linux_blas.one_thread():
-        run_rows(columns, batch, None if linux_blas.can_set_threads() else 1)
-    del host, per_layer, ts
-    return mx.array(states)
+        def pointers(index):
+            return (ctypes.c_void_p * n_layers)(*[None if layer[index] is None else layer[index].ctypes.data for layer in layers])
+
+        self.arguments = _WiredArguments(
+            self.batch, self.steps, n_layers, CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * n_layers)(*self.sizes),
+            (ctypes.c_int32 * n_layers)(*self.heads), pointer(inputs), pointer(ts) if ts is not None else None,
+            pointers(0), pointers(1), pointers(2), pointers(3), pointers(4), linux_blas.sgemm_address(),
+        )  # fmt: skip
+
+    def _columns(self, call):
+        with linux_blas.one_thread():
+            return run_rows(call, self.batch, None if linux_blas.can_set_threads() else 1)
+
+    def forward(self) -> np.ndarray:
+        states = np.empty((self.steps, sum(self.sizes), self.batch), np.float32)
+
+        def columns(first, last):
+            scratch = np.empty((sum(self.sizes) + max(self.heads)) * (last - first), np.float32)
+            library().wired_cfc_forward(ctypes.byref(self.arguments), pointer(self.initial), pointer(states), first, last,
+                                        pointer(scratch))  # fmt: skip
+
+        self._columns(columns)
+        return states
+
+    def backward(self, states, d_states):
+        """(d inputs, d initial, d timespans or None, then per layer d state weight and, after
+        layer 0, d input weight and d bias), host arrays."""
+        states, d_states = as_host(states), as_host(d_states)
+        S = sum(self.sizes)
+        d_inputs = np.empty((self.steps, self.heads[0], self.batch), np.float32)
+        d_initial = np.empty((S, self.batch), np.float32)
+        d_timespans = np.empty((self.steps, self.batch), np.float32) if self.arguments.timespans else None
+
+        def columns(first, last):
+            grads = []
+            for i, (w, b, state_weight, _, _) in enumerate(self.layers):
+                grads.append([np.zeros_like(state_weight)] + ([np.zeros_like(w), np.zeros_like(b)] if i > 0 else [None, None]))
+
+            def pointers(index):
+                return (ctypes.c_void_p * len(grads))(*[None if g[index] is None else g[index].ctypes.data for g in grads])
+
+            scratch = np.empty((4 * S + sum(self.heads) + 2 * max(self.heads) + 1) * (last - first), np.float32)
+            library().wired_cfc_backward(
+                ctypes.byref(self.arguments), pointer(self.initial), pointer(states), pointer(d_states), pointer(d_inputs),
+                pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None, pointers(1), pointers(2),
+                pointers(0), first, last, pointer(scratch),
+            )  # fmt: skip
+            return [g for layer in grads for g in layer if g is not None]
+
+        parts = self._columns(columns)
+        return [d_inputs, d_initial, d_timespans] + [functools.reduce(np.add, grads) for grads in zip(*parts)]
+
+
+@functools.lru_cache(maxsize=None)
+def _wired_function(mode, ff_tanh, timed, n_layers):
+    """The wired CfC kernel as an MLX custom function of ``wired_cfc_states``' arrays, with its
+    vjp."""
+    key = (mode, ff_tanh, timed, n_layers)
+
+    @mx.custom_function
+    def states(*arrays):
+        return mx.array(_WiredRun(key, arrays).forward())
+
+    @states.vjp
+    def states_vjp(primals, cotangent, output):
+        d_inputs, d_initial, d_timespans, *d_weights = _WiredRun(key, primals).backward(output, cotangent)
+        grads = [d_inputs, d_initial] + ([d_timespans] if timed else []) + d_weights
+        return tuple(mx.array(g) for g in grads)
+
+    return states
