@@ -9,8 +9,8 @@ batch, blocks on all cores:
   loops vectorised; the backward pass recomputes each row's forward pass and walks it back.
 * ``cfc`` (``cfc.c``): a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a
   matrix product of the BLAS that MLX's products use (``linux_blas``), on a block of batch
-  columns: forward for every CfC (wired, or with or without a backbone), backward for a CfC with
-  a backbone (not pure mode), whose other cases keep MLX's compiled backward pass.
+  columns: forward and backward for every CfC (wired, or with or without a backbone), except
+  pure mode's backward pass, which stays MLX's.
 
 They compute the same functions as the MLX path (``rational.h`` is ``fastmath``'s tanh and
 sigmoid; gradients of the exact derivatives of their outputs), in another order of additions,

@@ -1,12 +1,13 @@
-/* A CfC's forward time loop as one CPU kernel, over a block of batch columns: a CfCCell with a
- * backbone (cfc_forward), or a wired CfC or a CfCCell without one (wired_cfc_forward).
+/* A CfC's time loop as one CPU kernel, over a block of batch columns: a CfCCell with a backbone
+ * (cfc_forward, cfc_backward), or a wired CfC or a CfCCell without one (wired_cfc_forward,
+ * wired_cfc_backward). The backward passes are the gated modes'.
  *
  * Built by ncps_mlx/native/__init__.py (which says why) and called through ctypes from cfc.py
- * beside this file. Everything is
- * feature-major, as in ncps_mlx.cells.cfc (features, batch), so each layer is one matrix
- * product over the block's columns: the same BLAS sgemm that MLX's products use, passed in as a
- * function pointer, on one thread per block. tanh and sigmoid are rational.h's, as in the MLX
- * path; silu's sigmoid too (MLX's is its own exp-based one: within 2e-7); gelu uses libm's erff.
+ * beside this file. Everything is feature-major, as in ncps_mlx.cells.cfc (features, batch), so
+ * each layer is one matrix product over the block's columns: the same BLAS sgemm that MLX's
+ * products use, passed in as a function pointer, on one thread per block. tanh and sigmoid are
+ * rational.h's, as in the MLX path; silu's sigmoid too (MLX's is its own exp-based one: within
+ * 2e-7); gelu uses libm's erff.
  */
 #include <math.h>
 #include <stdint.h>
@@ -217,8 +218,8 @@ static void activation_derivative(int kind, const float *z, const float *a, floa
 }
 
 /* gated_row's vjp for one state row: the head cotangents d1, d2, dga, dgb (dgb NULL when tb is,
- * the gate's heads fused) from the new state's cotangent here + back (back may be NULL); d_ts accumulates the
- * timespans' (unfused heads only). Loops by case, so that each vectorises. */
+ * the gate's heads fused) from the new state's cotangent here + back (back may be NULL); d_ts
+ * accumulates the timespans' (unfused heads only). Loops by case, so that each vectorises. */
 static void gated_row_vjp(int no_gate, int ff_tanh, const float *restrict g1, const float *restrict g2,
                           const float *restrict ga, const float *restrict gb, const float *restrict ts,
                           const float *restrict here, const float *restrict back, float *restrict d1,
