@@ -420,3 +420,40 @@ def test_falls_back_when_it_cannot_be_built(tmp_path):
     assert "could not be built" in status and "no C today" in status
     (ok_status, ok_total), _ = run_python(tmp_path / "other")
     assert abs(float(total) - float(ok_total)) < 1e-5
+
+
+def kernel_function(name, x):
+    """rational.h's tanh or sigmoid (``name``) of a float32 array, as the kernels compute it."""
+    import ctypes
+
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    function = getattr(native.library(), f"{name}_array")
+    function.restype = None
+    function(x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    return y
+
+
+@applies
+def test_the_kernels_tanh_and_sigmoid_over_the_float_range():
+    """The kernels' own build of fastmath's rational (FMA-contracted where the processor has
+    FMA), held to fastmath's bounds: every binade, every float near the clip, special values."""
+    from test_fastmath import every_float_near_the_clip, sweep
+
+    x = np.concatenate([sweep(), every_float_near_the_clip()])
+    x64 = x.astype(np.float64)
+    tanh = kernel_function("tanh", x)
+    assert np.all(np.abs(tanh) <= 1.0)
+    assert np.max(np.abs(tanh - np.tanh(x64))) <= 4e-7
+    relative = np.abs(x) >= 1e-30  # no flush to zero here: x P / Q down to the smallest floats
+    assert np.max(np.abs(tanh[relative] - np.tanh(x64[relative])) / np.abs(np.tanh(x64[relative]))) <= 4e-7
+    with np.errstate(over="ignore"):
+        reference = 1.0 / (1.0 + np.exp(-x64))
+    sigmoid = kernel_function("sigmoid", x)
+    assert np.all((sigmoid >= 0.0) & (sigmoid <= 1.0))
+    assert np.max(np.abs(sigmoid - reference)) <= 2e-7
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)
+    got = kernel_function("tanh", special)
+    assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, -1.0, 0.0, 0.0])) <= 6e-8
+    got = kernel_function("sigmoid", special)
+    assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, 0.0, 0.5, 0.5])) <= 6e-8

@@ -363,25 +363,21 @@ class CfCCell(nn.Module):
         both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
         for arrays that are not float32, where ``native.cfc_applies()`` is False, and in pure
         mode under a gradient (only MLX's path has that backward pass)."""
-        weight, bias = self._first_layer()
+        weight, _ = self._first_layer()
         arrays = (inputs, h, weight) + (() if ts is None else (ts,))
         if differentiable and self.mode == "pure":  # the kernels' backward passes are the gated modes'
             return None
         if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
             return None
+        state_weight, ff_tanh = weight[:, self.input_size :], self.ff_activation == "tanh"
         pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
-        if self.backbone_layers == 0:
-            layer = (None, None, weight[:, self.input_size :]) + pure
-            y = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.ff_activation == "tanh", [layer],
-                                        differentiable=differentiable).transpose(2, 0, 1)  # fmt: skip
-            return y, y
-        heads, head_bias = self._heads()
-        pure = pure if self.mode == "pure" else ()
-        states = native.cfc_states(
-            inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, self.ff_activation == "tanh",
-            self.backbone[0].weight[:, self.input_size :], [(layer.weight, layer.bias) for layer in self.backbone[1:]],
-            heads, head_bias, *pure, differentiable=differentiable,
-        )  # fmt: skip
+        if self.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
+            states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, ff_tanh,
+                                             [(None, None, state_weight, *pure)], differentiable=differentiable)  # fmt: skip
+        else:
+            hidden = [(layer.weight, layer.bias) for layer in self.backbone[1:]]
+            states = native.cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, ff_tanh,
+                                       state_weight, hidden, *self._heads(), *pure, differentiable=differentiable)  # fmt: skip
         y = states.transpose(2, 0, 1)
         return y, y
 
