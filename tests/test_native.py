@@ -241,18 +241,24 @@ def perturbed_cfc(units, seed=0, **kwargs):
     return model
 
 
+def cfc_case(name, batch, steps, seed):
+    """(model, x (B, T, 5), hx (B, S), the generator that made them) of a CFC_CASES entry."""
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, **kwargs)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    return model, x, hx, rng
+
+
 @applies
 @pytest.mark.parametrize("name", sorted(CFC_CASES))
 @pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
 def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
     if native.linux_blas.sgemm_address() is None:
         pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.linux_blas loads")
-    units, kwargs = CFC_CASES[name]
-    model = perturbed_cfc(units, **kwargs)
-    rng = np.random.default_rng(6)
     batch, steps = 7, 25
-    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
-    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    model, x, hx, rng = cfc_case(name, batch, steps, seed=6)
     ts = {None: None, "scalar": 0.6, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))}[timespans]
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
     assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 1
@@ -318,12 +324,8 @@ def test_cfc_gradients_equal_mlx_path(name, kept, timespans, kernel_calls, monke
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.linux_blas loads")
     if not kept:
         monkeypatch.setattr(native.cfc, "KEEP_BYTES", 0)
-    units, kwargs = CFC_CASES[name]
-    model = perturbed_cfc(units, **kwargs)
-    rng = np.random.default_rng(8)
     batch, steps = 5, 16
-    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
-    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    model, x, hx, rng = cfc_case(name, batch, steps, seed=8)
     ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
     target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
 

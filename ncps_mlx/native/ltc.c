@@ -54,25 +54,31 @@ static void unfold(const ltc_args *a, const float *v, const float *cm_t, const f
     }
 }
 
+/* Row b's forward pass from initial (B, S): every unfold's input state, then the last state, into
+ * trail ((T U + 1) S floats) if not NULL; every step's state into states (B, T, S) if not NULL.
+ * work: 5 S floats. */
+static void row_forward(const ltc_args *a, int b, const float *initial, float *trail, float *states, float *work) {
+    const int S = a->units, T = a->steps, U = a->unfolds;
+    float *cm_t = work, *numerator = work + S, *denominator = work + 2 * S, *ping = work + 3 * S, *pong = work + 4 * S;
+    float *v = trail ? trail : ping;
+    memcpy(v, initial + (int64_t)b * S, S * sizeof(float));
+    for (int t = 0; t < T; ++t) {
+        const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
+        const float step = timespan(a, b, t) / (float)U;
+        for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
+        for (int k = 0; k < U; ++k) {
+            float *next = trail ? v + S : (v == ping ? pong : ping);
+            unfold(a, v, cm_t, u, numerator, denominator, next);
+            v = next;
+        }
+        if (states) memcpy(states + ((int64_t)b * T + t) * S, v, S * sizeof(float));
+    }
+}
+
 /* Rows [first, last): every step's state, states (B, T, S), from initial (B, S).
  * scratch: 5 S floats. */
 void ltc_forward(const ltc_args *a, const float *initial, float *states, int first, int last, float *scratch) {
-    const int S = a->units, T = a->steps, U = a->unfolds;
-    float *v = scratch, *next = scratch + S, *cm_t = scratch + 2 * S, *numerator = scratch + 3 * S,
-          *denominator = scratch + 4 * S;
-    for (int b = first; b < last; ++b) {
-        memcpy(v, initial + (int64_t)b * S, S * sizeof(float));
-        for (int t = 0; t < T; ++t) {
-            const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
-            const float step = timespan(a, b, t) / (float)U;
-            for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
-            for (int k = 0; k < U; ++k) {
-                unfold(a, v, cm_t, u, numerator, denominator, next);
-                float *swap = v; v = next; next = swap;
-            }
-            memcpy(states + ((int64_t)b * T + t) * S, v, S * sizeof(float));
-        }
-    }
+    for (int b = first; b < last; ++b) row_forward(a, b, initial, NULL, states, scratch);
 }
 
 /* One presynaptic neuron's synapses in the backward pass of an unfold: their parameters'
@@ -115,16 +121,7 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
     float *g = cm_t + 3 * S, *g_prev = cm_t + 4 * S, *gn = cm_t + 5 * S, *gd = cm_t + 6 * S,
           *d_cm_t = cm_t + 7 * S, *along = cm_t + 8 * S;
     for (int b = first; b < last; ++b) {
-        memcpy(trail, initial + (int64_t)b * S, S * sizeof(float));
-        for (int t = 0; t < T; ++t) {
-            const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
-            const float step = timespan(a, b, t) / (float)U;
-            for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
-            for (int k = 0; k < U; ++k) {
-                const float *v = trail + ((int64_t)t * U + k) * S;
-                unfold(a, v, cm_t, u, numerator, denominator, trail + ((int64_t)t * U + k + 1) * S);
-            }
-        }
+        row_forward(a, b, initial, trail, NULL, cm_t); /* its work rows are free until g is set */
         for (int j = 0; j < S; ++j) g[j] = 0.0f;
         for (int t = T - 1; t >= 0; --t) {
             const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
