@@ -459,3 +459,16 @@ def test_the_kernels_tanh_and_sigmoid_over_the_float_range():
     assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, -1.0, 0.0, 0.0])) <= 6e-8
     got = kernel_function("sigmoid", special)
     assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, 0.0, 0.5, 0.5])) <= 6e-8
+
+
+@applies
+def test_an_empty_batch(kernel_calls):
+    """Batch 0: empty outputs and zero gradients, as MLX's path gives (the kernels do nothing)."""
+    x = mx.zeros((0, 4, 5))
+    mx.random.seed(0)
+    for model in (ncps_mlx.LTC(5, 6), ncps_mlx.CfC(5, 6), ncps_mlx.CfC(5, wirings.AutoNCP(8, 2, seed=1))):
+        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+        assert y.shape == y_mlx.shape and h.shape == h_mlx.shape == (0, model.state_size)
+        _, grads = nn.value_and_grad(model, lambda m: mx.sum(m(x)[0]))(model)
+        assert all(float(mx.max(mx.abs(g))) == 0.0 for _, g in tree_flatten(grads) if g.size)
+    assert kernel_calls["forward"] + kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 6

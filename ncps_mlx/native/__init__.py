@@ -161,7 +161,10 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's t
 
 
 def row_ranges(batch: int, parts=None):
-    """[(first, last)] of ``parts`` (default ``threads()``) contiguous ranges of the batch."""
+    """[(first, last)] of ``parts`` (default ``threads()``) contiguous ranges of the batch; one
+    empty range for an empty batch (a backward pass then still returns zero gradients)."""
+    if batch == 0:
+        return [(0, 0)]
     parts = min(batch, parts or threads())
     edges = [batch * k // parts for k in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:]))

@@ -116,6 +116,7 @@ static void copy_columns(float *block, float *wide, int n, int R, int B, int fir
  * head outputs there, for cfc_backward. scratch: (H + 2 units + K) (last - first) floats. */
 void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
                  float *scratch) {
+    if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads, L = a->layers;
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
     copy_columns(h, (float *)initial, H, R, B, first, 1);
@@ -159,6 +160,7 @@ typedef struct {
 /* Columns [first, last) of every step's state, states (T, S, B) with S the layers' sizes summed,
  * from initial (S, B). scratch: (S + max K_l) (last - first) floats. */
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch) {
+    if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, R = last - first;
     int S = 0;
     for (int l = 0; l < a->layers; ++l) S += a->sizes[l];
@@ -265,6 +267,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
                   float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
                   float *d_head_bias, int first, int last, float *scratch) {
+    if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, L = a->layers, R = last - first, K = a->heads;
     const int fused = K == 3 * H, no_gate = a->mode == NO_GATE;
     float *previous = scratch, *carried = previous + (int64_t)H * R;
@@ -340,10 +343,11 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
  * (S, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
  * gradients added into d_input_weights, d_biases (layers 1.., as input_weights and biases) and
  * d_state_weights: this caller's own buffers. Each step's head outputs are recomputed from the
- * states. scratch: (4 S + sum K_l + 2 max K_l + 1) (last - first) floats. */
+ * states. scratch: (4 S + sum K_l + max K_l + 1) (last - first) floats. */
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
                         float *const *d_biases, float *const *d_state_weights, int first, int last, float *scratch) {
+    if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, R = last - first, L = a->layers, no_gate = a->mode == NO_GATE;
     int S = 0, all_heads = 0, widest = 0;
     for (int l = 0; l < L; ++l) {

@@ -307,7 +307,7 @@ class _WiredRun:
             def pointers(index):
                 return (ctypes.c_void_p * len(grads))(*[None if g[index] is None else g[index].ctypes.data for g in grads])
 
-            scratch = np.empty((4 * S + sum(self.heads) + 2 * max(self.heads) + 1) * (last - first), np.float32)
+            scratch = np.empty((4 * S + sum(self.heads) + max(self.heads) + 1) * (last - first), np.float32)
             library().wired_cfc_backward(
                 ctypes.byref(self.arguments), pointer(self.initial), pointer(states), pointer(d_states), pointer(d_inputs),
                 pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None, pointers(1), pointers(2),
