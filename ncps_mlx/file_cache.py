@@ -1,6 +1,6 @@
-"""Small files ncps_mlx writes once per machine and reuses: the BLAS shim (``linux_blas``) and
-the kernel-compiler script (``cpu_kernels``), under ``$XDG_CACHE_HOME/ncps_mlx`` (by default
-``~/.cache/ncps_mlx``), one folder per kind."""
+"""Small files ncps_mlx writes once per machine and reuses: the BLAS shim (``linux_blas``), the
+kernel-compiler script (``cpu_kernels``) and the built CPU kernels (``native``), under
+``$XDG_CACHE_HOME/ncps_mlx`` (by default ``~/.cache/ncps_mlx``), one folder per kind."""
 
 from __future__ import annotations
 

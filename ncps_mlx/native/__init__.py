@@ -13,7 +13,7 @@ batch, blocks on all cores:
   pure mode's backward pass, which stays MLX's.
 
 They compute the same functions as the MLX path (``rational.h`` is ``fastmath``'s tanh and
-sigmoid; gradients of the exact derivatives of their outputs), in another order of additions,
+sigmoid; gradients from the exact derivatives of their outputs), in another order of additions,
 and they are tested against it, against ncps.torch and against MLX's gradients
 (``tests/test_native.py``, ``tests/test_parity_torch.py``). Timespans get their true gradient,
 where MLX's compiled backward passes give them none.
