@@ -1,6 +1,6 @@
-"""The CPU kernels (ncps_mlx.native), the LTC's loop and a CfC's forward pass: the same outputs
-(and for the LTC gradients) as the MLX path, used where they apply and nowhere else, and a clean
-fall-back where they cannot be built."""
+"""The CPU kernels (ncps_mlx.native), the LTC's and the CfC's loops: the same outputs and
+gradients as the MLX path, their build of the rational tanh and sigmoid within fastmath's bounds,
+used where they apply and nowhere else, and a clean fall-back where they cannot be built."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import ncps_mlx
 from ncps_mlx import native, wirings
 
 applies = pytest.mark.skipif(
-    native.library() is None, reason=f"the LTC kernel does not apply here: {native.status()}"
+    native.library() is None, reason=f"the kernels do not apply here: {native.status()}"
 )
 
 
