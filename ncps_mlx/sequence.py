@@ -135,20 +135,22 @@ class SequenceModel(nn.Module):
                 cell_inputs = None
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = self.rnn_cell.project_input(x)
-            native = getattr(self.rnn_cell, "native_sequence", None)
-            if mode != "eager" and native is not None and cell_inputs is not None and not self.use_mixed:
+            run_kernel = getattr(self.rnn_cell, "native_sequence", None)
+            kernel = None
+            if mode != "eager" and run_kernel is not None and cell_inputs is not None and not self.use_mixed:
                 # A cell's whole loop in one CPU kernel (``ncps_mlx.native``), where it has one
                 # that applies; it returns None where not.
-                result = native(cell_inputs, h, ts, differentiable=mode == "differentiable")
-                if result is not None:
-                    y, states = result
-                    y = y if self.return_sequences else y[:, -1]
-                    return (self.fc(y) if self.fc is not None else y), states[:, -1], None
-            # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
-            prepared = self.rnn_cell.prepare()
-            lstm_prepared = self.lstm.prepare() if self.use_mixed else None
+                kernel = run_kernel(cell_inputs, h, ts, differentiable=mode == "differentiable")
+            if kernel is not None:
+                outs, states = kernel
+                y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
+                mode = "native"
+            else:
+                # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
+                prepared = self.rnn_cell.prepare()
+                lstm_prepared = self.lstm.prepare() if self.use_mixed else None
 
-            if mode != "eager":
+            if mode in ("compiled", "differentiable"):
                 fixed_leaves = []
                 fixed = stepping.flatten((parameters, prepared, lstm_prepared), fixed_leaves)
             if mode == "differentiable":
@@ -161,7 +163,7 @@ class SequenceModel(nn.Module):
             elif mode == "compiled":
                 y, h, c = self._steps().run_forward(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, x=x)
                 y = y if self.return_sequences else y[:, -1]
-            else:
+            elif mode == "eager":
 
                 def step(u, lstm_u, h, c, ts):
                     return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)

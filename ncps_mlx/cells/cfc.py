@@ -364,10 +364,7 @@ class CfCCell(nn.Module):
         for arrays that are not float32, where ``native.cfc_applies()`` is False, and in pure
         mode under a gradient (only MLX's path has that backward pass)."""
         weight, _ = self._first_layer()
-        arrays = (inputs, h, weight) + (() if ts is None else (ts,))
-        if differentiable and self.mode == "pure":  # the kernels' backward passes are the gated modes'
-            return None
-        if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
+        if not _kernel_applies(self.mode, differentiable, inputs, h, weight, ts):
             return None
         state_weight, ff_tanh = weight[:, self.input_size :], self.ff_activation == "tanh"
         pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
@@ -464,10 +461,7 @@ class WiredCfCCell(nn.Module):
         (outputs (B, T, F), every step's state (B, T, units)), views of one (T, units, B)
         array; None where the kernel does not apply (as there)."""
         first = self.layer_0
-        arrays = (inputs, h, first.ff1.weight) + (() if ts is None else (ts,))
-        if differentiable and first.mode == "pure":
-            return None
-        if any(a.dtype != mx.float32 for a in arrays) or not native.cfc_applies():
+        if not _kernel_applies(first.mode, differentiable, inputs, h, first.ff1.weight, ts):
             return None
         layers = []
         for i, layer in enumerate(self.layers):
@@ -558,6 +552,14 @@ class WiredCfCCell(nn.Module):
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
+
+
+def _kernel_applies(mode, differentiable, *arrays) -> bool:
+    """Whether ``native``'s CfC kernels run this loop: float32 arrays (None skipped), the kernels
+    applying here, and under a gradient a gated mode (their backward passes are those modes')."""
+    if differentiable and mode == "pure":
+        return False
+    return all(a.dtype == mx.float32 for a in arrays if a is not None) and native.cfc_applies()
 
 
 def _rows_times(jacobian, cotangent):

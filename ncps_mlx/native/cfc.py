@@ -26,6 +26,19 @@ class _CfCArguments(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _addresses(arrays):
+    """A C array of the data addresses of host arrays (NULL for None), for a pointer-array field."""
+    arrays = [None if a is None else a.ctypes.data for a in arrays]
+    return (ctypes.c_void_p * max(1, len(arrays)))(*arrays)
+
+
+def _over_columns(call, batch):
+    """``run_rows`` for the CfC kernels: each block of columns on one BLAS thread, or the batch
+    as one block where ``linux_blas`` cannot set the BLAS's thread count."""
+    with linux_blas.one_thread():
+        return run_rows(call, batch, None if linux_blas.can_set_threads() else 1)
+
+
 CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
 CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
 
@@ -56,7 +69,8 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
     arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
     key = (mode, activation, bool(ff_tanh), ts is not None, len(hidden))
-    if differentiable and mode != "pure":
+    if differentiable:
+        _check_gated(mode)
         return _cfc_function(*key)(*arrays)[0]
     return mx.array(_CfCRun(key, arrays).forward())
 
@@ -78,19 +92,10 @@ class _CfCRun:
         self.arguments = _CfCArguments(
             inputs.shape[2], inputs.shape[0], state_weight.shape[1], inputs.shape[1], n_hidden + 1, CFC_MODES[mode],
             CFC_ACTIVATIONS[activation], int(ff_tanh), head_weight.shape[0], pointer(inputs),
-            pointer(ts) if ts is not None else None, pointer(state_weight), self._pointers(w for w, _ in hidden),
-            self._pointers(b for _, b in hidden), pointer(head_weight), pointer(head_bias),
+            pointer(ts) if ts is not None else None, pointer(state_weight), _addresses(w for w, _ in hidden),
+            _addresses(b for _, b in hidden), pointer(head_weight), pointer(head_bias),
             *(pointer(a) if a is not None else None for a in pure), linux_blas.sgemm_address(),
         )  # fmt: skip
-
-    @staticmethod
-    def _pointers(arrays):
-        arrays = [a.ctypes.data for a in arrays]
-        return (ctypes.c_void_p * max(1, len(arrays)))(*arrays)
-
-    def _columns(self, call):
-        with linux_blas.one_thread():
-            return run_rows(call, self.shape[2], None if linux_blas.can_set_threads() else 1)
 
     def forward(self, keep=False):
         """Every step's state (T, H, B); with ``keep`` also the residuals that spare
@@ -104,7 +109,7 @@ class _CfCRun:
             library().cfc_forward(ctypes.byref(self.arguments), pointer(self.initial), pointer(states),
                                   pointer(residuals) if keep else None, first, last, pointer(scratch))  # fmt: skip
 
-        self._columns(columns)
+        _over_columns(columns, batch)
         return (states, residuals) if keep else states
 
     def residual_bytes(self) -> int:
@@ -130,12 +135,12 @@ class _CfCRun:
                 ctypes.byref(self.arguments), pointer(self.initial), pointer(states),
                 pointer(residuals) if residuals is not None else None, pointer(d_states),
                 pointer(d_inputs), pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None,
-                pointer(grads[0]), self._pointers(grads[3::2]), self._pointers(grads[4::2]), pointer(grads[1]),
+                pointer(grads[0]), _addresses(grads[3::2]), _addresses(grads[4::2]), pointer(grads[1]),
                 pointer(grads[2]), first, last, pointer(scratch),
             )  # fmt: skip
             return grads
 
-        parts = self._columns(columns)
+        parts = _over_columns(columns, batch)
         summed = [functools.reduce(np.add, grads) for grads in zip(*parts)]
         return [d_inputs, d_initial, d_timespans] + summed
 
@@ -203,6 +208,11 @@ class _WiredArguments(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _check_gated(mode):
+    if mode == "pure":
+        raise ValueError("The CfC kernels have no backward pass for pure mode: run it on MLX's path")
+
+
 def _by_step(timespans, steps, batch):
     """None, or timespans (0-d or (B, T, 1)) as a (T, B) array, the kernels' layout."""
     if timespans is None:
@@ -242,7 +252,8 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differen
     for i, (w, b, state_weight, tau, A) in enumerate(layers):
         arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
     key = (mode, bool(ff_tanh), ts is not None, len(layers))
-    if differentiable and mode != "pure":
+    if differentiable:
+        _check_gated(mode)
         return _wired_function(*key)(*arrays)
     return mx.array(_WiredRun(key, arrays).forward())
 
@@ -266,18 +277,11 @@ class _WiredRun:
         self.heads = [int(layer[2].shape[0]) for layer in layers]
         self.steps, self.batch = inputs.shape[0], inputs.shape[2]
 
-        def pointers(index):
-            return (ctypes.c_void_p * n_layers)(*[None if layer[index] is None else layer[index].ctypes.data for layer in layers])
-
         self.arguments = _WiredArguments(
             self.batch, self.steps, n_layers, CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * n_layers)(*self.sizes),
             (ctypes.c_int32 * n_layers)(*self.heads), pointer(inputs), pointer(ts) if ts is not None else None,
-            pointers(0), pointers(1), pointers(2), pointers(3), pointers(4), linux_blas.sgemm_address(),
+            *(_addresses(layer[i] for layer in layers) for i in range(5)), linux_blas.sgemm_address(),
         )  # fmt: skip
-
-    def _columns(self, call):
-        with linux_blas.one_thread():
-            return run_rows(call, self.batch, None if linux_blas.can_set_threads() else 1)
 
     def forward(self) -> np.ndarray:
         states = np.empty((self.steps, sum(self.sizes), self.batch), np.float32)
@@ -287,7 +291,7 @@ class _WiredRun:
             library().wired_cfc_forward(ctypes.byref(self.arguments), pointer(self.initial), pointer(states), first, last,
                                         pointer(scratch))  # fmt: skip
 
-        self._columns(columns)
+        _over_columns(columns, self.batch)
         return states
 
     def backward(self, states, d_states):
@@ -304,18 +308,15 @@ class _WiredRun:
             for i, (w, b, state_weight, _, _) in enumerate(self.layers):
                 grads.append([np.zeros_like(state_weight)] + ([np.zeros_like(w), np.zeros_like(b)] if i > 0 else [None, None]))
 
-            def pointers(index):
-                return (ctypes.c_void_p * len(grads))(*[None if g[index] is None else g[index].ctypes.data for g in grads])
-
             scratch = np.empty((4 * S + sum(self.heads) + max(self.heads) + 1) * (last - first), np.float32)
             library().wired_cfc_backward(
                 ctypes.byref(self.arguments), pointer(self.initial), pointer(states), pointer(d_states), pointer(d_inputs),
-                pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None, pointers(1), pointers(2),
-                pointers(0), first, last, pointer(scratch),
+                pointer(d_initial), pointer(d_timespans) if d_timespans is not None else None,
+                *(_addresses(g[i] for g in grads) for i in (1, 2, 0)), first, last, pointer(scratch),
             )  # fmt: skip
             return [g for layer in grads for g in layer if g is not None]
 
-        parts = self._columns(columns)
+        parts = _over_columns(columns, self.batch)
         return [d_inputs, d_initial, d_timespans] + [functools.reduce(np.add, grads) for grads in zip(*parts)]
 
 
