@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--verify", dest="verify", action="store_const", const=True, help="verify (the default; fail if the source framework is missing)")
     group.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip the parity check")
     convert.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    convert.add_argument(
+        "--module", metavar="NAME", help="with several ncps modules in SRC: the one to export to ONNX (a model file keeps all)"
+    )
     common(convert)
 
     inspect = sub.add_parser("inspect", help="print what SRC holds and what had to be assumed")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("src", metavar="SRC")
     verify.add_argument("out", metavar="OUT", help=".safetensors model file or .onnx")
     verify.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    verify.add_argument("--module", metavar="NAME", help="with several ncps modules in SRC: the one an ONNX OUT holds")
     common(verify)
     return parser
 
@@ -132,20 +136,30 @@ def _read(args, progress):
     return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
 
 
-def _write_model_file(model, path, source):
+def _write_model_file(checkpoint, models, path):
     from ncps_mlx import modelfile
 
-    modelfile.save(model, path, source=source)
+    modelfile.save_modules(models, path, source=checkpoint.source, other=checkpoint.other)
 
 
-def _write_onnx(model, path, source):
+def _write_onnx(checkpoint, models, path):
     from ncps_mlx.onnx_export import export_onnx
 
+    (model,) = models.values()
     export_onnx(model, path)
 
 
 # The table of writers, by the output's suffix.
 WRITERS = {".safetensors": _write_model_file, ".onnx": _write_onnx}
+
+
+def _modules_written(checkpoint, args, suffix) -> list[str]:
+    """A model file keeps every module; an ONNX file holds one (--module picks it)."""
+    if suffix == ".onnx":
+        return [checkpoint.module(getattr(args, "module", None)).source["module"]]
+    if getattr(args, "module", None) is not None:
+        raise UsageError("--module applies to ONNX output; a model file keeps every module")
+    return list(checkpoint.modules)
 
 
 def cmd_convert(args) -> int:
@@ -159,22 +173,33 @@ def cmd_convert(args) -> int:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
     if not out.parent.exists():
         raise UsageError(f"output folder {out.parent} does not exist")
-    description = _read(args, progress)
-    progress(f"Building {description.model_class} ({_size_line(description)})")
-    model = description.build()
+    checkpoint = _read(args, progress)
+    for note in checkpoint.notes:
+        progress(note[:1].upper() + note[1:])
+    names = _modules_written(checkpoint, args, out.suffix)
+    models = {}
+    for name in names:
+        description = checkpoint.modules[name]
+        progress(f"Building {_module_label(name)}{description.model_class} ({_size_line(description)})")
+        models[name] = description.build()
+    if checkpoint.other and out.suffix == ".safetensors":
+        groups = checkpoint.other_groups()
+        progress(f"Keeping {len(checkpoint.other)} other tensors as they are ({', '.join(groups)})")
 
     # Written next to the output under a hidden name, checked, then renamed: a failed
     # verification or an error never leaves a (partial) output file behind.
     partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
     try:
         progress(f"Writing {'ONNX' if out.suffix == '.onnx' else 'the model file'}")
-        WRITERS[out.suffix](model, partial, description.source)
+        WRITERS[out.suffix](checkpoint, models, partial)
         reports = []
         if args.verify is not False:
-            progress("Verifying")
-            reports = verify_output(
-                description, partial, atol=args.atol, require_source=bool(args.verify), progress=progress, model=model
-            )
+            for name in names:
+                progress(f"Verifying {_module_label(name)}".rstrip(": "))
+                reports += verify_output(
+                    checkpoint.modules[name], partial, atol=args.atol, require_source=bool(args.verify),
+                    progress=progress, model=models[name],
+                )
             for report in reports:
                 report.target = report.target.replace(partial.name, out.name)
         passed = all(r.passed for r in reports)
@@ -190,16 +215,23 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _module_label(name: str) -> str:
+    return f"module {name!r}: " if name else ""
+
+
 def cmd_verify(args) -> int:
     from .verify import verify_output
 
     progress = _progress(args)
-    description = _read(args, progress)
-    if Path(args.out).suffix not in WRITERS:
+    checkpoint = _read(args, progress)
+    out = Path(args.out)
+    if out.suffix not in WRITERS:
         raise UsageError(f"{args.out}: expected a {' or '.join(WRITERS)} file")
-    if not Path(args.out).exists():
+    if not out.exists():
         raise UsageError(f"{args.out}: no such file")
-    reports = verify_output(description, args.out, atol=args.atol, require_source=True, progress=progress)
+    reports = []
+    for name in _modules_written(checkpoint, args, out.suffix):
+        reports += verify_output(checkpoint.modules[name], out, atol=args.atol, require_source=True, progress=progress)
     _print_reports(args, reports)
     return 0 if all(r.passed for r in reports) else 1
 
@@ -234,28 +266,55 @@ def summarize(config) -> str:
 
 
 def cmd_inspect(args) -> int:
+    checkpoint = _read(args, _progress(args))
+    modules = [_module_info(name, description) for name, description in checkpoint.modules.items()]
+    other = {
+        group: {"tensors": len(names), "values": int(sum(checkpoint.other[n].size for n in names))}
+        for group, names in checkpoint.other_groups().items()
+    }
+    source = checkpoint.source
+    info = {
+        "file": source.get("file"),
+        "framework": source.get("framework"),
+        "format": source.get("format"),
+        "sha256": source.get("sha256"),
+        "notes": checkpoint.notes,
+        "modules": modules,
+        "other_tensors": other,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
+    print(f"framework    {info['framework']}, {info['format']}")
+    for note in checkpoint.notes:
+        print(f"note         {note}")
+    if len(modules) > 1 or modules[0]["name"]:
+        print(f"modules      {len(modules)} ncps module(s): {', '.join(m['name'] or repr('') for m in modules)}")
+    for entry in modules:
+        _print_module(entry)
+    for group, counts in other.items():
+        print(f"other        {group}.*: {counts['tensors']} tensors, {counts['values']:,} values (kept as they are)")
+    return 0
+
+
+def _module_info(name, description) -> dict:
     from mlx.utils import tree_flatten
 
     from .verify import input_size_of
 
-    description = _read(args, _progress(args))
     model = description.build()
     params = dict(tree_flatten(model.parameters()))
     trainable = dict(tree_flatten(model.trainable_parameters()))
     input_size = input_size_of(description.config)
     recurrent = [layer.model for layer in model.rnn_layers] if description.model_class == "Stack" else [model]
-    info = {
-        "file": description.source.get("file"),
-        "framework": description.source.get("framework"),
-        "format": description.source.get("format"),
-        "sha256": description.source.get("sha256"),
+    return {
+        "name": name,
         "model_class": description.model_class,
         "summary": summarize(description.config),
         "input_size": input_size,
         "output_size": _output_features(model, input_size),
-        "recurrent": [
-            {"class": type(m).__name__, "state_size": m.state_size, "wiring": _wiring_info(m)} for m in recurrent
-        ],
+        "recurrent": [{"class": type(m).__name__, "state_size": m.state_size, "wiring": _wiring_info(m)} for m in recurrent],
         "parameters": int(sum(v.size for v in trainable.values())),
         "fixed_arrays": int(sum(v.size for k, v in params.items() if k not in trainable)),
         "inferred": _plain(description.inferred),
@@ -263,16 +322,16 @@ def cmd_inspect(args) -> int:
         "defaulted": _plain(description.defaulted),
         "notes": description.notes,
     }
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
-    print(f"framework    {info['framework']}, {info['format']}")
-    if description.model_class == "Stack":
-        print(f"model        Stack: {info['summary']}; input {input_size}, output {info['output_size']}")
+
+
+def _print_module(info) -> None:
+    if info["name"]:
+        print(f"module       {info['name']!r}")
+    if info["model_class"] == "Stack":
+        print(f"model        Stack: {info['summary']}; input {info['input_size']}, output {info['output_size']}")
     else:
         state = info["recurrent"][0]["state_size"]
-        print(f"model        {info['model_class']}: input {input_size}, state {state}, output {info['output_size']}")
+        print(f"model        {info['model_class']}: input {info['input_size']}, state {state}, output {info['output_size']}")
     for entry in info["recurrent"]:
         wiring = entry["wiring"]
         if wiring:
@@ -283,7 +342,7 @@ def cmd_inspect(args) -> int:
             )
         else:
             text = "none (fully connected CfC)"
-        print(f"wiring       {text}" + (f" ({entry['class']} layer)" if description.model_class == "Stack" else ""))
+        print(f"wiring       {text}" + (f" ({entry['class']} layer)" if info["model_class"] == "Stack" else ""))
     print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} in fixed masks")
     for title, key in (("inferred", "inferred"), ("from config", "from_config"), ("defaulted", "defaulted")):
         values = info[key]
@@ -291,7 +350,6 @@ def cmd_inspect(args) -> int:
         print(f"{title:<12} {text}")
     for note in info["notes"]:
         print(f"note         {note}")
-    return 0
 
 
 def _output_features(model, input_size: int) -> int:

@@ -1,5 +1,11 @@
 """The neutral description every reader produces and every writer consumes.
 
+A reader returns a ``Checkpoint``: what one file holds, as a set of named modules (each a
+``Description``) plus every other tensor of the file, kept under its checkpoint name. A bare
+ncps layer is one module named ``""``; a user's torch wrapper with ``self.seq_model = CfC(...)``
+beside a static encoder and a head is a module ``"seq_model"`` and the tensor groups
+``static_net.*`` and ``head.*``; a Keras model is one module (its whole graph).
+
 A ``Description`` is a model config (``ncps_mlx.model_from_config`` input: ``{"class": ...,
 constructor arguments}``, a wiring as ``ncps_mlx.wirings.describe`` writes it) plus named float32
 arrays in ncps_mlx's names and layout, plus provenance and a record of where each config value
@@ -34,6 +40,8 @@ class Description:
     given: dict = field(default_factory=dict)  # config values from the user's config
     defaulted: dict = field(default_factory=dict)  # reference defaults, for what neither tells
     notes: list[str] = field(default_factory=list)
+    # The module's tensors as the source framework names them, for running the source.
+    source_arrays: dict = field(default_factory=dict, repr=False)
 
     @property
     def model_class(self) -> str:
@@ -56,6 +64,29 @@ class Description:
         model.load_weights([(k, mx.array(np.ascontiguousarray(v))) for k, v in self.arrays.items()], strict=True)
         model.eval()
         return model
+
+
+@dataclass
+class Checkpoint:
+    """One file's content: ``modules`` by name ("" for a bare layer), ``other`` tensors (of no
+    ncps module, under the checkpoint's own names), provenance, and notes on what was done."""
+
+    modules: dict[str, Description]
+    source: dict
+    other: dict[str, np.ndarray] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def module(self, name: str | None = None) -> Description:
+        """The module called ``name``; with ``None``, the only one (an error if there are several)."""
+        where = self.source.get("file", "the checkpoint")
+        return self.modules[modelfile.pick_module(list(self.modules), name, where, error=ConversionError)]
+
+    def other_groups(self) -> dict[str, list[str]]:
+        """The other tensors by their first name component (``head.0.weight`` -> ``head``)."""
+        groups: dict[str, list[str]] = {}
+        for name in self.other:
+            groups.setdefault(name.split(".", 1)[0], []).append(name)
+        return groups
 
 
 def sha256_of(path) -> str:

@@ -31,6 +31,7 @@ from ncps_mlx import wirings
 
 from . import formats
 from .description import (
+    Checkpoint,
     ConversionError,
     Description,
     cfc_layer_masks,
@@ -59,7 +60,7 @@ def sniff(path: Path) -> bool:
     return kind == "hdf5"
 
 
-def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
     """``config`` (from --config) is needed only for weights-only .h5 files: the Keras model
     config (``{"class_name": "Sequential", "config": {"layers": [...]}}``, as ``model.to_json()``
     writes it, or the same written by hand). Any file also accepts ``{"wirings": {layer name:
@@ -113,7 +114,7 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
     for index, (spec, layer_arrays) in enumerate(_convert_layers(layers, weights, wiring_overrides)):
         specs.append(spec)
         arrays.update({f"layers.{index}.{k}": v for k, v in layer_arrays.items()})
-    return Description(
+    description = Description(
         config={"class": "Stack", "layers": specs},
         arrays=arrays,
         source={
@@ -125,8 +126,10 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
             "keras_layers": [_source_layer(layer, spec) for layer, spec in zip(layers, specs)],
             "keras_input_shape": _input_shape(model_config),
             "full_model": model_config is not config,
+            "module": "",
         },
     )
+    return Checkpoint(modules={"": description}, source={k: description.source[k] for k in ("reader", "framework", "format", "file", "sha256")})
 
 
 def _input_shape(model_config: dict):

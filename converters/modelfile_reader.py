@@ -9,7 +9,7 @@ import numpy as np
 from ncps_mlx import modelfile
 
 from . import formats
-from .description import ConversionError, Description, sha256_of
+from .description import Checkpoint, ConversionError, Description, sha256_of
 
 NAME = "ncps_mlx"
 SUFFIXES = (".safetensors",)
@@ -22,20 +22,28 @@ def sniff(path: Path) -> bool:
     return metadata.get("format") == modelfile.FORMAT
 
 
-def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
     if config:
         raise ConversionError(f"{path} is an ncps-mlx model file and describes itself; --config does not apply")
     try:
         metadata = modelfile.read_metadata(path)
-        model = modelfile.load(path)
+        modelfile.load_modules(path)  # checks that the tensors match the configs
     except modelfile.ModelFileError as error:
         raise ConversionError(str(error)) from None
     arrays = {k: np.array(v) for k, v in formats.read_safetensors(Path(path)).items()}
     source = {"reader": NAME, "framework": "ncps_mlx", "format": "ncps-mlx model file", "file": str(path), "sha256": sha256_of(path)}
     origin = metadata.get("source") or {}
     notes = [f"converted earlier from {origin.get('framework')} file {origin.get('file')}"] if origin else []
-    del model  # loading it checked that the tensors match the config
-    return Description(config=metadata["config"], arrays=arrays, source=source, given=metadata["config"], notes=notes)
+    others = set(metadata["other_tensors"])
+    names = list(metadata["modules"])
+    modules = {}
+    for name, module_config in metadata["modules"].items():
+        start = len(name) + 1 if name else 0
+        own = {k[start:]: v for k, v in arrays.items() if k not in others and modelfile.owner_of(k, names) == name}
+        modules[name] = Description(
+            config=module_config, arrays=own, source={**source, "module": name}, given=module_config, notes=notes
+        )
+    return Checkpoint(modules=modules, source=source, other={k: arrays[k] for k in others}, notes=notes)
 
 
 def run_source(description: Description):

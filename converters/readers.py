@@ -1,7 +1,7 @@
 """The table of readers: one module per source format, found by name (``*_reader.py``).
 
 A reader module has ``NAME``, ``SUFFIXES``, ``sniff(path) -> bool`` (recognise the file by its
-bytes) and ``read(path, config=None, trust_pickle=False) -> Description``. Adding a format is
+bytes) and ``read(path, config=None, trust_pickle=False) -> Checkpoint``. Adding a format is
 adding one such file to this package.
 """
 
@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-from .description import ConversionError, Description
+from .description import Checkpoint, ConversionError
 
 
 def reader_modules():
@@ -22,8 +22,8 @@ def reader_modules():
     return [importlib.import_module(f"{__package__}.{name}") for name in names]
 
 
-def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
-    """Find the reader for ``path`` and read it into a Description."""
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """Find the reader for ``path`` and read it into a Checkpoint."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or directory")

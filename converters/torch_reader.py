@@ -1,5 +1,14 @@
-"""Reader for ``ncps.torch`` checkpoints: state dicts (.pt/.pth, or .safetensors), and whole
-pickled modules (``torch.save(model)``) only with an explicit opt-in.
+"""Reader for ``ncps.torch`` checkpoints: state dicts (.pt/.pth, or .safetensors) in the
+containers people save them in, and whole pickled modules (``torch.save(model)``) only with an
+explicit opt-in.
+
+Containers: a bare state dict; a dict with it under ``state_dict`` (Lightning ``.ckpt``, with
+``hyper_parameters`` beside it), ``model_state_dict``, ``model`` or ``net`` (training dicts, with
+optimizer states and epochs beside it). ``module.`` (DataParallel) and ``_orig_mod.``
+(``torch.compile``) prefixes are stripped. Every ncps module is found by its key pattern
+(``<prefix>rnn_cell.ff1.weight``, ``<prefix>rnn_cell.layer_0.ff1.weight``, ``<prefix>rnn_cell.gleak``)
+whatever its prefix, and becomes one module named after the prefix (``seq_model`` for
+``seq_model.rnn_cell...``, ``""`` for a bare layer); every other tensor is kept as it is.
 
 Our parameter names mirror ``ncps.torch``'s state-dict keys and torch's ``nn.Linear`` layout
 (out, in) is MLX's, so arrays carry over unchanged, with one renaming: torch's CfC backbone is
@@ -26,6 +35,7 @@ from ncps_mlx import wirings
 from . import formats
 from .verify import SourceUnavailable, named_results
 from .description import (
+    Checkpoint,
     ConversionError,
     Description,
     reference_wiring,
@@ -39,6 +49,11 @@ NAME = "torch"
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 _BACKBONE = re.compile(r"^(.*\bbackbone)\.(\d+)\.(weight|bias)$")
+# A key that marks an ncps.torch CfC or LTC module: the group before it is the module's name.
+_MODULE_MARK = re.compile(r"^(.*?)rnn_cell\.(?:ff1\.weight|layer_0\.ff1\.weight|gleak)$")
+# The submodules of an ncps.torch CfC / LTC: its cell, the mixed-memory LSTM, the projection.
+_MODULE_PART = re.compile(r"^(?:rnn_cell|lstm|fc)\.")
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _LAYER = re.compile(r"^rnn_cell\.layer_(\d+)\.")
 
 PICKLE_REFUSED = (
@@ -57,7 +72,7 @@ def sniff(path: Path) -> bool:
     if kind == "safetensors":
         header = formats.safetensors_header(path)
         metadata = header.get("__metadata__", {}) or {}
-        return metadata.get("format") != "ncps_mlx" and any(k.startswith("rnn_cell.") for k in header)
+        return metadata.get("format") != "ncps_mlx" and any(_MODULE_MARK.match(k) for k in header)
     return False
 
 
@@ -79,22 +94,72 @@ def rename_torch_keys(state_dict: dict) -> dict[str, np.ndarray]:
     return renamed
 
 
-def read(path, config: dict | None = None, trust_pickle: bool = False) -> Description:
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
     path = Path(path)
-    state_dict, module_config, file_format = _load(path, trust_pickle)
-    arrays = rename_torch_keys(state_dict)
-    given = {**module_config, **(config or {})}
-    where = "the module" if module_config and not config else "the config"
-    family, inferred, notes = infer(arrays, given, where)
-    resolved, given_used, defaulted = resolve_config(family, inferred, given, where)
-    return Description(
-        config=resolved,
-        arrays=arrays,
-        source={"reader": NAME, "framework": "torch", "format": file_format, "file": str(path), "sha256": sha256_of(path)},
-        inferred=inferred,
-        given=given_used,
-        defaulted=defaulted,
-        notes=notes,
+    state_dict, module_config, file_format, notes = _load(path, trust_pickle)
+    source = {"reader": NAME, "framework": "torch", "format": file_format, "file": str(path), "sha256": sha256_of(path)}
+    groups, other = split_modules(state_dict)
+    if not groups:
+        sample = ", ".join(sorted(state_dict)[:4])
+        raise ConversionError(
+            f"{path}: this is not an ncps CfC or LTC checkpoint: no key ends in rnn_cell.ff1.weight / "
+            f"rnn_cell.layer_0.ff1.weight (CfC) or rnn_cell.gleak (LTC) (its keys are e.g. {sample})"
+        )
+    configs = _configs_per_module(config, list(groups), path)
+    modules = {}
+    for name, tensors in groups.items():
+        given = {**(module_config if name == "" else {}), **configs.get(name, {})}
+        where = "the module" if module_config and not configs.get(name) else "the config"
+        arrays = rename_torch_keys(tensors)
+        try:
+            family, inferred, module_notes = infer(arrays, given, where)
+            resolved, given_used, defaulted = resolve_config(family, inferred, given, where)
+        except ConversionError as error:
+            raise ConversionError(f"module {name!r}: {error}" if name else str(error)) from None
+        modules[name] = Description(
+            config=resolved,
+            arrays=arrays,
+            source={**source, "module": name},
+            inferred=inferred,
+            given=given_used,
+            defaulted=defaulted,
+            notes=module_notes,
+            source_arrays=tensors,
+        )
+    return Checkpoint(modules=modules, source=source, other={k: _to_numpy(v) for k, v in other.items()}, notes=notes)
+
+
+def split_modules(state_dict: dict) -> tuple[dict, dict]:
+    """({module name: its tensors, keys without the prefix}, {other key: tensor}).
+
+    A key belongs to the module with the longest prefix under which it is one of an ncps
+    module's parts (``rnn_cell.``, ``lstm.``, ``fc.``)."""
+    found = list(dict.fromkeys(m.group(1) for key in state_dict if (m := _MODULE_MARK.match(key))))
+    groups: dict[str, dict] = {prefix[:-1]: {} for prefix in found}  # in the checkpoint's order
+    prefixes = sorted(found, key=len, reverse=True)
+    other = {}
+    for key, value in state_dict.items():
+        owner = next((p for p in prefixes if key.startswith(p) and _MODULE_PART.match(key[len(p):])), None)
+        if owner is None:
+            other[key] = value
+        else:
+            groups[owner[:-1]][key[len(owner):]] = value
+    return groups, other
+
+
+def _configs_per_module(config, names, path) -> dict:
+    """--config as {module name: constructor arguments}. A flat config (constructor arguments)
+    applies when the checkpoint has one module."""
+    if not config:
+        return {}
+    if names != [""] and set(config) <= set(names) and all(isinstance(v, dict) for v in config.values()):
+        return config
+    if len(names) == 1:
+        return {names[0]: config}
+    unknown = sorted(set(config) - set(names))
+    raise ConversionError(
+        f"{path} holds {len(names)} ncps modules ({', '.join(repr(n) for n in names)}); give --config as "
+        f"{{module name: constructor arguments}} (it names {unknown[:3]}, which are not modules here)"
     )
 
 
@@ -102,10 +167,12 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Descri
 
 
 def _load(path: Path, trust_pickle: bool):
-    """(state dict of numpy arrays or tensors, config read from a pickled module, format name)."""
+    """(state dict of numpy arrays or tensors, config read from a pickled module, format name,
+    notes on the container and the prefixes stripped)."""
     kind = formats.kind_of(path)
     if kind == "safetensors":
-        return formats.read_safetensors(path), {}, "safetensors state dict"
+        state_dict, notes = strip_wrapper_prefixes(formats.read_safetensors(path))
+        return state_dict, {}, "safetensors state dict", notes
     torch = _import_torch(path)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -127,21 +194,45 @@ def _load(path: Path, trust_pickle: bool):
     if isinstance(obj, torch.nn.Module):
         module_config = config_from_module(obj, path)
         obj = obj.state_dict()
-    obj = _unwrap(obj)
+    obj, file_format = _unwrap(obj, file_format)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
         raise ConversionError(
-            f"{path}: not a state dict (a mapping of parameter names to tensors); found {type(obj).__name__}"
+            f"{path}: not a state dict (a mapping of parameter names to tensors), nor one under "
+            f"{', '.join(CONTAINER_KEYS)}; found {found}"
         )
-    return obj, module_config, file_format
+    state_dict, notes = strip_wrapper_prefixes(obj)
+    return state_dict, module_config, file_format, notes
 
 
-def _unwrap(obj):
-    """Training checkpoints often nest the state dict: {"state_dict": ...} or {"model_state_dict": ...}."""
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-    return obj
+def _unwrap(obj, file_format):
+    """The state dict inside a training checkpoint, and the container's name."""
+    if not isinstance(obj, dict) or all(hasattr(v, "shape") for v in obj.values()):
+        return obj, file_format
+    for key in CONTAINER_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            if key == "state_dict" and ("pytorch-lightning_version" in obj or "hyper_parameters" in obj):
+                hparams = obj.get("hyper_parameters") or {}
+                shown = ", ".join(f"{k}={v!r}" for k, v in list(hparams.items())[:8] if isinstance(v, (int, float, str, bool)))
+                return obj[key], "Lightning checkpoint" + (f" (hyper_parameters: {shown})" if shown else "")
+            return obj[key], f"training checkpoint (its {key!r} entry)"
+    return obj, file_format
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> tuple[dict, list[str]]:
+    """The state dict without the ``module.`` prefix DataParallel adds and the ``_orig_mod.``
+    torch.compile adds (wherever a compiled submodule sits); notes say what was stripped."""
+    stripped, notes = dict(state_dict), []
+    while stripped and all(k.startswith("module.") for k in stripped):
+        stripped = {k[len("module."):]: v for k, v in stripped.items()}
+        notes.append("stripped the 'module.' prefix (DataParallel / DistributedDataParallel)")
+    if any(k.startswith("_orig_mod.") or "._orig_mod." in k for k in stripped):
+        renamed = {re.sub(r"(^|\.)_orig_mod\.", r"\1", k): v for k, v in stripped.items()}
+        if len(renamed) != len(stripped):
+            raise ConversionError("stripping '_orig_mod.' (torch.compile) would give two tensors the same name")
+        stripped = renamed
+        notes.append("stripped the '_orig_mod.' prefix (torch.compile)")
+    return stripped, notes
 
 
 def _import_torch(path):
@@ -418,10 +509,10 @@ def run_source(description: Description):
     if name == "LTC":
         config.pop("proj_size", None)
     module = getattr(ncps_torch, name)(**config)
-    # A pickled module was only read if the user opted in (--trust-pickle); run it the same way.
-    trusted = description.source.get("format") == "pickled torch module"
-    state_dict, _, _ = _load(Path(description.source["file"]), trust_pickle=trusted)
-    state_dict = {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+    # The module's own tensors as the checkpoint has them (torch names), loaded strictly.
+    state_dict = {
+        k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for k, v in description.source_arrays.items()
+    }
     module.load_state_dict(state_dict, strict=True)
     module.eval()
 

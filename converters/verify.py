@@ -171,7 +171,8 @@ def _compare(case, tensor, expected, got, atol) -> Check:
 
 def _source_name(description: Description) -> str:
     source = description.source
-    return f"{source.get('framework')} ({source.get('file')})"
+    module = f", module {source['module']}" if source.get("module") else ""
+    return f"{source.get('framework')} ({source.get('file')}{module})"
 
 
 def mlx_runner(model):
@@ -290,15 +291,19 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
         _check_onnx_matches(path, description, model)
         target, target_name, case_list = onnx_runner(path), f"onnxruntime ({path.name})", cases(description, unbatched=False)
     else:
+        name = description.source.get("module")
         try:
-            loaded = modelfile.load(path)
+            names = list(modelfile.read_metadata(path)["modules"])
+            # A file holding one module answers for the source's module of any name.
+            loaded = modelfile.load(path, module=None if len(names) == 1 else name)
         except modelfile.ModelFileError as error:
             raise ConversionError(str(error)) from None
         if loaded.get_config().get("class") != description.model_class:
             raise ConversionError(
                 f"{path} holds a {loaded.get_config().get('class')} but the source holds a {description.model_class}"
             )
-        target, target_name, case_list = mlx_runner(loaded), f"ncps_mlx ({path.name})", cases(description)
+        label = f"{path.name}, module {name}" if name else path.name
+        target, target_name, case_list = mlx_runner(loaded), f"ncps_mlx ({label})", cases(description)
 
     reports = []
     try:

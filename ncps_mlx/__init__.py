@@ -14,9 +14,10 @@ cpu_kernels.enable()
 
 from . import native, wirings  # noqa: E402
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LSTMCell, LTCCell, WiredCfCCell  # noqa: E402
-from .modelfile import ModelFileError, load, save  # noqa: E402
+from .modelfile import ModelFileError, load, load_modules, save, save_modules  # noqa: E402
 from .models import CTGRU, CTRNN, LTC, CfC, model_from_config  # noqa: E402
 from .onnx_export import export_onnx  # noqa: E402
+from .port import load_weights  # noqa: E402
 from .sequence import SequenceModel  # noqa: E402
 from .stack import Stack  # noqa: E402
 
@@ -41,6 +42,9 @@ __all__ = [
     "model_from_config",
     "save",
     "load",
+    "load_modules",
+    "save_modules",
+    "load_weights",
     "ModelFileError",
     "export_onnx",
     "Stack",

@@ -1,12 +1,18 @@
-"""Self-describing model files: ``save(model, path)`` and ``load(path)``.
+"""Self-describing model files: ``save(model, path)``, ``save_modules(...)`` and ``load(path)``.
 
-A model file is a plain ``.safetensors`` file: the model's parameters under their MLX names
-(so ``model.load_weights(path)`` works on it) plus string metadata:
+A model file is a plain ``.safetensors`` file holding one or more named modules and, from a
+converted checkpoint, every other tensor it had. Tensors: each module's parameters under its
+MLX names prefixed by the module's name (none for a module named ``""``, so for a single model
+``model.load_weights(path)`` works on the file), and the other tensors under the checkpoint's
+own names. String metadata:
 
-* ``format``: ``"ncps_mlx"``, ``format_version``: ``"1"``, ``ncps_mlx_version``;
-* ``model_class`` and ``config``: the constructor arguments as JSON, a wiring with its exact
-  adjacency matrices and layers (no seed needed to rebuild it);
+* ``format``: ``"ncps_mlx"``, ``format_version``: ``"2"``, ``ncps_mlx_version``;
+* ``modules``: JSON ``{name: config}``, each config the constructor arguments, a wiring with its
+  exact adjacency matrices and layers (no seed needed to rebuild it);
+* ``other_tensors``: JSON list of the names that belong to no module (e.g. ``head.0.weight``);
 * ``source``: JSON provenance, e.g. ``{"framework": "torch", "file": "x.pt", "sha256": ...}``.
+
+Version 1 files (one model: ``model_class`` and ``config``) still load.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 FORMAT = "ncps_mlx"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
 
 class ModelFileError(ValueError):
@@ -29,23 +36,60 @@ class ModelFileError(ValueError):
 
 def save(model, path, source: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (.safetensors) atomically: a temporary file, then a rename."""
+    return save_modules({"": model}, path, source=source)
+
+
+def save_modules(modules: dict, path, source: dict | None = None, other: dict | None = None) -> Path:
+    """Write named modules (``{"": model}`` for one) and ``other`` tensors (name -> array) to
+    ``path`` atomically."""
     from . import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"Model files end in .safetensors; got {path.name}")
-    config = model.get_config()
+    if not modules:
+        raise ValueError("save_modules needs at least one module")
+    arrays = {}
+    for name, model in modules.items():
+        arrays.update({_prefixed(name, k): v for k, v in tree_flatten(model.parameters())})
+    other = other or {}
+    clashing = sorted(set(other) & set(arrays))
+    if clashing:
+        raise ValueError(f"other tensors {clashing[:5]} have the names of module parameters")
+    arrays.update({k: mx.array(v) for k, v in other.items()})
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "ncps_mlx_version": __version__,
-        "model_class": config["class"],
-        "config": json.dumps(config),
+        "modules": json.dumps({name: model.get_config() for name, model in modules.items()}),
+        "other_tensors": json.dumps(sorted(other)),
         "source": json.dumps(source or {}),
     }
-    arrays = dict(tree_flatten(model.parameters()))
     write_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata))
     return path
+
+
+def _prefixed(module: str, key: str) -> str:
+    return f"{module}.{key}" if module else key
+
+
+def owner_of(key: str, module_names) -> str:
+    """The module a tensor name belongs to: the longest module name that prefixes it."""
+    owners = [name for name in module_names if name and key.startswith(name + ".")]
+    return max(owners, key=len) if owners else ""
+
+
+def pick_module(names: list, name, where, error=None) -> str:
+    """``name`` if it is one of ``names``; with ``None``, the only name. Errors list the choices."""
+    error = error or ModelFileError
+    shown = ", ".join(repr(n) for n in names)
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        raise error(f"{where} holds {len(names)} ncps modules ({shown}); choose one with module=NAME (--module NAME)")
+    if name not in names:
+        raise error(f"{where} has no ncps module {name!r}; it holds {shown}")
+    return name
 
 
 def write_atomically(path: Path, write) -> None:
@@ -65,23 +109,46 @@ def write_atomically(path: Path, write) -> None:
 
 
 def read_metadata(path) -> dict:
-    """The decoded metadata of a model file: format fields, ``config`` and ``source`` as dicts."""
+    """The decoded metadata of a model file: format fields, ``modules``, ``other_tensors`` and
+    ``source`` decoded from JSON."""
     _, metadata = _read(path)
     return _decode(path, metadata)
 
 
-def load(path):
-    """Rebuild the model saved in ``path``; returned in eval mode (call ``.train()`` to train)."""
-    from .models import model_from_config
+def load(path, module: str | None = None):
+    """Rebuild the model saved in ``path``; returned in eval mode (call ``.train()`` to train).
 
+    A file with several ncps modules (a converted wrapper with an encoder and a decoder) needs
+    ``module="NAME"``; an unknown name is an error listing the file's modules.
+    """
     arrays, metadata = _read(path)
     metadata = _decode(path, metadata)
+    name = pick_module(list(metadata["modules"]), module, path)
+    return _build(path, name, metadata, arrays)
+
+
+def load_modules(path) -> tuple[dict, dict]:
+    """({name: model} for every module of the file, {name: array} for its other tensors)."""
+    arrays, metadata = _read(path)
+    metadata = _decode(path, metadata)
+    models = {name: _build(path, name, metadata, arrays) for name in metadata["modules"]}
+    return models, {k: arrays[k] for k in metadata["other_tensors"]}
+
+
+def _build(path, name, metadata, arrays):
+    from .models import model_from_config
+
+    where = f"{path}" + (f" (module {name!r})" if name else "")
     try:
-        model = model_from_config(metadata["config"])
-    except ValueError as error:
-        raise ModelFileError(f"{path}: the config in its metadata is invalid: {error}") from None
-    check_arrays(model, arrays, where=str(path))
-    model.load_weights(list(arrays.items()), strict=True)
+        model = model_from_config(metadata["modules"][name])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelFileError(f"{where}: the config in its metadata is invalid: {error}") from None
+    others = set(metadata["other_tensors"])
+    names = list(metadata["modules"])
+    start = len(name) + 1 if name else 0
+    own = {k[start:]: v for k, v in arrays.items() if k not in others and owner_of(k, names) == name}
+    check_arrays(model, own, where=where)
+    model.load_weights(list(own.items()), strict=True)
     model.eval()
     return model
 
@@ -125,14 +192,23 @@ def _decode(path, metadata: dict) -> dict:
             f"{path}: no ncps_mlx metadata, so this is not an ncps-mlx model file. A bare weights file "
             "loads with model.load_weights(); a reference checkpoint converts with ncps-convert."
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model file format version {metadata.get('format_version')!r} is not supported")
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise ModelFileError(f"{path}: model file format version {version!r} is not supported (this ncps-mlx reads {', '.join(READABLE_VERSIONS)})")
     decoded = dict(metadata)
-    for key in ("config", "source"):
+    keys = ("config", "source") if version == "1" else ("modules", "other_tensors", "source")
+    for key in keys:
         try:
             decoded[key] = json.loads(metadata.get(key, ""))
         except json.JSONDecodeError:
             raise ModelFileError(f"{path}: its '{key}' metadata is not valid JSON") from None
-    if not isinstance(decoded["config"], dict) or decoded["config"].get("class") != metadata.get("model_class"):
-        raise ModelFileError(f"{path}: metadata model_class and config disagree")
+    if version == "1":
+        if not isinstance(decoded["config"], dict) or decoded["config"].get("class") != metadata.get("model_class"):
+            raise ModelFileError(f"{path}: metadata model_class and config disagree")
+        decoded["modules"], decoded["other_tensors"] = {"": decoded.pop("config")}, []
+    modules, other = decoded["modules"], decoded["other_tensors"]
+    if not isinstance(modules, dict) or not modules or not all(isinstance(c, dict) and "class" in c for c in modules.values()):
+        raise ModelFileError(f"{path}: its 'modules' metadata is not a mapping of module names to configs")
+    if not isinstance(other, list) or not all(isinstance(n, str) for n in other):
+        raise ModelFileError(f"{path}: its 'other_tensors' metadata is not a list of tensor names")
     return decoded

@@ -80,8 +80,8 @@ def test_inspect(tmp_path):
     assert "model        LTC: input 4, state 9, output 2" in text
     assert "wiring       NCP: neurons per layer 4 / 3 / 2" in text
     assert "defaulted" in text and "ode_unfolds=6" in text
-    info = json.loads(cli("inspect", FIXTURES / "cfc_default.pt", "--json").stdout)
-    assert info["inferred"]["units"] == 8 and info["inferred"]["backbone_units"] == 16
+    (info,) = json.loads(cli("inspect", FIXTURES / "cfc_default.pt", "--json").stdout)["modules"]
+    assert info["name"] == "" and info["inferred"]["units"] == 8 and info["inferred"]["backbone_units"] == 16
     assert info["defaulted"]["mode"] == "default" and info["recurrent"] == [{"class": "CfC", "state_size": 8, "wiring": None}]
     assert info["parameters"] > 0
 

@@ -59,14 +59,14 @@ def test_fixture_safetensors_without_torch(name, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` now fails
-    description = readers.read(FIXTURES / f"{name}.safetensors", config=fixture_config(name))
+    description = readers.read(FIXTURES / f"{name}.safetensors", config=fixture_config(name)).module()
     check_against_npz(description.build(), name)
 
 
 @pytest.mark.skipif(not has_torch(), reason="reading .pt files needs torch")
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_pt(name):
-    description = readers.read(FIXTURES / f"{name}.pt", config=fixture_config(name))
+    description = readers.read(FIXTURES / f"{name}.pt", config=fixture_config(name)).module()
     assert description.source["framework"] == "torch"
     check_against_npz(description.build(), name)
 
@@ -75,7 +75,7 @@ def test_fixture_pt(name):
 def test_pickled_module_needs_opt_in_and_then_needs_no_config():
     with pytest.raises(ConversionError, match="--trust-pickle"):
         readers.read(FIXTURES / "cfc_module.pt")
-    description = readers.read(FIXTURES / "cfc_module.pt", trust_pickle=True)
+    description = readers.read(FIXTURES / "cfc_module.pt", trust_pickle=True).module()
     assert description.config["activation"] == "silu"  # read off the module, not defaulted
     assert "activation" not in description.defaulted
     check_against_npz(description.build(), "cfc_backbone2_silu")
@@ -99,8 +99,8 @@ def test_config_that_contradicts_the_weights():
 
 
 def test_wiring_inferred_without_config_equals_configured_one():
-    plain = readers.read(FIXTURES / "cfc_autoncp.safetensors").build()
-    configured = readers.read(FIXTURES / "cfc_autoncp.safetensors", config=fixture_config("cfc_autoncp")).build()
+    plain = readers.read(FIXTURES / "cfc_autoncp.safetensors").module().build()
+    configured = readers.read(FIXTURES / "cfc_autoncp.safetensors", config=fixture_config("cfc_autoncp")).module().build()
     assert type(configured.wiring).__name__ == "AutoNCP" and type(plain.wiring).__name__ == "Wiring"
     x = mx.random.normal((2, 5, 4))
     assert float(mx.max(mx.abs(plain(x)[0] - configured(x)[0]))) == 0.0
@@ -115,7 +115,7 @@ def test_ltc_output_mapping_none_needs_the_wiring_when_sparse(tmp_path):
     with pytest.raises(ConversionError, match="motor \\(output\\) neurons is not in this checkpoint"):
         readers.read(path)
     config = {**fixture_config("ltc_ncp"), "output_mapping": None}
-    assert readers.read(path, config=config).build().output_size == 2
+    assert readers.read(path, config=config).module().build().output_size == 2
 
 
 # --- a generated matrix against live ncps.torch ----------------------------------------------
@@ -169,7 +169,7 @@ def test_live_matrix(case, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     config = {"class": family, "units": units_config, **kwargs}
-    converted = readers.read(path, config=config).build()
+    converted = readers.read(path, config=config).module().build()
 
     rng = np.random.default_rng(case)
     batch_first = kwargs.get("batch_first", True)
@@ -235,10 +235,11 @@ def test_save_load_round_trip_is_exact(kind, tmp_path):
 def test_model_file_metadata(tmp_path):
     path = ncps_mlx.save(ncps_mlx.CfC(4, 8), tmp_path / "m.safetensors", source={"framework": "torch", "sha256": "ab"})
     meta = ncps_mlx.modelfile.read_metadata(path)
-    assert meta["format"] == "ncps_mlx" and meta["model_class"] == "CfC"
+    assert meta["format"] == "ncps_mlx" and meta["format_version"] == "2"
     assert meta["ncps_mlx_version"] == ncps_mlx.__version__
     assert meta["source"] == {"framework": "torch", "sha256": "ab"}
-    assert meta["config"]["units"] == 8
+    assert meta["modules"][""]["class"] == "CfC" and meta["modules"][""]["units"] == 8
+    assert meta["other_tensors"] == []
 
 
 def test_model_file_errors(tmp_path):
@@ -256,7 +257,7 @@ def test_model_file_errors(tmp_path):
     mx.save_safetensors(str(bad), arrays, metadata)
     with pytest.raises(ncps_mlx.ModelFileError, match=r"missing tensors \[rnn_cell.ff1.bias\].*unexpected tensors \[extra\]"):
         ncps_mlx.load(bad)
-    wrong = dict(metadata, config=json.dumps({**json.loads(metadata["config"]), "units": 9}))
+    wrong = dict(metadata, modules=json.dumps({"": {**json.loads(metadata["modules"])[""], "units": 9}}))
     mx.save_safetensors(str(bad), dict(mx.load(str(good))), wrong)
     with pytest.raises(ncps_mlx.ModelFileError, match="wrong shapes"):
         ncps_mlx.load(bad)

@@ -70,7 +70,7 @@ def test_fixture_converts_to_the_same_function(npz, monkeypatch):
     else:
         for name in ("tensorflow", "keras", "tf_keras"):
             monkeypatch.setitem(sys.modules, name, None)
-    description = readers.read(source_of(npz), config=config_of(npz))
+    description = readers.read(source_of(npz), config=config_of(npz)).module()
     model = description.build()
     data = np.load(npz)
     out = model(mx.array(data["x"]))
@@ -84,17 +84,17 @@ def test_fixture_converts_to_the_same_function(npz, monkeypatch):
 
 
 def test_flavour_handling_is_recorded_in_the_converted_config():
-    description = readers.read(ROOT / "keras" / "cfc_autoncp_mixed_dense.keras")
+    description = readers.read(ROOT / "keras" / "cfc_autoncp_mixed_dense.keras").module()
     model_config = description.config["layers"][0]["model"]
     assert model_config["ff_activation"] is None  # point 0
     assert model_config["memory_circuit"] == "input"  # point 3
     assert model_config["motor_output"] is True  # point 5
-    ltc = readers.read(ROOT / "tf_keras" / "ltc_fc_seq.h5").config["layers"][0]["model"]
+    ltc = readers.read(ROOT / "tf_keras" / "ltc_fc_seq.h5").module().config["layers"][0]["model"]
     assert ltc["implicit_param_constraints"] is False  # point 6
 
 
 def test_model_file_round_trip_of_a_stack(tmp_path):
-    description = readers.read(ROOT / "keras" / "cfc_norm_backbone2_timedistributed.keras")
+    description = readers.read(ROOT / "keras" / "cfc_norm_backbone2_timedistributed.keras").module()
     model = description.build()
     path = ncps_mlx.save(model, tmp_path / "stack.safetensors")
     loaded = ncps_mlx.load(path)
@@ -214,7 +214,7 @@ np.save({str(tmp_path / 'y.npy')!r}, model(np.ones((1, 5, 4), np.float32)).numpy
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert "save failed" in done.stdout and "load failed" in done.stdout, done.stdout + done.stderr
     config = json.loads((ROOT / "tf_keras" / "cfc_autoncp_weights_only.json").read_text())
-    model = readers.read(tmp_path / "weights.h5", config=config).build()
+    model = readers.read(tmp_path / "weights.h5", config=config).module().build()
     y = np.array(model(mx.ones((1, 5, 4))))
     assert np.max(np.abs(y - np.load(tmp_path / "y.npy"))) <= TOL
 
@@ -222,7 +222,7 @@ np.save({str(tmp_path / 'y.npy')!r}, model(np.ones((1, 5, 4), np.float32)).numpy
 def test_keras_reader_needs_no_tensorflow_import():
     code = (
         "import sys; from ncps_mlx.converters import readers; "
-        f"readers.read({str(ROOT / 'keras' / 'cfc_seq_dense.keras')!r}).build(); "
+        f"readers.read({str(ROOT / 'keras' / 'cfc_seq_dense.keras')!r}).module().build(); "
         "print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -237,7 +237,7 @@ def test_every_fixture_against_keras_reloading_it(npz):
     file) runs the file; the converted model must agree on inputs of new lengths."""
     from ncps_mlx.converters.verify import cases, compare, mlx_runner, source_runner
 
-    description = readers.read(source_of(npz), config=config_of(npz))
+    description = readers.read(source_of(npz), config=config_of(npz)).module()
     model = description.build()
     case_list = [("B=3 T=12", 3, 12, False, False)] if "flatten" in npz.stem else cases(description)
     report = compare(

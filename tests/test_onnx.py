@@ -155,7 +155,7 @@ def test_stack_from_keras_exports(name, tmp_path):
     pytest.importorskip("h5py")
     from ncps_mlx.converters import readers
 
-    stack = readers.read(KERAS_FIXTURES / f"{name}.keras").build()
+    stack = readers.read(KERAS_FIXTURES / f"{name}.keras").module().build()
     sess = session(ncps_mlx.export_onnx(stack, tmp_path / "stack.onnx"))
     x = np.load(KERAS_FIXTURES / f"{name}.npz")["x"]
     if name != "cfc_flatten_dense":  # Flatten fixes the length; the others take any
