@@ -249,20 +249,31 @@ def _size_line(description) -> str:
 
 
 def summarize(config) -> str:
-    """One line: "input 4, state 8" for a model; its layers for a Stack."""
-    if config["class"] == "Stack":
-        parts = []
-        for layer in config["layers"]:
-            if layer["type"] == "RNN":
-                parts.append(f"{layer['model']['class']}({summarize(layer['model'])})")
-            elif layer["type"] == "Dense":
-                parts.append(f"Dense({layer['units']}{', ' + layer['activation'] if layer['activation'] else ''})")
-            else:
-                parts.append(layer["type"])
-        return " -> ".join(parts)
+    """One line: "input 4, state 8" for a model; its layers, inputs and outputs for a Graph."""
+    if config["class"] in ("Graph", "Stack"):
+        from ncps_mlx.graph import graph_from_config
+
+        config = graph_from_config(config).get_config() if config["class"] == "Stack" else config
+        kinds = [_layer_summary(config["layers"][call["layer"]]) for call in config["calls"]]
+        return ", ".join(kinds) if len(kinds) <= 12 else f"{len(kinds)} layer calls"
     units = config["units"]
     state = units.get("exact", units).get("units") if isinstance(units, dict) else units
     return f"input {config['input_size']}, state {state}"
+
+
+def _layer_summary(layer) -> str:
+    kind = layer["type"]
+    if kind == "RNN":
+        return f"{layer['model']['class']}({summarize(layer['model'])})"
+    if kind == "Bidirectional":
+        return f"Bidirectional({layer['forward']['class']}, {layer['merge_mode']})"
+    if kind == "TimeDistributed":
+        return f"TimeDistributed({_layer_summary(layer['layer'])})"
+    if kind == "Dense":
+        return f"Dense({layer['units']}{', ' + layer['activation'] if layer['activation'] else ''})"
+    if kind in ("Conv", "Pooling", "GlobalPooling", "Merge", "Identity"):
+        return layer.get("kind", kind)
+    return kind
 
 
 def cmd_inspect(args) -> int:
@@ -306,14 +317,12 @@ def _module_info(name, description) -> dict:
     model = description.build()
     params = dict(tree_flatten(model.parameters()))
     trainable = dict(tree_flatten(model.trainable_parameters()))
-    input_size = input_size_of(description.config)
-    recurrent = [layer.model for layer in model.rnn_layers] if description.model_class == "Stack" else [model]
-    return {
+    graph = description.model_class == "Graph"
+    recurrent = [layer.model for layer in model.rnn_layers] if graph else [model]
+    info = {
         "name": name,
         "model_class": description.model_class,
         "summary": summarize(description.config),
-        "input_size": input_size,
-        "output_size": _output_features(model, input_size),
         "recurrent": [{"class": type(m).__name__, "state_size": m.state_size, "wiring": _wiring_info(m)} for m in recurrent],
         "parameters": int(sum(v.size for v in trainable.values())),
         "fixed_arrays": int(sum(v.size for k, v in params.items() if k not in trainable)),
@@ -322,13 +331,44 @@ def _module_info(name, description) -> dict:
         "defaulted": _plain(description.defaulted),
         "notes": description.notes,
     }
+    if graph:
+        info["inputs"], info["outputs"] = _graph_shapes(model, description.config)
+    else:
+        info["input_size"] = input_size_of(description.config)
+        info["output_size"] = _output_features(model, info["input_size"])
+    return info
+
+
+def _graph_shapes(model, config):
+    """Inputs and outputs of a Graph with their shapes (None: batch, or a size left free)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from .verify import graph_inputs
+
+    inputs = [{"name": spec["name"], "shape": [None] + list(spec.get("shape") or [None, None])} for spec in config["inputs"]]
+    one = model(*[mx.array(x) for x in graph_inputs(config, 1, 5, np.random.default_rng(0))])
+    another = model(*[mx.array(x) for x in graph_inputs(config, 2, 6, np.random.default_rng(0))])
+    one, another = (v if isinstance(v, list) else [v] for v in (one, another))
+    outputs = [
+        {"name": name, "shape": [a if a == b else None for a, b in zip(x.shape, y.shape)]}
+        for name, x, y in zip(model.output_names, one, another)
+    ]
+    return inputs, outputs
+
+
+def _shapes(entries) -> str:
+    return ", ".join(f"{e['name']} ({', '.join('?' if d is None else str(d) for d in e['shape'])})" for e in entries)
 
 
 def _print_module(info) -> None:
     if info["name"]:
         print(f"module       {info['name']!r}")
-    if info["model_class"] == "Stack":
-        print(f"model        Stack: {info['summary']}; input {info['input_size']}, output {info['output_size']}")
+    graph = info["model_class"] == "Graph"
+    if graph:
+        print(f"model        Graph: {info['summary']}")
+        print(f"inputs       {_shapes(info['inputs'])}")
+        print(f"outputs      {_shapes(info['outputs'])}")
     else:
         state = info["recurrent"][0]["state_size"]
         print(f"model        {info['model_class']}: input {info['input_size']}, state {state}, output {info['output_size']}")
@@ -341,9 +381,9 @@ def _print_module(info) -> None:
                 f"{wiring['sensory_synapses']} sensory synapses"
             )
         else:
-            text = "none (fully connected CfC)"
-        print(f"wiring       {text}" + (f" ({entry['class']} layer)" if info["model_class"] == "Stack" else ""))
-    print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} in fixed masks")
+            text = f"none (fully connected {entry['class']})"
+        print(f"wiring       {text}" + (f" ({entry['class']} layer)" if graph else ""))
+    print(f"parameters   {info['parameters']:,} trainable, {info['fixed_arrays']:,} fixed (masks, statistics)")
     for title, key in (("inferred", "inferred"), ("from config", "from_config"), ("defaulted", "defaulted")):
         values = info[key]
         text = ", ".join(f"{k}={v}" for k, v in values.items()) if values else "-"
@@ -356,8 +396,7 @@ def _output_features(model, input_size: int) -> int:
     """Features the model really returns (proj_size, motor slicing and all)."""
     import mlx.core as mx
 
-    output = model(mx.zeros((1, 1, input_size)))  # (1, 1, F) in either layout
-    output = output[0] if isinstance(output, tuple) else output  # (output, state) or a Stack's outputs
+    output, _ = model(mx.zeros((1, 1, input_size)))  # (1, 1, F) in either layout
     return int(output.shape[-1])
 
 

@@ -3,9 +3,10 @@
 Formats: Keras 3 ``.keras`` archives (config.json + model.weights.h5), tf.keras full-model
 ``.h5`` files (``model_config`` attribute + ``model_weights``), weights-only ``.h5`` files of
 either flavour (with the model config given as --config), and tf.keras SavedModel folders
-(these need TensorFlow to read their variables). The model must be a
-``Sequential`` or a functional model whose layers form a chain; each layer becomes a layer of
-an ``ncps_mlx.Stack``, which returns what the Keras model returns.
+(these need TensorFlow to read their variables). A ``Sequential`` or functional model (any
+DAG of supported layers, several inputs and outputs) becomes an ``ncps_mlx.Graph`` that walks
+the saved topology and returns the model's outputs in its order. Lambda layers, Masking and
+classes from outside keras/ncps are refused by name; nothing a config names is imported.
 
 The flavour differences (shared/docs/reference-notes.md points 0-6) are handled here so the
 converted model is the same function: CfC heads without tanh (``ff_activation=None``), the
@@ -44,7 +45,6 @@ NAME = "keras"
 SUFFIXES = (".keras", ".h5")
 
 NCPS_LAYERS = ("CfC", "LTC")
-PLAIN_LAYERS = ("Dense", "Dropout", "Activation", "Flatten", "Normalization", "TimeDistributed")
 
 
 def sniff(path: Path) -> bool:
@@ -109,13 +109,16 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
     elif config:
         raise ConversionError(f"{path} carries its own model config; --config may only give 'wirings'")
 
-    layers = _chain(model_config)
+    topology = _topology(model_config)
     arrays, specs = {}, []
-    for index, (spec, layer_arrays) in enumerate(_convert_layers(layers, weights, wiring_overrides)):
+    for index, (spec, layer_arrays) in enumerate(_convert_layers(topology["layers"], weights, wiring_overrides)):
         specs.append(spec)
         arrays.update({f"layers.{index}.{k}": v for k, v in layer_arrays.items()})
+    graph = {"class": "Graph", "inputs": topology["inputs"], "layers": specs, "calls": topology["calls"],
+             "outputs": _outputs(topology, specs)}  # fmt: skip
+    chain = model_config.get("class_name") == "Sequential"
     description = Description(
-        config={"class": "Stack", "layers": specs},
+        config=graph,
         arrays=arrays,
         source={
             "reader": NAME,
@@ -123,25 +126,146 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
             "format": file_format,
             "file": str(path),
             "sha256": sha256_of(path),
-            "keras_layers": [_source_layer(layer, spec) for layer, spec in zip(layers, specs)],
-            "keras_input_shape": _input_shape(model_config),
+            # The model can be rebuilt with the reference's classes where it cannot reload the file.
+            "keras_layers": [_source_layer(layer, spec) for layer, spec in zip(topology["layers"], specs)],
+            "keras_chain": chain,
             "full_model": model_config is not config,
+            "keras_config": model_config,
             "module": "",
         },
     )
-    return Checkpoint(modules={"": description}, source={k: description.source[k] for k in ("reader", "framework", "format", "file", "sha256")})
+    source = {k: description.source[k] for k in ("reader", "framework", "format", "file", "sha256")}
+    return Checkpoint(modules={"": description}, source=source)
 
 
-def _input_shape(model_config: dict):
-    """(time, features) from the model's InputLayer, None where not fixed; None if absent."""
-    for layer in model_config.get("config", {}).get("layers", []):
-        if layer.get("class_name") == "InputLayer":
-            cfg = layer["config"]
-            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-            if isinstance(shape, dict):  # tf.keras SavedModel metadata: {"class_name": "__tuple__", "items": [...]}
-                shape = shape.get("items")
-            return list(shape[1:]) if shape else None
-    return None
+# --- the saved topology ----------------------------------------------------------------------
+
+SEQUENTIAL, FUNCTIONAL = ("Sequential",), ("Functional", "Model")
+
+
+def _topology(model_config: dict) -> dict:
+    """{"inputs", "layers" (Keras layer entries), "calls", "outputs" (refs or None for a chain)}."""
+    kind = model_config.get("class_name") if isinstance(model_config, dict) else None
+    config = model_config.get("config", {}) if isinstance(model_config, dict) else {}
+    if kind not in SEQUENTIAL + FUNCTIONAL:
+        raise ConversionError(f"top-level object is a {kind}, not a Sequential or functional Keras model")
+    entries = config.get("layers", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "class_name" in e for e in entries):
+        raise ConversionError("the model config's 'layers' is not a list of layer entries")
+    layers = [e for e in entries if e["class_name"] != "InputLayer"]
+    if not layers:
+        raise ConversionError("the model has no layers")
+    if kind in SEQUENTIAL:
+        declared = [e for e in entries if e["class_name"] == "InputLayer"] or layers[:1]
+        calls = [{"layer": i, "inputs": [["input", 0] if i == 0 else [i - 1, 0]]} for i in range(len(layers))]
+        return {"inputs": [{"name": "input", **_declared_input(declared[0].get("config", {}))}], "layers": layers,
+                "calls": calls, "outputs": None}  # fmt: skip
+    names = [_entry_name(e) for e in layers]
+    input_names = [ref[0] for ref in _refs(config.get("input_layers", []))]
+    by_name = {_entry_name(e): e for e in entries}
+    if not input_names or any(n not in by_name for n in input_names):
+        raise ConversionError(f"the functional model's input_layers {config.get('input_layers')} do not name its InputLayers")
+    inputs = [{"name": n, **_declared_input(by_name[n].get("config", {}))} for n in input_names]
+    produced = {(n, 0): ["input", k] for k, n in enumerate(input_names)}
+    pending = [(i, k, refs) for i, entry in enumerate(layers) for k, refs in enumerate(_inbound(entry, names[i]))]
+    calls = []
+    while pending:
+        ready = [p for p in pending if all((r[0], r[1]) in produced for r in p[2])]
+        if not ready:
+            missing = sorted({f"{r[0]}[{r[1]}]" for p in pending for r in p[2] if (r[0], r[1]) not in produced})
+            raise ConversionError(f"the functional model's layers read tensors no layer makes: {missing[:5]}")
+        for item in ready:
+            index, node, refs = item
+            calls.append({"layer": index, "inputs": [_resolve(produced, r) for r in refs]})
+            produced[(names[index], node)] = [len(calls) - 1]
+            pending.remove(item)
+    outputs = []
+    for ref in _refs(config.get("output_layers", [])):
+        if (ref[0], ref[1]) not in produced:
+            raise ConversionError(f"the functional model's output {ref[0]!r} is not made by any of its layers")
+        outputs.append({"name": ref[0] if ref[2] == 0 else f"{ref[0]}_{ref[2]}", "ref": _resolve(produced, ref)})
+    return {"inputs": inputs, "layers": layers, "calls": calls, "outputs": outputs}
+
+
+def _entry_name(entry: dict) -> str:
+    return entry.get("name") or entry.get("config", {}).get("name")
+
+
+def _refs(value) -> list:
+    """input_layers / output_layers: [[name, node, tensor], ...], or a single [name, node, tensor]."""
+    if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, list) and len(v) >= 3 for v in value):
+        raise ConversionError(f"cannot read the functional model's input/output layers {value!r}")
+    return [(str(v[0]), int(v[1]), int(v[2])) for v in value]
+
+
+def _resolve(produced, ref):
+    source = produced[(ref[0], ref[1])]
+    return source if source[0] == "input" else [source[0], ref[2]]
+
+
+def _inbound(entry: dict, name: str) -> list:
+    """Per call of the layer, the (layer, node, tensor) it reads, in both flavours' formats."""
+    calls = []
+    for node in entry.get("inbound_nodes", []):
+        if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}} holding __keras_tensor__s
+            refs, keyword_tensors = [], []
+            _keras_tensors(node.get("args", []), refs)
+            _keras_tensors(node.get("kwargs", {}), keyword_tensors)
+        else:  # tf.keras: [[layer, node, tensor, kwargs], ...]
+            refs = [tuple(item[:3]) for item in node]
+            keyword_tensors = [key for item in node if len(item) > 3 for key in item[3] if key != "training"]
+        if keyword_tensors:
+            raise ConversionError(
+                f"layer {name!r} is called with tensors as keyword arguments (initial_state, mask, ...); "
+                "only positional inputs are supported"
+            )
+        calls.append([(str(r[0]), int(r[1]), int(r[2])) for r in refs])
+    return calls
+
+
+def _keras_tensors(value, found) -> None:
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            found.append(tuple(value["config"]["keras_history"]))
+            return
+        for item in value.values():
+            _keras_tensors(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _keras_tensors(item, found)
+
+
+def _declared_input(config: dict) -> dict:
+    """{"shape": [...] without the batch axis, None where free, "dtype"} of an InputLayer."""
+    shape = config.get("batch_shape") or config.get("batch_input_shape")
+    if isinstance(shape, dict):  # tf.keras SavedModel metadata: {"class_name": "__tuple__", "items": [...]}
+        shape = shape.get("items")
+    dtype = config.get("dtype", "float32")
+    dtype = dtype if isinstance(dtype, str) else "float32"
+    return {"shape": list(shape[1:]) if shape else None, "dtype": dtype}
+
+
+def _output_count(spec: dict) -> int:
+    if spec["type"] == "RNN" and spec["return_state"]:
+        return 3 if spec["model"]["mixed_memory"] else 2
+    if spec["type"] == "Bidirectional" and spec["return_state"]:
+        return 1 + 2 * (2 if spec["forward"]["mixed_memory"] else 1)
+    return 1
+
+
+def _outputs(topology, specs) -> list:
+    """A chain returns all its last layer's tensors: the output, then any states."""
+    if topology["outputs"] is not None:
+        for output in topology["outputs"]:
+            ref = output["ref"]
+            if ref[0] != "input" and ref[1] >= _output_count(specs[topology["calls"][ref[0]]["layer"]]):
+                raise ConversionError(f"output {output['name']!r} reads a tensor its layer does not make")
+        return topology["outputs"]
+    count = _output_count(specs[-1])
+    names = ["output"] + [f"state_{i}" for i in range(count - 1)]
+    return [{"name": name, "ref": [len(specs) - 1, j]} for j, name in enumerate(names)]
 
 
 def _source_layer(layer: dict, spec: dict) -> dict:
@@ -154,8 +278,8 @@ def _source_layer(layer: dict, spec: dict) -> dict:
         options["activation"] = _activation_name(options.get("activation", "lecun_tanh"))
         for key in ("sparsity_mask", "stateful", "unroll", "zero_output_for_mask", "fully_recurrent"):
             options.pop(key, None)
-        return {"class_name": kind, "config": options}
-    return {"class_name": kind, "config": layer["config"]}
+        return {"class_name": kind, "config": options, "name": _entry_name(layer)}
+    return {"class_name": kind, "config": layer["config"], "name": _entry_name(layer)}
 
 
 def _saved_model(path: Path):
@@ -198,24 +322,6 @@ def _import_h5py():
 
 
 # --- the model config ------------------------------------------------------------------------
-
-
-def _chain(model_config: dict) -> list[dict]:
-    """The model's layers in order (InputLayer dropped); a functional model must be a chain."""
-    kind = model_config.get("class_name")
-    config = model_config.get("config", {})
-    if kind not in ("Sequential", "Functional", "Model"):
-        raise ConversionError(f"top-level object is a {kind}, not a Sequential or functional Keras model")
-    layers = [l for l in config.get("layers", []) if l.get("class_name") != "InputLayer"]
-    if kind != "Sequential":
-        for previous, layer in zip(layers, layers[1:]):
-            inbound = json.dumps(layer.get("inbound_nodes", []))
-            if previous["config"]["name"] not in inbound:
-                raise ConversionError(
-                    f"the functional model is not a chain of layers (layer {layer['config']['name']!r} does not read "
-                    f"{previous['config']['name']!r}); only linear models convert"
-                )
-    return layers
 
 
 def _activation_name(value):
@@ -265,34 +371,99 @@ def _guess_wiring_class(params: dict) -> str:
     return "NCP"
 
 
+# Keras layer -> ncps_mlx.layers type. Dropout-likes are the identity at inference.
+IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+                   "GaussianDropout", "AlphaDropout", "ActivityRegularization")  # fmt: skip
+MERGE_LAYERS = ("Concatenate", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
+SHAPE_LAYERS = ("Flatten", "Reshape", "Permute", "RepeatVector")
+ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
+WEIGHTED_LAYERS = ("Dense", "Conv1D", "Conv2D", "BatchNormalization", "LayerNormalization", "Normalization", "Embedding")
+POOLING_LAYERS = ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D",
+                  "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D")  # fmt: skip
+PLAIN_LAYERS = WEIGHTED_LAYERS + POOLING_LAYERS + SHAPE_LAYERS + ACTIVATION_LAYERS + IDENTITY_LAYERS + MERGE_LAYERS
+WRAPPERS = ("TimeDistributed", "Bidirectional")
+SUPPORTED = NCPS_LAYERS + WRAPPERS + PLAIN_LAYERS
+REFUSED = {
+    "Lambda": "a Lambda layer is Python code; it is never deserialised or run. Rebuild the model with a supported layer in its place",
+    "Masking": "Masking changes which steps an RNN takes; it is not supported. Remove it, or pad with values the model was trained on",
+}
+
+
+def _layer_kind(entry: dict, where: str) -> str:
+    """The Keras class of a layer entry; custom classes are refused by name, never imported."""
+    kind = entry["class_name"]
+    module = entry.get("module")
+    package, _, kind = kind.rpartition(">")  # tf.keras writes registered classes as "package>Class"
+    custom = (package and package != "ncps") or (module is not None and not str(module).startswith(("keras", "ncps")))
+    if kind in REFUSED:
+        raise ConversionError(f"{where}: {REFUSED[kind]}")
+    if custom or kind not in SUPPORTED:
+        origin = f" from {module or package}" if custom else ""
+        raise ConversionError(
+            f"{where}: unsupported layer type{origin}; supported: {', '.join(SUPPORTED)} and InputLayer"
+        )
+    return kind
+
+
 def _convert_layers(layers, weights, wiring_overrides):
-    """[(Stack layer spec, arrays in the Stack layer's names)]."""
+    """[(layer spec of ncps_mlx.layers, arrays in the layer's names)]."""
     converted = []
     counters: dict[str, int] = {}
     for position, layer in enumerate(layers):
-        # tf.keras records registered classes as "package>Class" (e.g. "ncps>CfC").
-        kind, cfg = layer["class_name"].split(">")[-1], layer["config"]
+        cfg = layer.get("config", {})
+        name = cfg.get("name") or _entry_name(layer) or f"layer {position}"
+        kind = _layer_kind(layer, f"layer {name!r} ({layer['class_name']})")
         snake = _snake(kind)
         counters[snake] = counters.get(snake, -1) + 1
         group_name = snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"
-        name = cfg.get("name", group_name)
         where = f"layer {name!r} ({kind})"
-        if kind not in NCPS_LAYERS + PLAIN_LAYERS:
-            raise ConversionError(
-                f"{where}: unsupported layer type; supported: {', '.join(NCPS_LAYERS + PLAIN_LAYERS)} and InputLayer"
-            )
         view = weights.layer(name, group_name, position)
-        if kind in NCPS_LAYERS:
-            cfg = _options(kind, cfg)
-            if name in wiring_overrides:
-                cfg = {**cfg, "units": wiring_overrides[name]}
-            spec, arrays = _ncps_layer(kind, cfg, view, where)
-        else:
-            spec, arrays = _plain_layer(kind, cfg, view, where)
-        converted.append((spec, arrays))
-    if not converted:
-        raise ConversionError("the model has no layers")
+        converted.append(_convert_layer(kind, cfg, view, where, wiring_overrides.get(name)))
     return converted
+
+
+def _convert_layer(kind, cfg, view, where, wiring=None):
+    if kind in NCPS_LAYERS:
+        cfg = _options(kind, cfg)
+        if wiring is not None:
+            cfg = {**cfg, "units": wiring}
+        return _ncps_layer(kind, cfg, view, where)
+    if kind == "Bidirectional":
+        return _bidirectional(cfg, view, where)
+    if kind == "TimeDistributed":
+        inner = cfg["layer"]
+        inner_kind = _layer_kind(inner, f"{where}'s inner layer")
+        if inner_kind in NCPS_LAYERS + WRAPPERS:
+            raise ConversionError(f"{where}: TimeDistributed({inner_kind}) is not supported")
+        spec, arrays = _plain_layer(inner_kind, inner.get("config", {}), view.inner(), where)
+        if inner_kind == "Dense":  # a Dense maps the last axis already
+            return spec, arrays
+        return {"type": "TimeDistributed", "layer": spec}, {f"layer.{k}": v for k, v in arrays.items()}
+    return _plain_layer(kind, cfg, view, where)
+
+
+def _bidirectional(cfg, view, where):
+    inner = cfg["layer"]
+    kind = _layer_kind(inner, f"{where}'s layer")
+    if kind not in NCPS_LAYERS:
+        raise ConversionError(f"{where}: Bidirectional({kind}) is not supported; only Bidirectional(CfC|LTC)")
+    merge_mode = cfg.get("merge_mode", "concat")
+    if merge_mode not in ("concat", "sum", "mul", "ave"):
+        raise ConversionError(f"{where}: merge_mode={merge_mode!r} is not supported; use concat, sum, mul or ave")
+    backward_cfg = cfg.get("backward_layer") or inner
+    halves = {}
+    for half, entry in (("forward", inner), ("backward", backward_cfg)):
+        options = {**_options(kind, entry["config"]), "go_backwards": False}
+        spec, arrays = _ncps_layer(kind, options, view.half(half), f"{where} ({half})")
+        halves[half] = (spec["model"], {f"{half}.{k}": v for k, v in arrays.items()})
+    spec = {
+        "type": "Bidirectional",
+        "forward": halves["forward"][0],
+        "backward": halves["backward"][0],
+        "merge_mode": merge_mode,
+        "return_state": bool(_options(kind, inner["config"]).get("return_state", False)),
+    }
+    return spec, {**halves["forward"][1], **halves["backward"][1]}
 
 
 def _snake(name: str) -> str:
@@ -302,15 +473,26 @@ def _snake(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
+def _channels_last(cfg, where):
+    if cfg.get("data_format") not in (None, "channels_last"):
+        raise ConversionError(f"{where}: data_format={cfg['data_format']!r} is not supported; only channels_last")
+
+
+def _ints(value, rank):
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)] * rank
+
+
 def _plain_layer(kind, cfg, view, where):
-    if kind == "TimeDistributed":
-        inner = cfg["layer"]
-        if inner["class_name"] != "Dense":
-            raise ConversionError(f"{where}: TimeDistributed({inner['class_name']}) is not supported (only Dense)")
-        return _plain_layer("Dense", inner["config"], view.inner(), where)
+    if kind in IDENTITY_LAYERS:
+        return {"type": "Identity", "kind": kind}, {}
+    if kind in MERGE_LAYERS:
+        spec = {"type": "Merge", "kind": kind}
+        if kind == "Concatenate":
+            spec["axis"] = int(cfg.get("axis", -1))
+        return spec, {}
     if kind == "Dense":
-        view = view.of("dense")
-        kernel = view.get("kernel")
+        values = view.named(["kernel", "bias"] if cfg.get("use_bias", True) else ["kernel"])
+        kernel = values["kernel"]
         spec = {
             "type": "Dense",
             "in_features": int(kernel.shape[0]),
@@ -320,28 +502,107 @@ def _plain_layer(kind, cfg, view, where):
         }
         arrays = {"linear.weight": kernel.T}
         if spec["use_bias"]:
-            arrays["linear.bias"] = view.get("bias")
+            arrays["linear.bias"] = values["bias"]
         return spec, arrays
+    if kind in ("Conv1D", "Conv2D"):
+        _channels_last(cfg, where)
+        if int(cfg.get("groups", 1)) != 1:
+            raise ConversionError(f"{where}: grouped convolutions (groups={cfg['groups']}) are not supported")
+        use_bias = bool(cfg.get("use_bias", True))
+        values = view.named(["kernel", "bias"] if use_bias else ["kernel"])
+        kernel = values["kernel"]  # Keras (*kernel, in, filters)
+        rank = kernel.ndim - 2
+        strides, dilation = _ints(cfg.get("strides", 1), rank), _ints(cfg.get("dilation_rate", 1), rank)
+        if any(s != 1 for s in strides) and any(d != 1 for d in dilation):
+            raise ConversionError(f"{where}: strides and dilation_rate both above 1 is not something Keras allows")
+        spec = {
+            "type": "Conv",
+            "in_channels": int(kernel.shape[-2]),
+            "filters": int(kernel.shape[-1]),
+            "kernel_size": list(kernel.shape[:rank]),
+            "strides": strides,
+            "padding": str(cfg.get("padding", "valid")).lower(),
+            "dilation_rate": dilation,
+            "activation": _checked_activation(cfg.get("activation"), where),
+            "use_bias": use_bias,
+        }
+        if spec["padding"] not in ("valid", "same", "causal") or (spec["padding"] == "causal" and rank != 1):
+            raise ConversionError(f"{where}: padding={spec['padding']!r} is not supported")
+        arrays = {"weight": np.transpose(kernel, (rank + 1, *range(rank), rank))}  # MLX (filters, *kernel, in)
+        if use_bias:
+            arrays["bias"] = values["bias"]
+        return spec, arrays
+    if kind in POOLING_LAYERS:
+        _channels_last(cfg, where)
+        rank = int(kind[-2])
+        reduce = "max" if "Max" in kind else "average"
+        if kind.startswith("Global"):
+            return {"type": "GlobalPooling", "kind": reduce, "rank": rank, "keepdims": bool(cfg.get("keepdims", False))}, {}
+        pool = _ints(cfg.get("pool_size", 2), rank)
+        strides = _ints(cfg.get("strides") or pool, rank)
+        padding = str(cfg.get("padding", "valid")).lower()
+        if padding not in ("valid", "same"):
+            raise ConversionError(f"{where}: padding={padding!r} is not supported")
+        return {"type": "Pooling", "kind": reduce, "pool_size": pool, "strides": strides, "padding": padding}, {}
+    if kind in ("BatchNormalization", "LayerNormalization"):
+        axis = cfg.get("axis", -1)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if not isinstance(axis, int):
+            raise ConversionError(f"{where}: axis={cfg.get('axis')} is not supported; one axis only")
+        if cfg.get("rms_scaling"):
+            raise ConversionError(f"{where}: rms_scaling=True is not supported")
+        center, scale = bool(cfg.get("center", True)), bool(cfg.get("scale", True))
+        names = (["gamma"] if scale else []) + (["beta"] if center else [])
+        if kind == "BatchNormalization":
+            names += ["moving_mean", "moving_variance"]
+        values = view.named(names)
+        features = int(next(iter(values.values())).size)
+        spec = {"type": kind, "features": features, "epsilon": float(cfg.get("epsilon", 1e-3)), "center": center, "scale": scale}
+        if axis != -1:
+            # tf.keras records the axis as a positive index, in a rank known when it is called.
+            spec["axis"] = int(axis)
+        return spec, {k: v.reshape(-1) for k, v in values.items()}
+    if kind == "Embedding":
+        if cfg.get("mask_zero"):
+            raise ConversionError(f"{where}: mask_zero=True masks steps of the RNN after it; not supported")
+        table = view.named(["embeddings"])["embeddings"]
+        return {"type": "Embedding", "input_dim": int(table.shape[0]), "output_dim": int(table.shape[1])}, {"embeddings": table}
+    if kind == "Normalization":
+        values = view.named(["mean", "variance"])
+        mean, variance = values["mean"], values["variance"]
+        spec = {"type": "Normalization", "features": int(mean.size)}
+        return spec, {"mean": mean.reshape(-1), "variance": variance.reshape(-1)}
+    if kind == "Flatten":
+        _channels_last(cfg, where)
+        return {"type": "Flatten"}, {}
+    if kind == "Reshape":
+        return {"type": "Reshape", "target_shape": [int(v) for v in cfg["target_shape"]]}, {}
+    if kind == "Permute":
+        return {"type": "Permute", "dims": [int(v) for v in cfg["dims"]]}, {}
+    if kind == "RepeatVector":
+        return {"type": "RepeatVector", "n": int(cfg["n"])}, {}
     if kind == "Activation":
         return {"type": "Activation", "activation": _checked_activation(cfg.get("activation"), where)}, {}
-    if kind == "Dropout":
-        return {"type": "Dropout", "rate": float(cfg.get("rate", 0.0))}, {}
-    if kind == "Flatten":
-        return {"type": "Flatten"}, {}
-    view = view.of("normalization")
-    mean, variance = view.get("mean"), view.get("variance")
-    return (
-        {"type": "Normalization", "features": int(mean.size)},
-        {"mean": mean.reshape(-1), "variance": variance.reshape(-1)},
-    )
+    if kind == "ReLU":
+        max_value = cfg.get("max_value")
+        return {"type": "ReLU", "max_value": None if max_value is None else float(max_value),
+                "negative_slope": float(cfg.get("negative_slope", 0.0)), "threshold": float(cfg.get("threshold", 0.0))}, {}  # fmt: skip
+    if kind == "LeakyReLU":  # Keras 3 calls it negative_slope, tf.keras alpha
+        return {"type": "LeakyReLU", "negative_slope": float(cfg.get("negative_slope", cfg.get("alpha", 0.3)))}, {}
+    if kind == "ELU":
+        return {"type": "ELU", "alpha": float(cfg.get("alpha", 1.0))}, {}
+    if kind == "Softmax":
+        axis = cfg.get("axis", -1)
+        return {"type": "Softmax", "axis": int(axis[0] if isinstance(axis, list) else axis)}, {}
+    raise ConversionError(f"{where}: unsupported layer {kind!r}")
 
 
 def _checked_activation(value, where):
-    from ncps_mlx.stack import ACTIVATIONS
+    from ncps_mlx.layers import ACTIVATIONS
 
     name = _activation_name(value)
     if name not in ACTIVATIONS:
-        raise ConversionError(f"{where}: unsupported activation {name!r}")
+        raise ConversionError(f"{where}: unsupported activation {name!r}; supported: {sorted(k for k in ACTIVATIONS if k)}")
     return name
 
 
@@ -619,6 +880,20 @@ class _K3View:
             raise ConversionError(f"{self.group.name}: {len(variables)} LTC variables, expected {len(names)} ({names})")
         return dict(zip(names, variables))
 
+    def named(self, names):
+        """The first variables, by creation order, under these names (a Normalization's count
+        comes after its mean and variance)."""
+        variables = self._vars()
+        if len(variables) < len(names):
+            raise ConversionError(f"{self.group.name}: {len(variables)} variables, expected {len(names)} ({names})")
+        return dict(zip(names, variables))
+
+    def half(self, which):
+        key = f"{which}_layer"
+        if key not in self.group:
+            raise ConversionError(f"{self.group.name}: no {key} weights")
+        return _K3View(self.group[key])
+
 
 def _suffix(name: str) -> int:
     match = re.search(r"_(\d+)$", name)
@@ -700,6 +975,11 @@ class _TfView:
     def ltc(self, names):
         return {name: self._find(name) for name in names}
 
+    named = ltc
+
+    def half(self, which):
+        return _TfView({k: v for k, v in self.weights.items() if re.search(rf"(?:^|/){which}_", k)}, self.parts)
+
 
 # --- running the source, for verification ------------------------------------------------
 
@@ -713,24 +993,30 @@ def run_source(description: Description):
     import sys
     import tempfile
 
-    from .verify import SourceUnavailable, named_results
+    from .verify import SourceUnavailable, graph_results
 
     source = description.source
     legacy = source["framework"] == "tf.keras"
 
     def run(inputs):
+        """inputs: per case (xs, None, None), xs one array per model input."""
+        names = [o["name"] for o in description.config["outputs"]]
         with tempfile.TemporaryDirectory() as folder:
             job = {
                 "path": source["file"],
                 "legacy": legacy,
                 "full_model": source.get("full_model", True),
                 "layers": source["keras_layers"],
-                "input_size": np.asarray(inputs[0][0]).shape[-1],
-                "input_shape": source.get("keras_input_shape"),
+                "chain": source.get("keras_chain", True),
+                "graph": {k: description.config[k] for k in ("inputs", "calls", "outputs")},
+                "input_shape": description.config["inputs"][0]["shape"],
+                "input_size": np.asarray(inputs[0][0][0]).shape[-1],
+                "cases": len(inputs),
+                "inputs_per_case": len(inputs[0][0]),
                 "inputs": os.path.join(folder, "inputs.npz"),
                 "outputs": os.path.join(folder, "outputs.npz"),
             }
-            np.savez(job["inputs"], *[np.asarray(x) for x, _, _ in inputs])
+            np.savez(job["inputs"], **{f"{i}_{k}": np.asarray(x) for i, (xs, _, _) in enumerate(inputs) for k, x in enumerate(xs)})
             job_path = os.path.join(folder, "job.json")
             with open(job_path, "w") as handle:
                 json.dump(job, handle, default=int)
@@ -747,10 +1033,8 @@ def run_source(description: Description):
                 lines = done.stderr.strip().splitlines() or ["(no output)"]
                 raise ConversionError(f"running the Keras source failed: {lines[-1]}")
             results = np.load(job["outputs"])
-            count = len(inputs)
             return [
-                named_results(tuple(results[f"{i}_{j}"] for j in range(int(results[f"{i}_n"]))) if int(results[f"{i}_n"]) > 1 else results[f"{i}_0"])
-                for i in range(count)
+                graph_results(names, [results[f"{i}_{j}"] for j in range(int(results[f"{i}_n"]))]) for i in range(len(inputs))
             ]
 
     return run
@@ -785,11 +1069,17 @@ def worker_main():
     if model is None:
         model = _rebuild(job, keras, flavour)
         path = Path(job["path"])
-        model.load_weights(str(path / "variables" / "variables") if path.is_dir() else str(path))
+        if path.is_dir():
+            model.load_weights(str(path / "variables" / "variables"))
+        elif job["legacy"] and not job.get("chain", True):  # a rebuilt graph's layers, found by name
+            model.load_weights(str(path), by_name=True)
+        else:
+            model.load_weights(str(path))
     data = np.load(job["inputs"])
     results = {}
-    for i in range(len(data.files)):
-        out = model(data[f"arr_{i}"])
+    for i in range(job["cases"]):
+        xs = [data[f"{i}_{k}"] for k in range(job["inputs_per_case"])]
+        out = model(xs if len(xs) > 1 else xs[0])
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         results[f"{i}_n"] = np.array(len(outs))
         for j, value in enumerate(outs):
@@ -798,26 +1088,50 @@ def worker_main():
 
 
 def _rebuild(job, keras, flavour):
-    """The model from its layer configs, with the reference's own layer classes."""
-    shape = job.get("input_shape") or [None, job["input_size"]]
-    layers = [keras.Input(tuple(shape))]
-    for layer in job["layers"]:
-        kind, cfg = layer["class_name"], dict(layer["config"])
-        if kind in NCPS_LAYERS:
-            units = cfg.pop("units")
-            if isinstance(units, dict):
-                units = reference_wiring(units)
-            cfg.pop("wiring", None)
-            cfg.pop("name", None)
-            if kind == "LTC":
-                for key in ("mode", "activation", "backbone_units", "backbone_layers", "backbone_dropout"):
-                    cfg.pop(key, None)
-            elif isinstance(units, int) is False:
-                for key in ("backbone_units", "backbone_layers", "backbone_dropout"):
-                    cfg.pop(key, None)
-            layers.append(getattr(flavour, kind)(units, **{k: v for k, v in cfg.items() if k != "class"}))
-        elif kind == "TimeDistributed":
-            layers.append(keras.layers.TimeDistributed(keras.layers.deserialize(cfg["layer"])))
-        else:
-            layers.append(getattr(keras.layers, kind).from_config(cfg))
-    return keras.Sequential(layers)
+    """The model from its layer configs, with the reference's own layer classes: a Sequential
+    for a chain (so a SavedModel's variables load in its order), else the functional graph."""
+    if job.get("chain", True):
+        shape = job.get("input_shape") or [None, job["input_size"]]
+        return keras.Sequential([keras.Input(tuple(shape))] + [_reference_layer(layer, keras, flavour) for layer in job["layers"]])
+    graph = job["graph"]
+    inputs = [keras.Input(tuple(spec["shape"]), dtype=spec.get("dtype") or "float32", name=spec["name"]) for spec in graph["inputs"]]
+    values = {("input", k): tensor for k, tensor in enumerate(inputs)}
+    built = {}
+    for c, call in enumerate(graph["calls"]):
+        index = call["layer"]
+        if index not in built:
+            built[index] = _reference_layer(job["layers"][index], keras, flavour, named=True)
+        args = [values[tuple(ref)] for ref in call["inputs"]]
+        out = built[index](args if len(args) > 1 else args[0])
+        for j, value in enumerate(out if isinstance(out, (list, tuple)) else [out]):
+            values[(c, j)] = value
+    outputs = [values[tuple(o["ref"])] for o in graph["outputs"]]
+    return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0])
+
+
+def _reference_layer(layer, keras, flavour, named=False):
+    kind, cfg = layer["class_name"], dict(layer["config"])
+    if kind in NCPS_LAYERS:
+        units = cfg.pop("units")
+        if isinstance(units, dict):
+            units = reference_wiring(units)
+        cfg.pop("wiring", None)
+        cfg.pop("name", None)
+        if kind == "LTC":
+            for key in ("mode", "activation", "backbone_units", "backbone_layers", "backbone_dropout"):
+                cfg.pop(key, None)
+        elif isinstance(units, int) is False:
+            for key in ("backbone_units", "backbone_layers", "backbone_dropout"):
+                cfg.pop(key, None)
+        if named and layer.get("name"):
+            cfg["name"] = layer["name"]
+        return getattr(flavour, kind)(units, **{k: v for k, v in cfg.items() if k != "class"})
+    if kind == "TimeDistributed":
+        return keras.layers.TimeDistributed(keras.layers.deserialize(cfg["layer"]), **({"name": cfg["name"]} if named else {}))
+    if kind in NCPS_WRAPPED:
+        custom = {name: getattr(flavour, name) for name in ("CfC", "LTC", "CfCCell", "LTCCell", "WiredCfCCell", "MixedMemoryRNN")}
+        return keras.layers.deserialize({"class_name": kind, "config": cfg}, custom_objects=custom)
+    return getattr(keras.layers, kind).from_config(cfg)
+
+
+NCPS_WRAPPED = ("Bidirectional",)

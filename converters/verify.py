@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from .description import ConversionError, Description
 
 DEFAULT_ATOL = 1e-5
@@ -70,9 +69,10 @@ class Report:
 
 def cases(description: Description | None = None, unbatched: bool = True):
     """(name, batch or None for unbatched, steps, timespans?, initial state?) to run."""
-    if description is not None and description.model_class == "Stack":
-        # A Keras model takes the sequence alone: no initial state, no timespans.
-        return [("B=1 T=7", 1, 7, False, False), ("B=4 T=13", 4, 13, False, False), ("B=3 T=32", 3, 32, False, False)]
+    if description is not None and description.model_class == "Graph":
+        # A Keras model takes its inputs alone: no initial state, no timespans. A time length
+        # the model declares is used as declared (graph_inputs).
+        return [("B=1", 1, 7, False, False), ("B=4", 4, 13, False, False), ("B=3", 3, 32, False, False)]
     # ncps.torch handles per-step timespans only for batch 1 (reference-notes point 7).
     per_sample_ts = description is None or description.source.get("framework") != "torch"
     chosen = [
@@ -86,8 +86,11 @@ def cases(description: Description | None = None, unbatched: bool = True):
 
 
 def make_inputs(config, case_list, state_size, seed=0):
-    """[(x, hx, timespans)] for each case, drawn from one seeded generator."""
+    """[(x, hx, timespans)] for each case, drawn from one seeded generator; for a Graph,
+    [(xs, None, None)] with one array per graph input."""
     rng = np.random.default_rng(seed)
+    if config.get("class") == "Graph":
+        return [(graph_inputs(config, batch, steps, rng), None, None) for _, batch, steps, _, _ in case_list]
     batch_first = config.get("batch_first", True)
     inputs = []
     for _, batch, steps, with_ts, with_hx in case_list:
@@ -115,7 +118,7 @@ def compare(config, reference, reference_name, target, target_name, case_list, *
     ``reference`` and ``target`` take a list of (x, hx, timespans) and return, per input, a
     dict of named result arrays ("output", "state", ...).
     """
-    inputs = make_inputs(_input_config(config), case_list, state_size, seed)
+    inputs = make_inputs(config, case_list, state_size, seed)
     if progress:
         progress(f"running {reference_name} on {len(inputs)} input sets")
     expected = reference(inputs)
@@ -129,28 +132,63 @@ def compare(config, reference, reference_name, target, target_name, case_list, *
     return Report(source=reference_name, target=target_name, atol=atol, checks=checks)
 
 
-def _input_config(config):
-    if config.get("class") == "Stack":
-        return {"input_size": input_size_of(config), "batch_first": True}
-    return config
+def graph_inputs(config, batch, steps, rng) -> list:
+    """One array per graph input, of the shape the model declares: its first free axis is
+    time (``steps`` long), any other free axis 8; integer inputs (for an Embedding) are ids
+    below the vocabulary size of the Embedding that reads them."""
+    xs = []
+    for k, spec in enumerate(config["inputs"]):
+        declared = spec.get("shape")
+        if declared is None:
+            declared = [None, _first_layer_inputs(config)]
+        free = [i for i, d in enumerate(declared) if d is None]
+        shape = [batch] + [steps if i == (free[0] if free else -1) else (8 if d is None else int(d)) for i, d in enumerate(declared)]
+        if str(spec.get("dtype", "float32")).startswith(("int", "uint")):
+            xs.append(rng.integers(0, _vocabulary(config, k), size=shape).astype(np.int32))
+        else:
+            xs.append(rng.normal(size=shape).astype(np.float32))
+    return xs
+
+
+def _vocabulary(config, k) -> int:
+    for call in config["calls"]:
+        layer = config["layers"][call["layer"]]
+        if layer["type"] == "Embedding" and ["input", k] in call["inputs"]:
+            return int(layer["input_dim"])
+    return 2
+
+
+def _first_layer_inputs(config) -> int:
+    first = config["layers"][0]
+    while first["type"] == "TimeDistributed":
+        first = first["layer"]
+    for key in ("in_features", "features", "in_channels"):
+        if key in first:
+            return int(first[key])
+    model = first.get("model") or first.get("forward")
+    if model:
+        return int(model["input_size"])
+    raise ConversionError("cannot tell the input size of this graph: its input declares no shape")
 
 
 def input_size_of(config) -> int:
-    """Input features of a model or Stack config."""
-    if config.get("class") != "Stack":
+    """Input features of a model, or of a Graph's first input."""
+    if config.get("class") != "Graph":
         return config["input_size"]
-    for layer in config["layers"]:
-        if layer["type"] == "RNN":
-            return layer["model"]["input_size"]
-        if layer["type"] in ("Dense", "Normalization"):
-            return layer.get("in_features", layer.get("features"))
-    raise ConversionError("cannot tell the input size of this Stack")
+    shape = config["inputs"][0].get("shape")
+    return int(shape[-1]) if shape and shape[-1] is not None else _first_layer_inputs(config)
+
+
+def graph_results(names, outputs) -> dict:
+    """A graph's outputs by name (a chain's: output, state_0, ...)."""
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    if len(outputs) != len(names):
+        raise ConversionError(f"the model returned {len(outputs)} outputs, expected {len(names)} ({', '.join(names)})")
+    return {name: np.array(value) for name, value in zip(names, outputs)}
 
 
 def named_results(output, state=None) -> dict:
-    """The standard names: output, state (or state h / state c), or Keras's extra outputs."""
-    if isinstance(output, tuple):  # a Stack whose last RNN layer returns its states
-        return {"output": np.array(output[0]), **{f"state {i}": np.array(s) for i, s in enumerate(output[1:])}}
+    """The standard names: output, state (or state h / state c)."""
     results = {"output": np.array(output)}
     if isinstance(state, tuple):
         results.update({"state h": np.array(state[0]), "state c": np.array(state[1])})
@@ -176,14 +214,14 @@ def _source_name(description: Description) -> str:
 
 
 def mlx_runner(model):
-    """Runs an ncps_mlx model (or Stack) over a list of (x, hx, timespans)."""
+    """Runs an ncps_mlx model (or Graph) over a list of (x, hx, timespans)."""
     import mlx.core as mx
 
     def run(inputs):
         results = []
         for x, hx, ts in inputs:
-            if getattr(model, "layers", None) is not None and not hasattr(model, "rnn_cell"):
-                results.append(named_results(model(mx.array(x))))
+            if hasattr(model, "output_names"):  # a Graph
+                results.append(graph_results(model.output_names, model(*[mx.array(v) for v in x])))
                 continue
             hx_m = None if hx is None else (tuple(mx.array(h) for h in hx) if isinstance(hx, tuple) else mx.array(hx))
             out, state = model(mx.array(x), hx_m, None if ts is None else mx.array(ts))
@@ -207,8 +245,6 @@ def source_runner(description: Description):
     raise ConversionError(f"cannot run a {description.source.get('framework')} source to verify against")
 
 
-
-
 def onnx_runner(path):
     """``run(x, hx, timespans)`` through onnxruntime for an exported model."""
     try:
@@ -222,8 +258,15 @@ def onnx_runner(path):
     except Exception as error:
         raise ConversionError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
     names = [o.name for o in session.get_outputs()]
+    input_names = [i.name for i in session.get_inputs()]
 
     def run_one(x, hx, ts):
+        if isinstance(x, list):  # a Graph: one array per input, its outputs by name
+            try:
+                return graph_results(names, session.run(None, dict(zip(input_names, x))))
+            except Exception as error:
+                message = " ".join(str(error).split())[:300]
+                raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
         feeds = {"input": np.asarray(x, np.float32)}
         if hx is not None:
             h, c = hx if isinstance(hx, tuple) else (hx, None)
@@ -237,9 +280,6 @@ def onnx_runner(path):
         except Exception as error:
             message = " ".join(str(error).split())[:300]
             raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
-        if "state" not in results:  # a Stack: its output, then any states its last layer returns
-            extra = [results[f"state_{i}"] for i in range(len(results) - 1)]
-            return named_results(tuple([results["output"], *extra]) if extra else results["output"])
         state = (results["state"], results["memory"]) if "memory" in results else results["state"]
         return named_results(results["output"], state)
 
@@ -269,9 +309,9 @@ def _check_onnx_matches(path, description, model):
 
 
 def _model_summary(config) -> str:
-    if config["class"] == "Stack":
+    if config["class"] in ("Graph", "Stack"):
         kinds = [layer["model"]["class"] if layer["type"] == "RNN" else layer["type"] for layer in config["layers"]]
-        return f"Stack of {', '.join(kinds)} with input_size {input_size_of(config)}"
+        return f"graph of {', '.join(kinds)} with inputs {[i.get('shape') for i in config.get('inputs', [])]}"
     units = config["units"]
     size = units.get("exact", units).get("units") if isinstance(units, dict) else units
     return f"{config['class']} with input_size {config['input_size']} and {size} units"

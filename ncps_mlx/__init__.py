@@ -19,7 +19,7 @@ from .models import CTGRU, CTRNN, LTC, CfC, model_from_config  # noqa: E402
 from .onnx_export import export_onnx  # noqa: E402
 from .port import load_weights  # noqa: E402
 from .sequence import SequenceModel  # noqa: E402
-from .stack import Stack  # noqa: E402
+from .graph import Graph  # noqa: E402
 
 blas_status = linux_blas.status
 kernel_status = cpu_kernels.status
@@ -47,7 +47,7 @@ __all__ = [
     "load_weights",
     "ModelFileError",
     "export_onnx",
-    "Stack",
+    "Graph",
     "blas_status",
     "kernel_status",
     "native_status",

@@ -301,10 +301,10 @@ def model_from_config(config: dict) -> SequenceModel:
     """Rebuild a model from ``model.get_config()`` (a wiring in it is restored exactly)."""
     config = dict(config)
     name = config.pop("class", None)
-    if name == "Stack":
-        from .stack import stack_from_config
+    if name in ("Graph", "Stack"):  # a converted Keras model (ncps-mlx 0.1 wrote chains as "Stack")
+        from .graph import graph_from_config
 
-        return stack_from_config({"class": name, **config})
+        return graph_from_config({"class": name, **config})
     if name not in MODEL_CLASSES:
         raise ValueError(f"Unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
     if isinstance(config.get("units"), dict):

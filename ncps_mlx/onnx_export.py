@@ -370,11 +370,16 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
 def _activation(g, name, x):
     if name in (None, "linear"):
         return x
-    simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "elu": "Elu", "selu": "Selu", "exponential": "Exp"}
+    simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "softsign": "Softsign",
+              "elu": "Elu", "selu": "Selu", "exponential": "Exp"}  # fmt: skip
     if name in simple:
         return g.op(simple[name], x)
     if name == "softmax":
         return g.op("Softmax", x, axis=-1)
+    if name == "relu6":
+        return g.op("Clip", x, g.const(0.0), g.const(6.0))
+    if name == "hard_sigmoid":
+        return g.op("HardSigmoid", x, alpha=1 / 6, beta=0.5)
     if name in ("silu", "swish"):
         return g.op("Mul", x, g.sigmoid(x))
     if name == "lecun_tanh":
@@ -385,72 +390,223 @@ def _activation(g, name, x):
     raise ValueError(f"cannot export activation {name!r} to ONNX")
 
 
-def _stack(g, stack, x):
-    """Nodes for an ``ncps_mlx.Stack``: its layers in order. Returns its output value names."""
-    from .stack import RNN, Activation, Dense, Dropout, Flatten, Normalization
-
-    for layer in stack.layers:
-        if isinstance(layer, RNN):
-            model = layer.model
-            if layer.go_backwards:
-                axis = 1 if model.batch_first else 0
-                x = g.op("Slice", x, g.ints([-1]), g.ints([-(2**62)]), g.ints([axis]), g.ints([-1]))
-            y, h, c = _sequence(g, model, x)
-            if layer.return_state:
-                return [y] + ([c, h] if c is not None else [h])
-            x = y
-        elif isinstance(layer, Dense):
-            bias = _np(layer.linear.bias) if "bias" in layer.linear else None
-            x = _activation(g, layer.activation, g.linear(x, _np(layer.linear.weight), bias))
-        elif isinstance(layer, Activation):
-            x = _activation(g, layer.activation, x)
-        elif isinstance(layer, Flatten):
-            x = g.op("Flatten", x, axis=1)
-        elif isinstance(layer, Normalization):
-            scale = g.op("Max", g.op("Sqrt", g.const(_np(layer.variance))), g.const(layer._config["epsilon"]))
-            x = g.op("Div", g.op("Sub", x, g.const(_np(layer.mean))), scale)
-        elif not isinstance(layer, Dropout):
-            raise ValueError(f"cannot export a {type(layer).__name__} layer to ONNX")
-    return [x]
+# --- a converted Keras graph -----------------------------------------------------------------
 
 
-def _stack_output_ranks(stack):
-    """Ranks of a Stack's outputs, which the graph must declare: 3 while time remains."""
-    from .stack import RNN, Flatten
+def _reverse_time(g, x, batch_first=True):
+    return g.op("Slice", x, g.ints([-1]), g.ints([-(2**62)]), g.ints([1 if batch_first else 0]), g.ints([-1]))
 
-    rank = 3
-    for layer in stack.layers:
-        if isinstance(layer, RNN):
-            rank = 3 if layer.model.return_sequences else 2
-            if layer.return_state:
-                return [rank, 2] + ([2] if layer.model.use_mixed else [])
-        elif isinstance(layer, Flatten):
-            rank = 2
-    return [rank]
+
+def _rnn(g, layer, x):
+    """An ``ncps_mlx.layers.RNN``: [output] or [output, *states] in Keras's order."""
+    model = layer.model
+    if layer.go_backwards:
+        x = _reverse_time(g, x, model.batch_first)
+    y, h, c = _sequence(g, model, x)
+    if not layer.return_state:
+        return [y]
+    return [y, c, h] if c is not None else [y, h]
+
+
+def _channels_first(g, layer, x, op_type, **attrs):
+    """Conv/pooling: Keras is channels-last, ONNX channels-first."""
+    rank = len(attrs["kernel_shape"])
+    y = g.op(op_type, g.op("Transpose", x, perm=[0, rank + 1, *range(1, rank + 1)]), *attrs.pop("weights", []), **attrs)
+    return g.op("Transpose", y, perm=[0, *range(2, rank + 2), 1])
+
+
+def _conv(g, layer, x):
+    from .layers import Conv, Pooling
+
+    args = layer._arguments
+    if isinstance(layer, Pooling):
+        kernel, strides = args["pool_size"], args["strides"]
+        attrs = {"kernel_shape": kernel, "strides": strides, "auto_pad": "SAME_UPPER" if args["padding"] == "same" else "VALID"}
+        if args["kind"] == "average":
+            attrs["count_include_pad"] = 0
+        return _channels_first(g, layer, x, "MaxPool" if args["kind"] == "max" else "AveragePool", **attrs)
+    assert isinstance(layer, Conv)
+    kernel = args["kernel_size"]
+    weight = np.moveaxis(_np(layer.weight), -1, 1)  # (F, *k, C) -> (F, C, *k)
+    weights = [g.const(weight, "weight")] + ([g.const(_np(layer.bias), "bias")] if "bias" in layer else [])
+    attrs = {"kernel_shape": kernel, "strides": args["strides"], "dilations": args["dilation_rate"], "weights": weights}
+    if args["padding"] == "same":
+        attrs["auto_pad"] = "SAME_UPPER"  # TensorFlow's: the extra padding after
+    elif args["padding"] == "causal":
+        attrs["pads"] = [(kernel[0] - 1) * args["dilation_rate"][0], 0]
+    y = _channels_first(g, layer, x, "Conv", **attrs)
+    return _activation(g, args["activation"], y)
+
+
+def _layer(g, layer, inputs):
+    """Nodes for one call of a graph layer; returns its output value names."""
+    from . import layers as L
+
+    if isinstance(layer, L.Merge):
+        kind = layer._arguments["kind"]
+        if kind == "Concatenate":
+            return [g.op("Concat", *inputs, axis=layer._arguments["axis"])]
+        if kind == "Average":
+            return [g.op("Div", g.op("Sum", *inputs), g.const(float(len(inputs))))]
+        op = {"Add": "Sum", "Subtract": "Sub", "Multiply": "Mul", "Maximum": "Max", "Minimum": "Min"}[kind]
+        if op in ("Sub", "Mul"):
+            result = inputs[0]
+            for other in inputs[1:]:
+                result = g.op(op, result, other)
+            return [result]
+        return [g.op(op, *inputs)]
+    (x,) = inputs
+    if isinstance(layer, L.RNN):
+        return _rnn(g, layer, x)
+    if isinstance(layer, L.Bidirectional):
+        y_forward, *forward_states = _rnn(g, layer.forward, x)
+        y_backward, *backward_states = _rnn(g, layer.backward, x)
+        if layer.forward.model.return_sequences:
+            y_backward = _reverse_time(g, y_backward)
+        mode = layer.merge_mode
+        if mode == "concat":
+            y = g.op("Concat", y_forward, y_backward, axis=-1)
+        elif mode == "ave":
+            y = g.op("Div", g.op("Add", y_forward, y_backward), g.const(2.0))
+        else:
+            y = g.op("Add" if mode == "sum" else "Mul", y_forward, y_backward)
+        return [y, *forward_states, *backward_states] if layer.return_state else [y]
+    if isinstance(layer, L.TimeDistributed):
+        shape = g.op("Shape", x)
+        flat = g.op("Reshape", x, g.op("Concat", g.ints([-1]), g.op("Slice", shape, g.ints([2]), g.ints([2**62])), axis=0))
+        (y,) = _layer(g, layer.layer, [flat])
+        rest = g.op("Slice", g.op("Shape", y), g.ints([1]), g.ints([2**62]))
+        return [g.op("Reshape", y, g.op("Concat", g.op("Slice", shape, g.ints([0]), g.ints([2])), rest, axis=0))]
+    return [_plain_layer(g, layer, x)]
+
+
+def _plain_layer(g, layer, x):
+    from . import layers as L
+
+    args = getattr(layer, "_arguments", {})
+    if isinstance(layer, L.Dense):
+        bias = _np(layer.linear.bias) if "bias" in layer.linear else None
+        return _activation(g, layer.activation, g.linear(x, _np(layer.linear.weight), bias))
+    if isinstance(layer, L.Activation):
+        return _activation(g, layer.activation, x)
+    if isinstance(layer, L.ReLU):
+        threshold = g.const(args["threshold"])
+        y = g.op("Where", g.op("GreaterOrEqual", x, threshold), x, g.op("Mul", g.const(args["negative_slope"]), g.op("Sub", x, threshold)))
+        return y if args["max_value"] is None else g.op("Min", y, g.const(args["max_value"]))
+    if isinstance(layer, L.LeakyReLU):
+        return g.op("LeakyRelu", x, alpha=args["negative_slope"])
+    if isinstance(layer, L.ELU):
+        return g.op("Elu", x, alpha=args["alpha"])
+    if isinstance(layer, L.Softmax):
+        return g.op("Softmax", x, axis=args["axis"])
+    if isinstance(layer, L.Identity):
+        return g.op("Identity", x)
+    if isinstance(layer, L.Flatten):
+        return g.op("Flatten", x, axis=1)
+    if isinstance(layer, L.Reshape):
+        batch = g.op("Slice", g.op("Shape", x), g.ints([0]), g.ints([1]))
+        return g.op("Reshape", x, g.op("Concat", batch, g.ints(args["target_shape"]), axis=0))
+    if isinstance(layer, L.Permute):
+        return g.op("Transpose", x, perm=[0, *args["dims"]])
+    if isinstance(layer, L.RepeatVector):
+        return g.op("Expand", g.op("Unsqueeze", x, g.ints([1])), g.ints([1, args["n"], 1]))
+    if isinstance(layer, L.Normalization):
+        scale = np.maximum(np.sqrt(_np(layer.variance)), np.float32(args["epsilon"]))
+        return g.op("Div", g.op("Sub", x, g.const(_np(layer.mean))), g.const(scale))
+    if isinstance(layer, L.BatchNormalization):
+        inv = (1 / np.sqrt(_np(layer.moving_variance) + np.float32(args["epsilon"]))).astype(np.float32)
+        inv = inv * _np(layer.gamma) if "gamma" in layer else inv
+        shift = -_np(layer.moving_mean) * inv + (_np(layer.beta) if "beta" in layer else 0)
+        inv, shift = g.const(inv), g.const(shift.astype(np.float32))
+        axis = args["axis"]
+        if axis != -1:  # (F,) -> (F, 1, ..., 1): a positive axis counts up to the rank, known at run time
+            if axis < 0:
+                ones = g.ints([1] * (-1 - axis))
+            else:
+                rank = g.op("Reshape", g.op("Size", g.op("Shape", x)), g.ints([1]))
+                ones = g.op("ConstantOfShape", g.op("Sub", rank, g.ints([axis + 1])), value=_int64_one())
+            shape = g.op("Concat", g.ints([-1]), ones, axis=0)
+            inv, shift = g.op("Reshape", inv, shape), g.op("Reshape", shift, shape)
+        return g.op("Add", g.op("Mul", x, inv), shift)
+    if isinstance(layer, L.LayerNormalization):
+        features = args["features"]
+        scale = _np(layer.gamma) if "gamma" in layer else np.ones(features, np.float32)
+        bias = _np(layer.beta) if "beta" in layer else np.zeros(features, np.float32)
+        return g.op("LayerNormalization", x, g.const(scale), g.const(bias), axis=-1, epsilon=args["epsilon"])
+    if isinstance(layer, L.Embedding):
+        return g.op("Gather", g.const(_np(layer.embeddings), "embeddings"), g.op("Cast", x, to=7), axis=0)  # 7: int64
+    if isinstance(layer, L.GlobalPooling):
+        axes = list(range(1, 1 + args["rank"]))
+        return g.op("ReduceMax" if args["kind"] == "max" else "ReduceMean", x, axes=axes, keepdims=int(args["keepdims"]))
+    if isinstance(layer, (L.Conv, L.Pooling)):
+        return _conv(g, layer, x)
+    raise ValueError(f"cannot export a {type(layer).__name__} layer to ONNX")
+
+
+def _int64_one():
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.ones(1, np.int64))
+
+
+def _graph_output_shapes(graph) -> list:
+    """Each output's shape, None where it follows the batch or a free input size: the graph
+    run at two sizes (zeros), dims that differ are free."""
+    import mlx.core as mx
+
+    def run(batch, free):
+        xs = []
+        for spec in graph.input_specs:
+            shape = [batch] + [free if d is None else int(d) for d in spec.get("shape") or [None, None]]
+            integer = str(spec.get("dtype", "float32")).startswith(("int", "uint"))
+            xs.append(mx.zeros(shape, dtype=mx.int32 if integer else mx.float32))
+        out = graph(*xs)
+        return out if isinstance(out, list) else [out]
+
+    return [[a if a == b else None for a, b in zip(x.shape, y.shape)] for x, y in zip(run(1, 5), run(2, 6))]
+
+
+def _graph(g, graph):
+    """Inputs and outputs (value infos) of a Graph, its nodes added to ``g``: one ONNX input
+    per Keras input and one output per Keras output, named after them."""
+    from onnx import TensorProto, helper
+
+    from .graph import Graph
+
+    assert isinstance(graph, Graph)
+    dtypes = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
+    inputs, values = [], {}
+    for k, spec in enumerate(graph.input_specs):
+        declared = spec.get("shape") or [None, None]
+        dims = ["batch"] + [f"{spec['name']}_{i + 1}" if d is None else int(d) for i, d in enumerate(declared)]
+        inputs.append(helper.make_tensor_value_info(spec["name"], dtypes.get(str(spec.get("dtype")), TensorProto.FLOAT), dims))
+        values[("input", k)] = spec["name"]
+    for c, call in enumerate(graph._calls):
+        results = _layer(g, graph.layers[call["layer"]], [values[tuple(ref)] for ref in call["inputs"]])
+        for j, name in enumerate(results):
+            values[(c, j)] = name
+    outputs = []
+    for output, shape in zip(graph._outputs, _graph_output_shapes(graph)):
+        g.nodes.append(helper.make_node("Identity", [values[tuple(output["ref"])]], [output["name"]]))
+        outputs.append(_value(output["name"], ["batch" if i == 0 else d for i, d in enumerate(shape)]))
+    return inputs, outputs
 
 
 def build_onnx(model):
-    """The ``onnx.ModelProto`` for ``model``: a CfC, LTC, CTRNN, CTGRU, or a ``Stack`` of them
-    with plain layers (whose graph takes ``input`` alone, as the Keras model did)."""
+    """The ``onnx.ModelProto`` for ``model``: a CfC, LTC, CTRNN, CTGRU, or a converted Keras
+    ``Graph`` (its inputs and outputs named as in the Keras model)."""
     try:
         import onnx
         from onnx import helper
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
     from . import __version__
-    from .stack import Stack
+    from .graph import Graph
 
     g = _Graph()
     defaults = []
-    if isinstance(model, Stack):
-        first = model.layers[0]
-        features = first.model.input_size if hasattr(first, "model") else None
-        inputs = [_value("input", ["batch", "time", features])]
-        results = _stack(g, model, "input")
-        names = ["output"] + [f"state_{i}" for i in range(len(results) - 1)]
-        outputs = [_value(name, [None] * rank) for name, rank in zip(names, _stack_output_ranks(model))]
-        for result, name in zip(results, names):
-            g.nodes.append(helper.make_node("Identity", [result], [name]))
+    if isinstance(model, Graph):
+        inputs, outputs = _graph(g, model)
     else:
         S, I = model.state_size, model.input_size
         y, h, c = _sequence(

@@ -74,7 +74,7 @@ def test_fixture_converts_to_the_same_function(npz, monkeypatch):
     model = description.build()
     data = np.load(npz)
     out = model(mx.array(data["x"]))
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = out if isinstance(out, list) else (out,)
     expected = sorted(k for k in data.files if k.startswith("out_"))
     assert len(outs) == len(expected)
     for value, key in zip(outs, expected):
@@ -93,10 +93,10 @@ def test_flavour_handling_is_recorded_in_the_converted_config():
     assert ltc["implicit_param_constraints"] is False  # point 6
 
 
-def test_model_file_round_trip_of_a_stack(tmp_path):
+def test_model_file_round_trip_of_a_graph(tmp_path):
     description = readers.read(ROOT / "keras" / "cfc_norm_backbone2_timedistributed.keras").module()
     model = description.build()
-    path = ncps_mlx.save(model, tmp_path / "stack.safetensors")
+    path = ncps_mlx.save(model, tmp_path / "graph.safetensors")
     loaded = ncps_mlx.load(path)
     x = mx.array(np.load(ROOT / "keras" / "cfc_norm_backbone2_timedistributed.npz")["x"])
     assert float(mx.max(mx.abs(loaded(x) - model(x)))) == 0.0
@@ -251,4 +251,4 @@ def test_every_fixture_against_keras_reloading_it(npz):
 def test_inspect_keras(source):
     result = cli("inspect", ROOT / source)
     assert result.returncode == 0, result.stderr
-    assert "model        Stack: " in result.stdout and "wiring       AutoNCP: neurons per layer" in result.stdout
+    assert "model        Graph: " in result.stdout and "wiring       AutoNCP: neurons per layer" in result.stdout

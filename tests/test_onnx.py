@@ -151,18 +151,20 @@ KERAS_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "keras"
 @pytest.mark.parametrize(
     "name", ["cfc_norm_backbone2_timedistributed", "cfc_go_backwards", "cfc_return_state", "cfc_flatten_dense", "ltc_mixed_dense"]
 )
-def test_stack_from_keras_exports(name, tmp_path):
+def test_graph_from_keras_exports(name, tmp_path):
     pytest.importorskip("h5py")
     from ncps_mlx.converters import readers
 
-    stack = readers.read(KERAS_FIXTURES / f"{name}.keras").module().build()
-    sess = session(ncps_mlx.export_onnx(stack, tmp_path / "stack.onnx"))
+    graph = readers.read(KERAS_FIXTURES / f"{name}.keras").module().build()
+    sess = session(ncps_mlx.export_onnx(graph, tmp_path / "graph.onnx"))
     x = np.load(KERAS_FIXTURES / f"{name}.npz")["x"]
     if name != "cfc_flatten_dense":  # Flatten fixes the length; the others take any
         x = np.random.default_rng(3).normal(size=(13, 40, x.shape[-1])).astype(np.float32)
-    expected = stack(mx.array(x))
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    got = sess.run(None, {"input": x})
+    expected = graph(mx.array(x))
+    expected = expected if isinstance(expected, list) else [expected]
+    assert [i.name for i in sess.get_inputs()] == [spec["name"] for spec in graph.input_specs]
+    assert [o.name for o in sess.get_outputs()] == graph.output_names
+    got = sess.run(None, {sess.get_inputs()[0].name: x})
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert np.max(np.abs(a - np.array(b))) <= TOL

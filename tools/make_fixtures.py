@@ -10,7 +10,9 @@ For each variant in VARIANTS, writes to fixtures/torch/:
   NAME.npz          inputs and ncps.torch's outputs: x, output, state[, state_c];
                     x1, timespans1, output1, state1[, state1_c] (batch 1 with timespans)
 and cfc_module.pt, a whole pickled module (torch.save(model)) for the --trust-pickle path.
-Then tools/make_keras_fixtures.py writes fixtures/keras and fixtures/tf_keras.
+Then tools/make_keras_fixtures.py writes fixtures/keras and fixtures/tf_keras,
+tools/make_keras_graph_fixtures.py fixtures/keras_graphs (whole functional models), and
+tools/make_wrapper_fixtures.py fixtures/torch_wrappers (user modules, Lightning, DataParallel).
 Weights are perturbed away from their initialisation (relative to each tensor's spread) so the
 fixtures test more than the initialiser.
 """
@@ -176,14 +178,16 @@ def main():
     total = sum(p.stat().st_size for p in out_dir.iterdir())
     print(f"{len(VARIANTS)} variants, {total / 1024:.0f} KiB in {out_dir}")
     # Keras 3 and tf.keras each need their own process (TF_USE_LEGACY_KERAS is read at import).
-    script = Path(__file__).with_name("make_keras_fixtures.py")
-    for flavour in ("keras", "tf"):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-        if flavour == "tf":
-            env["TF_USE_LEGACY_KERAS"] = "1"
-        else:
-            env.pop("TF_USE_LEGACY_KERAS", None)
-        subprocess.run([sys.executable, str(script), flavour], env=env, check=True)
+    for name in ("make_keras_fixtures.py", "make_keras_graph_fixtures.py"):
+        script = Path(__file__).with_name(name)
+        for flavour in ("keras", "tf"):
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+            if flavour == "tf":
+                env["TF_USE_LEGACY_KERAS"] = "1"
+            else:
+                env.pop("TF_USE_LEGACY_KERAS", None)
+            subprocess.run([sys.executable, str(script), flavour], env=env, check=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_wrapper_fixtures.py"))], check=True)
 
 
 if __name__ == "__main__":
