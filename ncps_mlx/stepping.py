@@ -400,7 +400,7 @@ class Steps:
             # the last state's is carried into the last step.
             d_ys, dh = cotangents[0].transpose(1, 2, 0), cotangents[1].T
             d_outs, d_states = (None, d_ys) if output_is_state else (d_ys, None)
-            d_inputs, per_step = [], []
+            d_inputs, per_step, d_times = [], [], []
             for start in reversed(range(0, steps, chunk)):
                 span = slice(start, min(start + chunk, steps))
                 args = (
@@ -410,8 +410,8 @@ class Steps:
                     None if d_states is None else d_states[span],
                     dh,
                 )
-                dh, d_in, cots = self._cell_call(_reverse_steps, fixed, fixed_key, fixed_leaves, args, False, flat=False)
-                d_inputs, per_step = d_in + d_inputs, cots + per_step
+                dh, d_in, cots, d_t = self._cell_call(_reverse_steps, fixed, fixed_key, fixed_leaves, args, False, flat=False)
+                d_inputs, per_step, d_times = d_in + d_inputs, cots + per_step, d_t + d_times
 
             def columns(arrays):  # n arrays (F, B) -> (F, n x B)
                 return arrays[0] if len(arrays) == 1 else mx.stack(arrays, axis=1).reshape(arrays[0].shape[0], -1)
@@ -432,7 +432,10 @@ class Steps:
             _flatten(_zeros_where_none(_unflatten(fixed, iter(fixed_leaves)), (None, d_prepared, None)), d_fixed)
             d_cell_inputs = mx.stack(d_inputs)  # (T, P, B)
             d_cell_inputs = d_cell_inputs if split.features_first else d_cell_inputs.transpose(2, 0, 1)
-            d_sequence = [d_cell_inputs, dh.T] + ([] if ts is None else [mx.zeros_like(ts)])
+            d_sequence = [d_cell_inputs, dh.T]
+            if ts is not None:  # per step (1, B) -> the loop's (B, T, 1), or summed for a 0-d timespan
+                d_ts = mx.stack(d_times)
+                d_sequence.append(d_ts.transpose(2, 0, 1) if ts.ndim == 3 else mx.sum(d_ts))
             return _gather_unique(d_fixed + d_sequence, split)
 
         return forward, backward
@@ -513,14 +516,16 @@ class Steps:
             budget = self.row_budget()
             if h0.shape[0] >= budget:
                 # A large batch has rows enough at every step: one full vjp a step.
-                d_fixed, d_cells, d_lstms = None, [None] * steps, [None] * steps
+                d_fixed, d_cells, d_lstms, d_times = None, [None] * steps, [None] * steps, [None] * steps
                 for t in reversed(range(steps)):
                     cots = [d_outs[:, t], d_hs[:, t] + dh] + ([d_cs[:, t] + dc] if mixed else [])
-                    d_step, d_cells[t], d_lstms[t], dh, dc = self._rows_vjp(
+                    d_step, d_cells[t], d_lstms[t], dh, dc, d_times[t] = self._rows_vjp(
                         fixed, fixed_key, fixed_leaves, step_args(t), cots, with_state=True
                     )
                     d_fixed = d_step if d_fixed is None else [a + b for a, b in zip(d_fixed, d_step)]
                 d_cell_inputs, d_lstm_inputs = by_time(d_cells, cell_inputs), by_time(d_lstms, lstm_inputs)
+                if ts is not None:  # per step (B, 1) -> (B, T, 1); a 0-d timespan's summed
+                    d_ts = mx.stack(d_times, axis=1) if ts.ndim == 3 else sum(d_times[1:], d_times[0])
             else:
                 # Reverse pass: only the state cotangents travel back through time.
                 g_outs, g_hs, g_cs = [None] * steps, [None] * steps, [None] * steps
@@ -539,7 +544,7 @@ class Steps:
                 previous_c = mx.concatenate([c0[:, None], cs[:, :-1]], axis=1) if mixed else None
                 cotangents = [mx.stack(g, axis=1) for g in ((g_outs, g_hs, g_cs) if mixed else (g_outs, g_hs))]
                 chunk = max(1, budget // hs.shape[0])
-                d_fixed, d_cells, d_lstms = None, [], []
+                d_fixed, d_cells, d_lstms, d_times = None, [], [], []
                 for start in range(0, steps, chunk):
                     span = slice(start, min(start + chunk, steps))
                     row_args = (
@@ -550,10 +555,11 @@ class Steps:
                         1.0 if ts is None else (ts if ts.ndim < 3 else rows(ts[:, span])),
                     )
                     cots = [rows(g[:, span]) for g in cotangents]
-                    d_chunk, d_cell, d_lstm = self._rows_vjp(fixed, fixed_key, fixed_leaves, row_args, cots)
+                    d_chunk, d_cell, d_lstm, d_time = self._rows_vjp(fixed, fixed_key, fixed_leaves, row_args, cots)
                     d_fixed = d_chunk if d_fixed is None else [a + b for a, b in zip(d_fixed, d_chunk)]
                     d_cells.append(d_cell)
                     d_lstms.append(d_lstm)
+                    d_times.append(d_time)
 
                 def joined(chunks, like):
                     if like is None:
@@ -561,6 +567,8 @@ class Steps:
                     return mx.concatenate([d.reshape(like.shape[0], -1, like.shape[-1]) for d in chunks], axis=1)
 
                 d_cell_inputs, d_lstm_inputs = joined(d_cells, cell_inputs), joined(d_lstms, lstm_inputs)
+                if ts is not None:
+                    d_ts = joined(d_times, ts) if ts.ndim == 3 else sum(d_times[1:], d_times[0])
             if split.features_first:
                 d_cell_inputs = d_cell_inputs.transpose(1, 2, 0)
 
@@ -569,7 +577,7 @@ class Steps:
                 d_lstm_inputs,
                 dh,
                 dc,
-                None if ts is None else mx.zeros_like(ts),  # timespans get no gradient
+                None if ts is None else d_ts,
             ]
             return _gather_unique(list(d_fixed) + [d for d in d_sequence if d is not None], split)
 
@@ -577,12 +585,12 @@ class Steps:
 
     def _step_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangents, parameters: bool, state: bool):
         """The vjp of one step call (any number of rows) for the cotangents of its outputs,
-        compiled: the gradients of the fixed leaves and the inputs if ``parameters``, then of
-        the states (h, c) if ``state``, in that order."""
+        compiled: the gradients of the fixed leaves, the inputs and the timespan (where it is
+        an array) if ``parameters``, then of the states (h, c) if ``state``, in that order."""
         leaves = list(fixed_leaves)
         step_args = _flatten(args, leaves)
         n_fixed, n = len(fixed_leaves), len(leaves)
-        wrt = list(range(n_fixed)) + _positions(step_args, n_fixed, (0, 1)) if parameters else []
+        wrt = list(range(n_fixed)) + _positions(step_args, n_fixed, (0, 1, 4)) if parameters else []
         wrt += _positions(step_args, n_fixed, (2, 3)) if state else []
 
         def build():
@@ -609,18 +617,20 @@ class Steps:
         return grads[0], (grads[1] if args[3] is not None else None)
 
     def _rows_vjp(self, fixed, fixed_key, fixed_leaves, args, cotangent_rows, with_state=False):
-        """Gradients of the fixed leaves and of the input rows, for all rows at once; with
-        ``with_state`` also those of the state rows: (d_fixed, d_cell, d_lstm[, dh, dc])."""
+        """Gradients of the fixed leaves, the input rows and the timespan (None where it is a
+        number), for all rows at once; with ``with_state`` also those of the state rows:
+        (d_fixed, d_cell, d_lstm[, dh, dc], d_ts)."""
         grads = self._step_vjp(fixed, fixed_key, fixed_leaves, args, cotangent_rows, True, with_state)
         n_fixed = len(fixed_leaves)
         d_fixed, rest = grads[:n_fixed], grads[n_fixed:]
         d_cell = rest.pop(0) if args[0] is not None else None
         d_lstm = rest.pop(0) if args[1] is not None else None
+        d_ts = rest.pop(0) if isinstance(args[4], mx.array) else None
         if with_state:
             dh = rest.pop(0)
             dc = rest.pop(0) if args[3] is not None else None
-            return d_fixed, d_cell, d_lstm, dh, dc
-        return d_fixed, d_cell, d_lstm
+            return d_fixed, d_cell, d_lstm, dh, dc, d_ts
+        return d_fixed, d_cell, d_lstm, d_ts
 
 
 def _gather_unique(gradients, split):
@@ -664,13 +674,13 @@ def _reverse_steps(cell, step_residuals, ts, d_outs, d_states, dh, prepared):
     of n steps to the first, d outs and d states None (zeros) or (n, F, B), dh (H, B) the
     cotangent carried into the last -> (dh into the first, [d input], [cotangents])."""
     n = len(step_residuals)
-    d_inputs, cotangents = [None] * n, [None] * n
+    d_inputs, cotangents, d_times = [None] * n, [None] * n, [None] * n
     for t in reversed(range(n)):
         d_out = 0.0 if d_outs is None else _row_block(d_outs, t)
         d_state = dh if d_states is None else _row_block(d_states, t) + dh
         args = (step_residuals[t], _timespan_row(ts, t), d_out, d_state)
-        dh, d_inputs[t], cotangents[t] = cell.residual_vjp(*args, prepared)
-    return dh, d_inputs, cotangents
+        dh, d_inputs[t], cotangents[t], d_times[t] = cell.residual_vjp(*args, prepared)
+    return dh, d_inputs, cotangents, d_times
 
 
 def _step_blocks(stack):

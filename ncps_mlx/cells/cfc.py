@@ -303,9 +303,11 @@ class CfCCell(nn.Module):
     # forward pass computed, where a generic vjp recomputes the step. The protocol, every
     # array feature-major (features, B):
     #   residual_step(u, h, ts, prepared) -> (out, new h, step residuals, gradient residuals):
-    #       the step residuals are the derivatives that step's vjp needs
-    #   residual_vjp(step residuals, ts, d out, d new h, prepared) -> (d h, d u, cotangents);
-    #       d out is 0.0 when the output is the new state (the state's cotangent has it)
+    #       the step residuals are the derivatives that step's vjp needs (with d new h / d ts
+    #       where the timespan is an array, so that it gets its gradient)
+    #   residual_vjp(step residuals, ts, d out, d new h, prepared) -> (d h, d u, cotangents,
+    #       d ts (1, B) or None); d out is 0.0 when the output is the new state (the state's
+    #       cotangent has it)
     #   residual_gradients(ts, previous states, gradient residuals, cotangents, prepared)
     #       -> the gradient of ``prepared``, from (F, N) columns of N = steps x B.
 
@@ -326,14 +328,25 @@ class CfCCell(nn.Module):
         # derivative of the inline rational that the forward pass traced.
         with fastmath.custom_gradients():
             d_activations = [mx.vjp(lambda v: [self.activation(v)], [z], [mx.ones_like(z)])[1][0] for z in zs]
-        return new_h, new_h, [self._tail_jacobian(parts, ts)] + d_activations, activations
+        jacobian = self._tail_jacobian(parts, ts)
+        return new_h, new_h, (jacobian, d_activations, self._timespan_derivative(jacobian, y, ts)), activations
+
+    def _timespan_derivative(self, jacobian, y, ts):
+        """d new state / d ts (H, B) where ts is an array (None for a number): the gate's
+        argument is t_a ts + t_b, so it is d new state / d t_b (the Jacobian's last rows) t_a."""
+        if isinstance(ts, (int, float)):
+            return None
+        H = self.hidden_size
+        return jacobian[-H:] * y[2 * H : 3 * H]
 
     def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
         """A step's vjp: (d previous state (H, B), d input (P, B), [d head input (K, B), d
         pre-activation per layer (units, B)])."""
-        d_tail, *d_activations = derivatives
+        d_tail, d_activations, d_new_d_ts = derivatives
         _, _, state_weight, heads, hidden = prepared
-        dy = _rows_times(d_tail, d_out + d_state)
+        d_new = d_out + d_state
+        dy = _rows_times(d_tail, d_new)
+        d_ts = None if d_new_d_ts is None else mx.sum(d_new_d_ts * d_new, axis=0, keepdims=True)
         d_first, dzs = dy, []
         if d_activations:
             da = (heads[0] if _unit(ts) else heads[2]).T @ dy
@@ -343,7 +356,7 @@ class CfCCell(nn.Module):
                 if i > 0:
                     da = hidden[i - 1][0].T @ dzs[i]
             d_first = dzs[0]
-        return state_weight.T @ d_first, d_first, [dy] + dzs
+        return state_weight.T @ d_first, d_first, [dy] + dzs, d_ts
 
     def residual_gradients(self, ts, states, activations, cotangents, prepared):
         """The gradient of ``prepared`` (its structure, None where there is none) from (F, N)
@@ -494,7 +507,7 @@ class WiredCfCCell(nn.Module):
         per layer], [each layer's input after the first]); the two lists only with
         ``residuals``."""
         states = mx.split(h, self._offsets(), axis=0)
-        out, new_states, jacobians, layer_inputs = u, [], [], []
+        out, new_states, jacobians, layer_inputs, d_ts = u, [], [], [], []
         for i, (layer, state, weights) in enumerate(zip(self.layers, states, prepared)):
             if i > 0:
                 layer_inputs.append(out)
@@ -504,12 +517,13 @@ class WiredCfCCell(nn.Module):
                 parts = layer._tail_parts(y, ts)
                 out = layer._combine(parts)
                 jacobians.append(layer._tail_jacobian(parts, ts))
+                d_ts.append(layer._timespan_derivative(jacobians[-1], y, ts))
             else:
                 out = layer._tail(y, ts)
             new_states.append(out)
         if self.motor_output:
             out = out[: self.wiring.output_dim]
-        return out, mx.concatenate(new_states, axis=0), jacobians, layer_inputs
+        return out, mx.concatenate(new_states, axis=0), (jacobians, d_ts), layer_inputs
 
     # The residual protocol of ``CfCCell`` (see there), layer by layer: a layer's output is
     # its new state, and the next layer's input.
@@ -522,23 +536,29 @@ class WiredCfCCell(nn.Module):
         return np.cumsum(self.layer_sizes)[:-1].tolist()
 
     def residual_step(self, u, h, ts, prepared):
-        """-> (out, new h, [d new layer state / d head input per layer], [each layer's input
-        after the first])."""
+        """-> (out, new h, ([d new layer state / d head input per layer], [d new layer state /
+        d ts per layer, or None each]), [each layer's input after the first])."""
         return self._walk(u, h, ts, prepared, residuals=True)
 
     def residual_vjp(self, derivatives, ts, d_out, d_state, prepared):
-        """-> (d previous state (units, B), d input (P, B), [d head input per layer])."""
+        """-> (d previous state (units, B), d input (P, B), [d head input per layer], d ts (1, B)
+        or None)."""
+        jacobians, d_new_d_ts = derivatives
         d_states = mx.split(d_state, self._offsets(), axis=0)
         if d_out.shape[0] < d_states[-1].shape[0]:  # motor_output: the first neurons
             d_out = mx.concatenate([d_out, mx.zeros((d_states[-1].shape[0] - d_out.shape[0], d_out.shape[1]))])
         d_states[-1] = d_states[-1] + d_out
-        d_previous, dys, carried = [None] * len(d_states), [None] * len(d_states), None
+        d_previous, dys, carried, d_ts = [None] * len(d_states), [None] * len(d_states), None, None
         for i in reversed(range(len(d_states))):
-            dys[i] = _rows_times(derivatives[i], d_states[i] if carried is None else d_states[i] + carried)
+            d_new = d_states[i] if carried is None else d_states[i] + carried
+            dys[i] = _rows_times(jacobians[i], d_new)
+            if d_new_d_ts[i] is not None:
+                part = mx.sum(d_new_d_ts[i] * d_new, axis=0, keepdims=True)
+                d_ts = part if d_ts is None else d_ts + part
             d_previous[i] = prepared[i][2].T @ dys[i]
             if i > 0:
                 carried = prepared[i][0].T @ dys[i]
-        return mx.concatenate(d_previous, axis=0), dys[0], dys
+        return mx.concatenate(d_previous, axis=0), dys[0], dys, d_ts
 
     def residual_gradients(self, ts, states, layer_inputs, cotangents, prepared):
         """Per layer (input weight, input bias, state weight) gradients; layer 0's input
