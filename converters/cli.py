@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--module", metavar="NAME", help="with several ncps modules in SRC: the one to export to ONNX (a model file keeps all)"
     )
+    convert.add_argument(
+        "--onnx-inputs", type=_onnx_inputs, metavar="NAMES",
+        help="ONNX: make these graph inputs (comma-separated: initial_state, initial_memory, timespans); "
+        "by default the graph takes `input` alone",
+    )  # fmt: skip
+    convert.add_argument(
+        "--onnx-step", action="store_true",
+        help="ONNX: export one step for streaming (input, state[, memory][, timespan] -> output, next_state[, next_memory])",
+    )  # fmt: skip
     common(convert)
 
     inspect = sub.add_parser("inspect", help="print what SRC holds and what had to be assumed")
@@ -136,17 +145,29 @@ def _read(args, progress):
     return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
 
 
-def _write_model_file(checkpoint, models, path):
+def _write_model_file(checkpoint, models, path, args):
     from ncps_mlx import modelfile
 
     modelfile.save_modules(models, path, source=checkpoint.source, other=checkpoint.other)
 
 
-def _write_onnx(checkpoint, models, path):
+def _write_onnx(checkpoint, models, path, args):
     from ncps_mlx.onnx_export import export_onnx
 
     (model,) = models.values()
-    export_onnx(model, path)
+    try:
+        export_onnx(model, path, inputs=args.onnx_inputs or (), step=args.onnx_step)
+    except ValueError as error:
+        raise UsageError(f"--onnx-inputs/--onnx-step: {error}") from None
+
+
+def _onnx_inputs(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    allowed = ("initial_state", "initial_memory", "timespans")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown input(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return names
 
 
 # The table of writers, by the output's suffix.
@@ -171,6 +192,8 @@ def cmd_convert(args) -> int:
         raise UsageError(f"output {out} must end in {' or '.join(WRITERS)}")
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if out.suffix != ".onnx" and (args.onnx_inputs or args.onnx_step):
+        raise UsageError("--onnx-inputs and --onnx-step apply to ONNX output (-o OUT.onnx)")
     if not out.parent.exists():
         raise UsageError(f"output folder {out.parent} does not exist")
     checkpoint = _read(args, progress)
@@ -191,7 +214,7 @@ def cmd_convert(args) -> int:
     partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
     try:
         progress(f"Writing {'ONNX' if out.suffix == '.onnx' else 'the model file'}")
-        WRITERS[out.suffix](checkpoint, models, partial)
+        WRITERS[out.suffix](checkpoint, models, partial, args)
         reports = []
         if args.verify is not False:
             for name in names:

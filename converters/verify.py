@@ -245,43 +245,100 @@ def source_runner(description: Description):
     raise ConversionError(f"cannot run a {description.source.get('framework')} source to verify against")
 
 
-def onnx_runner(path):
-    """``run(x, hx, timespans)`` through onnxruntime for an exported model."""
+def _onnx_session(path):
     try:
         import onnxruntime as ort
     except ImportError:
         raise SourceUnavailable("verifying an ONNX file needs onnxruntime: pip install 'ncps-mlx[onnx]'") from None
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # our overridable default inputs trigger a benign warning
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:
         raise ConversionError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
+
+
+def onnx_cases(path, case_list):
+    """The cases an ONNX file can take: initial states and timespans only where it has them as
+    inputs (the step graph always takes a state)."""
+    session = _onnx_session(path)
+    names = {i.name for i in session.get_inputs()}
+    mixed = bool({o.name for o in session.get_outputs()} & {"memory", "next_memory"})
+    has_state = "state" in names or ("initial_state" in names and (not mixed or "initial_memory" in names))
+    has_ts = bool(names & {"timespans", "timespan"})
+    fitted = []
+    for label, batch, steps, with_ts, with_hx in case_list:
+        if (with_ts and not has_ts) or (with_hx and not has_state):
+            label = f"B={batch} T={steps}" + (" random timespans" if with_ts and has_ts else "")
+            label += " random initial state" if with_hx and has_state else ""
+        fitted.append((label, batch, steps, with_ts and has_ts, with_hx and has_state))
+    return fitted
+
+
+def onnx_runner(path):
+    """``run(inputs)`` through onnxruntime for an exported model: a sequence graph fed by
+    name, a step graph fed step by step from the initial state, or a Keras graph."""
+    import json
+
+    session = _onnx_session(path)
     names = [o.name for o in session.get_outputs()]
     input_names = [i.name for i in session.get_inputs()]
+    step_graph = "state" in input_names
 
-    def run_one(x, hx, ts):
-        if isinstance(x, list):  # a Graph: one array per input, its outputs by name
-            try:
-                return graph_results(names, session.run(None, dict(zip(input_names, x))))
-            except Exception as error:
-                message = " ".join(str(error).split())[:300]
-                raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
-        feeds = {"input": np.asarray(x, np.float32)}
-        if hx is not None:
-            h, c = hx if isinstance(hx, tuple) else (hx, None)
-            feeds["initial_state"] = h
-            if c is not None:
-                feeds["initial_memory"] = c
-        if ts is not None:
-            feeds["timespans"] = np.asarray(ts, np.float32)
+    def run_session(feeds):
         try:
-            results = dict(zip(names, session.run(None, feeds)))
+            return dict(zip(names, session.run(None, feeds)))
         except Exception as error:
             message = " ".join(str(error).split())[:300]
             raise ConversionError(f"{path}: onnxruntime rejected the inputs ({message})") from None
+
+    def run_one(x, hx, ts):
+        if isinstance(x, list):  # a Graph: one array per input, its outputs by name
+            outputs = run_session(dict(zip(input_names, x)))
+            return graph_results(names, [outputs[n] for n in names])
+        h, c = hx if isinstance(hx, tuple) else (hx, None)
+        if step_graph:
+            return run_steps(np.asarray(x, np.float32), h, c, ts)
+        x = np.asarray(x, np.float32)
+        feeds = {"input": x}
+        batch_axis = 0 if "batch" == str(session.get_inputs()[0].shape[0]) else 1
+        size, steps = x.shape[batch_axis], x.shape[1 - batch_axis]
+        state_size = int(session.get_outputs()[1].shape[1])
+        # Every graph input is required: where a case has none, the defaults the model uses.
+        defaults = {"initial_state": np.zeros((size, state_size), np.float32),
+                    "initial_memory": np.zeros((size, state_size), np.float32),
+                    "timespans": np.ones((size, steps) if batch_axis == 0 else (steps, size), np.float32)}  # fmt: skip
+        for name, value in (("initial_state", h), ("initial_memory", c), ("timespans", ts)):
+            if name in input_names:
+                feeds[name] = defaults[name] if value is None else np.asarray(value, np.float32)
+        results = run_session(feeds)
         state = (results["state"], results["memory"]) if "memory" in results else results["state"]
         return named_results(results["output"], state)
+
+    def run_steps(x, h, c, ts):
+        meta = session.get_modelmeta().custom_metadata_map
+        model_config = json.loads(meta.get("ncps_mlx_config", "{}"))
+        batch_first = model_config.get("batch_first", True)
+        xs = x if batch_first else x.swapaxes(0, 1)  # (B, T, I)
+        batch, steps = xs.shape[:2]
+        state = {"state": h if h is not None else np.zeros((batch, int(session.get_inputs()[1].shape[1])), np.float32)}
+        if "memory" in input_names:
+            state["memory"] = c if c is not None else np.zeros_like(state["state"])
+        outs = []
+        for t in range(steps):
+            feeds = {"input": np.ascontiguousarray(xs[:, t]), **state}
+            if "timespan" in input_names:
+                spans = np.ones((batch, steps), np.float32) if ts is None else (ts if batch_first else ts.T)
+                feeds["timespan"] = np.ascontiguousarray(spans[:, t])
+            results = run_session(feeds)
+            outs.append(results["output"])
+            state = {"state": results["next_state"]}
+            if "memory" in input_names:
+                state["memory"] = results["next_memory"]
+        if model_config.get("return_sequences", True):
+            output = np.stack(outs, axis=1 if batch_first else 0)
+        else:
+            output = outs[-1]
+        final = (state["state"], state["memory"]) if "memory" in state else state["state"]
+        return named_results(output, final)
 
     return lambda inputs: [run_one(*args) for args in inputs]
 
@@ -329,7 +386,8 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
     config = description.config
     if path.suffix == ".onnx":
         _check_onnx_matches(path, description, model)
-        target, target_name, case_list = onnx_runner(path), f"onnxruntime ({path.name})", cases(description, unbatched=False)
+        case_list = onnx_cases(path, cases(description, unbatched=False))
+        target, target_name = onnx_runner(path), f"onnxruntime ({path.name})"
     else:
         name = description.source.get("module")
         try:

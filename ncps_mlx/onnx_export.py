@@ -1,20 +1,26 @@
 """Export a model to ONNX with its time loop as one ``Scan``: any batch size, any length.
 
-    export_onnx(model, "m.onnx")
+    export_onnx(model, "m.onnx")                                   # input -> output, state
+    export_onnx(model, "m.onnx", inputs=["initial_state", "timespans"])
+    export_onnx(model, "step.onnx", step=True)                     # one step, for streaming
 
 Graph (opset 17, IR version 8), B batch, T time, I input_size, S state_size, F output features:
 
-* inputs: ``input`` (B, T, I), or (T, B, I) for a time-first model; ``initial_state`` (B, S),
-  defaults to zeros; ``initial_memory`` (B, S) with mixed memory, defaults to zeros;
-  ``timespans`` (B, T) (time-first: (T, B)), defaults to 1. Defaults are initializers that a
-  caller may override by feeding the input.
+* inputs: ``input`` (B, T, I), or (T, B, I) for a time-first model; with ``inputs=`` also
+  ``initial_state`` (B, S), ``initial_memory`` (B, S) (mixed memory) and ``timespans`` (B, T)
+  (time-first: (T, B)). Inputs not asked for are constants (zeros; a timespan of 1), never
+  overridable initializers: ``get_inputs()`` lists exactly what the graph takes.
 * outputs: ``output`` as the MLX model returns it (B, T, F) / (T, B, F) / last step (B, F);
   ``state`` (B, S); ``memory`` (B, S) with mixed memory.
+* ``step=True``: one step, ``input`` (B, I), ``state`` (B, S)[, ``memory`` (B, S)][,
+  ``timespan`` (B,) with ``inputs=["timespans"]``, else 1] -> ``output`` (B, F),
+  ``next_state``[, ``next_memory``]; fed its own next state T times from zeros, it gives the
+  sequence graph's outputs.
 
 The input-only part of each step (the cells' ``project_input``) runs once over the whole
 sequence before the ``Scan``; the body holds one step. Sparse wirings are folded into the
 weights, run-time constraints (softplus) into constants; the model's config is stored in
-``metadata_props`` (``ncps_mlx_config``). Needs the ``onnx`` package (``pip install
+``metadata_props`` (``ncps_mlx_config``, and ``ncps_mlx_graph``: sequence, step or graph). Needs the ``onnx`` package (``pip install
 'ncps-mlx[onnx]'``). Unbatched (rank-2) input is not part of the ONNX graph's contract.
 """
 
@@ -324,8 +330,10 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
     shape = g.op("Shape", x)
     batch = g.op("Gather", shape, g.const(np.array([0 if model.batch_first else 1]), "index", dtype=np.int64), axis=0)
     state_shape = g.op("Concat", batch, g.ints([S]), axis=0)
-    zeros = g.const(np.zeros((1, S), np.float32), "zeros")
-    h0 = g.op("Expand", initial_state or zeros, state_shape)
+    def zeros():  # made only where used: onnxruntime warns of an initializer no node reads
+        return g.const(np.zeros((1, S), np.float32), "zeros")
+
+    h0 = g.op("Expand", initial_state or zeros(), state_shape)
     ts = g.op("Expand", timespans or g.const(np.ones((1, 1), np.float32), "ones"), g.op("Slice", shape, g.ints([0]), g.ints([2])))
     if model.batch_first:
         ts = g.op("Transpose", ts, perm=[1, 0])
@@ -333,7 +341,7 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
 
     states_in, scan_inputs = [h0], []
     if lstm is not None:
-        states_in.append(g.op("Expand", initial_memory or zeros, state_shape))
+        states_in.append(g.op("Expand", initial_memory or zeros(), state_shape))
         scan_inputs.append(lstm.project(g, time_major))
     if lstm is None or model.memory_circuit == "state":
         scan_inputs.append(cell.project(g, time_major))
@@ -341,16 +349,8 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
 
     body = _Graph(root=g, prefix=g.fresh("body") + "_")
     names = [body.fresh(n) for n in ["h_in"] + (["c_in"] if lstm else []) + [f"x{i}_t" for i in range(len(scan_inputs) - 1)] + ["ts_t"]]
-    h, step_ts = names[0], names[-1]
-    if lstm is not None:
-        memory_out, c = lstm.step(body, names[2], h, names[1])
-        if model.memory_circuit == "state":
-            h, u = memory_out, names[3]
-        else:
-            u = cell.project(body, memory_out)
-    else:
-        u = names[1]
-    out, h = cell.step(body, u, h, step_ts)
+    projected = names[2 if lstm else 1 : -1]
+    out, h, c = _step(body, model, cell, lstm, projected, names[0], names[1] if lstm else None, names[-1])
     body_outputs = [body.op("Identity", h)] + ([body.op("Identity", c)] if lstm else []) + [body.op("Identity", out)]
     # Every body value is (batch, features); only the rank is declared.
     body_graph = helper.make_graph(
@@ -365,6 +365,35 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
     if model.fc is not None:
         y = g.linear(y, _np(model.fc.weight), _np(model.fc.bias))
     return y, results[0], (results[1] if lstm is not None else None)
+
+
+def _step(g, model, cell, lstm, projected, h, c, ts):
+    """One step of the model from its projected inputs (the LSTM's, then the cell's, as
+    ``_projections`` makes them): (output before ``fc``, new h, new c or None)."""
+    if lstm is not None:
+        memory_out, c = lstm.step(g, projected[0], h, c)
+        if model.memory_circuit == "state":
+            h, u = memory_out, projected[1]
+        else:
+            u = cell.project(g, memory_out)
+    else:
+        u = projected[0]
+    out, h = cell.step(g, u, h, ts)
+    return out, h, c
+
+
+def _one_step(g, model, x, h, c, ts):
+    """The step graph's nodes: x (B, I), h and c (B, S), ts (B, 1) -> (output, h, c)."""
+    exporter_class = _EXPORTERS.get(type(model.rnn_cell))
+    if exporter_class is None:
+        raise ValueError(f"cannot export a {type(model.rnn_cell).__name__} to ONNX")
+    cell = exporter_class(model.rnn_cell)
+    lstm = _LSTM(model.lstm) if model.use_mixed else None
+    projected = ([lstm.project(g, x)] if lstm else []) + ([cell.project(g, x)] if lstm is None or model.memory_circuit == "state" else [])
+    out, h, c = _step(g, model, cell, lstm, projected, h, c, ts)
+    if model.fc is not None:
+        out = g.linear(out, _np(model.fc.weight), _np(model.fc.bias))
+    return out, h, c
 
 
 def _activation(g, name, x):
@@ -592,11 +621,25 @@ def _graph(g, graph):
     return inputs, outputs
 
 
-def build_onnx(model):
+SEQUENCE_INPUTS = ("initial_state", "initial_memory", "timespans")
+
+
+def _checked_inputs(model, inputs, step):
+    inputs = list(dict.fromkeys(inputs or ()))
+    allowed = [n for n in SEQUENCE_INPUTS if n != "initial_memory" or model.use_mixed]
+    unknown = [n for n in inputs if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown ONNX input(s) {unknown} for this model; choose from {allowed}")
+    if step and set(inputs) - {"timespans"}:
+        raise ValueError("the step graph always takes state (and memory) as inputs; inputs= may only add 'timespans'")
+    return inputs
+
+
+def build_onnx(model, inputs=(), step: bool = False):
     """The ``onnx.ModelProto`` for ``model``: a CfC, LTC, CTRNN, CTGRU, or a converted Keras
-    ``Graph`` (its inputs and outputs named as in the Keras model)."""
+    ``Graph`` (its inputs and outputs named as in the Keras model). ``inputs`` and ``step``
+    as in ``export_onnx``."""
     try:
-        import onnx
         from onnx import helper
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
@@ -604,58 +647,75 @@ def build_onnx(model):
     from .graph import Graph
 
     g = _Graph()
-    defaults = []
     if isinstance(model, Graph):
-        inputs, outputs = _graph(g, model)
+        if inputs or step:
+            raise ValueError("a converted Keras graph exports with the Keras model's own inputs; inputs= and step= do not apply")
+        graph_inputs, outputs = _graph(g, model)
+        kind = "graph"
     else:
+        inputs = _checked_inputs(model, inputs, step)
         S, I = model.state_size, model.input_size
-        y, h, c = _sequence(
-            g, model, "input", "initial_state", "initial_memory" if model.use_mixed else None, "timespans"
-        )
-        g.nodes.append(helper.make_node("Identity", [y], ["output"]))
-        g.nodes.append(helper.make_node("Identity", [h], ["state"]))
         out_features = model.fc.weight.shape[0] if model.fc is not None else model.rnn_cell.output_size
-        if model.return_sequences:
-            out_shape = ["batch", "time", out_features] if model.batch_first else ["time", "batch", out_features]
+        mixed = model.use_mixed
+        if step:
+            graph_inputs = [_value("input", ["batch", I]), _value("state", ["batch", S])]
+            graph_inputs += [_value("memory", ["batch", S])] if mixed else []
+            if "timespans" in inputs:
+                graph_inputs.append(_value("timespan", ["batch"]))
+                ts = g.op("Unsqueeze", "timespan", g.ints([1]))
+            else:
+                ts = g.const(np.ones((1, 1), np.float32), "ones")
+            y, h, c = _one_step(g, model, "input", "state", "memory" if mixed else None, ts)
+            names = ["output", "next_state"] + (["next_memory"] if mixed else [])
+            shapes = [["batch", out_features], ["batch", S], ["batch", S]]
+            kind = "step"
         else:
-            out_shape = ["batch", out_features]
-        outputs = [_value("output", out_shape), _value("state", ["batch", S])]
-        inputs = [
-            _value("input", ["batch", "time", I] if model.batch_first else ["time", "batch", I]),
-            _value("initial_state", ["state_batch", S]),
-            _value("timespans", ["timespans_0", "timespans_1"]),
-        ]
-        defaults = [
-            onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_state"),
-            onnx.numpy_helper.from_array(np.ones((1, 1), np.float32), "timespans"),
-        ]
-        if c is not None:
-            g.nodes.append(helper.make_node("Identity", [c], ["memory"]))
-            outputs.append(_value("memory", ["batch", S]))
-            inputs.insert(2, _value("initial_memory", ["state_batch", S]))
-            defaults.append(onnx.numpy_helper.from_array(np.zeros((1, S), np.float32), "initial_memory"))
+            layout = ["batch", "time"] if model.batch_first else ["time", "batch"]
+            graph_inputs = [_value("input", layout + [I])]
+            shapes_in = {"initial_state": ["batch", S], "initial_memory": ["batch", S], "timespans": layout}
+            graph_inputs += [_value(name, shapes_in[name]) for name in SEQUENCE_INPUTS if name in inputs]
+            given = {name: (name if name in inputs else None) for name in SEQUENCE_INPUTS}
+            y, h, c = _sequence(g, model, "input", given["initial_state"], given["initial_memory"] if mixed else None, given["timespans"])
+            names = ["output", "state"] + (["memory"] if mixed else [])
+            out_shape = (layout if model.return_sequences else ["batch"]) + [out_features]
+            shapes = [out_shape, ["batch", S], ["batch", S]]
+            kind = "sequence"
+        outputs = []
+        for value, name, shape in zip((y, h, c), names, shapes):
+            g.nodes.append(helper.make_node("Identity", [value], [name]))
+            outputs.append(_value(name, shape))
 
-    graph = helper.make_graph(g.nodes, type(model).__name__, inputs, outputs, initializer=defaults + g.initializers)
+    graph = helper.make_graph(g.nodes, type(model).__name__, graph_inputs, outputs, initializer=g.initializers)
     proto = helper.make_model(
         graph, producer_name="ncps-mlx", opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
     )
     helper.set_model_props(
         proto,
-        {"ncps_mlx_config": json.dumps(model.get_config()), "ncps_mlx_version": __version__, "time_loop": "Scan"},
+        {
+            "ncps_mlx_config": json.dumps(model.get_config()),
+            "ncps_mlx_version": __version__,
+            "ncps_mlx_graph": kind,
+            "time_loop": "Scan" if kind != "step" else "none: one step a call",
+        },
     )
     return proto
 
 
-def export_onnx(model, path, check: bool = True) -> Path:
+def export_onnx(model, path, check: bool = True, inputs=(), step: bool = False) -> Path:
     """Write ``model`` as ONNX to ``path`` atomically; returns the path.
 
-    With ``check`` the graph goes through ``onnx.checker.check_model(full_check=True)`` first.
+    ``inputs``: optional inputs made real graph inputs (listed by onnxruntime's
+    ``get_inputs()``): any of "initial_state", "initial_memory" (mixed memory) and "timespans".
+    Those left out are constants: zeros, and a timespan of 1. ``step``: the one-step graph for
+    streaming (``input`` (B, I), ``state`` (B, S)[, ``memory``][, ``timespan`` (B,) with
+    inputs=["timespans"]] -> ``output`` (B, F), ``next_state``[, ``next_memory``]) instead of
+    the sequence. With ``check`` the graph goes through ``onnx.checker.check_model(full_check=True)``.
     """
     import onnx
 
     from .modelfile import write_atomically
 
-    proto = build_onnx(model)
+    proto = build_onnx(model, inputs=inputs, step=step)
     if check:
         onnx.checker.check_model(proto, full_check=True)
     path = Path(path)

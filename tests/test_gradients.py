@@ -273,3 +273,19 @@ def test_a_scalar_timespan_gets_its_gradient(path):
     _, (_, d_full) = mlx_gradients(model, loss, [x, mx.full((3, STEPS), 0.7)], path)
     assert d_scalar.shape == ()
     assert abs(float(d_scalar) - float(d_full.sum())) <= 1e-4 * abs(float(d_full.sum())) and float(d_scalar) != 0.0
+
+
+def test_with_every_switch_off():
+    """The batch-3 cases again in a process started with the kernels, the BLAS swap and the
+    AVX2 build all switched off (read at import, so a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NCPS_MLX_NATIVE="0", NCPS_MLX_BLAS="0", NCPS_MLX_AVX2="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "B3 and default and not switch"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout

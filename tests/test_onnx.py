@@ -73,30 +73,32 @@ def session(path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def all_inputs(model):
+    return ["initial_state", "timespans"] + (["initial_memory"] if model.use_mixed else [])
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_onnxruntime_matches_mlx(name, tmp_path):
+    """With every optional input a graph input, fed by name (defaults fed where a case has none)."""
     model = perturbed(name)
-    path = ncps_mlx.export_onnx(model, tmp_path / "m.onnx")  # runs check_model(full_check=True)
+    path = ncps_mlx.export_onnx(model, tmp_path / "m.onnx", inputs=all_inputs(model))  # runs check_model(full_check=True)
     sess = session(path)
+    assert sorted(i.name for i in sess.get_inputs()) == sorted(["input", *all_inputs(model)])
     outputs = [o.name for o in sess.get_outputs()]
     rng = np.random.default_rng(1)
     for steps, batch, feed_ts, feed_state in ((1, 1, False, False), (7, 13, True, True), (300, 1, True, False), (300, 13, False, True)):
         x = rng.normal(size=(batch, steps, I)).astype(np.float32)
-        ts = rng.uniform(0.3, 2.0, size=(batch, steps)).astype(np.float32)
+        ts = rng.uniform(0.3, 2.0, size=(batch, steps)).astype(np.float32) if feed_ts else np.ones((batch, steps), np.float32)
         if not model.batch_first:
             x, ts = np.ascontiguousarray(x.swapaxes(0, 1)), np.ascontiguousarray(ts.T)
-        feeds = {"input": x}
+        h = np.zeros((batch, model.state_size), np.float32)
+        c = np.zeros((batch, model.state_size), np.float32)
         hx = None
-        if feed_ts:
-            feeds["timespans"] = ts
         if feed_state:
             h = rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32)
-            feeds["initial_state"] = h
-            hx = mx.array(h)
-            if model.use_mixed:
-                c = rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32)
-                feeds["initial_memory"] = c
-                hx = (mx.array(h), mx.array(c))
+            c = rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32)
+            hx = (mx.array(h), mx.array(c)) if model.use_mixed else mx.array(h)
+        feeds = {"input": x, "timespans": ts, "initial_state": h, **({"initial_memory": c} if model.use_mixed else {})}
         results = dict(zip(outputs, sess.run(None, feeds)))
         out, state = model(mx.array(x), hx, mx.array(ts) if feed_ts else None)
         states = state if isinstance(state, tuple) else (state,)
@@ -108,19 +110,75 @@ def test_onnxruntime_matches_mlx(name, tmp_path):
     assert np.std(results["output"]) > 1e-3
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_default_export_takes_input_alone(name, tmp_path):
+    model = perturbed(name)
+    sess = session(ncps_mlx.export_onnx(model, tmp_path / "m.onnx"))
+    assert [i.name for i in sess.get_inputs()] == ["input"]
+    assert [o.name for o in sess.get_outputs()] == ["output", "state"] + (["memory"] if model.use_mixed else [])
+    x = np.random.default_rng(2).normal(size=(13, 7, I) if model.batch_first else (7, 13, I)).astype(np.float32)
+    got = sess.run(None, {"input": x})
+    out, state = model(mx.array(x))
+    states = state if isinstance(state, tuple) else (state,)
+    for value, expected in zip(got, [out, *states]):
+        assert np.max(np.abs(value - np.array(expected))) <= TOL
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_step_export_streams_the_sequence(name, tmp_path):
+    """The one-step graph fed T times, from a random state, with timespans: the MLX model's
+    sequence output and final state(s)."""
+    model = perturbed(name)
+    sess = session(ncps_mlx.export_onnx(model, tmp_path / "step.onnx", step=True, inputs=["timespans"]))
+    mixed = model.use_mixed
+    assert [i.name for i in sess.get_inputs()] == ["input", "state"] + (["memory"] if mixed else []) + ["timespan"]
+    assert [o.name for o in sess.get_outputs()] == ["output", "next_state"] + (["next_memory"] if mixed else [])
+    rng = np.random.default_rng(4)
+    batch, steps, S = 5, 9, model.state_size
+    x = rng.normal(size=(batch, steps, I)).astype(np.float32)
+    ts = rng.uniform(0.3, 2.0, size=(batch, steps)).astype(np.float32)
+    state = {"state": rng.normal(scale=0.5, size=(batch, S)).astype(np.float32)}
+    if mixed:
+        state["memory"] = rng.normal(scale=0.5, size=(batch, S)).astype(np.float32)
+    hx = (mx.array(state["state"]), mx.array(state["memory"])) if mixed else mx.array(state["state"])
+    outs = []
+    for t in range(steps):
+        out_t, *next_states = sess.run(None, {"input": x[:, t], "timespan": ts[:, t], **state})
+        outs.append(out_t)
+        state = dict(zip(["state", "memory"], next_states))
+    layout = (lambda a: a) if model.batch_first else (lambda a: np.ascontiguousarray(a.swapaxes(0, 1)))
+    out, final = model(mx.array(layout(x)), hx, mx.array(layout(ts)))
+    streamed = np.stack(outs, axis=1)  # (B, T, F)
+    if model.return_sequences:
+        assert np.max(np.abs(streamed - layout(np.array(out)))) <= TOL
+    else:
+        assert np.max(np.abs(streamed[:, -1] - np.array(out))) <= TOL
+    finals = final if isinstance(final, tuple) else (final,)
+    for name_, value in zip(["state", "memory"], finals):
+        assert np.max(np.abs(state[name_] - np.array(value))) <= TOL
+
+
+def test_bad_onnx_inputs_are_refused():
+    model = perturbed("cfc")
+    with pytest.raises(ValueError, match=r"unknown ONNX input\(s\) \['initial_memory'\].*choose from \['initial_state', 'timespans'\]"):
+        ncps_mlx.onnx_export.build_onnx(model, inputs=["initial_memory"])
+    with pytest.raises(ValueError, match="inputs= may only add 'timespans'"):
+        ncps_mlx.onnx_export.build_onnx(model, inputs=["initial_state"], step=True)
+
+
 @pytest.mark.parametrize("name", ["cfc_wired_autoncp_mixed_proj", "ltc_ncp", "ctgru"])
 def test_graph_structure_and_metadata(name):
     model = perturbed(name)
-    proto = ncps_mlx.onnx_export.build_onnx(model)
+    proto = ncps_mlx.onnx_export.build_onnx(model, inputs=["timespans", "initial_state"])
     onnx.checker.check_model(proto, full_check=True)
     assert proto.opset_import[0].version == ncps_mlx.onnx_export.OPSET == 17
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("Scan") == 1 and "Loop" not in ops
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["ncps_mlx_config"]) == json.loads(json.dumps(model.get_config()))
-    assert props["ncps_mlx_version"] == ncps_mlx.__version__
-    names = [i.name for i in proto.graph.input]
-    assert names[:2] == ["input", "initial_state"] and "timespans" in names
+    assert props["ncps_mlx_version"] == ncps_mlx.__version__ and props["ncps_mlx_graph"] == "sequence"
+    assert [i.name for i in proto.graph.input] == ["input", "initial_state", "timespans"]
+    assert not {i.name for i in proto.graph.input} & {t.name for t in proto.graph.initializer}
 
 
 BIG = {
