@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = convert.add_mutually_exclusive_group()
     group.add_argument("--verify", dest="verify", action="store_const", const=True, help="verify (the default; fail if the source framework is missing)")
     group.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip the parity check")
-    convert.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    convert.add_argument("--atol", type=_tolerance, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    convert.add_argument("--allow-nonfinite", action="store_true", help="convert a checkpoint with NaN/Inf weights anyway")
     convert.add_argument(
         "--module", metavar="NAME", help="with several ncps modules in SRC: the one to export to ONNX (a model file keeps all)"
     )
@@ -95,13 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("src", metavar="SRC")
     verify.add_argument("out", metavar="OUT", help=".safetensors model file or .onnx")
-    verify.add_argument("--atol", type=float, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    verify.add_argument("--atol", type=_tolerance, default=1e-5, help="parity tolerance, max abs error (default 1e-5)")
+    verify.add_argument("--allow-nonfinite", action="store_true", help="verify a checkpoint with NaN/Inf weights anyway")
     verify.add_argument("--module", metavar="NAME", help="with several ncps modules in SRC: the one an ONNX OUT holds")
     common(verify)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so every ``finally`` removes its partial file."""
+
+
 def main(argv=None) -> int:
+    import signal
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:  # only the main thread may set a handler; elsewhere SIGTERM keeps its default
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    except Terminated:
+        print("ncps-convert: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "convert")
@@ -118,7 +144,7 @@ def main(argv=None) -> int:
     except Exception as error:  # a bug of ours: still one line, the traceback with --debug
         return _fail(f"internal error: {type(error).__name__}: {error} (run with --debug for the traceback)", debug)
     except KeyboardInterrupt:
-        print("ncps-convert: interrupted", file=sys.stderr)
+        print("ncps-convert: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
@@ -145,6 +171,36 @@ def _read(args, progress):
     return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
 
 
+def nonfinite_tensors(checkpoint) -> dict[str, int]:
+    """{tensor name (as the checkpoint names it): how many NaN/Inf values} over every module
+    and every other tensor."""
+    import numpy as np
+
+    found = {}
+    for name, description in checkpoint.modules.items():
+        prefix = f"{name}." if name else ""
+        arrays = description.source_arrays or description.arrays
+        for key, array in arrays.items():
+            values = np.asarray(array.detach().numpy() if hasattr(array, "detach") else array)
+            if values.dtype.kind == "f" and (bad := int(values.size - np.count_nonzero(np.isfinite(values)))):
+                found[prefix + key] = bad
+    for key, array in checkpoint.other.items():
+        if array.dtype.kind == "f" and (bad := int(array.size - np.count_nonzero(np.isfinite(array)))):
+            found[key] = bad
+    return found
+
+
+def _refuse_nonfinite(checkpoint, args) -> None:
+    found = nonfinite_tensors(checkpoint)
+    if found and not getattr(args, "allow_nonfinite", False):
+        listed = ", ".join(f"{k} ({v} value{'s' if v > 1 else ''})" for k, v in list(found.items())[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        raise UsageError(
+            f"{args.src}: {len(found)} tensor(s) hold NaN or Inf values: {listed}{more}. The checkpoint itself is broken "
+            "(e.g. a diverged training run), not the conversion; pass --allow-nonfinite to convert it anyway"
+        )
+
+
 def _write_model_file(checkpoint, models, path, args):
     from ncps_mlx import modelfile
 
@@ -159,6 +215,16 @@ def _write_onnx(checkpoint, models, path, args):
         export_onnx(model, path, inputs=args.onnx_inputs or (), step=args.onnx_step)
     except ValueError as error:
         raise UsageError(f"--onnx-inputs/--onnx-step: {error}") from None
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"--atol must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _onnx_inputs(text: str) -> list[str]:
@@ -190,13 +256,13 @@ def cmd_convert(args) -> int:
     out = Path(args.output)
     if out.suffix not in WRITERS:
         raise UsageError(f"output {out} must end in {' or '.join(WRITERS)}")
+    _check_output_path(out)
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
     if out.suffix != ".onnx" and (args.onnx_inputs or args.onnx_step):
         raise UsageError("--onnx-inputs and --onnx-step apply to ONNX output (-o OUT.onnx)")
-    if not out.parent.exists():
-        raise UsageError(f"output folder {out.parent} does not exist")
     checkpoint = _read(args, progress)
+    _refuse_nonfinite(checkpoint, args)
     for note in checkpoint.notes:
         progress(note[:1].upper() + note[1:])
     names = _modules_written(checkpoint, args, out.suffix)
@@ -214,7 +280,10 @@ def cmd_convert(args) -> int:
     partial = out.with_name(f".{out.stem}.partial-{os.getpid()}{out.suffix}")
     try:
         progress(f"Writing {'ONNX' if out.suffix == '.onnx' else 'the model file'}")
-        WRITERS[out.suffix](checkpoint, models, partial, args)
+        try:
+            WRITERS[out.suffix](checkpoint, models, partial, args)
+        except OSError as error:
+            raise UsageError(f"writing {out} failed: {error.strerror or error}; nothing was written") from None
         reports = []
         if args.verify is not False:
             for name in names:
@@ -238,6 +307,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _check_output_path(out: Path) -> None:
+    """What is wrong with the output path, said before anything is read or written."""
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"output folder {parent} is a file, not a folder")
+        if parent.exists():
+            break
+    if not out.parent.exists():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder; give a file name ending in .safetensors or .onnx")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(f"output folder {out.parent} is not writable")
+
+
 def _module_label(name: str) -> str:
     return f"module {name!r}: " if name else ""
 
@@ -247,6 +331,7 @@ def cmd_verify(args) -> int:
 
     progress = _progress(args)
     checkpoint = _read(args, progress)
+    _refuse_nonfinite(checkpoint, args)
     out = Path(args.out)
     if out.suffix not in WRITERS:
         raise UsageError(f"{args.out}: expected a {' or '.join(WRITERS)} file")
@@ -315,6 +400,7 @@ def cmd_inspect(args) -> int:
         "notes": checkpoint.notes,
         "modules": modules,
         "other_tensors": other,
+        "nonfinite": nonfinite_tensors(checkpoint),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -329,6 +415,8 @@ def cmd_inspect(args) -> int:
         _print_module(entry)
     for group, counts in other.items():
         print(f"other        {group}.*: {counts['tensors']} tensors, {counts['values']:,} values (kept as they are)")
+    for name, count in info["nonfinite"].items():
+        print(f"NaN/Inf      {name}: {count:,} values (convert refuses this checkpoint unless --allow-nonfinite)")
     return 0
 
 

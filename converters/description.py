@@ -108,10 +108,11 @@ def load_user_config(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"config file {path}: no such file")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"config file {path} is not valid JSON: {error}") from None
+    from .formats import load_json
+
+    if path.stat().st_size > 64 * 2**20:
+        raise ConversionError(f"config file {path} is over 64 MiB; a config is a few KB of JSON")
+    config = load_json(path.read_bytes(), f"config file {path}")
     if not isinstance(config, dict):
         raise ConversionError(f"config file {path} must hold a JSON object, got {type(config).__name__}")
     return config

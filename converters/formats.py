@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import traceback
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,54 @@ import numpy as np
 from .description import ConversionError
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+# More JSON than any model config needs; read into memory before parsing, so bounded.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def load_json(data, what: str):
+    """JSON text or bytes -> its value; a ``ConversionError`` naming ``what`` when it is not
+    JSON, is larger than ``MAX_JSON_BYTES``, or is nested too deep to parse."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ConversionError(f"{what} is {len(data) / 2**20:.0f} MiB of JSON, more than a model config needs (limit 64 MiB)")
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ConversionError(f"{what} is JSON nested too deep to be a model config") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{what} is not JSON ({error})") from None
+
+
+@contextlib.contextmanager
+def parsed_by(path, what: str, *packages: str):
+    """Within this block, an error raised inside one of ``packages`` (the third-party parser
+    reading ``path``: torch's unpickler, h5py, zipfile) is the file's fault and becomes a
+    ``ConversionError`` naming it; an error raised in our own code stays what it is (a bug)."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        last = frames[-1].filename.replace("\\", "/") if frames else ""
+        # Compiled parts of a package name their frames relative to it ("h5py/h5o.pyx").
+        inside = lambda package: f"/{package}/" in last or last.startswith(f"{package}/") or last.endswith(f"/{package}.py")  # noqa: E731
+        if any(inside(package) for package in packages):
+            text = str(error).strip().splitlines()
+            raise ConversionError(
+                f"{path}: truncated or corrupt {what} ({type(error).__name__}: {text[0] if text else 'no details'})"
+            ) from None
+        raise
+
+
+def zip_names(path) -> list[str] | None:
+    """The member names of a zip archive, or None where its directory cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError, ValueError, EOFError):
+        return None
 
 
 def kind_of(path: Path) -> str:
@@ -44,14 +95,46 @@ def safetensors_header(path: Path) -> dict:
         raise ConversionError(f"{path}: truncated safetensors file (header cut short)")
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ConversionError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors file (its header is not a JSON object)")
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, info)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise ConversionError(
             f"{path}: truncated safetensors file: its header promises {8 + length + end} bytes, the file has {size}"
         )
     return header
+
+
+def _check_entry(path, name, info) -> None:
+    """A tensor's header entry, checked before any of its data is read: its declared shape
+    must need exactly the bytes its offsets give it."""
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    shape = info.get("shape") if isinstance(info, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):  # fmt: skip
+        raise ConversionError(f"{path}: corrupt safetensors file (tensor {name}: data_offsets {offsets!r} are not two ordered byte offsets)")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ConversionError(f"{path}: corrupt safetensors file (tensor {name}: shape {shape!r} is not a list of sizes)")
+    size = _SAFETENSORS_SIZES.get(info.get("dtype"))
+    if size is None:
+        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+    declared = int(np.prod(shape, dtype=object)) * size
+    if declared != offsets[1] - offsets[0]:
+        raise ConversionError(
+            f"{path}: tensor {name} declares shape {shape} ({_bytes(declared)}) but holds {_bytes(offsets[1] - offsets[0])}"
+        )
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

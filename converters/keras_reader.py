@@ -52,15 +52,17 @@ def sniff(path: Path) -> bool:
     if kind == "directory":
         return (Path(path) / "saved_model.pb").exists()
     if kind == "zip":
-        try:
-            names = zipfile.ZipFile(path).namelist()
-        except zipfile.BadZipFile:
-            return Path(path).suffix == ".keras"
-        return "config.json" in names
+        names = formats.zip_names(path)
+        return Path(path).suffix == ".keras" if names is None else "config.json" in names
     return kind == "hdf5"
 
 
 def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
+    with formats.parsed_by(path, "Keras file", "h5py", "zipfile"):
+        return _read(path, config)
+
+
+def _read(path, config: dict | None = None) -> Checkpoint:
     """``config`` (from --config) is needed only for weights-only .h5 files: the Keras model
     config (``{"class_name": "Sequential", "config": {"layers": [...]}}``, as ``model.to_json()``
     writes it, or the same written by hand). Any file also accepts ``{"wirings": {layer name:
@@ -76,14 +78,20 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
             file_format, framework = "tf.keras SavedModel", "tf.keras"
         elif kind == "zip":
             archive = zipfile.ZipFile(path)
-            model_config = json.loads(archive.read("config.json"))
-            weights = _Keras3Weights(h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r"))
+            members = {info.filename: info for info in archive.infolist()}
+            for member in ("config.json", "model.weights.h5"):
+                if member not in members:
+                    raise ConversionError(f"{path}: a .keras archive without {member}")
+            if members["config.json"].file_size > formats.MAX_JSON_BYTES:
+                raise ConversionError(f"{path}: its config.json would be {members['config.json'].file_size / 2**20:.0f} MiB; a model config is a few KB")
+            model_config = formats.load_json(archive.read("config.json"), f"{path}: its config.json")
+            weights = _Keras3Weights(_checked_hdf5(h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")))
             file_format, framework = "Keras 3 .keras archive", "keras"
         else:
-            handle = h5py.File(path, "r")
+            handle = _checked_hdf5(h5py.File(path, "r"))
             if "model_config" in handle.attrs:
                 raw = handle.attrs["model_config"]
-                model_config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+                model_config = formats.load_json(raw, f"{path}: its model_config attribute")
                 weights = _TfKerasWeights(handle["model_weights"])
                 file_format, framework = "tf.keras .h5 model", "tf.keras"
             elif "layer_names" in handle.attrs:
@@ -96,7 +104,7 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
                 model_config = None
             else:
                 raise ConversionError(f"{path}: an HDF5 file with neither a Keras model nor Keras weights in it")
-    except (zipfile.BadZipFile, KeyError, OSError, json.JSONDecodeError) as error:
+    except (zipfile.BadZipFile, KeyError, OSError, RuntimeError, json.JSONDecodeError) as error:
         raise ConversionError(f"{path}: truncated or corrupt Keras file ({str(error).splitlines()[0]})") from None
     if model_config is None:
         if not config:
@@ -798,8 +806,43 @@ def _ltc(cfg, cell, wired, mixed, input_size, where):
 # --- weight views: one per file format, same questions ---------------------------------------
 
 
+# A weight dataset larger than this and larger than its stored bytes allow is refused before
+# it is read: HDF5 declares shapes freely, and an unwritten chunked dataset reads as fill values.
+MAX_DATASET_BYTES = 2**30
+
+
+def _checked_hdf5(handle):
+    """The open file, every object's attributes and every dataset's shape and dtype read once:
+    a damaged HDF5 file fails here, inside the reader's error handling, not at a lazy read later."""
+
+    def touch(name, item):
+        for key in item.attrs:
+            item.attrs[key]
+        if hasattr(item, "shape"):
+            item.shape, item.dtype, item.id.get_storage_size()
+
+    for key in handle.attrs:
+        handle.attrs[key]
+    handle.visititems(touch)
+    return handle
+
+
 def _array(dataset) -> np.ndarray:
-    return np.asarray(dataset[()], dtype=np.float32)
+    if not (hasattr(dataset, "shape") and hasattr(dataset, "dtype") and hasattr(dataset, "id")):
+        raise ConversionError(f"HDF5 object {getattr(dataset, 'name', '?')} is a {type(dataset).__name__}, not a weight dataset")
+    declared = int(np.prod(dataset.shape, dtype=object)) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    if declared > MAX_DATASET_BYTES and declared > 16 * stored:
+        raise ConversionError(
+            f"weight {dataset.name} declares shape {tuple(dataset.shape)} ({declared / 2**30:.3g} GiB) with "
+            f"{stored} bytes stored: not a weight of a real model"
+        )
+    if dataset.dtype.kind not in "fiu":
+        raise ConversionError(f"weight {dataset.name} has dtype {dataset.dtype}, not a number")
+    try:
+        return np.asarray(dataset[()], dtype=np.float32)
+    except (OSError, RuntimeError) as error:
+        raise ConversionError(f"weight {dataset.name}: corrupt HDF5 data ({str(error).splitlines()[0]})") from None
 
 
 class _Keras3Weights:

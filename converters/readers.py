@@ -11,6 +11,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
+from . import formats
 from .description import Checkpoint, ConversionError
 
 
@@ -33,4 +34,8 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
         if module.sniff(path):
             return module.read(path, config=config, trust_pickle=trust_pickle)
     known = ", ".join(f"{m.NAME} ({' '.join(m.SUFFIXES)})" for m in reader_modules())
+    if formats.kind_of(path) == "zip":
+        raise ConversionError(
+            f"{path}: a zip archive without config.json or data.pkl: not a .keras file and not a torch checkpoint"
+        )
     raise ConversionError(f"{path}: not a checkpoint this tool reads (by its contents); it reads {known}")

@@ -67,7 +67,10 @@ PICKLE_REFUSED = (
 def sniff(path: Path) -> bool:
     """True for a torch zip or legacy-pickle checkpoint, or a safetensors state dict of ncps keys."""
     kind = formats.kind_of(path)
-    if kind in ("zip", "pickle"):
+    if kind == "zip":  # torch.save's zip: <archive>/data.pkl and the tensors' storages
+        names = formats.zip_names(path)
+        return Path(path).suffix in SUFFIXES if names is None else any(name.endswith("data.pkl") for name in names)
+    if kind == "pickle":
         return True
     if kind == "safetensors":
         header = formats.safetensors_header(path)
@@ -108,6 +111,9 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
     configs = _configs_per_module(config, list(groups), path)
     modules = {}
     for name, tensors in groups.items():
+        for key, value in tensors.items():
+            if not (value.dtype.is_floating_point if hasattr(value, "is_floating_point") else np.asarray(value).dtype.kind == "f"):
+                raise ConversionError(f"{path}: tensor {_joined(name, key)} is {value.dtype}; an ncps module's weights are floating point")
         given = {**(module_config if name == "" else {}), **configs.get(name, {})}
         where = "the module" if module_config and not configs.get(name) else "the config"
         arrays = rename_torch_keys(tensors)
@@ -116,6 +122,11 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
             resolved, given_used, defaulted = resolve_config(family, inferred, given, where)
         except ConversionError as error:
             raise ConversionError(f"module {name!r}: {error}" if name else str(error)) from None
+        except KeyError as error:  # the key pattern named a module whose other tensors are not there
+            raise ConversionError(
+                f"{path}: tensor {_joined(name, str(error.args[0]))} is missing; the module's other tensors "
+                f"({', '.join(sorted(tensors)[:4])}, ...) need it"
+            ) from None
         modules[name] = Description(
             config=resolved,
             arrays=arrays,
@@ -127,6 +138,10 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
             source_arrays=tensors,
         )
     return Checkpoint(modules=modules, source=source, other={k: _to_numpy(v) for k, v in other.items()}, notes=notes)
+
+
+def _joined(name, key) -> str:
+    return f"{name}.{key}" if name else key
 
 
 def split_modules(state_dict: dict) -> tuple[dict, dict]:
@@ -174,6 +189,11 @@ def _load(path: Path, trust_pickle: bool):
         state_dict, notes = strip_wrapper_prefixes(formats.read_safetensors(path))
         return state_dict, {}, "safetensors state dict", notes
     torch = _import_torch(path)
+    with formats.parsed_by(path, "torch checkpoint", "torch", "pickle", "zipfile"):
+        return _unpickled(path, torch, trust_pickle)
+
+
+def _unpickled(path, torch, trust_pickle):
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
         file_format = "torch state dict"
@@ -300,6 +320,16 @@ def _expect_shape(arrays, key, shape):
         raise ConversionError(f"tensor {key} has shape {got}, expected {tuple('*' if s is None else s for s in shape)}")
 
 
+def _input_columns(weight, key, units) -> int:
+    """Input features of a CfC layer that reads [x; h]: its columns beyond the state's."""
+    if weight.ndim != 2 or weight.shape[1] <= units:
+        raise ConversionError(
+            f"tensor {key} has shape {tuple(weight.shape)}: it reads [input; state], so it needs more than "
+            f"the {units} state columns the heads imply"
+        )
+    return int(weight.shape[1]) - units
+
+
 def _infer_cfc(arrays, given, where, inferred, notes):
     wired = "rnn_cell.layer_0.ff1.weight" in arrays
     pure = any(k.endswith("w_tau") for k in arrays)
@@ -314,10 +344,10 @@ def _infer_cfc(arrays, given, where, inferred, notes):
             first = arrays["rnn_cell.backbone.0.weight"]
             inferred["backbone_layers"] = len(layers)
             inferred["backbone_units"] = int(first.shape[0])
-            inferred["input_size"] = int(first.shape[1]) - units
+            inferred["input_size"] = _input_columns(first, "rnn_cell.backbone.0.weight", units)
         else:
             inferred["backbone_layers"] = 0
-            inferred["input_size"] = int(arrays["rnn_cell.ff1.weight"].shape[1]) - units
+            inferred["input_size"] = _input_columns(arrays["rnn_cell.ff1.weight"], "rnn_cell.ff1.weight", units)
             if "backbone_units" in given:
                 inferred["backbone_units"] = given["backbone_units"]
         if isinstance(given.get("units"), dict):

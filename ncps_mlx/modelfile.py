@@ -88,7 +88,8 @@ def pick_module(names: list, name, where, error=None) -> str:
             return names[0]
         raise error(f"{where} holds {len(names)} ncps modules ({shown}); choose one with module=NAME (--module NAME)")
     if name not in names:
-        raise error(f"{where} has no ncps module {name!r}; it holds {shown}")
+        held = "one unnamed module (leave module unset)" if names == [""] else shown
+        raise error(f"{where} has no ncps module {name!r}; it holds {held}")
     return name
 
 

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from . import wirings
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LTCCell, WiredCfCCell
+from .cells._common import check_int
 from .sequence import SequenceModel
+
+
+def _units(units, wired_allowed=True):
+    """``units`` checked: a positive int (or a Wiring where allowed)."""
+    if wired_allowed and isinstance(units, wirings.Wiring):
+        return units
+    try:
+        return check_int("units", units)
+    except TypeError:
+        raise TypeError(f"units must be a positive int{' or a Wiring' if wired_allowed else ''}, got {units!r}") from None
 
 
 def _arguments(frame_locals: dict) -> dict:
@@ -60,8 +71,15 @@ class CfC(SequenceModel):
         motor_output: bool = False,
     ):
         arguments = _arguments(locals())
+        input_size = check_int("input_size", input_size)
+        units = _units(units)
         wired = isinstance(units, wirings.Wiring)
-        state_size = units.units if wired else int(units)
+        state_size = units.units if wired else units
+        if not wired:
+            backbone_units = None if backbone_units is None else check_int("backbone_units", backbone_units)
+            backbone_layers = None if backbone_layers is None else check_int("backbone_layers", backbone_layers, 0)
+            if backbone_dropout is not None and not 0.0 <= backbone_dropout < 1.0:
+                raise ValueError(f"backbone_dropout must be in [0, 1), got {backbone_dropout!r}")
         cell_inputs = SequenceModel.cell_input_size(input_size, state_size, mixed_memory, memory_circuit)
         if wired:
             for name, value in (
@@ -149,7 +167,9 @@ class LTC(SequenceModel):
         memory_circuit: str = "state",
     ):
         arguments = _arguments(locals())
-        wiring = units if isinstance(units, wirings.Wiring) else wirings.FullyConnected(int(units))
+        input_size = check_int("input_size", input_size)
+        units = _units(units)
+        wiring = units if isinstance(units, wirings.Wiring) else wirings.FullyConnected(units)
         cell = LTCCell(
             wiring=wiring,
             in_features=SequenceModel.cell_input_size(input_size, wiring.units, mixed_memory, memory_circuit),
@@ -216,6 +236,8 @@ class CTRNN(SequenceModel):
         memory_circuit: str = "state",
     ):
         arguments = _arguments(locals())
+        input_size = check_int("input_size", input_size)
+        units = _units(units, wired_allowed=False)
         cell = CTRNNCell(
             SequenceModel.cell_input_size(input_size, units, mixed_memory, memory_circuit),
             units,
@@ -269,6 +291,8 @@ class CTGRU(SequenceModel):
         memory_circuit: str = "state",
     ):
         arguments = _arguments(locals())
+        input_size = check_int("input_size", input_size)
+        units, M = _units(units, wired_allowed=False), check_int("M", M)
         state_size = units * M
         cell = CTGRUCell(
             SequenceModel.cell_input_size(input_size, state_size, mixed_memory, memory_circuit),

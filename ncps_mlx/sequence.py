@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath, stepping
-from .cells._common import check_choice
+from .cells._common import check_choice, check_int
 from .cells.memory import MEMORY_CIRCUITS, LSTMCell
 
 
@@ -51,6 +51,8 @@ class SequenceModel(nn.Module):
     ):
         super().__init__()
         check_choice("memory_circuit", memory_circuit, MEMORY_CIRCUITS)
+        if proj_size is not None:
+            check_int("proj_size", proj_size)
         self.input_size = int(input_size)
         self.return_sequences = bool(return_sequences)
         self.batch_first = bool(batch_first)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arguments import check_int
+
 __all__ = [
     "Wiring",
     "FullyConnected",
@@ -40,7 +42,7 @@ class Wiring:
     """
 
     def __init__(self, units: int, layers: list[list[int]] | None = None):
-        self.units = int(units)
+        self.units = check_int("units", units)
         self.adjacency_matrix = np.zeros([self.units, self.units], dtype=np.int32)
         self.sensory_adjacency_matrix = None
         self.input_dim = None
@@ -344,6 +346,11 @@ class NCP(Wiring):
         motor_fanin,
         seed=22222,
     ):
+        for name, value in (("inter_neurons", inter_neurons), ("command_neurons", command_neurons),
+                            ("motor_neurons", motor_neurons), ("sensory_fanout", sensory_fanout),
+                            ("inter_fanout", inter_fanout), ("motor_fanin", motor_fanin)):  # fmt: skip
+            check_int(name, value)
+        check_int("recurrent_command_synapses", recurrent_command_synapses, 0)
         super().__init__(inter_neurons + command_neurons + motor_neurons)
         self.set_output_dim(motor_neurons)
         self.seed = seed

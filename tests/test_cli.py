@@ -142,7 +142,7 @@ def _bad_inputs(tmp_path):
         "another model": ([lstm], "not an ncps CfC or LTC checkpoint"),
         "unexpected key": ([extra], "unexpected tensors [rnn_cell.bogus]"),
         "missing key": ([missing_path], "missing tensors [rnn_cell.ff2.bias]"),
-        "invalid JSON config": ([pt, "--config", bad_json], "not valid JSON"),
+        "invalid JSON config": ([pt, "--config", bad_json], "is not JSON"),
         "unknown config key": ([pt, "--config", unknown_key], "unknown CfC option(s) ['hidden']"),
         "contradicting config": ([pt, "--config", contradicting], "says units=32 but the weights are for units=8"),
         "wrong class in config": ([pt, "--config", wrong_class], "describes a LTC but the checkpoint holds a CfC"),

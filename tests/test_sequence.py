@@ -148,7 +148,7 @@ def test_wrong_timespans_shape():
         (lambda: CfC(5, wirings.AutoNCP(12, 3), backbone_units=64), "Cannot use backbone_units with a wiring"),
         (lambda: CfC(5, 8, motor_output=True), "motor_output applies to a wired CfC"),
         (lambda: wirings.AutoNCP(64, 64), "output_size must be less than units - 2"),
-        (lambda: LTC(5, 8, ode_unfolds=0), "ode_unfolds must be a positive integer"),
+        (lambda: LTC(5, 8, ode_unfolds=0), "ode_unfolds must be a positive int"),
     ],
 )
 def test_bad_options(make, match):

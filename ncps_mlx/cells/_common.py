@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
+from ..arguments import check_int  # noqa: F401  (the cells check their sizes with it)
 
 
 def lecun_tanh(x: mx.array) -> mx.array:

@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
-from ._common import glorot_uniform
+from ._common import check_int, glorot_uniform
 
 
 class CTRNNCell(nn.Module):
@@ -46,8 +46,7 @@ class CTRNNCell(nn.Module):
         learn_tau: bool = False,
     ):
         super().__init__()
-        if int(ode_unfolds) < 1:
-            raise ValueError(f"ode_unfolds must be a positive integer, got {ode_unfolds}")
+        check_int("ode_unfolds", ode_unfolds)
         if cell_clip is not None and cell_clip <= 0:
             raise ValueError(f"cell_clip must be positive or None (off), got {cell_clip}")
         self.input_size = int(input_size)

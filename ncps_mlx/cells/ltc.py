@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath, native
-from ._common import check_choice
+from ._common import check_int, check_choice
 
 MAPPINGS = ("affine", "linear", None)
 
@@ -69,8 +69,7 @@ class LTCCell(nn.Module):
             raise ValueError(
                 "The wiring does not know its number of input features: pass in_features or call wiring.build()"
             )
-        if int(ode_unfolds) < 1:
-            raise ValueError(f"ode_unfolds must be a positive integer, got {ode_unfolds}")
+        check_int("ode_unfolds", ode_unfolds)
         self.wiring = wiring
         self.input_mapping = input_mapping
         self.output_mapping = output_mapping
