@@ -64,6 +64,27 @@ def zip_names(path) -> list[str] | None:
         return None
 
 
+# A zip member that inflates to more than this, and to more than RATIO times its compressed
+# size, is refused before it is read: weights barely compress, a zip bomb compresses ~1000x.
+MAX_INFLATED_BYTES, MAX_INFLATION_RATIO = 64 * 2**20, 100
+
+
+def check_zip_members(path, what: str) -> None:
+    """Every member's declared size checked against its compressed size before anything is
+    read (members are read into memory, never extracted)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, NotImplementedError, ValueError, EOFError) as error:
+        raise ConversionError(f"{path}: truncated or corrupt {what} ({error})") from None
+    for info in infos:
+        if info.file_size > MAX_INFLATED_BYTES and info.file_size > MAX_INFLATION_RATIO * max(info.compress_size, 1):
+            raise ConversionError(
+                f"{path}: member {info.filename} would inflate from {_bytes(info.compress_size)} to "
+                f"{_bytes(info.file_size)}: refused as a zip bomb"
+            )
+
+
 def kind_of(path: Path) -> str:
     """"zip", "pickle", "safetensors", "hdf5", "directory", or "unknown", from the first bytes."""
     path = Path(path)

@@ -77,6 +77,7 @@ def _read(path, config: dict | None = None) -> Checkpoint:
             model_config, weights = _saved_model(path)
             file_format, framework = "tf.keras SavedModel", "tf.keras"
         elif kind == "zip":
+            formats.check_zip_members(path, "Keras file")
             archive = zipfile.ZipFile(path)
             members = {info.filename: info for info in archive.infolist()}
             for member in ("config.json", "model.weights.h5"):

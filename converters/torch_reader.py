@@ -189,6 +189,8 @@ def _load(path: Path, trust_pickle: bool):
         state_dict, notes = strip_wrapper_prefixes(formats.read_safetensors(path))
         return state_dict, {}, "safetensors state dict", notes
     torch = _import_torch(path)
+    if kind == "zip":
+        formats.check_zip_members(path, "torch checkpoint")
     with formats.parsed_by(path, "torch checkpoint", "torch", "pickle", "zipfile"):
         return _unpickled(path, torch, trust_pickle)
 

@@ -270,6 +270,17 @@ case("safetensors: offsets not two integers", "data_offsets")(
     convert(file_with("x.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": "zero"}}, b"\0" * 4)))
 )
 
+def zip_bomb(tmp):
+    """A .keras whose weights member inflates 200 MiB of zeros from ~200 KB."""
+    path = tmp / "bomb.keras"
+    with zipfile.ZipFile(KERAS / "cfc_seq_dense.keras") as original, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        bomb.writestr("config.json", original.read("config.json"))
+        bomb.writestr("model.weights.h5", b"\0" * (200 * 2**20))
+    return path
+
+
+case("keras: zip bomb", "refused as a zip bomb")(convert(zip_bomb))
+
 # config JSON
 case("config: not JSON", "config.json is not JSON")(with_config(TORCH / "cfc_default.pt", "{units: 8"))
 case("config: nested too deep", "too deep")(with_config(TORCH / "cfc_default.pt", nested(100000)))
