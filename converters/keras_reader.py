@@ -5,8 +5,9 @@ Formats: Keras 3 ``.keras`` archives (config.json + model.weights.h5), tf.keras 
 either flavour (with the model config given as --config), and tf.keras SavedModel folders
 (these need TensorFlow to read their variables). A ``Sequential`` or functional model (any
 DAG of supported layers, several inputs and outputs) becomes an ``ncps_mlx.Graph`` that walks
-the saved topology and returns the model's outputs in its order. Lambda layers, Masking and
-classes from outside keras/ncps are refused by name; nothing a config names is imported.
+the saved topology and returns the model's outputs in its order, Keras masks (Masking,
+Embedding(mask_zero=True)) included. Lambda layers and classes from outside keras/ncps are
+refused by name; nothing a config names is imported.
 
 The flavour differences (shared/docs/reference-notes.md points 0-6) are handled here so the
 converted model is the same function: CfC heads without tanh (``ff_activation=None``), the
@@ -161,7 +162,7 @@ def _topology(model_config: dict) -> dict:
     entries = config.get("layers", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) and "class_name" in e for e in entries):
         raise ConversionError("the model config's 'layers' is not a list of layer entries")
-    layers = [e for e in entries if e["class_name"] != "InputLayer"]
+    layers = _with_weight_groups([e for e in entries if e["class_name"] != "InputLayer"])
     if not layers:
         raise ConversionError("the model has no layers")
     if kind in SEQUENTIAL:
@@ -170,13 +171,14 @@ def _topology(model_config: dict) -> dict:
         return {"inputs": [{"name": "input", **_declared_input(declared[0].get("config", {}))}], "layers": layers,
                 "calls": calls, "outputs": None}  # fmt: skip
     names = [_entry_name(e) for e in layers]
+    mask_sources = {n for n, e in zip(names, layers) if e["class_name"] in ("NotEqual", "Any", "Masking", "Embedding")}
     input_names = [ref[0] for ref in _refs(config.get("input_layers", []))]
     by_name = {_entry_name(e): e for e in entries}
     if not input_names or any(n not in by_name for n in input_names):
         raise ConversionError(f"the functional model's input_layers {config.get('input_layers')} do not name its InputLayers")
     inputs = [{"name": n, **_declared_input(by_name[n].get("config", {}))} for n in input_names]
     produced = {(n, 0): ["input", k] for k, n in enumerate(input_names)}
-    pending = [(i, k, refs) for i, entry in enumerate(layers) for k, refs in enumerate(_inbound(entry, names[i]))]
+    pending = [(i, k, refs) for i, entry in enumerate(layers) for k, refs in enumerate(_inbound(entry, names[i], mask_sources))]
     calls = []
     while pending:
         ready = [p for p in pending if all((r[0], r[1]) in produced for r in p[2])]
@@ -193,7 +195,46 @@ def _topology(model_config: dict) -> dict:
         if (ref[0], ref[1]) not in produced:
             raise ConversionError(f"the functional model's output {ref[0]!r} is not made by any of its layers")
         outputs.append({"name": ref[0] if ref[2] == 0 else f"{ref[0]}_{ref[2]}", "ref": _resolve(produced, ref)})
-    return {"inputs": inputs, "layers": layers, "calls": calls, "outputs": outputs}
+    return _needed({"inputs": inputs, "layers": layers, "calls": calls, "outputs": outputs})
+
+
+def _needed(topology) -> dict:
+    """The topology without the calls no output depends on (Keras 3 records the ops that
+    compute a mask, NotEqual and Any, which the Graph computes itself), layers renumbered."""
+    calls, needed = topology["calls"], set()
+    stack = [o["ref"][0] for o in topology["outputs"] if o["ref"][0] != "input"]
+    while stack:
+        c = stack.pop()
+        if c not in needed:
+            needed.add(c)
+            stack += [ref[0] for ref in calls[c]["inputs"] if ref[0] != "input"]
+    kept = sorted(needed)
+    new_call = {c: i for i, c in enumerate(kept)}
+    layer_ids = list(dict.fromkeys(calls[c]["layer"] for c in kept))
+    new_layer = {l: i for i, l in enumerate(layer_ids)}
+
+    def moved(ref):
+        return ref if ref[0] == "input" else [new_call[ref[0]], ref[1]]
+
+    return {
+        "inputs": topology["inputs"],
+        "layers": [topology["layers"][l] for l in layer_ids],
+        "calls": [{"layer": new_layer[calls[c]["layer"]], "inputs": [moved(r) for r in calls[c]["inputs"]]} for c in kept],
+        "outputs": [{**o, "ref": moved(o["ref"])} for o in topology["outputs"]],
+    }
+
+
+def _with_weight_groups(layers: list) -> list:
+    """Each entry with the name of its group in a Keras 3 weights file (``_weights_group``):
+    Keras numbers the groups per class in the order of all the model's layers, so this is
+    counted before any layer is left out."""
+    counters: dict[str, int] = {}
+    named = []
+    for entry in layers:
+        snake = _snake(str(entry["class_name"]).rpartition(">")[2])
+        counters[snake] = counters.get(snake, -1) + 1
+        named.append({**entry, "_weights_group": snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"})
+    return named
 
 
 def _entry_name(entry: dict) -> str:
@@ -214,14 +255,22 @@ def _resolve(produced, ref):
     return source if source[0] == "input" else [source[0], ref[2]]
 
 
-def _inbound(entry: dict, name: str) -> list:
-    """Per call of the layer, the (layer, node, tensor) it reads, in both flavours' formats."""
+def _inbound(entry: dict, name: str, mask_sources=frozenset()) -> list:
+    """Per call of the layer, the (layer, node, tensor) it reads, in both flavours' formats.
+    ``mask_sources``: the layers a Keras 3 ``mask=`` tensor may come from (the Graph
+    recomputes that mask)."""
     calls = []
     for node in entry.get("inbound_nodes", []):
         if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}} holding __keras_tensor__s
-            refs, keyword_tensors = [], []
+            refs, keyword_tensors, mask = [], [], []
             _keras_tensors(node.get("args", []), refs)
-            _keras_tensors(node.get("kwargs", {}), keyword_tensors)
+            kwargs = dict(node.get("kwargs", {}))
+            # Keras 3 writes the mask Masking/Embedding(mask_zero) makes as an explicit tensor;
+            # the Graph computes the same one itself.
+            _keras_tensors(kwargs.pop("mask", None), mask)
+            if any(r[0] not in mask_sources for r in mask):
+                raise ConversionError(f"layer {name!r} is called with a mask= tensor of its own; only the masks of Masking and Embedding(mask_zero=True) are supported")
+            _keras_tensors(kwargs, keyword_tensors)
         else:  # tf.keras: [[layer, node, tensor, kwargs], ...]
             refs = [tuple(item[:3]) for item in node]
             keyword_tensors = [key for item in node if len(item) > 3 for key in item[3] if key != "training"]
@@ -285,7 +334,7 @@ def _source_layer(layer: dict, spec: dict) -> dict:
         options = {k: v for k, v in options.items() if k not in ("cell", "name", "trainable", "dtype", "time_major")}
         options["units"] = spec["model"]["units"] if isinstance(options.get("units"), dict) else options.get("units")
         options["activation"] = _activation_name(options.get("activation", "lecun_tanh"))
-        for key in ("sparsity_mask", "stateful", "unroll", "zero_output_for_mask", "fully_recurrent"):
+        for key in ("sparsity_mask", "stateful", "unroll", "fully_recurrent"):
             options.pop(key, None)
         return {"class_name": kind, "config": options, "name": _entry_name(layer)}
     return {"class_name": kind, "config": layer["config"], "name": _entry_name(layer)}
@@ -386,15 +435,15 @@ IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDr
 MERGE_LAYERS = ("Concatenate", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 SHAPE_LAYERS = ("Flatten", "Reshape", "Permute", "RepeatVector")
 ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
+MASK_LAYERS = ("Masking",)
 WEIGHTED_LAYERS = ("Dense", "Conv1D", "Conv2D", "BatchNormalization", "LayerNormalization", "Normalization", "Embedding")
 POOLING_LAYERS = ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D",
                   "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D")  # fmt: skip
-PLAIN_LAYERS = WEIGHTED_LAYERS + POOLING_LAYERS + SHAPE_LAYERS + ACTIVATION_LAYERS + IDENTITY_LAYERS + MERGE_LAYERS
+PLAIN_LAYERS = WEIGHTED_LAYERS + POOLING_LAYERS + SHAPE_LAYERS + ACTIVATION_LAYERS + IDENTITY_LAYERS + MERGE_LAYERS + MASK_LAYERS
 WRAPPERS = ("TimeDistributed", "Bidirectional")
 SUPPORTED = NCPS_LAYERS + WRAPPERS + PLAIN_LAYERS
 REFUSED = {
     "Lambda": "a Lambda layer is Python code; it is never deserialised or run. Rebuild the model with a supported layer in its place",
-    "Masking": "Masking changes which steps an RNN takes; it is not supported. Remove it, or pad with values the model was trained on",
 }
 
 
@@ -417,14 +466,11 @@ def _layer_kind(entry: dict, where: str) -> str:
 def _convert_layers(layers, weights, wiring_overrides):
     """[(layer spec of ncps_mlx.layers, arrays in the layer's names)]."""
     converted = []
-    counters: dict[str, int] = {}
     for position, layer in enumerate(layers):
         cfg = layer.get("config", {})
         name = cfg.get("name") or _entry_name(layer) or f"layer {position}"
         kind = _layer_kind(layer, f"layer {name!r} ({layer['class_name']})")
-        snake = _snake(kind)
-        counters[snake] = counters.get(snake, -1) + 1
-        group_name = snake if counters[snake] == 0 else f"{snake}_{counters[snake]}"
+        group_name = layer.get("_weights_group") or name
         where = f"layer {name!r} ({kind})"
         view = weights.layer(name, group_name, position)
         converted.append(_convert_layer(kind, cfg, view, where, wiring_overrides.get(name)))
@@ -471,6 +517,7 @@ def _bidirectional(cfg, view, where):
         "backward": halves["backward"][0],
         "merge_mode": merge_mode,
         "return_state": bool(_options(kind, inner["config"]).get("return_state", False)),
+        "zero_output_for_mask": bool(_options(kind, inner["config"]).get("zero_output_for_mask", False)),
     }
     return spec, {**halves["forward"][1], **halves["backward"][1]}
 
@@ -494,6 +541,8 @@ def _ints(value, rank):
 def _plain_layer(kind, cfg, view, where):
     if kind in IDENTITY_LAYERS:
         return {"type": "Identity", "kind": kind}, {}
+    if kind == "Masking":
+        return {"type": "Masking", "mask_value": float(cfg.get("mask_value", 0.0))}, {}
     if kind in MERGE_LAYERS:
         spec = {"type": "Merge", "kind": kind}
         if kind == "Concatenate":
@@ -572,10 +621,9 @@ def _plain_layer(kind, cfg, view, where):
             spec["axis"] = int(axis)
         return spec, {k: v.reshape(-1) for k, v in values.items()}
     if kind == "Embedding":
-        if cfg.get("mask_zero"):
-            raise ConversionError(f"{where}: mask_zero=True masks steps of the RNN after it; not supported")
         table = view.named(["embeddings"])["embeddings"]
-        return {"type": "Embedding", "input_dim": int(table.shape[0]), "output_dim": int(table.shape[1])}, {"embeddings": table}
+        spec = {"type": "Embedding", "input_dim": int(table.shape[0]), "output_dim": int(table.shape[1])}
+        return {**spec, "mask_zero": bool(cfg.get("mask_zero", False))}, {"embeddings": table}
     if kind == "Normalization":
         values = view.named(["mean", "variance"])
         mean, variance = values["mean"], values["variance"]
@@ -628,7 +676,8 @@ def _options(kind: str, cfg: dict) -> dict:
     an LTC cell's config is its wiring's config merged with the cell's own options."""
     if "units" in cfg:
         return cfg
-    options = {k: cfg[k] for k in ("return_sequences", "return_state", "go_backwards", "stateful", "unroll") if k in cfg}
+    keys = ("return_sequences", "return_state", "go_backwards", "stateful", "unroll", "zero_output_for_mask")
+    options = {k: cfg[k] for k in keys if k in cfg}
     if cfg.get("time_major"):
         options["time_major"] = True
     cell = cfg.get("cell", {})
@@ -672,6 +721,7 @@ def _ncps_layer(kind, cfg, view, where):
         "model": model,
         "return_state": bool(cfg.get("return_state", False)),
         "go_backwards": bool(cfg.get("go_backwards", False)),
+        "zero_output_for_mask": bool(cfg.get("zero_output_for_mask", False)),
     }
     return spec, {f"model.{k}": v for k, v in arrays.items()}
 
@@ -854,8 +904,8 @@ class _Keras3Weights:
 
     def layer(self, config_name, group_name, position):
         root = self.handle["layers"] if "layers" in self.handle else self.handle["_layer_checkpoint_dependencies"]
-        if group_name not in root:
-            raise ConversionError(f"weights for layer {config_name!r} not found (expected group layers/{group_name})")
+        if group_name not in root:  # an error once a weight is asked for: weightless layers need none
+            return _K3View(None, missing=f"weights for layer {config_name!r} not found (expected group layers/{group_name})")
         return _K3View(root[group_name])
 
 
@@ -869,14 +919,17 @@ class _K3View:
         "cfc_pure": ["ff1_kernel", "ff1_bias", "w_tau", "A"],
     }
 
-    def __init__(self, group, kind=None):
+    def __init__(self, group, kind=None, missing=None):
         self.group = group
         self.kind = kind
+        self.missing = missing
 
     def of(self, kind):
-        return _K3View(self.group, kind)
+        return _K3View(self.group, kind, self.missing)
 
     def _vars(self):
+        if self.group is None:
+            raise ConversionError(self.missing)
         if "vars" not in self.group:
             return []
         variables = self.group["vars"]

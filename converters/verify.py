@@ -143,11 +143,31 @@ def graph_inputs(config, batch, steps, rng) -> list:
             declared = [None, _first_layer_inputs(config)]
         free = [i for i, d in enumerate(declared) if d is None]
         shape = [batch] + [steps if i == (free[0] if free else -1) else (8 if d is None else int(d)) for i, d in enumerate(declared)]
+        padding = _padding_value(config, k)
         if str(spec.get("dtype", "float32")).startswith(("int", "uint")):
-            xs.append(rng.integers(0, _vocabulary(config, k), size=shape).astype(np.int32))
+            x = rng.integers(0 if padding is None else 1, _vocabulary(config, k), size=shape).astype(np.int32)
         else:
-            xs.append(rng.normal(size=shape).astype(np.float32))
+            x = rng.normal(size=shape).astype(np.float32)
+        if padding is not None and x.ndim >= 2:
+            # Padded as users pad: sample b loses its last b steps, odd samples also step 1.
+            for b in range(1, batch):
+                x[b, max(1, x.shape[1] - b) :] = padding
+                if b % 2:
+                    x[b, 1] = padding
+        xs.append(x)
     return xs
+
+
+def _padding_value(config, k):
+    """The value that masks a step of input k (a Masking or Embedding(mask_zero) reading it), or None."""
+    for call in config["calls"]:
+        layer = config["layers"][call["layer"]]
+        if ["input", k] in call["inputs"]:
+            if layer["type"] == "Masking":
+                return layer["mask_value"]
+            if layer["type"] == "Embedding" and layer.get("mask_zero"):
+                return 0
+    return None
 
 
 def _vocabulary(config, k) -> int:

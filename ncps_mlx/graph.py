@@ -13,6 +13,10 @@ Config (``get_config()``; ``graph_from_config`` rebuilds it):
 * ``outputs``: ``[{"name", "ref"}]``.
 
 A ref is ``["input", k]`` (the k-th model input) or ``[c, j]`` (tensor j of call c).
+
+Keras masks travel with the tensors (see ``ncps_mlx.layers``): which tensors carry one is
+known from the layers alone, so a mask reaching a layer that cannot take one is refused when
+the graph is built.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .layers import MERGES, RNN, Bidirectional, TimeDistributed, layer_from_config
+
+MASK_USERS = (RNN, Bidirectional)
 
 
 class Graph(nn.Module):
@@ -34,6 +40,27 @@ class Graph(nn.Module):
             for ref in call["inputs"]:
                 if ref[0] != "input" and not (0 <= ref[0] < c):
                     raise ValueError(f"call {c} reads {ref}, which is not computed before it")
+        self._check_masks()
+
+    def _check_masks(self):
+        """Follow where masks go; a layer that would get one it cannot use is an error."""
+        masked = set()
+        for c, call in enumerate(self._calls):
+            layer = self.layers[call["layer"]]
+            getting = any(tuple(ref) in masked for ref in call["inputs"])
+            if getattr(layer, "makes_mask", False):
+                masked.add((c, 0))
+            elif getting and isinstance(layer, MASK_USERS):
+                sequences = (layer.forward if isinstance(layer, Bidirectional) else layer).model.return_sequences
+                if sequences:
+                    masked.add((c, 0))
+            elif getting and (isinstance(layer, MERGES) or layer.passes_mask):
+                masked.add((c, 0))
+            elif getting:
+                raise ValueError(
+                    f"layer {call['layer']} ({type(layer).__name__}) would receive a Keras mask (from Masking or "
+                    "Embedding(mask_zero=True)); only RNNs, merges and elementwise/last-axis layers take one here"
+                )
 
     @property
     def input_specs(self) -> list:
@@ -60,13 +87,29 @@ class Graph(nn.Module):
         if len(inputs) != len(self._inputs):
             names = ", ".join(i["name"] for i in self._inputs)
             raise ValueError(f"this graph takes {len(self._inputs)} input(s) ({names}), got {len(inputs)}")
-        values = {}
+        values, masks = {}, {}
         for k, x in enumerate(inputs):
             values[("input", k)] = x if isinstance(x, mx.array) else mx.array(x)
         for c, call in enumerate(self._calls):
             layer = self.layers[call["layer"]]
             args = [values[tuple(ref)] for ref in call["inputs"]]
-            result = layer(args) if isinstance(layer, MERGES) else layer(*args)
+            got = [masks[tuple(ref)] for ref in call["inputs"] if tuple(ref) in masks]
+            if isinstance(layer, MERGES):
+                result = layer(args)
+            elif isinstance(layer, MASK_USERS):
+                result = layer(*args, mask=got[0] if got else None)
+            else:
+                result = layer(*args)
+            mask = layer.make_mask(args[0]) if getattr(layer, "makes_mask", False) else None
+            if mask is None and got:  # handed on (_check_masks allowed it)
+                if isinstance(layer, MERGES):
+                    mask = got[0]
+                    for other in got[1:]:
+                        mask = mx.logical_and(mask, other)
+                elif not isinstance(layer, MASK_USERS) or (layer.forward if isinstance(layer, Bidirectional) else layer).model.return_sequences:
+                    mask = got[0]
+            if mask is not None:
+                masks[(c, 0)] = mask
             for j, value in enumerate(result if isinstance(result, (tuple, list)) else (result,)):
                 values[(c, j)] = value
         results = [values[tuple(o["ref"])] for o in self._outputs]

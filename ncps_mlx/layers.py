@@ -4,6 +4,12 @@ Every layer is channels-last, as Keras is by default. Each records its construct
 (``get_config()`` -> ``{"type": class name, **arguments}``) so ``layer_from_config`` rebuilds it.
 Merge layers (``MERGES``) take a list of arrays; every other layer one array.
 
+Masks (Keras's, for padded sequences): ``Masking`` and ``Embedding(mask_zero=True)`` make a
+(B, T) mask (``make_mask``); the layers with ``passes_mask`` hand it on unchanged; merges
+combine their inputs' masks (all must be True); ``RNN`` and ``Bidirectional`` take it
+(``layer(x, mask=...)``): a masked step keeps the state and repeats the previous output, and a
+sequence output carries the mask on. ``ncps_mlx.graph.Graph`` wires this up.
+
 * ``RNN`` wraps a CfC/LTC/CTRNN/CTGRU model as a Keras RNN layer: x (B, T, I) -> output, or
   ``(output, *states)`` with ``return_state`` (Keras's order: memory before the ODE state);
   ``go_backwards`` runs over the reversed sequence.
@@ -55,6 +61,9 @@ def activation_function(name):
 class Layer(nn.Module):
     """A layer that remembers its constructor arguments for ``get_config``."""
 
+    passes_mask = False  # hands a Keras mask on unchanged (elementwise or last-axis layers)
+    makes_mask = False  # starts one (make_mask(x) -> (B, T) booleans)
+
     def __init__(self, **arguments):
         super().__init__()
         self._arguments = arguments
@@ -65,6 +74,8 @@ class Layer(nn.Module):
 
 class Dense(Layer):
     """Linear map of the last axis, then an activation: x (..., in) -> (..., units)."""
+
+    passes_mask = True
 
     def __init__(self, in_features: int, units: int, activation: str | None = None, use_bias: bool = True):
         super().__init__(in_features=in_features, units=units, activation=activation, use_bias=use_bias)
@@ -77,6 +88,8 @@ class Dense(Layer):
 
 
 class Activation(Layer):
+    passes_mask = True
+
     def __init__(self, activation: str):
         super().__init__(activation=activation)
         activation_function(activation)
@@ -89,6 +102,8 @@ class Activation(Layer):
 class ReLU(Layer):
     """Keras ``ReLU``: x >= threshold: min(x, max_value); below: negative_slope * (x - threshold)."""
 
+    passes_mask = True
+
     def __init__(self, max_value: float | None = None, negative_slope: float = 0.0, threshold: float = 0.0):
         super().__init__(max_value=max_value, negative_slope=negative_slope, threshold=threshold)
 
@@ -99,6 +114,8 @@ class ReLU(Layer):
 
 
 class LeakyReLU(Layer):
+    passes_mask = True
+
     def __init__(self, negative_slope: float = 0.3):
         super().__init__(negative_slope=negative_slope)
 
@@ -107,6 +124,8 @@ class LeakyReLU(Layer):
 
 
 class ELU(Layer):
+    passes_mask = True
+
     def __init__(self, alpha: float = 1.0):
         super().__init__(alpha=alpha)
 
@@ -125,6 +144,8 @@ class Softmax(Layer):
 class Identity(Layer):
     """Dropout, SpatialDropout*, GaussianNoise, GaussianDropout, AlphaDropout, ActivityRegularization
     at inference: the input unchanged. ``kind`` records which Keras layer it was."""
+
+    passes_mask = True
 
     def __init__(self, kind: str = "Dropout"):
         super().__init__(kind=kind)
@@ -187,6 +208,8 @@ class BatchNormalization(Layer):
     """Keras ``BatchNormalization`` at inference, over the last axis:
     (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta."""
 
+    passes_mask = True
+
     def __init__(self, features: int, epsilon: float = 1e-3, center: bool = True, scale: bool = True, axis: int = -1):
         super().__init__(features=features, epsilon=epsilon, center=center, scale=scale, axis=axis)
         if scale:
@@ -217,6 +240,8 @@ class LayerNormalization(Layer):
     """Keras ``LayerNormalization`` over the last axis: (x - mean) / sqrt(var + eps) * gamma + beta.
     ``axis`` is -1 or the last axis's positive index (as tf.keras records it)."""
 
+    passes_mask = True
+
     def __init__(self, features: int, epsilon: float = 1e-3, center: bool = True, scale: bool = True, axis: int = -1):
         super().__init__(features=features, epsilon=epsilon, center=center, scale=scale, axis=axis)
         if scale:
@@ -236,14 +261,36 @@ class LayerNormalization(Layer):
 
 
 class Embedding(Layer):
-    """Integer ids (...) -> (..., output_dim)."""
+    """Integer ids (...) -> (..., output_dim). With ``mask_zero`` id 0 is padding: it masks its step."""
 
-    def __init__(self, input_dim: int, output_dim: int):
-        super().__init__(input_dim=input_dim, output_dim=output_dim)
+    def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False):
+        super().__init__(input_dim=input_dim, output_dim=output_dim, mask_zero=mask_zero)
         self.embeddings = mx.zeros((input_dim, output_dim))
 
     def __call__(self, x):
         return self.embeddings[x.astype(mx.int32)]
+
+    @property
+    def makes_mask(self) -> bool:
+        return self._arguments["mask_zero"]
+
+    def make_mask(self, x):
+        return x != 0
+
+
+class Masking(Layer):
+    """Keras ``Masking``: a step whose features all equal ``mask_value`` is masked (and zeroed)."""
+
+    makes_mask = True
+
+    def __init__(self, mask_value: float = 0.0):
+        super().__init__(mask_value=mask_value)
+
+    def make_mask(self, x):
+        return mx.any(x != self._arguments["mask_value"], axis=-1)
+
+    def __call__(self, x):
+        return x * self.make_mask(x)[..., None].astype(x.dtype)
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -363,6 +410,8 @@ class Merge(Layer):
 class TimeDistributed(Layer):
     """x (B, T, ...) -> ``layer`` on (B*T, ...) -> (B, T, ...)."""
 
+    passes_mask = True  # the steps stay the steps
+
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
@@ -377,25 +426,32 @@ class TimeDistributed(Layer):
 
 
 class RNN(nn.Module):
-    """A sequence model used as a Keras RNN layer: x (B, T, I) -> output (or output, *states)."""
+    """A sequence model used as a Keras RNN layer: x (B, T, I) -> output (or output, *states).
+    ``mask`` (B, T): masked steps are skipped (``SequenceModel``); with ``zero_output_for_mask``
+    a sequence output is zero at them."""
 
-    def __init__(self, model, return_state: bool = False, go_backwards: bool = False):
+    def __init__(self, model, return_state: bool = False, go_backwards: bool = False, zero_output_for_mask: bool = False):
         super().__init__()
         self.model = model
         self.return_state = return_state
         self.go_backwards = go_backwards
+        self.zero_output_for_mask = zero_output_for_mask
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         if self.go_backwards:
             x = x[:, ::-1] if self.model.batch_first else x[::-1]
-        output, state = self.model(x)
+            mask = None if mask is None else mask[:, ::-1]
+        output, state = self.model(x, mask=mask)
+        if mask is not None and self.zero_output_for_mask and self.model.return_sequences:
+            output = mx.where(mask[..., None], output, 0.0)
         if not self.return_state:
             return output
         # Keras orders mixed-memory states (memory, ODE state); ours are (h, c) = (ODE, memory).
         return (output, state[1], state[0]) if isinstance(state, tuple) else (output, state)
 
     def get_config(self) -> dict:
-        return {"type": "RNN", "model": self.model.get_config(), "return_state": self.return_state, "go_backwards": self.go_backwards}
+        return {"type": "RNN", "model": self.model.get_config(), "return_state": self.return_state,
+                "go_backwards": self.go_backwards, "zero_output_for_mask": self.zero_output_for_mask}  # fmt: skip
 
 
 class Bidirectional(nn.Module):
@@ -405,18 +461,19 @@ class Bidirectional(nn.Module):
 
     MERGE_MODES = ("concat", "sum", "mul", "ave")
 
-    def __init__(self, forward, backward, merge_mode: str = "concat", return_state: bool = False):
+    def __init__(self, forward, backward, merge_mode: str = "concat", return_state: bool = False,
+                 zero_output_for_mask: bool = False):  # fmt: skip
         super().__init__()
         if merge_mode not in self.MERGE_MODES:
             raise ValueError(f"Bidirectional merge_mode must be one of {self.MERGE_MODES}, got {merge_mode!r}")
-        self.forward = RNN(forward, return_state=True)
-        self.backward = RNN(backward, return_state=True, go_backwards=True)
+        self.forward = RNN(forward, return_state=True, zero_output_for_mask=zero_output_for_mask)
+        self.backward = RNN(backward, return_state=True, go_backwards=True, zero_output_for_mask=zero_output_for_mask)
         self.merge_mode = merge_mode
         self.return_state = return_state
 
-    def __call__(self, x):
-        y_forward, *states_forward = self.forward(x)
-        y_backward, *states_backward = self.backward(x)
+    def __call__(self, x, mask=None):
+        y_forward, *states_forward = self.forward(x, mask=mask)
+        y_backward, *states_backward = self.backward(x, mask=mask)
         if self.forward.model.return_sequences:
             y_backward = y_backward[:, ::-1]
         if self.merge_mode == "concat":
@@ -436,13 +493,15 @@ class Bidirectional(nn.Module):
             "backward": self.backward.model.get_config(),
             "merge_mode": self.merge_mode,
             "return_state": self.return_state,
+            "zero_output_for_mask": self.forward.zero_output_for_mask,
         }
 
 
 SIMPLE_LAYERS = {
     cls.__name__: cls
     for cls in (Dense, Activation, ReLU, LeakyReLU, ELU, Softmax, Identity, Flatten, Reshape, Permute, RepeatVector,
-                Normalization, BatchNormalization, LayerNormalization, Embedding, Conv, Pooling, GlobalPooling, Merge)
+                Normalization, BatchNormalization, LayerNormalization, Embedding, Masking, Conv, Pooling, GlobalPooling,
+                Merge)
 }  # fmt: skip
 MERGES = (Merge,)
 

@@ -471,6 +471,8 @@ def _layer(g, layer, inputs):
     """Nodes for one call of a graph layer; returns its output value names."""
     from . import layers as L
 
+    if getattr(layer, "makes_mask", False):
+        raise ValueError("a graph with Keras masks (Masking, Embedding(mask_zero=True)) does not export to ONNX")
     if isinstance(layer, L.Merge):
         kind = layer._arguments["kind"]
         if kind == "Concatenate":

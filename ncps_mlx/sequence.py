@@ -33,6 +33,9 @@ class SequenceModel(nn.Module):
     * ``output``: (B, T, F) / (T, B, F) / (T, F) with ``return_sequences``, else the last
       step's (B, F) / (F,). F is ``proj_size`` when given.
     * ``state``: the final ``h`` (B, S), or ``(h, c)`` with mixed memory.
+    * ``mask`` (batched input only): None, or (B, T) booleans (time-first: (T, B)); a False
+      step is skipped, as Keras skips a masked step: the state is kept and the output is the
+      previous step's (zeros before the first). A masked call runs the plain loop.
 
     Mixed memory adds ``lstm`` (``ncps_mlx.cells.LSTMCell``); ``memory_circuit`` picks where its
     output goes: "state" (ncps.torch, default) or "input" (ncps.tf/keras MixedMemoryRNN).
@@ -83,7 +86,7 @@ class SequenceModel(nn.Module):
             config[key] = describe(value) if isinstance(value, Wiring) else value
         return config
 
-    def __call__(self, x, hx=None, timespans=None):
+    def __call__(self, x, hx=None, timespans=None, mask=None):
         x = mx.array(x) if not isinstance(x, mx.array) else x
         if x.ndim not in (2, 3):
             raise ValueError(
@@ -105,7 +108,7 @@ class SequenceModel(nn.Module):
 
         ts = self._timespans(timespans, batch, steps, batched)
         h, c = self._initial_state(hx, batch, batched)
-        y, h, c = self._run(x, h, c, ts)
+        y, h, c = self._run(x, h, c, ts, self._mask(mask, batch, steps, batched))
         if not batched:
             y, h = y[0], h[0]
             c = c[0] if c is not None else None
@@ -113,7 +116,18 @@ class SequenceModel(nn.Module):
             y = y.swapaxes(0, 1)
         return y, ((h, c) if self.use_mixed else h)
 
-    def _run(self, x, h, c, ts):
+    def _mask(self, mask, batch: int, steps: int, batched: bool):
+        """None, or the mask as (B, T, 1) booleans."""
+        if mask is None:
+            return None
+        mask = mask if isinstance(mask, mx.array) else mx.array(mask)
+        expected = (batch, steps) if self.batch_first else (steps, batch)
+        if not batched or tuple(mask.shape) != expected:
+            raise ValueError(f"mask must have shape {expected} (one boolean per sample and step) for batched input; got {tuple(mask.shape)}")
+        mask = mask if self.batch_first else mask.T
+        return mask.astype(mx.bool_)[..., None]
+
+    def _run(self, x, h, c, ts, mask=None):
         """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
         to run the loop (see ``ncps_mlx.stepping``)."""
         parameters = self.parameters()
@@ -122,7 +136,7 @@ class SequenceModel(nn.Module):
         traced = stepping.under_transformation(leaves)
         # Dropout's random draws would be frozen into a compiled graph.
         dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
-        if dropout or (traced and not stepping.can_evaluate(leaves)):
+        if mask is not None or dropout or (traced and not stepping.can_evaluate(leaves)):
             mode = "eager"
         else:
             mode = "differentiable" if traced else "compiled"
@@ -170,7 +184,7 @@ class SequenceModel(nn.Module):
                 def step(u, lstm_u, h, c, ts):
                     return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
 
-                outs, hs, cs = stepping.time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
+                outs, hs, cs = stepping.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask)
                 h, c = hs[-1], cs[-1]
                 y = mx.stack(outs, axis=1) if self.return_sequences else outs[-1]
         if self.fc is not None:

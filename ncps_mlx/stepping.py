@@ -51,11 +51,13 @@ import numpy as np
 from . import fastmath, linux_blas
 
 
-def time_loop(step, cell_inputs, lstm_inputs, h, c, ts):
+def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None):
     """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps.
 
     cell_inputs / lstm_inputs: (B, T, P) or None; h, c: (B, S) (c None without mixed memory);
-    ts: None (1.0 per step), a 0-d array, or (B, T, 1). Returns the lists of outs, hs, cs.
+    ts: None (1.0 per step), a 0-d array, or (B, T, 1); mask: None or (B, T, 1) booleans, where
+    a False step is skipped as Keras skips a masked step: the state is kept and the output is
+    the previous step's (zeros before the first). Returns the lists of outs, hs, cs.
     """
     steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
     outs, hs, cs = [], [], []
@@ -63,7 +65,14 @@ def time_loop(step, cell_inputs, lstm_inputs, h, c, ts):
         ts_t = timespan_at(ts, t)
         u_t = None if cell_inputs is None else cell_inputs[:, t]
         lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
-        out, h, c = step(u_t, lstm_u_t, h, c, ts_t)
+        new_out, new_h, new_c = step(u_t, lstm_u_t, h, c, ts_t)
+        if mask is None:
+            out, h, c = new_out, new_h, new_c
+        else:
+            keep = mask[:, t]
+            out = mx.where(keep, new_out, outs[-1] if outs else mx.zeros_like(new_out))
+            h = mx.where(keep, new_h, h)
+            c = None if c is None else mx.where(keep, new_c, c)
         outs.append(out)
         hs.append(h)
         cs.append(c)

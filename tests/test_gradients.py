@@ -289,3 +289,31 @@ def test_with_every_switch_off():
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+@pytest.mark.parametrize("family", ["CfC", "LTC"])
+def test_a_mask_skips_steps_forward_and_backward(family):
+    """A masked step is skipped (Keras's masking): outputs, final state and the gradients with
+    respect to x and timespans equal those of the sequence without the masked steps."""
+    _, model = build_pair(family, 7, {})
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1, STEPS, INPUT)).astype(np.float32)
+    ts = rng.uniform(0.3, 2.0, size=(1, STEPS)).astype(np.float32)
+    keep = np.ones((1, STEPS), bool)
+    keep[0, [1, 4, STEPS - 1]] = False
+    kept = np.flatnonzero(keep[0])
+
+    def loss(model, x, ts, mask=None):
+        out, state = model(x, timespans=ts, mask=mask)
+        return mx.sum(state**2) + mx.sum(out[:, -1] * mx.arange(out.shape[-1]))
+
+    grad = mx.grad(lambda x, ts: loss(model, x, ts, mx.array(keep)), argnums=(0, 1))
+    d_x, d_ts = (np.array(g) for g in grad(mx.array(x), mx.array(ts)))
+    d_x_short, d_ts_short = (np.array(g) for g in mx.grad(lambda x, ts: loss(model, x, ts), argnums=(0, 1))(
+        mx.array(x[:, kept]), mx.array(ts[:, kept])))  # fmt: skip
+    assert np.max(np.abs(d_x[:, kept] - d_x_short)) <= 1e-5 and np.all(d_x[:, ~keep[0]] == 0)
+    assert np.max(np.abs(d_ts[:, kept] - d_ts_short)) <= 1e-5 and np.abs(d_ts_short).max() > 0
+    out, state = model(mx.array(x), timespans=mx.array(ts), mask=mx.array(keep))
+    short_out, short_state = model(mx.array(x[:, kept]), timespans=mx.array(ts[:, kept]))
+    assert float(mx.max(mx.abs(state - short_state))) <= 1e-5
+    assert float(mx.max(mx.abs(out[:, 1] - out[:, 0]))) == 0.0  # a masked step repeats the output

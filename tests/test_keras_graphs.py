@@ -1,6 +1,7 @@
 """Whole Keras models around an NCP (fixtures/keras_graphs, made by tools/make_keras_graph_fixtures.py):
 several inputs and heads with merges, a TimeDistributed conv encoder, Bidirectional CfC/LTC,
-a fixed-length Input, an Embedding encoder-decoder; Keras 3 .keras and tf.keras .h5."""
+a fixed-length Input, an Embedding encoder-decoder, padded sequences behind Masking and
+Embedding(mask_zero=True); Keras 3 .keras and tf.keras .h5."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ live = pytest.mark.skipif(not has_tensorflow(), reason="needs TensorFlow and ncp
 def test_fixture_coverage():
     names = {p.stem for p in FIXTURES}
     assert {"two_inputs_two_heads", "tf_two_inputs_two_heads", "timedistributed_conv_cfc", "bidirectional",
-            "fixed_length", "tf_fixed_length", "encoder_decoder"} <= names  # fmt: skip
+            "fixed_length", "tf_fixed_length", "encoder_decoder", "masked_padding", "embedding_mask_zero"} <= names  # fmt: skip
+    for name in ("masked_padding", "embedding_mask_zero"):  # padded: sample 1 ends in a padded step
+        assert np.all(np.load(ROOT / f"{name}.npz")["x_0"][1, -1] == 0)
 
 
 @pytest.mark.parametrize("npz", FIXTURES, ids=lambda p: p.stem)
@@ -88,6 +91,31 @@ def test_inputs_and_outputs_keep_the_keras_names_and_order():
     assert [o.shape for o in swapped] == [(3, 2), (3, 1)]
 
 
+def test_a_mask_reaching_a_layer_that_cannot_take_it_is_refused(tmp_path):
+    path = _edited_masked(tmp_path)
+    with pytest.raises(ConversionError, match=r"\(Flatten\) would receive a Keras mask"):
+        readers.read(path).module().build()
+
+
+def _edited_masked(tmp_path) -> Path:
+    """masked_padding.keras with a Flatten between the LayerNormalization and the LTC."""
+    source = zipfile.ZipFile(ROOT / "masked_padding.keras")
+    config = json.loads(source.read("config.json"))
+    layers = config["config"]["layers"]
+    norm = next(e for e in layers if e["class_name"] == "LayerNormalization")
+    ltc = next(e for e in layers if e["class_name"] == "LTC")
+    flatten = {"module": "keras.layers", "class_name": "Flatten", "config": {"name": "flat", "data_format": "channels_last"},
+               "name": "flat", "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
+                   "shape": [None, None, 12], "dtype": "float32", "keras_history": [norm["name"], 0, 0]}}], "kwargs": {}}]}  # fmt: skip
+    ltc["inbound_nodes"][0]["args"][0]["config"]["keras_history"] = ["flat", 0, 0]
+    layers.insert(layers.index(ltc), flatten)
+    path = tmp_path / "flat.keras"
+    with zipfile.ZipFile(path, "w") as target:
+        for item in source.namelist():
+            target.writestr(item, json.dumps(config) if item == "config.json" else source.read(item))
+    return path
+
+
 def test_a_wrong_weight_is_seen():
     """The comparison can fail: one changed weight moves the outputs far past the tolerance."""
     description = readers.read(ROOT / "timedistributed_conv_cfc.keras").module()
@@ -116,6 +144,10 @@ def test_onnx_export_matches_keras(npz, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     graph = readers.read(source_of(npz)).module().build()
+    if "mask" in npz.stem:
+        with pytest.raises(ValueError, match="Keras masks .* does not export to ONNX"):
+            ncps_mlx.export_onnx(graph, tmp_path / "graph.onnx")
+        return
     path = ncps_mlx.export_onnx(graph, tmp_path / "graph.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [spec["name"] for spec in graph.input_specs]
