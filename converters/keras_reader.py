@@ -1085,6 +1085,12 @@ def run_source(description: Description):
     """Runs the file in Keras (Keras 3 or tf.keras, in a subprocess with the environment that
     flavour needs): ``load_model`` when the reference can reload the file, else the model
     rebuilt with the reference classes and the file's weights loaded into it."""
+    return lambda inputs: run_sources([(description, inputs)])[0]
+
+
+def run_sources(pairs):
+    """Several ``(description, inputs)`` of one flavour in one subprocess, so that TensorFlow
+    and Keras start once (~5 s each time): per pair, the results of ``run_source``."""
     import os
     import subprocess
     import sys
@@ -1092,13 +1098,14 @@ def run_source(description: Description):
 
     from .verify import SourceUnavailable, graph_results
 
-    source = description.source
-    legacy = source["framework"] == "tf.keras"
-
-    def run(inputs):
-        """inputs: per case (xs, None, None), xs one array per model input."""
-        names = [o["name"] for o in description.config["outputs"]]
-        with tempfile.TemporaryDirectory() as folder:
+    flavours = {description.source["framework"] for description, _ in pairs}
+    if len(flavours) != 1:
+        raise ValueError(f"run_sources takes sources of one flavour, got {sorted(flavours)}")
+    legacy = flavours == {"tf.keras"}
+    with tempfile.TemporaryDirectory() as folder:
+        jobs = []
+        for n, (description, inputs) in enumerate(pairs):
+            source = description.source
             job = {
                 "path": source["file"],
                 "legacy": legacy,
@@ -1110,41 +1117,45 @@ def run_source(description: Description):
                 "input_size": np.asarray(inputs[0][0][0]).shape[-1],
                 "cases": len(inputs),
                 "inputs_per_case": len(inputs[0][0]),
-                "inputs": os.path.join(folder, "inputs.npz"),
-                "outputs": os.path.join(folder, "outputs.npz"),
+                "inputs": os.path.join(folder, f"inputs_{n}.npz"),
+                "outputs": os.path.join(folder, f"outputs_{n}.npz"),
             }
             np.savez(job["inputs"], **{f"{i}_{k}": np.asarray(x) for i, (xs, _, _) in enumerate(inputs) for k, x in enumerate(xs)})
-            job_path = os.path.join(folder, "job.json")
-            with open(job_path, "w") as handle:
-                json.dump(job, handle, default=int)
-            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
-            if legacy:
-                env["TF_USE_LEGACY_KERAS"] = "1"
-            else:
-                env.pop("TF_USE_LEGACY_KERAS", None)
-            code = "from ncps_mlx.converters.keras_reader import worker_main; worker_main()"
-            done = subprocess.run([sys.executable, "-c", code, job_path], env=env, capture_output=True, text=True)
-            if done.returncode == 3:
-                raise SourceUnavailable(done.stderr.strip().splitlines()[-1])
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines() or ["(no output)"]
-                raise ConversionError(f"running the Keras source failed: {lines[-1]}")
+            jobs.append(job)
+        job_path = os.path.join(folder, "jobs.json")
+        with open(job_path, "w") as handle:
+            json.dump({"jobs": jobs}, handle, default=int)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+        if legacy:
+            env["TF_USE_LEGACY_KERAS"] = "1"
+        else:
+            env.pop("TF_USE_LEGACY_KERAS", None)
+        code = "from ncps_mlx.converters.keras_reader import worker_main; worker_main()"
+        done = subprocess.run([sys.executable, "-c", code, job_path], env=env, capture_output=True, text=True)
+        if done.returncode == 3:
+            raise SourceUnavailable(done.stderr.strip().splitlines()[-1])
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            raise ConversionError(f"running the Keras source failed: {lines[-1]}")
+        answers = []
+        for (description, inputs), job in zip(pairs, jobs):
+            names = [o["name"] for o in description.config["outputs"]]
             results = np.load(job["outputs"])
-            return [
-                graph_results(names, [results[f"{i}_{j}"] for j in range(int(results[f"{i}_n"]))]) for i in range(len(inputs))
-            ]
-
-    return run
+            count = lambda i: int(results[f"{i}_n"])  # noqa: E731
+            answers.append([graph_results(names, [results[f"{i}_{j}"] for j in range(count(i))]) for i in range(len(inputs))])
+        return answers
 
 
 def worker_main():
-    """Subprocess side of ``run_source``: loads or rebuilds the Keras model, runs the inputs."""
+    """Subprocess side of ``run_sources``: per job, loads or rebuilds the Keras model and runs
+    its inputs."""
     import sys
 
     with open(sys.argv[1]) as handle:
-        job = json.load(handle)
+        jobs = json.load(handle)["jobs"]
+    legacy = jobs[0]["legacy"]
     try:
-        if job["legacy"]:
+        if legacy:
             import tensorflow as tf
             import ncps.tf as flavour
 
@@ -1153,9 +1164,14 @@ def worker_main():
             import keras
             import ncps.keras as flavour
     except ImportError as error:
-        print(f"verifying a {'tf.keras' if job['legacy'] else 'Keras 3'} file needs TensorFlow and ncps "
+        print(f"verifying a {'tf.keras' if legacy else 'Keras 3'} file needs TensorFlow and ncps "
               f"(pip install 'ncps-mlx[tf]'): {error}", file=sys.stderr)
         sys.exit(3)
+    for job in jobs:
+        _run_job(job, keras, flavour)
+
+
+def _run_job(job, keras, flavour):
     custom = {name: getattr(flavour, name) for name in ("CfC", "LTC", "CfCCell", "LTCCell", "WiredCfCCell", "MixedMemoryRNN")}
     model = None
     if job["full_model"]:
