@@ -40,27 +40,31 @@ class Graph(nn.Module):
             for ref in call["inputs"]:
                 if ref[0] != "input" and not (0 <= ref[0] < c):
                     raise ValueError(f"call {c} reads {ref}, which is not computed before it")
-        self._check_masks()
+        self._mask_rules = self._mask_rules_of_calls()
 
-    def _check_masks(self):
-        """Follow where masks go; a layer that would get one it cannot use is an error."""
-        masked = set()
+    def _mask_rules_of_calls(self) -> dict:
+        """{call: how its output's mask comes about}: "make" (Masking, Embedding(mask_zero)),
+        "pass" (the input's, handed on or carried by a sequence), "merge" (its inputs' masks
+        combined). A layer that would get a mask it cannot use is an error."""
+        rules = {}
         for c, call in enumerate(self._calls):
             layer = self.layers[call["layer"]]
-            getting = any(tuple(ref) in masked for ref in call["inputs"])
+            getting = any(ref[0] in rules for ref in call["inputs"] if ref[0] != "input" and ref[1] == 0)
             if getattr(layer, "makes_mask", False):
-                masked.add((c, 0))
+                rules[c] = "make"
             elif getting and isinstance(layer, MASK_USERS):
-                sequences = (layer.forward if isinstance(layer, Bidirectional) else layer).model.return_sequences
-                if sequences:
-                    masked.add((c, 0))
-            elif getting and (isinstance(layer, MERGES) or layer.passes_mask):
-                masked.add((c, 0))
+                if (layer.forward if isinstance(layer, Bidirectional) else layer).model.return_sequences:
+                    rules[c] = "pass"
+            elif getting and isinstance(layer, MERGES):
+                rules[c] = "merge"
+            elif getting and layer.passes_mask:
+                rules[c] = "pass"
             elif getting:
                 raise ValueError(
                     f"layer {call['layer']} ({type(layer).__name__}) would receive a Keras mask (from Masking or "
                     "Embedding(mask_zero=True)); only RNNs, merges and elementwise/last-axis layers take one here"
                 )
+        return rules
 
     @property
     def input_specs(self) -> list:
@@ -100,15 +104,15 @@ class Graph(nn.Module):
                 result = layer(*args, mask=got[0] if got else None)
             else:
                 result = layer(*args)
-            mask = layer.make_mask(args[0]) if getattr(layer, "makes_mask", False) else None
-            if mask is None and got:  # handed on (_check_masks allowed it)
-                if isinstance(layer, MERGES):
-                    mask = got[0]
-                    for other in got[1:]:
-                        mask = mx.logical_and(mask, other)
-                elif not isinstance(layer, MASK_USERS) or (layer.forward if isinstance(layer, Bidirectional) else layer).model.return_sequences:
-                    mask = got[0]
-            if mask is not None:
+            rule = self._mask_rules.get(c)
+            if rule == "make":
+                masks[(c, 0)] = layer.make_mask(args[0])
+            elif rule == "pass":
+                masks[(c, 0)] = got[0]
+            elif rule == "merge":
+                mask = got[0]
+                for other in got[1:]:
+                    mask = mx.logical_and(mask, other)
                 masks[(c, 0)] = mask
             for j, value in enumerate(result if isinstance(result, (tuple, list)) else (result,)):
                 values[(c, j)] = value
