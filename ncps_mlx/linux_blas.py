@@ -132,14 +132,42 @@ def _thread_control(library) -> None:
 
 
 def sgemm_address():
-    """The address of the ``cblas_sgemm`` that MLX's matrix products use (the library this
-    module loaded, or for the wheel its shim's forwarding entry), or None where this module
-    loaded none: for the CPU kernels of ``ncps_mlx.native``."""
+    """The address of an optimised ``cblas_sgemm`` for the CPU kernels of ``ncps_mlx.native``:
+    the one MLX's matrix products use where this module gave MLX one (the library it loaded,
+    or for the wheel its shim's forwarding entry); else, where MLX keeps its bundled BLAS
+    because ``mlx.core`` was imported first, the same OpenBLAS loaded for the kernels alone
+    (``RTLD_LOCAL``, on first use), so that the kernels do not depend on the import order.
+    None where there is none (not Linux, ``NCPS_MLX_BLAS=0``, no OpenBLAS)."""
     for handle in _HANDLES:
         function = getattr(handle, "cblas_sgemm", None)
         if function is not None:
             return ctypes.cast(function, ctypes.c_void_p).value
-    return None
+    return _kernels_own_sgemm()
+
+
+_KERNEL_BLAS = []  # [(handle, sgemm address)] of the OpenBLAS loaded for the kernels alone
+
+
+def _kernels_own_sgemm():
+    if _KERNEL_BLAS:
+        return _KERNEL_BLAS[0][1]
+    if not sys.platform.startswith("linux") or os.environ.get("NCPS_MLX_BLAS", "1") == "0" or _HANDLES:
+        return None
+    try:
+        with _short_spin():
+            system = None if os.environ.get("NCPS_MLX_BLAS") == "wheel" else _find_blas()
+            path = system or _wheel_openblas()
+            if path is None:
+                return None
+            library = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+    except OSError:
+        return None
+    function = getattr(library, "cblas_sgemm" if system else "scipy_cblas_sgemm", None)
+    if function is None:
+        return None
+    _thread_control(library)
+    _KERNEL_BLAS.append((library, ctypes.cast(function, ctypes.c_void_p).value))
+    return _KERNEL_BLAS[0][1]
 
 
 def can_set_threads() -> bool:

@@ -472,3 +472,37 @@ def test_an_empty_batch(kernel_calls):
         _, grads = nn.value_and_grad(model, lambda m: mx.sum(m(x)[0]))(model)
         assert all(float(mx.max(mx.abs(g))) == 0.0 for _, g in tree_flatten(grads) if g.size)
     assert kernel_calls["forward"] + kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 6
+
+
+IMPORT_ORDER_PROBE = """
+import json, sys
+{imports}
+from ncps_mlx import native
+model = ncps_mlx.CfC(5, 16, backbone_units=12)
+x = mx.random.normal((4, 9, 5))
+calls = []
+original = native.cfc_states
+native.cfc_states = lambda *a, **k: calls.append(1) or original(*a, **k)
+y, _ = model(x)
+with native.turned_off():
+    reference, _ = model(x)
+print(json.dumps({{"applies": native.cfc_applies(), "kernel_ran": bool(calls),
+                   "err": float(mx.max(mx.abs(y - reference)))}}))
+"""
+
+
+@applies
+def test_the_kernels_do_not_depend_on_the_import_order():
+    """`import mlx.core` first (as users write it) or `import ncps_mlx` first, in fresh
+    processes: the CfC kernel is chosen and runs either way, with the same results."""
+    import json
+
+    found = {}
+    for name, imports in (("mlx first", "import mlx.core as mx\nimport ncps_mlx"), ("ncps_mlx first", "import ncps_mlx\nimport mlx.core as mx")):
+        done = subprocess.run([sys.executable, "-c", IMPORT_ORDER_PROBE.format(imports=imports)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        found[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in found.items():
+        assert result["applies"] and result["kernel_ran"], (name, result)
+        assert result["err"] <= 3e-6, (name, result)
