@@ -204,9 +204,8 @@ class Normalization(Layer):
         return (x - self.mean) / mx.maximum(mx.sqrt(self.variance), self._arguments["epsilon"])
 
 
-class BatchNormalization(Layer):
-    """Keras ``BatchNormalization`` at inference, over the last axis:
-    (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta."""
+class _Normalizing(Layer):
+    """A per-feature scale ``gamma`` (with ``scale``) and shift ``beta`` (with ``center``)."""
 
     passes_mask = True
 
@@ -216,6 +215,14 @@ class BatchNormalization(Layer):
             self.gamma = mx.ones((features,))
         if center:
             self.beta = mx.zeros((features,))
+
+
+class BatchNormalization(_Normalizing):
+    """Keras ``BatchNormalization`` at inference, over the last axis:
+    (x - moving_mean) / sqrt(moving_variance + epsilon) * gamma + beta."""
+
+    def __init__(self, features: int, epsilon: float = 1e-3, center: bool = True, scale: bool = True, axis: int = -1):
+        super().__init__(features, epsilon, center, scale, axis)
         self.moving_mean = mx.zeros((features,))
         self.moving_variance = mx.ones((features,))
         self.freeze(keys=["moving_mean", "moving_variance"], recurse=False)
@@ -236,18 +243,9 @@ class BatchNormalization(Layer):
         return x * inv + shift
 
 
-class LayerNormalization(Layer):
+class LayerNormalization(_Normalizing):
     """Keras ``LayerNormalization`` over the last axis: (x - mean) / sqrt(var + eps) * gamma + beta.
     ``axis`` is -1 or the last axis's positive index (as tf.keras records it)."""
-
-    passes_mask = True
-
-    def __init__(self, features: int, epsilon: float = 1e-3, center: bool = True, scale: bool = True, axis: int = -1):
-        super().__init__(features=features, epsilon=epsilon, center=center, scale=scale, axis=axis)
-        if scale:
-            self.gamma = mx.ones((features,))
-        if center:
-            self.beta = mx.zeros((features,))
 
     def __call__(self, x):
         if self._arguments["axis"] % x.ndim != x.ndim - 1:
