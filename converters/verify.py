@@ -143,9 +143,11 @@ def graph_inputs(config, batch, steps, rng) -> list:
             declared = [None, _first_layer_inputs(config)]
         free = [i for i, d in enumerate(declared) if d is None]
         shape = [batch] + [steps if i == (free[0] if free else -1) else (8 if d is None else int(d)) for i, d in enumerate(declared)]
-        padding = _padding_value(config, k)
+        readers = _layers_reading(config, k)
+        padding = _padding_value(readers)
         if str(spec.get("dtype", "float32")).startswith(("int", "uint")):
-            x = rng.integers(0 if padding is None else 1, _vocabulary(config, k), size=shape).astype(np.int32)
+            vocabulary = next((int(r["input_dim"]) for r in readers if r["type"] == "Embedding"), 2)
+            x = rng.integers(0 if padding is None else 1, vocabulary, size=shape).astype(np.int32)
         else:
             x = rng.normal(size=shape).astype(np.float32)
         if padding is not None and x.ndim >= 2:
@@ -158,24 +160,19 @@ def graph_inputs(config, batch, steps, rng) -> list:
     return xs
 
 
-def _padding_value(config, k):
-    """The value that masks a step of input k (a Masking or Embedding(mask_zero) reading it), or None."""
-    for call in config["calls"]:
-        layer = config["layers"][call["layer"]]
-        if ["input", k] in call["inputs"]:
-            if layer["type"] == "Masking":
-                return layer["mask_value"]
-            if layer["type"] == "Embedding" and layer.get("mask_zero"):
-                return 0
+def _layers_reading(config, k) -> list:
+    """The configs of the layers called on graph input k."""
+    return [config["layers"][call["layer"]] for call in config["calls"] if ["input", k] in call["inputs"]]
+
+
+def _padding_value(layers):
+    """The value that masks a step for these layers (a Masking, an Embedding(mask_zero)), or None."""
+    for layer in layers:
+        if layer["type"] == "Masking":
+            return layer["mask_value"]
+        if layer["type"] == "Embedding" and layer.get("mask_zero"):
+            return 0
     return None
-
-
-def _vocabulary(config, k) -> int:
-    for call in config["calls"]:
-        layer = config["layers"][call["layer"]]
-        if layer["type"] == "Embedding" and ["input", k] in call["inputs"]:
-            return int(layer["input_dim"])
-    return 2
 
 
 def _first_layer_inputs(config) -> int:
@@ -279,10 +276,9 @@ def _onnx_session(path):
         raise ConversionError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
 
 
-def onnx_cases(path, case_list):
-    """The cases an ONNX file can take: initial states and timespans only where it has them as
-    inputs (the step graph always takes a state)."""
-    session = _onnx_session(path)
+def onnx_cases(session, case_list):
+    """The cases an ONNX session can take: initial states and timespans only where it has
+    them as inputs (the step graph always takes a state)."""
     names = {i.name for i in session.get_inputs()}
     mixed = bool({o.name for o in session.get_outputs()} & {"memory", "next_memory"})
     has_state = "state" in names or ("initial_state" in names and (not mixed or "initial_memory" in names))
@@ -296,15 +292,17 @@ def onnx_cases(path, case_list):
     return fitted
 
 
-def onnx_runner(path):
-    """``run(inputs)`` through onnxruntime for an exported model: a sequence graph fed by
-    name, a step graph fed step by step from the initial state, or a Keras graph."""
+def onnx_runner(session, path):
+    """``run(inputs)`` through an onnxruntime session of an exported model: a sequence graph
+    fed by name, a step graph fed step by step from the initial state, or a Keras graph."""
     import json
 
-    session = _onnx_session(path)
     names = [o.name for o in session.get_outputs()]
-    input_names = [i.name for i in session.get_inputs()]
+    inputs_meta = session.get_inputs()
+    input_names = [i.name for i in inputs_meta]
     step_graph = "state" in input_names
+    exported = json.loads(session.get_modelmeta().custom_metadata_map.get("ncps_mlx_config", "{}"))
+    batch_first, return_sequences = exported.get("batch_first", True), exported.get("return_sequences", True)
 
     def run_session(feeds):
         try:
@@ -322,7 +320,7 @@ def onnx_runner(path):
             return run_steps(np.asarray(x, np.float32), h, c, ts)
         x = np.asarray(x, np.float32)
         feeds = {"input": x}
-        batch_axis = 0 if "batch" == str(session.get_inputs()[0].shape[0]) else 1
+        batch_axis = 0 if batch_first else 1
         size, steps = x.shape[batch_axis], x.shape[1 - batch_axis]
         state_size = int(session.get_outputs()[1].shape[1])
         # Every graph input is required: where a case has none, the defaults the model uses.
@@ -337,26 +335,23 @@ def onnx_runner(path):
         return named_results(results["output"], state)
 
     def run_steps(x, h, c, ts):
-        meta = session.get_modelmeta().custom_metadata_map
-        model_config = json.loads(meta.get("ncps_mlx_config", "{}"))
-        batch_first = model_config.get("batch_first", True)
         xs = x if batch_first else x.swapaxes(0, 1)  # (B, T, I)
         batch, steps = xs.shape[:2]
-        state = {"state": h if h is not None else np.zeros((batch, int(session.get_inputs()[1].shape[1])), np.float32)}
+        state = {"state": h if h is not None else np.zeros((batch, int(inputs_meta[1].shape[1])), np.float32)}
         if "memory" in input_names:
             state["memory"] = c if c is not None else np.zeros_like(state["state"])
+        spans = np.ones((batch, steps), np.float32) if ts is None else (ts if batch_first else ts.T)
         outs = []
         for t in range(steps):
             feeds = {"input": np.ascontiguousarray(xs[:, t]), **state}
             if "timespan" in input_names:
-                spans = np.ones((batch, steps), np.float32) if ts is None else (ts if batch_first else ts.T)
                 feeds["timespan"] = np.ascontiguousarray(spans[:, t])
             results = run_session(feeds)
             outs.append(results["output"])
             state = {"state": results["next_state"]}
             if "memory" in input_names:
                 state["memory"] = results["next_memory"]
-        if model_config.get("return_sequences", True):
+        if return_sequences:
             output = np.stack(outs, axis=1 if batch_first else 0)
         else:
             output = outs[-1]
@@ -409,8 +404,9 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
     config = description.config
     if path.suffix == ".onnx":
         _check_onnx_matches(path, description, model)
-        case_list = onnx_cases(path, cases(description, unbatched=False))
-        target, target_name = onnx_runner(path), f"onnxruntime ({path.name})"
+        session = _onnx_session(path)
+        case_list = onnx_cases(session, cases(description, unbatched=False))
+        target, target_name = onnx_runner(session, path), f"onnxruntime ({path.name})"
     else:
         name = description.source.get("module")
         try:

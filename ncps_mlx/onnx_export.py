@@ -113,17 +113,7 @@ class _CfC:
         return g.linear(x, self.w_input, self.bias)
 
     def _act(self, g, x):
-        if self.activation == "lecun_tanh":
-            return g.op("Mul", g.const(1.7159), g.tanh(g.op("Mul", x, g.const(0.666))))
-        if self.activation == "tanh":
-            return g.tanh(x)
-        if self.activation == "relu":
-            return g.op("Relu", x)
-        if self.activation == "silu":
-            return g.op("Mul", x, g.sigmoid(x))
-        # exact (erf) GELU, as mlx.nn.gelu and torch.nn.GELU
-        erf = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))
-        return g.op("Mul", g.op("Mul", x, g.const(0.5)), g.op("Add", erf, g.const(1.0)))
+        return _activation(g, self.activation, x)
 
     def step(self, g, u, h, ts):
         z = g.op("Add", u, g.op("MatMul", h, g.const(self.w_state.T, "weight")))
@@ -413,7 +403,7 @@ def _activation(g, name, x):
         return g.op("Mul", x, g.sigmoid(x))
     if name == "lecun_tanh":
         return g.op("Mul", g.const(1.7159), g.tanh(g.op("Mul", x, g.const(0.666))))
-    if name == "gelu":
+    if name == "gelu":  # exact (erf) GELU, as mlx.nn.gelu and torch.nn.GELU
         erf = g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))
         return g.op("Mul", g.op("Mul", x, g.const(0.5)), g.op("Add", erf, g.const(1.0)))
     raise ValueError(f"cannot export activation {name!r} to ONNX")
@@ -437,10 +427,10 @@ def _rnn(g, layer, x):
     return [y, c, h] if c is not None else [y, h]
 
 
-def _channels_first(g, layer, x, op_type, **attrs):
+def _channels_first(g, x, op_type, weights=(), **attrs):
     """Conv/pooling: Keras is channels-last, ONNX channels-first."""
     rank = len(attrs["kernel_shape"])
-    y = g.op(op_type, g.op("Transpose", x, perm=[0, rank + 1, *range(1, rank + 1)]), *attrs.pop("weights", []), **attrs)
+    y = g.op(op_type, g.op("Transpose", x, perm=[0, rank + 1, *range(1, rank + 1)]), *weights, **attrs)
     return g.op("Transpose", y, perm=[0, *range(2, rank + 2), 1])
 
 
@@ -453,7 +443,7 @@ def _conv(g, layer, x):
         attrs = {"kernel_shape": kernel, "strides": strides, "auto_pad": "SAME_UPPER" if args["padding"] == "same" else "VALID"}
         if args["kind"] == "average":
             attrs["count_include_pad"] = 0
-        return _channels_first(g, layer, x, "MaxPool" if args["kind"] == "max" else "AveragePool", **attrs)
+        return _channels_first(g, x, "MaxPool" if args["kind"] == "max" else "AveragePool", **attrs)
     assert isinstance(layer, Conv)
     kernel = args["kernel_size"]
     weight = np.moveaxis(_np(layer.weight), -1, 1)  # (F, *k, C) -> (F, C, *k)
@@ -463,7 +453,7 @@ def _conv(g, layer, x):
         attrs["auto_pad"] = "SAME_UPPER"  # TensorFlow's: the extra padding after
     elif args["padding"] == "causal":
         attrs["pads"] = [(kernel[0] - 1) * args["dilation_rate"][0], 0]
-    y = _channels_first(g, layer, x, "Conv", **attrs)
+    y = _channels_first(g, x, "Conv", **attrs)
     return _activation(g, args["activation"], y)
 
 

@@ -11,31 +11,15 @@ its output order), so the expected numbers never depend on Keras reloading its o
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-FLAVOUR = sys.argv[1] if len(sys.argv) > 1 else "keras"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["KERAS_BACKEND"] = "tensorflow"
-if FLAVOUR == "tf":
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    import tensorflow as tf
-    import ncps.tf as ncps_flavour
-
-    keras = tf.keras
-else:
-    import keras
-    import ncps.keras as ncps_flavour
-import ncps.wirings as nw
-
+# The flavour (Keras 3 or tf.keras, from argv[1]) is set up once, by the fixture script this
+# one shares its environment, imports and weight perturbation with.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_keras_fixtures import perturb  # noqa: E402
-
-CfC, LTC = ncps_flavour.CfC, ncps_flavour.LTC
-layers = keras.layers
+from make_keras_fixtures import FLAVOUR, CfC, LTC, keras, layers, nw, perturb  # noqa: E402
 
 
 def two_inputs_two_heads():
