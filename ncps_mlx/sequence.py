@@ -12,7 +12,8 @@ import contextlib
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fastmath, stepping
+from . import fastmath, runtime
+from .runtime import stepping
 from .cells._common import check_choice, check_int
 from .cells.memory import MEMORY_CIRCUITS, LSTMCell
 
@@ -151,12 +152,10 @@ class SequenceModel(nn.Module):
                 cell_inputs = None
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = self.rnn_cell.project_input(x)
-            run_kernel = getattr(self.rnn_cell, "native_sequence", None)
             kernel = None
-            if mode != "eager" and run_kernel is not None and cell_inputs is not None and not self.use_mixed:
-                # A cell's whole loop in one CPU kernel (``ncps_mlx.native``), where it has one
-                # that applies; it returns None where not.
-                kernel = run_kernel(cell_inputs, h, ts, differentiable=mode == "differentiable")
+            if mode != "eager" and cell_inputs is not None and not self.use_mixed:
+                # A cell's whole loop in one CPU kernel, where one applies (None where not).
+                kernel = runtime.sequence_kernel(self.rnn_cell, cell_inputs, h, ts, differentiable=mode == "differentiable")
             if kernel is not None:
                 outs, states = kernel
                 y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
@@ -184,12 +183,48 @@ class SequenceModel(nn.Module):
                 def step(u, lstm_u, h, c, ts):
                     return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
 
-                outs, hs, cs = stepping.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask)
+                outs, hs, cs = self.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask)
                 h, c = hs[-1], cs[-1]
                 y = mx.stack(outs, axis=1) if self.return_sequences else outs[-1]
         if self.fc is not None:
             y = self.fc(y)
         return y, h, c
+
+    @staticmethod
+    def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None):
+        """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps.
+
+        cell_inputs / lstm_inputs: (B, T, P) or None; h, c: (B, S) (c None without mixed memory);
+        ts: None (1.0 per step), a 0-d array, or (B, T, 1); mask: None or (B, T, 1) booleans, where
+        a False step is skipped as Keras skips a masked step: the state is kept and the output is
+        the previous step's (zeros before the first). Returns the lists of outs, hs, cs.
+        """
+        steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
+        outs, hs, cs = [], [], []
+        for t in range(steps):
+            ts_t = SequenceModel.timespan_at(ts, t)
+            u_t = None if cell_inputs is None else cell_inputs[:, t]
+            lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
+            new_out, new_h, new_c = step(u_t, lstm_u_t, h, c, ts_t)
+            if mask is None:
+                out, h, c = new_out, new_h, new_c
+            else:
+                keep = mask[:, t]
+                out = mx.where(keep, new_out, outs[-1] if outs else mx.zeros_like(new_out))
+                h = mx.where(keep, new_h, h)
+                c = None if c is None else mx.where(keep, new_c, c)
+            outs.append(out)
+            hs.append(h)
+            cs.append(c)
+        return outs, hs, cs
+
+    @staticmethod
+    def timespan_at(ts, t):
+        """Step t's timespan from the loop's ts (None, a 0-d array, or (B, T, 1)): 1.0, the 0-d
+        array, or (B, 1)."""
+        if ts is None:
+            return 1.0
+        return ts if ts.ndim < 3 else ts[:, t]
 
     def _steps(self) -> stepping.Steps:
         steps = self.__dict__.get("_compiled_steps")

@@ -1,141 +1,510 @@
-"""MLX's CPU kernels built for AVX2: the same results bit for bit, and no other compilation touched."""
+"""The CPU kernels (ncps_mlx.runtime.cpu), the LTC's and the CfC's loops: the same outputs and
+gradients as the MLX path, their build of the rational tanh and sigmoid within fastmath's bounds,
+used where they apply and nowhere else, and a clean fall-back where they cannot be built."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from ncps_mlx import cpu_kernels
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+import ncps_mlx
+from ncps_mlx import wirings
+from ncps_mlx.runtime import blas, cpu
 
 applies = pytest.mark.skipif(
-    not sys.platform.startswith("linux")
-    or os.uname().machine != "x86_64"
-    or not set(cpu_kernels.NEEDED) <= cpu_kernels.cpu_flags()
-    or shutil.which("g++") is None,
-    reason="needs Linux x86-64 with AVX2, FMA, F16C and g++",
+    cpu.library() is None, reason=f"the kernels do not apply here: {cpu.status()}"
 )
 
-# Compiled kernels of every kind the models use, fed floats across the whole range: the
-# rational tanh/sigmoid (vectorised and small forms), MLX's own transcendental functions,
-# division, broadcasting (strided kernels), and whole LTC and CfC forward passes.
-PROBE = """
-import hashlib, json, os, sys
-import numpy as np
-import ncps_mlx, mlx.core as mx
-from ncps_mlx import fastmath
-rng = np.random.default_rng(0)
-x = np.concatenate([
-    rng.normal(0, 3, 50000), rng.normal(0, 30, 20000), rng.uniform(-1e-30, 1e-30, 1000),
-    [0.0, -0.0, 1e-40, -1e-40, 8.021990776062012, -8.03, 88.0, -104.0, 1e30, np.inf, -np.inf, np.nan],
-]).astype(np.float32)
-a = mx.array(x)
-b = mx.array(rng.normal(size=(64, 64)).astype(np.float32))
-functions = [
-    mx.compile(fastmath.rational_tanh),
-    mx.compile(fastmath.rational_sigmoid),
-    mx.compile(lambda v: fastmath.rational_tanh(v[:1500])),
-    mx.compile(lambda v: mx.exp(v) / (1.0 + mx.abs(v)) + mx.sigmoid(v) * mx.tanh(0.5 * v) - mx.log1p(mx.abs(v))),
-    mx.compile(lambda v: (v[:4096].reshape(64, 64)[:, :, None] - b) * b),
-]
-light = os.environ.get("PROBE_LIGHT") == "1"  # one kernel is enough to see how it was built
-digest = hashlib.sha256()
-for function in functions[:1] if light else functions:
-    digest.update(np.array(function(a)).tobytes())
-sequence = mx.array(rng.normal(size=(4, 12, 5)).astype(np.float32))
-mx.random.seed(1)
-for model in () if light else (ncps_mlx.LTC(5, 16), ncps_mlx.CfC(5, 16), ncps_mlx.CfC(5, ncps_mlx.wirings.AutoNCP(12, 3))):
-    digest.update(np.array(model(sequence)[0]).tobytes())
-kernels = os.path.join(os.environ["TMPDIR"], "mlx")
-built = [os.path.join(r, f) for r, _, fs in os.walk(kernels) for f in fs if f.endswith(".so")]
-print(json.dumps({"digest": digest.hexdigest(), "status": ncps_mlx.kernel_status(), "kernels": built,
-                  "path": os.environ["PATH"].split(os.pathsep)[0]}))
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often the LTC kernel's forward and backward passes, and the CfC kernels' forward and
+    backward passes, ran during the test."""
+    calls = {"forward": 0, "backward": 0, "cfc_states": 0, "wired_cfc_states": 0, "cfc_backward": 0, "wired_backward": 0}
+    targets = {"forward": (cpu.ltc, "forward"), "backward": (cpu.ltc, "backward"), "cfc_states": (cpu.cfc, "cfc_states"),
+               "wired_cfc_states": (cpu.cfc, "wired_cfc_states"), "cfc_backward": (cpu.cfc._CfCRun, "backward"),
+               "wired_backward": (cpu.cfc._WiredRun, "backward")}  # fmt: skip
+    for name, (owner, attribute) in targets.items():
+        original = getattr(owner, attribute)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attribute, counted)
+    return calls
+
+
+def perturbed_ltc(units, seed=0, **kwargs):
+    """An LTC whose parameters are moved well off their initial ranges (so that sigmoids
+    saturate on both sides and erev has both signs)."""
+    mx.random.seed(seed)
+    model = ncps_mlx.LTC(5, units, **kwargs)
+    rng = np.random.default_rng(seed)
+    moved = []
+    for name, value in tree_flatten(model.trainable_parameters()):
+        noise = rng.normal(scale=0.3, size=value.shape).astype(np.float32)
+        moved.append((name, value * (1 + noise) + 0.1 * noise))
+    model.update(tree_unflatten(moved))
+    return model
+
+
+MODELS = {
+    "fc16": lambda: perturbed_ltc(16),
+    "fc13_unconstrained": lambda: perturbed_ltc(13, implicit_param_constraints=False, ode_unfolds=3),
+    "ncp": lambda: perturbed_ltc(wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7)),
+    "autoncp_linear": lambda: perturbed_ltc(wirings.AutoNCP(20, 4, seed=11), input_mapping="linear", output_mapping=None),
+}
+
+
+def both_paths(function):
+    """function() with the kernel, then with it turned off."""
+    with_kernel = function()
+    with cpu.turned_off():
+        without = function()
+    return with_kernel, without
+
+
+def max_diff(a, b):
+    return float(np.max(np.abs(np.array(a) - np.array(b))))
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
+def test_forward_equals_mlx_path(name, timespans, kernel_calls):
+    model = MODELS[name]()
+    rng = np.random.default_rng(1)
+    batch, steps = 5, 30
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    ts = {None: None, "scalar": 0.7, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps)).astype(np.float32))}[timespans]
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
+    assert kernel_calls["forward"] == 1
+    assert float(np.std(np.array(y))) > 1e-2  # the outputs move
+    assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_gradients_equal_mlx_path(name, kernel_calls):
+    model = MODELS[name]()
+    rng = np.random.default_rng(2)
+    batch, steps = 3, 20
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    ts = mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
+
+    def loss(model, x, hx, ts):
+        y, h = model(x, hx, ts)
+        return mx.mean(mx.square(y - target)) + mx.mean(h)
+
+    def gradients():
+        value, grads = nn.value_and_grad(model, loss)(model, x, hx, ts)
+        inputs = mx.grad(lambda x, hx: loss(model, x, hx, ts), argnums=(0, 1))(x, hx)
+        return value, dict(tree_flatten(grads)), inputs
+
+    (value, grads, inputs), (value_mlx, grads_mlx, inputs_mlx) = both_paths(gradients)
+    assert kernel_calls["backward"] == 2
+    assert abs(value.item() - value_mlx.item()) <= 1e-6
+    assert set(grads) == set(grads_mlx)
+    expected = {**grads_mlx, "x": inputs_mlx[0], "hx": inputs_mlx[1]}
+    got = {**grads, "x": inputs[0], "hx": inputs[1]}
+    for key in expected:
+        if key.endswith("sparsity_mask"):
+            continue
+        scale = float(np.max(np.abs(np.array(expected[key]))))
+        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
+        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+
+    # The timespans' gradient, which MLX's compiled backward pass does not give (it returns
+    # zeros), against plain autodiff through the cell's steps.
+    cell = model.rnn_cell
+
+    def unrolled(ts):
+        inputs, prepared, v, outs = cell.project_input(x), cell.prepare(), hx, []
+        for t in range(steps):
+            out, v = cell.recurrent_step(inputs[:, t], v, ts[:, t], prepared)
+            outs.append(out)
+        return mx.mean(mx.square(mx.stack(outs, axis=1) - target)) + mx.mean(v)
+
+    d_ts = mx.grad(lambda ts: loss(model, x, hx, ts))(ts)
+    d_ts_unrolled = mx.grad(unrolled)(ts)
+    scale = float(np.max(np.abs(np.array(d_ts_unrolled))))
+    assert scale > 0 and max_diff(d_ts, d_ts_unrolled) <= 1e-5 * max(scale, 1.0)
+
+
+@applies
+def test_row_splits_and_layouts(kernel_calls):
+    """Batches of 1 and odd sizes (rows split over the cores unevenly), unbatched, time-first,
+    and the last output only: all equal to the MLX path."""
+    model = MODELS["ncp"]()
+    rng = np.random.default_rng(3)
+    for batch in (1, 2, 7):
+        x = mx.array(rng.normal(size=(batch, 9, 5)).astype(np.float32))
+        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+        assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    x = mx.array(rng.normal(size=(9, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+    assert y.shape == y_mlx.shape == (9, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    mx.random.seed(0)
+    other = ncps_mlx.LTC(5, 10, batch_first=False, return_sequences=False)
+    x = mx.array(rng.normal(size=(9, 4, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: other(x))
+    assert y.shape == (4, 10) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    assert kernel_calls["forward"] == 5
+
+
+@applies
+def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.normal(size=(2, 6, 5)).astype(np.float32))
+    mx.random.seed(0)
+    ncps_mlx.LTC(5, 8, mixed_memory=True)(x)
+    model = ncps_mlx.LTC(5, 8)
+    mx.vmap(lambda s: model(s)[0])(x)  # traced: MLX's path
+    mx.compile(lambda s: model(s)[0])(x)
+    model.set_dtype(mx.float16)
+    model(x.astype(mx.float16))
+    ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
+    assert set(kernel_calls.values()) == {0}
+    with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
+        ncps_mlx.LTC(5, 8)(x)
+    assert kernel_calls["forward"] == 1
+
+
+@applies
+def test_training_follows_the_mlx_path(kernel_calls):
+    """30 Adam steps with the kernel's gradients: the same losses as with MLX's, falling."""
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.normal(size=(8, 15, 3)).astype(np.float32))
+    target = mx.array(np.sin(np.cumsum(rng.normal(size=(8, 15, 2)), axis=1)).astype(np.float32) * 0.5)
+
+    def train():
+        mx.random.seed(0)
+        model = ncps_mlx.LTC(3, wirings.AutoNCP(12, 2, seed=1))
+        optimizer = optim.Adam(learning_rate=0.02)
+        step = nn.value_and_grad(model, lambda m: mx.mean(mx.square(m(x)[0] - target)))
+        losses = []
+        for _ in range(30):
+            loss, grads = step(model)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters())
+            losses.append(loss.item())
+        return np.array(losses)
+
+    losses, losses_mlx = both_paths(train)
+    assert kernel_calls["backward"] == 30
+    assert losses[-1] < 0.8 * losses[0]
+    assert np.max(np.abs(losses - losses_mlx)) <= 1e-5
+
+
+CFC_CASES = {
+    "default": (11, {}),
+    "no_gate": (11, {"mode": "no_gate"}),
+    "pure": (11, {"mode": "pure"}),
+    "two_layers_silu": (11, {"backbone_layers": 2, "backbone_units": 24, "activation": "silu"}),
+    "relu_raw_heads": (11, {"activation": "relu", "ff_activation": None}),
+    "gelu": (11, {"activation": "gelu"}),
+    "tanh_units_13": (11, {"activation": "tanh", "backbone_units": 13}),
+    "no_backbone": (11, {"backbone_layers": 0}),
+    "no_backbone_pure": (11, {"backbone_layers": 0, "mode": "pure"}),
+    "wired_autoncp": (lambda: wirings.AutoNCP(16, 3, seed=2), {}),
+    "wired_ncp_no_gate": (lambda: wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7), {"mode": "no_gate"}),
+    "wired_random_pure": (lambda: wirings.Random(10, 4, sparsity_level=0.5, random_seed=5), {"mode": "pure"}),
+    "wired_autoncp_raw_heads": (lambda: wirings.AutoNCP(16, 3, seed=2), {"ff_activation": None}),
+}
+
+
+def perturbed_cfc(units, seed=0, **kwargs):
+    mx.random.seed(seed)
+    ff_activation = kwargs.pop("ff_activation", "tanh")
+    model = ncps_mlx.CfC(5, units() if callable(units) else units, **kwargs)
+    cell = model.rnn_cell
+    for layer in getattr(cell, "layers", [cell]):  # an ncps.tf/keras CfC has raw ff1/ff2 heads
+        layer.ff_activation = ff_activation
+    rng = np.random.default_rng(seed)
+    moved = [(name, value * (1 + rng.normal(scale=0.3, size=value.shape).astype(np.float32)))
+             for name, value in tree_flatten(model.trainable_parameters())]  # fmt: skip
+    model.update(tree_unflatten(moved))
+    return model
+
+
+def cfc_case(name, batch, steps, seed):
+    """(model, x (B, T, 5), hx (B, S), the generator that made them) of a CFC_CASES entry."""
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, **kwargs)
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+    return model, x, hx, rng
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(CFC_CASES))
+@pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
+def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
+    if blas.sgemm_address() is None:
+        pytest.skip("the CfC kernel needs the BLAS that ncps_mlx.runtime.blas loads")
+    batch, steps = 7, 25
+    model, x, hx, rng = cfc_case(name, batch, steps, seed=6)
+    ts = {None: None, "scalar": 0.6, "per_step": mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))}[timespans]
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x, hx, ts))
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 1
+    assert float(np.std(np.array(y))) > 1e-2
+    assert max_diff(y, y_mlx) <= 3e-6 and max_diff(h, h_mlx) <= 3e-6
+
+
+@applies
+def test_cfc_kernels_where_they_apply(kernel_calls):
+    """Every CfC in the kernels, forward and under a gradient, except pure mode under a gradient
+    (only MLX's path has that backward pass); none with mixed memory or float16; every batch
+    size and layout."""
+    if blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.normal(size=(3, 6, 5)).astype(np.float32))
+    mx.random.seed(0)
+    model = ncps_mlx.CfC(5, 8)
+    wired = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1))
+    pure = ncps_mlx.CfC(5, 8, mode="pure")
+    wired_pure = ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mode="pure")
+    for each in (model, wired, pure, wired_pure):
+        value, grads = nn.value_and_grad(each, lambda m: mx.sum(m(x)[0]))(each)
+        mx.eval(value, grads)
+    assert kernel_calls["cfc_states"] == kernel_calls["cfc_backward"] == 1
+    assert kernel_calls["wired_cfc_states"] == kernel_calls["wired_backward"] == 1
+    ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
+    half = ncps_mlx.CfC(5, 8)
+    half.set_dtype(mx.float16)
+    half(x.astype(mx.float16))
+    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 1
+    for batch in (1, 2, 5):
+        xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
+        for each in (model, wired):
+            (y, h), (y_mlx, h_mlx) = both_paths(lambda: each(xs))
+            assert max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    other = ncps_mlx.CfC(5, 8, batch_first=False, return_sequences=False, proj_size=3)
+    xt = mx.array(rng.normal(size=(6, 4, 5)).astype(np.float32))
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: other(xt))
+    assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    (y, h), (y_mlx, h_mlx) = both_paths(lambda: wired(x[0]))  # unbatched
+    assert y.shape == (6, 3) and h.shape == (10,) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
+    assert kernel_calls["cfc_states"] == 5 and kernel_calls["wired_cfc_states"] == 5
+
+
+GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13", "no_backbone",
+                      "wired_autoncp", "wired_ncp_no_gate", "wired_autoncp_raw_heads"]  # fmt: skip
+
+
+# A CfC with a backbone keeps its residuals for the backward pass, or past KEEP_BYTES recomputes
+# them: both ways. The wired kernel always recomputes.
+BACKBONE = [name for name in GRADIENT_CFC_CASES if name != "no_backbone" and not name.startswith("wired")]
+
+
+@applies
+@pytest.mark.parametrize(
+    "name, kept", [(name, True) for name in GRADIENT_CFC_CASES] + [(name, False) for name in BACKBONE],
+    ids=lambda value: {True: "", False: "recomputed"}.get(value, value) if isinstance(value, bool) else value,
+)
+@pytest.mark.parametrize("timespans", [None, "per_step"])
+def test_cfc_gradients_equal_mlx_path(name, kept, timespans, kernel_calls, monkeypatch):
+    if blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
+    if not kept:
+        monkeypatch.setattr(cpu.cfc, "KEEP_BYTES", 0)
+    batch, steps = 5, 16
+    model, x, hx, rng = cfc_case(name, batch, steps, seed=8)
+    ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
+
+    def loss(model, x, hx):
+        y, h = model(x, hx, ts)
+        return mx.mean(mx.square(y - target)) + mx.mean(mx.sin(h))
+
+    def gradients():
+        value, grads = nn.value_and_grad(model, loss)(model, x, hx)
+        inputs = mx.grad(lambda x, hx: loss(model, x, hx), argnums=(0, 1))(x, hx)
+        return value, {**dict(tree_flatten(grads)), "x": inputs[0], "hx": inputs[1]}
+
+    (value, grads), (value_mlx, grads_mlx) = both_paths(gradients)
+    # the parameters' gradients, then the inputs'
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 2
+    assert kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
+    assert abs(value.item() - value_mlx.item()) <= 1e-6
+    assert set(grads) == set(grads_mlx)
+    for key, expected in grads_mlx.items():
+        scale = float(np.max(np.abs(np.array(expected))))
+        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
+        assert max_diff(grads[key], expected) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(grads[key], expected):.3g}"
+
+
+@applies
+def test_cfc_timespans_gradient(kernel_calls):
+    """The timespans' gradient, which MLX's residual backward pass does not give (zeros),
+    against plain autodiff through the cell's steps."""
+    if blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
+    model = perturbed_cfc(11, backbone_layers=2, backbone_units=24)
+    cell = model.rnn_cell
+    rng = np.random.default_rng(9)
+    batch, steps = 4, 12
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    ts = mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+
+    def unrolled(ts):
+        inputs, h, outs = cell.project_input(x), mx.zeros((batch, 11)), []
+        for t in range(steps):
+            out, h = cell.recurrent_step(inputs[:, t], h, ts[:, t])
+            outs.append(out)
+        return mx.sum(mx.sin(mx.stack(outs, axis=1)))
+
+    d_ts = mx.grad(lambda ts: mx.sum(mx.sin(model(x, timespans=ts)[0])))(ts)
+    expected = mx.grad(unrolled)(ts)
+    assert kernel_calls["cfc_states"] == 1
+    scale = float(np.max(np.abs(np.array(expected))))
+    assert scale > 0 and max_diff(d_ts, expected) <= 1e-5 * max(scale, 1.0)
+
+
+SUBPROCESS = """
+import numpy as np, mlx.core as mx, ncps_mlx
+mx.random.seed(0)
+model = ncps_mlx.LTC(5, 8)
+y, _ = model(mx.array(np.ones((2, 4, 5), np.float32)))
+from ncps_mlx.runtime import cpu
+print(cpu.status())
+print(float(mx.sum(y)))
 """
 
 
-# PATH without the script that importing ncps_mlx put first on it here.
-ORIGINAL_PATH = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if "kernel-compiler" not in p)
-
-
-def probe(tmp_path, name, **env) -> dict:
-    folder = tmp_path / name
-    folder.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PATH": ORIGINAL_PATH, "TMPDIR": str(folder), "XDG_CACHE_HOME": str(tmp_path / "cache"), "NCPS_MLX_NATIVE": "0", **env},
-    )  # fmt: skip
+def run_python(tmp_path, **env):
+    done = subprocess.run([sys.executable, "-c", SUBPROCESS], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def ymm_instructions(library: str) -> int:
-    listing = subprocess.run(["objdump", "-d", library], capture_output=True, text=True).stdout
-    return listing.count("%ymm")
+    return done.stdout.strip().splitlines(), done.stderr
 
 
 @applies
-def test_avx2_kernels_give_the_same_bits(tmp_path):
-    # A fresh kernel cache (TMPDIR) for each: every kernel is built anew, one way or the other.
-    plain = probe(tmp_path, "plain", NCPS_MLX_AVX2="0")
-    avx2 = probe(tmp_path, "avx2")
-    assert plain["status"] == "turned off by NCPS_MLX_AVX2=0"
-    assert avx2["status"].startswith("MLX's CPU kernels are built with -mavx2")
-    assert plain["digest"] == avx2["digest"]
-    if shutil.which("objdump"):  # and the AVX2 build really is one
-        assert sum(ymm_instructions(k) for k in avx2["kernels"]) > 0
-        assert sum(ymm_instructions(k) for k in plain["kernels"]) == 0
+def test_built_once_said_once_and_turned_off(tmp_path):
+    (status, total), stderr = run_python(tmp_path)
+    assert status.startswith("LTC and CfC time loops run in CPU kernels") and stderr == ""  # logged, not printed
+    (again, total_again), stderr = run_python(tmp_path)  # from the cache
+    assert again == status and stderr == "" and total_again == total
+    (off, total_off), _ = run_python(tmp_path, NCPS_MLX_RUNTIME="mlx")
+    assert off == "turned off by NCPS_MLX_RUNTIME=mlx" and abs(float(total_off) - float(total)) < 1e-5
 
 
 @applies
-def test_other_compilations_pass_through(tmp_path):
-    avx2 = probe(tmp_path, "avx2", PROBE_LIGHT="1")
-    wrapper = os.path.join(avx2["path"], "g++")
-    source = tmp_path / "probe.cpp"
-    # Built for the baseline processor, a check for AVX2 is false; with -mavx2 it would be true.
-    source.write_text("#include <cstdio>\nint main() {\n#ifdef __AVX2__\nstd::puts(\"avx2\");\n#else\n"
-                      "std::puts(\"baseline\");\n#endif\n}\n")  # fmt: skip
-    for name, expected in [("probe.cpp", "baseline"), ("mlx/0.32.4/cpu/probe.cpp", "avx2")]:
-        target = tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target != source:
-            shutil.copy(source, target)
-        subprocess.run([wrapper, str(target), "-o", str(tmp_path / "probe")], check=True)
-        assert subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True).stdout.strip() == expected
+def test_falls_back_when_it_cannot_be_built(tmp_path):
+    """A g++ that fails on the kernel (and passes MLX's own kernels on): the LTC still runs, on
+    MLX's kernels, and the status says why."""
+    real = shutil.which("g++")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "g++").write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" -x c "*) echo "ltc_kernel.c: error: no C today" >&2; exit 1 ;; esac\n'
+        f'exec {real} "$@"\n'
+    )
+    (fake / "g++").chmod(0o755)
+    path = os.pathsep.join([str(fake), os.environ["PATH"]])
+    (status, total), _ = run_python(tmp_path, PATH=path)
+    assert "could not be built" in status and "no C today" in status
+    (ok_status, ok_total), _ = run_python(tmp_path / "other")
+    assert abs(float(total) - float(ok_total)) < 1e-5
+
+
+def kernel_function(name, x):
+    """rational.h's tanh or sigmoid (``name``) of a float32 array, as the kernels compute it."""
+    import ctypes
+
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    function = getattr(cpu.library(), f"{name}_array")
+    function.restype = None
+    function(x.ctypes.data_as(ctypes.c_void_p), y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+    return y
 
 
 @applies
-def test_switched_off_in_a_child_process_that_inherited_the_script(tmp_path):
-    avx2 = probe(tmp_path, "avx2", PROBE_LIGHT="1")
-    child = probe(tmp_path, "child", NCPS_MLX_AVX2="0", PROBE_LIGHT="1", PATH=avx2["path"] + os.pathsep + ORIGINAL_PATH)
-    assert child["path"] == avx2["path"]  # the script is first on PATH, and it passes through
-    if shutil.which("objdump"):
-        assert sum(ymm_instructions(k) for k in child["kernels"]) == 0
+def test_the_kernels_tanh_and_sigmoid_over_the_float_range():
+    """The kernels' own build of fastmath's rational (FMA-contracted where the processor has
+    FMA), held to fastmath's bounds: every binade, every float near the clip, special values."""
+    from test_fastmath import every_float_near_the_clip, sweep
+
+    x = np.concatenate([sweep(), every_float_near_the_clip()])
+    x64 = x.astype(np.float64)
+    tanh = kernel_function("tanh", x)
+    assert np.all(np.abs(tanh) <= 1.0)
+    assert np.max(np.abs(tanh - np.tanh(x64))) <= 4e-7
+    relative = np.abs(x) >= 1e-30  # no flush to zero here: x P / Q down to the smallest floats
+    assert np.max(np.abs(tanh[relative] - np.tanh(x64[relative])) / np.abs(np.tanh(x64[relative]))) <= 4e-7
+    with np.errstate(over="ignore"):
+        reference = 1.0 / (1.0 + np.exp(-x64))
+    sigmoid = kernel_function("sigmoid", x)
+    assert np.all((sigmoid >= 0.0) & (sigmoid <= 1.0))
+    assert np.max(np.abs(sigmoid - reference)) <= 2e-7
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0], np.float32)
+    got = kernel_function("tanh", special)
+    assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, -1.0, 0.0, 0.0])) <= 6e-8
+    got = kernel_function("sigmoid", special)
+    assert np.isnan(got[0]) and np.max(np.abs(got[1:] - [1.0, 0.0, 0.5, 0.5])) <= 6e-8
 
 
-def test_script_quotes_the_compiler_and_adds_flags_only_for_mlx_kernels():
-    text = cpu_kernels.script("/opt/my tools/g++")
-    assert "exec '/opt/my tools/g++' -mavx2 -mfma -mf16c -ffp-contract=off \"$@\"" in text
-    assert text.rstrip().endswith("exec '/opt/my tools/g++' \"$@\"")
-    assert 'if [ "${NCPS_MLX_AVX2:-1}" = 0 ]; then exec \'/opt/my tools/g++\' "$@"; fi' in text
-    assert "*/mlx/*/cpu/*.cpp)" in text
+@applies
+def test_an_empty_batch(kernel_calls):
+    """Batch 0: empty outputs and zero gradients, as MLX's path gives (the kernels do nothing)."""
+    x = mx.zeros((0, 4, 5))
+    mx.random.seed(0)
+    for model in (ncps_mlx.LTC(5, 6), ncps_mlx.CfC(5, 6), ncps_mlx.CfC(5, wirings.AutoNCP(8, 2, seed=1))):
+        (y, h), (y_mlx, h_mlx) = both_paths(lambda: model(x))
+        assert y.shape == y_mlx.shape and h.shape == h_mlx.shape == (0, model.state_size)
+        _, grads = nn.value_and_grad(model, lambda m: mx.sum(m(x)[0]))(model)
+        assert all(float(mx.max(mx.abs(g))) == 0.0 for _, g in tree_flatten(grads) if g.size)
+    assert kernel_calls["forward"] + kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 6
 
 
-def test_compiler_found_past_our_scripts_and_by_its_own_name(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    ours = cpu_kernels._cache_dir() / "0123456789abcdef"
-    ccache = tmp_path / "bin" / "ccache"
-    for folder in (ours, tmp_path / "lib" / "ccache", ccache.parent):
-        folder.mkdir(parents=True)
-    (ours / "g++").write_text("#!/bin/sh\n")
-    ccache.write_text("#!/bin/sh\n")
-    for script in (ours / "g++", ccache):
-        script.chmod(0o755)
-    (tmp_path / "lib" / "ccache" / "g++").symlink_to(ccache)  # as Debian's ccache package does
-    path = os.pathsep.join([str(ours), str(tmp_path / "lib" / "ccache"), str(ccache.parent)])
-    assert cpu_kernels.find_compiler(path) == str(tmp_path / "lib" / "ccache" / "g++")
-    assert cpu_kernels.find_compiler(str(ours)) is None
+IMPORT_ORDER_PROBE = """
+import json, sys
+{imports}
+from ncps_mlx.runtime import cpu
+model = ncps_mlx.CfC(5, 16, backbone_units=12)
+x = mx.random.normal((4, 9, 5))
+calls = []
+original = cpu.cfc.cfc_states
+cpu.cfc.cfc_states = lambda *a, **k: calls.append(1) or original(*a, **k)
+y, _ = model(x)
+with cpu.turned_off():
+    reference, _ = model(x)
+print(json.dumps({{"applies": cpu.cfc_applies(), "kernel_ran": bool(calls),
+                   "err": float(mx.max(mx.abs(y - reference)))}}))
+"""
+
+
+@applies
+def test_the_kernels_do_not_depend_on_the_import_order():
+    """`import mlx.core` first (as users write it) or `import ncps_mlx` first, in fresh
+    processes: the CfC kernel is chosen and runs either way, with the same results."""
+    import json
+
+    found = {}
+    for name, imports in (("mlx first", "import mlx.core as mx\nimport ncps_mlx"), ("ncps_mlx first", "import ncps_mlx\nimport mlx.core as mx")):
+        done = subprocess.run([sys.executable, "-c", IMPORT_ORDER_PROBE.format(imports=imports)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        found[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in found.items():
+        assert result["applies"] and result["kernel_ran"], (name, result)
+        assert result["err"] <= 3e-6, (name, result)

@@ -48,7 +48,7 @@ TORCH_CASES = {
 
 
 def path_context(path):
-    return ncps_mlx.native.turned_off() if path == "mlx" else contextlib.nullcontext()
+    return ncps_mlx.runtime.cpu.turned_off() if path == "mlx" else contextlib.nullcontext()
 
 
 def mlx_gradients(model, loss, inputs, path):
@@ -276,13 +276,13 @@ def test_a_scalar_timespan_gets_its_gradient(path):
 
 
 def test_with_every_switch_off():
-    """The batch-3 cases again in a process started with the kernels, the BLAS swap and the
-    AVX2 build all switched off (read at import, so a fresh process)."""
+    """The batch-3 cases again in a process started with ``NCPS_MLX_RUNTIME=mlx``: MLX's
+    operations only, no CPU kernels."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, NCPS_MLX_NATIVE="0", NCPS_MLX_BLAS="0", NCPS_MLX_AVX2="0")
+    env = dict(os.environ, NCPS_MLX_RUNTIME="mlx")
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "B3 and default and not switch"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),

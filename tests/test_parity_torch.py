@@ -139,7 +139,7 @@ def test_forward_parity(case):
     assert_parity(*run_pair(t_model, m_model, make_inputs(batch=3)))
 
 
-# Where the CPU kernels apply (ncps_mlx.native: the LTC's loop, a CfC's forward pass) the
+# Where the CPU kernels apply (ncps_mlx.runtime.cpu: the LTC's loop, a CfC's forward pass) the
 # tests above run them; these run the models on MLX's own kernels too.
 UNMIXED = sorted(k for k, v in ALL_CASES.items() if not v[2].get("mixed_memory"))
 
@@ -148,7 +148,7 @@ UNMIXED = sorted(k for k, v in ALL_CASES.items() if not v[2].get("mixed_memory")
 def test_forward_parity_without_the_kernels(case):
     family, units, kwargs = ALL_CASES[case]
     t_model, m_model = build(family, units, kwargs)
-    with ncps_mlx.native.turned_off():
+    with ncps_mlx.runtime.cpu.turned_off():
         assert_parity(*run_pair(t_model, m_model, make_inputs(batch=3)))
 
 
@@ -225,7 +225,7 @@ GRADIENT_CASES = ["cfc_default", "cfc_backbone2", "cfc_pure", "cfc_mixed", "cfc_
     ids=lambda value: {True: "default_paths", False: "without_kernels"}.get(value, value) if isinstance(value, bool) else value,
 )
 def test_gradient_parity(case, kernels):
-    with contextlib.nullcontext() if kernels else ncps_mlx.native.turned_off():
+    with contextlib.nullcontext() if kernels else ncps_mlx.runtime.cpu.turned_off():
         gradient_parity(case)
 
 

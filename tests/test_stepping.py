@@ -1,4 +1,4 @@
-"""The three ways the time loop runs (ncps_mlx.stepping): compiled forward, the differentiable
+"""The three ways the time loop runs (ncps_mlx.runtime.stepping): compiled forward, the differentiable
 custom function with its compiled backward pass, and eager. Each must give the same numbers."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ncps_mlx import CTGRU, CTRNN, LTC, CfC, native, stepping
+from ncps_mlx import CTGRU, CTRNN, LTC, CfC
+from ncps_mlx.runtime import cpu, stepping
 from ncps_mlx.wirings import NCP, AutoNCP, FullyConnected
 
 B, T, I = 3, 9, 5
@@ -26,7 +27,7 @@ B, T, I = 3, 9, 5
 def mlx_path_only():
     """These tests are about MLX's time loop, which the LTC's CPU kernel would replace where it
     applies (tests/test_native.py compares the two)."""
-    with native.turned_off():
+    with cpu.turned_off():
         yield
 
 
@@ -109,75 +110,6 @@ def test_compiled_forward_matches_eager(name, timespans, monkeypatch):
     for fast, reference in zip(tree_flatten(compiled), tree_flatten(eager)):
         assert fast[1].shape == reference[1].shape
         assert float(mx.max(mx.abs(fast[1] - reference[1]))) <= 5e-6
-
-
-@pytest.mark.parametrize("timespans", [False, True], ids=["unit_timespan", "timespans"])
-@pytest.mark.parametrize("name", ["cfc", "cfc_wired", "ltc", "ltc_wired"])
-def test_large_batches_run_in_halves_on_two_streams(name, timespans, monkeypatch):
-    from ncps_mlx import linux_blas
-
-    if not stepping._can_split(3, 3):
-        pytest.skip("needs two cores and a BLAS whose thread count ncps_mlx can set")
-    mx.random.seed(5)
-    model = LTC(I, AutoNCP(16, 3, seed=4)) if name == "ltc_wired" else models()[name]
-    assert name != "ltc_wired" or model.rnn_cell._synapses() is not None  # the sparse step
-    x, ts = inputs()
-    ts = ts if timespans else None
-    hx = initial_state(model)
-    whole = model(x, hx=hx, timespans=ts)
-    taken = []
-    original = stepping.Steps._in_halves
-    monkeypatch.setattr(stepping.Steps, "_in_halves", lambda self, *a: taken.append(1) or original(self, *a))
-    monkeypatch.setattr(stepping.Steps, "split_batch", lambda self: 2)  # B = 3: halves of 1 and 2
-    threads = linux_blas._THREADS[0]()
-    halves = model(x, hx=hx, timespans=ts)
-    assert taken, "the batch was not split"
-    assert linux_blas._THREADS[0]() == threads  # restored
-    for (key, got), (_, reference) in zip(tree_flatten(halves), tree_flatten(whole)):
-        assert got.shape == reference.shape, key
-        # The halves' matrix products may round differently (other blockings, one thread).
-        assert float(mx.max(mx.abs(got - reference))) <= 1e-6, key
-
-
-def test_mixed_memory_runs_whole(monkeypatch):
-    taken = []
-    original = stepping.Steps._in_halves
-    monkeypatch.setattr(stepping.Steps, "_in_halves", lambda self, *a: taken.append(1) or original(self, *a))
-    monkeypatch.setattr(stepping.Steps, "split_batch", lambda self: 2)
-    x, _ = inputs()
-    mx.eval(models()["ltc_ncp_mixed"](x)[0])
-    assert not taken
-
-
-def test_split_thresholds():
-    assert models()["cfc"]._steps().split_batch() == stepping.Steps.SPLIT_BATCH
-    assert models()["ltc"]._steps().split_batch() == 32  # dense
-    assert LTC(I, AutoNCP(16, 3, seed=4))._steps().split_batch() == 128  # sparse
-
-
-def test_halves_only_in_the_main_thread(monkeypatch):
-    # MLX's streams belong to the thread that made them: from another thread the batch runs
-    # whole, before and after the main thread has made its two streams.
-    monkeypatch.setattr(stepping.Steps, "SPLIT_BATCH", 2)
-    model = models()["cfc"]
-    x, _ = inputs()
-    mx.eval(model.parameters())  # made lazily on this thread's stream, which the other lacks
-    results, errors = [], []
-
-    def run():
-        try:
-            results.append(np.array(model(x)[0]))  # evaluated here: a lazy array keeps its thread's stream
-        except Exception as error:  # handed to the assertion below
-            errors.append(error)
-
-    for _ in range(2):
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-        results.append(np.array(model(x)[0]))
-    assert not errors, errors
-    for y in results[1:]:
-        assert np.max(np.abs(y - results[0])) <= 1e-6
 
 
 def test_gradient_of_the_input_and_the_initial_state():
@@ -395,7 +327,7 @@ def test_forward_backward_reuses_its_buffers_after_the_cache_filled_up():
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         """
     )
-    environment = {**os.environ, "NCPS_MLX_NATIVE": "0"}  # MLX's path, as the fixture above
+    environment = {**os.environ, "NCPS_MLX_RUNTIME": "mlx"}  # MLX's path, as the fixture above
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environment)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 2000

@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 
-from ncps_mlx import CfC, wirings  # first: on Linux it gives MLX a fast BLAS (linux_blas)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+
+from ncps_mlx import CfC, wirings
 
 
 def make_data(batch=32, steps=48, seed=0):

@@ -19,7 +19,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath, native
+from .. import fastmath
 from ._common import check_choice, get_activation, glorot_uniform
 
 MODES = ("default", "pure", "no_gate")
@@ -370,27 +370,6 @@ class CfCCell(nn.Module):
         d_hidden = tuple(_summed(dz, a) for dz, a in zip(dzs[1:], activations[:-1]))
         return None, None, dzs[0] @ states.T, d_heads, d_hidden
 
-    def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
-        """The whole loop in ``ncps_mlx.native``'s CPU kernel: inputs (B, T, P) from
-        ``project_input``, h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
-        both the same (B, T, H) view of a (T, H, B) array; None where the kernel does not apply:
-        for arrays that are not float32, where ``native.cfc_applies()`` is False, and in pure
-        mode under a gradient (only MLX's path has that backward pass)."""
-        weight, _ = self._first_layer()
-        if not _kernel_applies(self.mode, differentiable, inputs, h, weight, ts):
-            return None
-        state_weight, ff_tanh = weight[:, self.input_size :], self.ff_activation == "tanh"
-        pure = (self.w_tau.reshape(-1), self.A.reshape(-1)) if self.mode == "pure" else (None, None)
-        if self.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
-            states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, ff_tanh,
-                                             [(None, None, state_weight, *pure)], differentiable=differentiable)  # fmt: skip
-        else:
-            hidden = [(layer.weight, layer.bias) for layer in self.backbone[1:]]
-            states = native.cfc_states(inputs.transpose(1, 2, 0), h.T, ts, self.mode, self.activation_name, ff_tanh,
-                                       state_weight, hidden, *self._heads(), *pure, differentiable=differentiable)  # fmt: skip
-        y = states.transpose(2, 0, 1)
-        return y, y
-
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
 
@@ -468,26 +447,6 @@ class WiredCfCCell(nn.Module):
     def expand_biases(self, prepared, batch: int):
         """``CfCCell.expand_biases`` layer by layer."""
         return [layer.expand_biases(weights, batch) for layer, weights in zip(self.layers, prepared)]
-
-    def native_sequence(self, inputs: mx.array, h: mx.array, ts=None, differentiable: bool = False):
-        """``CfCCell.native_sequence`` for the wired cell: inputs (B, T, P), h (B, units) ->
-        (outputs (B, T, F), every step's state (B, T, units)), views of one (T, units, B)
-        array; None where the kernel does not apply (as there)."""
-        first = self.layer_0
-        if not _kernel_applies(first.mode, differentiable, inputs, h, first.ff1.weight, ts):
-            return None
-        layers = []
-        for i, layer in enumerate(self.layers):
-            weight, bias = layer._heads()
-            width = layer.input_size
-            pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
-            inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
-            layers.append(inputs_part + (weight[:, width:],) + pure)
-        states = native.wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
-                                         differentiable=differentiable)  # fmt: skip
-        start = sum(self.layer_sizes[:-1])
-        out = states[:, start : start + self.output_size]
-        return out.transpose(2, 0, 1), states.transpose(2, 0, 1)
 
     def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
         """u (B, P), h (B, units), ts float or (B, 1) -> (output (B, F), new state (B, units)).
@@ -572,14 +531,6 @@ class WiredCfCCell(nn.Module):
 
     def __call__(self, x: mx.array, h: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), h, ts)
-
-
-def _kernel_applies(mode, differentiable, *arrays) -> bool:
-    """Whether ``native``'s CfC kernels run this loop: float32 arrays (None skipped), the kernels
-    applying here, and under a gradient a gated mode (their backward passes are those modes')."""
-    if differentiable and mode == "pure":
-        return False
-    return all(a.dtype == mx.float32 for a in arrays if a is not None) and native.cfc_applies()
 
 
 def _rows_times(jacobian, cotangent):

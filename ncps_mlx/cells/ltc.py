@@ -8,7 +8,7 @@ import numpy as np
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath, native
+from .. import fastmath
 from ._common import check_int, check_choice
 
 MAPPINGS = ("affine", "linear", None)
@@ -186,23 +186,15 @@ class LTCCell(nn.Module):
             self.__dict__["_sensory_synapse_index"] = index if index is not None and index[0].ndim == 2 else None
         return self.__dict__["_sensory_synapse_index"]
 
-    # One step per compiled call (``ncps_mlx.stepping``): compiled eight at a time, the
+    # One step per compiled call (``ncps_mlx.runtime.stepping``): compiled eight at a time, the
     # unfolds of consecutive steps fuse worse, at batch 32 W4 ran at 211 seq/s instead of 371
     # and W3 at 127 instead of 167.
     steps_per_call = 1
 
     @property
-    def split_batch(self) -> int:
-        """The batch from which a forward pass runs in halves on two streams
-        (``ncps_mlx.stepping``). Ms, halves / whole, 100 steps: dense (64 units) batch 8 52 /
-        40, 32 118 / 145, 64 189 / 278; AutoNCP(64, 8), whose one-hot products then run on one
-        BLAS thread each, batch 32 57 / 54, 64 114 / 96, 128 192 / 246."""
-        return 32 if self._synapses() is None else 128
-
-    @property
     def backward_rows(self) -> int:
         """Batch x time rows per vjp call when the sequence loop computes gradients
-        (``ncps_mlx.stepping``): each row holds an activation per synapse, so fewer rows than
+        (``ncps_mlx.runtime.stepping``): each row holds an activation per synapse, so fewer rows than
         for other cells. Dense LTC (64 units) forward+backward at batch 32: 36 seq/s with one
         vjp per step, 22 with 512 rows a call. The sparse step's one-hot products take more
         rows well: AutoNCP(64, 8) (488 synapses) at batch 32 x 100, 134 rows a call 323-328 ms,
@@ -238,7 +230,7 @@ class LTCCell(nn.Module):
         return (self._positive(self.cm), gleak, gleak * self.vleak) + terms
 
     def expand_biases(self, prepared, batch: int):
-        """``prepare()``'s output for a loop that is not differentiated (``ncps_mlx.stepping``),
+        """``prepare()``'s output for a loop that is not differentiated (``ncps_mlx.runtime.stepping``),
         with the sparse step's -sigma mu a contiguous (batch, N) array, made once: given an
         (N,) one, ``mx.addmm`` copies it, broadcast, into its output at every unfold with MLX's
         general strided copy."""
@@ -281,20 +273,6 @@ class LTCCell(nn.Module):
         if self.output_mapping == "affine":
             out = out + self.output_b
         return out
-
-    def native_sequence(self, inputs: mx.array, v: mx.array, ts=None, differentiable: bool = False):
-        """The whole loop in ``ncps_mlx.native``'s CPU kernel, differentiable: inputs (B, T, 2S)
-        from ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every
-        step's state (B, T, S)); None where the kernel does not apply (see ``native.applies``)
-        or the arrays are not float32. Every synapse is computed, masked, as in the dense step."""
-        arrays = (inputs, v, self.sigma, self.mu, self.w, self.cm) + (() if ts is None else (ts,))
-        if any(a.dtype != mx.float32 for a in arrays) or not native.applies():
-            return None
-        gleak = self._positive(self.gleak)
-        w = self._positive(self.w) * self.sparsity_mask
-        states = native.ltc_states(inputs, v, ts, self.ode_unfolds, self.epsilon, self.sigma, self.mu, w,
-                                   w * self.erev, self._positive(self.cm), gleak, gleak * self.vleak)  # fmt: skip
-        return self._map_outputs(states), states
 
     def __call__(self, x: mx.array, v: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), v, ts)

@@ -3,7 +3,7 @@ backward pass through time.
 
 On MLX's CPU backend a time step is many small operations that cost more to dispatch than
 to compute. Compiled (``mx.compile``), the elementwise ones fuse into a few vectorised loops.
-Three ways to run the same loop (``time_loop``), chosen by ``SequenceModel``:
+Three ways to run the model's one time loop (``SequenceModel.time_loop``), chosen by ``SequenceModel``:
 
 * ``eager``: the step as written; for active dropout (random draws must not be frozen into
   a graph) and inside ``mx.vmap`` or an outer ``mx.compile``.
@@ -40,7 +40,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import os
 import queue
 import threading
 import weakref
@@ -48,35 +47,7 @@ import weakref
 import mlx.core as mx
 import numpy as np
 
-from . import fastmath, linux_blas
-
-
-def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None):
-    """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps.
-
-    cell_inputs / lstm_inputs: (B, T, P) or None; h, c: (B, S) (c None without mixed memory);
-    ts: None (1.0 per step), a 0-d array, or (B, T, 1); mask: None or (B, T, 1) booleans, where
-    a False step is skipped as Keras skips a masked step: the state is kept and the output is
-    the previous step's (zeros before the first). Returns the lists of outs, hs, cs.
-    """
-    steps = (cell_inputs if cell_inputs is not None else lstm_inputs).shape[1]
-    outs, hs, cs = [], [], []
-    for t in range(steps):
-        ts_t = timespan_at(ts, t)
-        u_t = None if cell_inputs is None else cell_inputs[:, t]
-        lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
-        new_out, new_h, new_c = step(u_t, lstm_u_t, h, c, ts_t)
-        if mask is None:
-            out, h, c = new_out, new_h, new_c
-        else:
-            keep = mask[:, t]
-            out = mx.where(keep, new_out, outs[-1] if outs else mx.zeros_like(new_out))
-            h = mx.where(keep, new_h, h)
-            c = None if c is None else mx.where(keep, new_c, c)
-        outs.append(out)
-        hs.append(h)
-        cs.append(c)
-    return outs, hs, cs
+from .. import fastmath
 
 
 class Steps:
@@ -142,26 +113,16 @@ class Steps:
     def chunk(self) -> int:
         return getattr(self.model().rnn_cell, "steps_per_call", None) or self.CHUNK
 
-    # From this batch on (unless the cell says otherwise, ``split_batch``), a forward pass runs
-    # as two halves of the batch on two MLX streams, each on a core, with the BLAS on one
-    # thread per product: on one stream the elementwise loops leave the second core idle. CfC
-    # x 50 steps, ms, halves / whole: batch 256 11.3 / 11.1, 512 18.5 / 19.3, 1024 31.7 / 35.0
-    # (halves with two BLAS threads each: 43). Not under a transformation, not with mixed
-    # memory, and only where ``linux_blas`` can set the BLAS's thread count.
-    SPLIT_BATCH = 512
-
     def run_forward(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state=False, x=None):
         """The loop, not differentiated, in compiled chunks of ``chunk()`` steps (each chunk runs
-        ``time_loop``, or a cell's ``step_features`` feature-major): -> (Y (B, T, F), h, c), h
-        and c the last states (B, S), or with ``every_state`` every step's (B, T, S). c is None
-        without mixed memory. Given the sequence ``x`` (B, T, I) that ``cell_inputs`` project, a
-        batch of ``split_batch()`` or more is projected and run in halves, and evaluated here."""
+        the model's ``time_loop``, or a cell's ``step_features`` feature-major): -> (Y (B, T, F),
+        h, c), h and c the last states (B, S), or with ``every_state`` every step's (B, T, S). c
+        is None without mixed memory. ``x`` is given by a forward pass of its own (not a
+        sequence pass's)."""
         cell = self.model().rnn_cell
         if x is not None:  # a forward pass of its own, not a sequence pass's
             self.last_pass = None
         projected_only = lstm_inputs is None and cell_inputs is not None  # no mixed memory
-        if projected_only and x is not None and not every_state and _can_split(h.shape[0], self.split_batch()):
-            return self._in_halves(fixed, fixed_leaves, x, h, ts)
         fixed_leaves = self._expanded(fixed, fixed_leaves, h.shape[0])
         if projected_only and getattr(cell, "features_first_inputs", False):
             # Feature-major from end to end: each step's input is a contiguous (P, B) block and
@@ -186,35 +147,6 @@ class Steps:
         leaves = []
         _flatten((parameters, expand(prepared, batch), lstm_prepared), leaves)
         return leaves
-
-    def split_batch(self) -> int:
-        return getattr(self.model().rnn_cell, "split_batch", None) or self.SPLIT_BATCH
-
-    def _in_halves(self, fixed, fixed_leaves, x, h, ts):
-        """``run_forward`` without mixed memory as two halves of the batch, each projected and
-        run on its own MLX stream, evaluated with the BLAS on one thread: -> (Y (B, T, F),
-        h (B, S), None)."""
-        batch, cell = h.shape[0], self.model().rnn_cell
-        halves = []
-        for stream, rows in zip(_split_streams(), (slice(0, batch // 2), slice(batch // 2, batch))):
-            with mx.stream(stream):
-                part_ts = ts if ts is None or ts.ndim < 3 else ts[rows]
-                with fastmath.inline_functions():  # as SequenceModel projects for this loop
-                    inputs = cell.project_input(x[rows])
-                halves.append(self.run_forward(fixed, fixed_leaves, inputs, None, h[rows], None, part_ts))
-        with linux_blas.one_thread():
-            # The last states first: evaluated with the outputs, which join every step's, MLX
-            # ran the two streams' work one after the other (dense LTC at batch 32: 160 ms
-            # either way; states first, 110).
-            mx.eval([half[1] for half in halves])
-            mx.eval(halves)
-        if getattr(cell, "features_first_inputs", False):
-            # Each half's Y is a (B / 2, T, F) view of a (T, F, B / 2) array: joined as those,
-            # the copy moves rows of B / 2 elements, where joining the views would transpose.
-            y = mx.concatenate([half[0].transpose(1, 2, 0) for half in halves], axis=2).transpose(2, 0, 1)
-        else:
-            y = mx.concatenate([half[0] for half in halves])
-        return y, mx.concatenate([half[1] for half in halves]), None
 
     def _chunks(self, fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state, features_first=False):
         """The compiled chunks in turn, along the time axis (0 when ``features_first``, else 1):
@@ -277,7 +209,7 @@ class Steps:
                 def step(u, lstm_u, h, c, ts_t):
                     return this._step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
 
-                outs, hs, cs = time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
+                outs, hs, cs = this.time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
             mixed = c is not None
             result = [mx.stack(outs, axis=1), hs[-1]] + ([cs[-1]] if mixed else [])
             if every_state:
@@ -501,6 +433,8 @@ class Steps:
         return result if flat else _unflatten(shapes[0], iter(result))
 
     def _generic_backward(self, fixed, fixed_key, split):
+        timespan_at = self.model().timespan_at
+
         def backward(primals, cotangents, outputs):
             fixed_leaves, (cell_inputs, lstm_inputs, h0, c0, ts) = split(primals)
             mixed = c0 is not None
@@ -718,29 +652,6 @@ def _features_timespans(ts):
     return ts if ts is None or ts.ndim < 3 else ts[:, :, 0].T[:, None, :]
 
 
-def _can_split(batch: int, threshold: int) -> bool:
-    """Whether a forward pass of this batch runs in halves on two streams (``Steps.split_batch``):
-    in the main thread only, as MLX's streams belong to the thread that made them and a
-    stream left behind by a thread that ended is not cleaned up."""
-    return (
-        batch >= threshold
-        and threading.current_thread() is threading.main_thread()
-        and (os.cpu_count() or 1) >= 2
-        and mx.default_device() == mx.cpu
-        and linux_blas.can_set_threads()
-    )
-
-
-_STREAMS = []
-
-
-def _split_streams():
-    """The main thread's CPU stream and one more, made once."""
-    if not _STREAMS:
-        _STREAMS.extend([mx.default_stream(mx.cpu), mx.new_stream(mx.cpu)])
-    return _STREAMS
-
-
 def _tree_sum(a, b):
     """The sum of two gradients of the same structure (lists, tuples, arrays, None)."""
     if a is None:
@@ -753,14 +664,6 @@ def _tree_sum(a, b):
 def _join_rows(arrays):
     """n arrays (F, B) -> (n, F, B), as one concatenation."""
     return mx.concatenate(arrays, axis=0).reshape(len(arrays), *arrays[0].shape)
-
-
-def timespan_at(ts, t):
-    """Step t's timespan from the loop's ts (None, a 0-d array, or (B, T, 1)): 1.0, the 0-d
-    array, or (B, 1)."""
-    if ts is None:
-        return 1.0
-    return ts if ts.ndim < 3 else ts[:, t]
 
 
 def _vjp(function, primals, cotangents):

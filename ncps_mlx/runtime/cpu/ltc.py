@@ -8,7 +8,7 @@ import functools
 import mlx.core as mx
 import numpy as np
 
-from . import as_host, library, pointer, run_rows
+from . import applies, as_host, library, pointer, run_rows
 
 
 class _Arguments(ctypes.Structure):
@@ -115,3 +115,18 @@ def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_ere
                                       (batch, steps)))  # fmt: skip
     function = _states_function(int(unfolds), float(epsilon), timespans is not None)
     return function(*arrays, sigma, mu, w, w_erev, cm, gleak, leak)
+
+
+def ltc_cell_sequence(cell, inputs, v, ts=None, differentiable=False):
+    """An ``LTCCell``'s whole loop in the kernel, differentiable: inputs (B, T, 2S) from
+    ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's
+    state (B, T, S)); None where the kernel does not apply (``applies()``) or the arrays are not
+    float32. Every synapse is computed, masked, as in the dense step."""
+    arrays = (inputs, v, cell.sigma, cell.mu, cell.w, cell.cm) + (() if ts is None else (ts,))
+    if any(a.dtype != mx.float32 for a in arrays) or not applies():
+        return None
+    gleak = cell._positive(cell.gleak)
+    w = cell._positive(cell.w) * cell.sparsity_mask
+    states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, w,
+                        w * cell.erev, cell._positive(cell.cm), gleak, gleak * cell.vleak)  # fmt: skip
+    return cell._map_outputs(states), states

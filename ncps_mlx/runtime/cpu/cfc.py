@@ -10,8 +10,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-from .. import linux_blas
-from . import as_host, library, pointer, run_rows
+from .. import blas
+from . import as_host, cfc_applies, library, pointer, run_rows
 
 
 class _CfCArguments(ctypes.Structure):
@@ -33,10 +33,9 @@ def _addresses(arrays):
 
 
 def _over_columns(call, batch):
-    """``run_rows`` for the CfC kernels: each block of columns on one BLAS thread, or the batch
-    as one block where ``linux_blas`` cannot set the BLAS's thread count."""
-    with linux_blas.one_thread():
-        return run_rows(call, batch, None if linux_blas.can_set_threads() else 1)
+    """``run_rows`` for the CfC kernels: each block of columns on one core (the BLAS is
+    single-threaded)."""
+    return run_rows(call, batch)
 
 
 CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
@@ -59,8 +58,7 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     is the kernel's backward pass (not pure mode), else the forward pass alone, evaluated.
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
-    one BLAS thread; without control of the BLAS's threads (``linux_blas.can_set_threads``) the
-    batch runs as one block."""
+    one BLAS thread."""
     steps, units, batch = inputs.shape
     if timespans is None and mode != "pure":
         head_weight = _fused_gate(head_weight, state_weight.shape[1])
@@ -94,7 +92,7 @@ class _CfCRun:
             CFC_ACTIVATIONS[activation], int(ff_tanh), head_weight.shape[0], pointer(inputs),
             pointer(ts) if ts is not None else None, pointer(state_weight), _addresses(w for w, _ in hidden),
             _addresses(b for _, b in hidden), pointer(head_weight), pointer(head_bias),
-            *(pointer(a) if a is not None else None for a in pure), linux_blas.sgemm_address(),
+            *(pointer(a) if a is not None else None for a in pure), blas.sgemm_address(),
         )  # fmt: skip
 
     def forward(self, keep=False):
@@ -280,7 +278,7 @@ class _WiredRun:
         self.arguments = _WiredArguments(
             self.batch, self.steps, n_layers, CFC_MODES[mode], int(ff_tanh), (ctypes.c_int32 * n_layers)(*self.sizes),
             (ctypes.c_int32 * n_layers)(*self.heads), pointer(inputs), pointer(ts) if ts is not None else None,
-            *(_addresses(layer[i] for layer in layers) for i in range(5)), linux_blas.sgemm_address(),
+            *(_addresses(layer[i] for layer in layers) for i in range(5)), blas.sgemm_address(),
         )  # fmt: skip
 
     def forward(self) -> np.ndarray:
@@ -337,3 +335,54 @@ def _wired_function(mode, ff_tanh, timed, n_layers):
         return tuple(mx.array(g) for g in grads)
 
     return states
+
+
+def _kernel_applies(mode, differentiable, *arrays) -> bool:
+    """Whether the CfC kernels run this loop: float32 arrays (None skipped), the kernels applying
+    here, and under a gradient a gated mode (their backward passes are those modes')."""
+    if differentiable and mode == "pure":
+        return False
+    return all(a.dtype == mx.float32 for a in arrays if a is not None) and cfc_applies()
+
+
+def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
+    """A ``CfCCell``'s whole loop in the kernel: inputs (B, T, P) from ``project_input``, h (B, H),
+    ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
+    a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
+    where ``cfc_applies()`` is False, and in pure mode under a gradient (only MLX's path has
+    that backward pass)."""
+    weight, _ = cell._first_layer()
+    if not _kernel_applies(cell.mode, differentiable, inputs, h, weight, ts):
+        return None
+    state_weight, ff_tanh = weight[:, cell.input_size :], cell.ff_activation == "tanh"
+    pure = (cell.w_tau.reshape(-1), cell.A.reshape(-1)) if cell.mode == "pure" else (None, None)
+    if cell.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
+        states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, ff_tanh,
+                                  [(None, None, state_weight, *pure)], differentiable=differentiable)  # fmt: skip
+    else:
+        hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
+        states = cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, cell.activation_name, ff_tanh,
+                            state_weight, hidden, *cell._heads(), *pure, differentiable=differentiable)  # fmt: skip
+    y = states.transpose(2, 0, 1)
+    return y, y
+
+
+def wired_cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
+    """``cfc_cell_sequence`` for a ``WiredCfCCell``: inputs (B, T, P), h (B, units) -> (outputs
+    (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
+    the kernel does not apply (as there)."""
+    first = cell.layer_0
+    if not _kernel_applies(first.mode, differentiable, inputs, h, first.ff1.weight, ts):
+        return None
+    layers = []
+    for i, layer in enumerate(cell.layers):
+        weight, bias = layer._heads()
+        width = layer.input_size
+        pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
+        inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
+        layers.append(inputs_part + (weight[:, width:],) + pure)
+    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
+                              differentiable=differentiable)  # fmt: skip
+    start = sum(cell.layer_sizes[:-1])
+    out = states[:, start : start + cell.output_size]
+    return out.transpose(2, 0, 1), states.transpose(2, 0, 1)

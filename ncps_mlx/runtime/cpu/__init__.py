@@ -2,29 +2,27 @@
 
 On MLX's CPU backend a time step is many small operations, each dispatched to a stream thread,
 and the LTC's (batch, S, S) synapse tensors have broadcast inputs, for which MLX generates scalar
-loops (README, Performance). These kernels run a whole sequence in one call per block of the
-batch, blocks on all cores:
+loops. These kernels run a whole sequence in one call per block of the batch, blocks on all
+cores:
 
 * ``ltc`` (``ltc.c``): an LTC's loop, forward and backward, a batch row at a time, the synapse
   loops vectorised; the backward pass recomputes each row's forward pass and walks it back.
 * ``cfc`` (``cfc.c``): a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a
-  matrix product of the BLAS that MLX's products use (``linux_blas``), on a block of batch
-  columns: forward and backward for every CfC (wired, or with or without a backbone), except
-  pure mode's backward pass, which stays MLX's.
+  matrix product of the kernels' own OpenBLAS (``runtime.blas``), on a block of batch columns:
+  forward and backward for every CfC (wired, or with or without a backbone), except pure mode's
+  backward pass, which stays MLX's.
 
 They compute the same functions as the MLX path (``rational.h`` is ``fastmath``'s tanh and
 sigmoid; gradients from the exact derivatives of their outputs), in another order of additions,
 and they are tested against it, against ncps.torch and against MLX's gradients
-(``tests/test_native.py``, ``tests/test_parity_torch.py``). Timespans get their true gradient,
-where MLX's compiled backward passes give them none.
+(``tests/test_native.py``, ``tests/test_gradients.py``).
 
-They are built once per machine with the ``g++`` that ``mx.compile`` on the CPU needs anyway
-(``-O3 -fno-trapping-math``, plus ``-mavx2 -mfma`` where the processor has them), cached under
-``file_cache.folder("native")``, and loaded with ctypes: nothing beyond mlx and numpy. They apply
-on Linux (x86-64 or aarch64) to the CPU device, outside ``mx.vmap``/``mx.compile`` tracing,
-without mixed memory, for float32; the CfC's also need ``linux_blas``'s BLAS. Elsewhere, with
-``NCPS_MLX_NATIVE=0``, within ``turned_off()``, or where they cannot be built, MLX's path runs.
-``status()`` says which; the first build on a machine says so once on stderr.
+They are built once per machine with ``g++`` (``-O3 -fno-trapping-math``, plus ``-mavx2 -mfma``
+where the processor has them), cached under ``$XDG_CACHE_HOME/ncps_mlx/native`` (by default ``~/.cache/ncps_mlx``), and loaded with
+ctypes. They apply on Linux (x86-64 or aarch64) to the CPU device, outside
+``mx.vmap``/``mx.compile`` tracing, without mixed memory, for float32. Elsewhere, with
+``NCPS_MLX_RUNTIME=mlx``, within ``turned_off()``, or where they cannot be built, MLX's path
+runs; ``status()`` says which (``python -m ncps_mlx info``), and a first build is logged.
 """
 
 from __future__ import annotations
@@ -35,7 +33,9 @@ import ctypes
 import functools
 import hashlib
 import os
+import logging
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +45,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .. import cpu_kernels, file_cache, linux_blas
+from .. import blas
+
+log = logging.getLogger("ncps_mlx")
 
 SOURCES = Path(__file__).parent
 KIND = "native"
@@ -71,19 +73,19 @@ def library():
 
 
 def _load():
-    if os.environ.get("NCPS_MLX_NATIVE", "1") == "0":
-        return None, "turned off by NCPS_MLX_NATIVE=0"
+    if os.environ.get("NCPS_MLX_RUNTIME", "auto") == "mlx":
+        return None, "turned off by NCPS_MLX_RUNTIME=mlx"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
         return None, "not Linux on x86-64 or aarch64: the models run on MLX's kernels"
-    compiler = cpu_kernels.find_compiler()
+    compiler = shutil.which("g++")
     if compiler is None:
         return None, "no g++ on PATH: the models run on MLX's kernels"
     flags = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu_kernels.cpu_flags():
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
     sources = sorted(SOURCES.glob("*.[ch]"))
     key = hashlib.sha256(b"\0".join([f.read_bytes() for f in sources] + [compiler.encode(), " ".join(flags).encode()]))
-    path = file_cache.folder(KIND) / key.hexdigest()[:16] / "ncps_kernels.so"
+    path = _cache_folder() / key.hexdigest()[:16] / "ncps_kernels.so"
     built = False
     if not path.is_file():
         try:
@@ -98,10 +100,26 @@ def _load():
     for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward,
                      lib.wired_cfc_backward):
         function.restype = None
-    message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])} (NCPS_MLX_NATIVE=0 turns them off)"
+    message = f"LTC and CfC time loops run in CPU kernels built with {' '.join(flags[:2] + flags[4:])}"
     if built:
-        print(f"ncps_mlx: {message}", file=sys.stderr)
+        log.info("ncps_mlx: %s", message)
     return lib, message
+
+
+def _cache_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ncps_mlx" / KIND
+
+
+def _cpu_flags() -> set:
+    """The processor's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _build(compiler, flags, sources, path: Path):
@@ -188,10 +206,12 @@ def run_rows(call, batch, parts=None):
 
 
 def cfc_applies() -> bool:
-    """Whether a CfC runs in the kernel now: ``applies()``, and MLX's products use the BLAS
-    that ``linux_blas`` loaded (the kernel calls the same sgemm)."""
-    return applies() and linux_blas.sgemm_address() is not None
+    """Whether a CfC runs in the kernel now: ``applies()``, and the kernels' BLAS loads."""
+    return applies() and blas.sgemm_address() is not None
 
 
-from .cfc import cfc_states, wired_cfc_states  # noqa: E402
-from .ltc import ltc_states  # noqa: E402
+from .cfc import cfc_cell_sequence, cfc_states, wired_cfc_cell_sequence, wired_cfc_states  # noqa: E402
+from .ltc import ltc_cell_sequence, ltc_states  # noqa: E402
+
+# The kernels by the name of the cell class whose loop they run.
+SEQUENCES = {"CfCCell": cfc_cell_sequence, "WiredCfCCell": wired_cfc_cell_sequence, "LTCCell": ltc_cell_sequence}

@@ -1,0 +1,59 @@
+"""How a sequence runs fast on the current device; the models' math is elsewhere.
+
+``ncps_mlx.sequence.SequenceModel`` holds the one time loop. It asks this package for a faster
+way to run it, and the plain MLX loop is always there as the reference the others are tested
+against. In order of preference:
+
+* ``cpu``: a cell's whole loop in one CPU kernel (the LTC's and the CfC's, on Linux), forward
+  and backward (``sequence_kernel``);
+* ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
+* the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap``).
+
+``NCPS_MLX_RUNTIME=mlx`` (read when the first model runs) turns the kernels off: MLX's
+operations only. ``python -m ncps_mlx info`` says what applies here and why. Nothing here
+changes the process at import: no environment edits, no symbol interposition; status goes to
+the ``ncps_mlx`` logger.
+
+This package never imports the models, the cells or a reader or writer (``pyproject.toml``'s
+import-linter contracts): it reads the cells it is given by their attributes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import blas, cpu, stepping
+
+CHOICES = ("auto", "mlx")
+
+
+def choice() -> str:
+    """``NCPS_MLX_RUNTIME``: "auto" (the default: the fastest that applies) or "mlx" (MLX's
+    operations only, no CPU kernels)."""
+    value = os.environ.get("NCPS_MLX_RUNTIME", "auto") or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"NCPS_MLX_RUNTIME must be one of {', '.join(CHOICES)}; got {value!r}")
+    return value
+
+
+def sequence_kernel(cell, inputs, h, ts=None, differentiable=False):
+    """A cell's whole loop in a CPU kernel: inputs (B, T, P) from ``cell.project_input``, h (B, S),
+    ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state (B, T, S)); None where
+    no kernel applies (another cell, not float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``).
+    ``differentiable``: the result carries the kernel's backward pass."""
+    run = cpu.SEQUENCES.get(type(cell).__name__)
+    if run is None or choice() == "mlx":
+        return None
+    return run(cell, inputs, h, ts, differentiable)
+
+
+def implementation(cell, mixed_memory: bool = False) -> str:
+    """Which implementation runs a model with this cell here, in words (for ``info``)."""
+    if type(cell).__name__ not in cpu.SEQUENCES or mixed_memory:
+        return "MLX (compiled steps)"
+    if choice() == "mlx":
+        return "MLX (compiled steps): NCPS_MLX_RUNTIME=mlx"
+    applies = cpu.cfc_applies() if "CfC" in type(cell).__name__ else cpu.applies()
+    if not applies:
+        return f"MLX (compiled steps): {cpu.status()}"
+    return "CPU kernel"
