@@ -1,31 +1,34 @@
-"""Benchmark ncps_mlx against ncps.torch side by side, in one process, interleaved.
+"""Benchmark ncps_mlx against its peers: every peer in its own process, rounds interleaved.
 
-    python tools/bench.py [--workloads W1,W3] [--runs 5] [--json out.json] [--markdown out.md]
+    python tools/bench.py [--workloads W1,W6] [--peers mlx,torch,compile,xla] [--runs 7]
+                          [--json out.json] [--markdown out.md]
 
-Workloads (input 20, float32): W1 CfC 64 units, batch 32 x 100 steps; W2 CfC AutoNCP(64, 8)
-32 x 100; W3 LTC 64 units 32 x 100; W4 LTC AutoNCP(64, 8) 32 x 100; W5 CfC 64 units 8 x 1000;
-W6 CfC 64 units 1024 x 50; plus CTRNN and CTGRU (64 units, 32 x 100), which have no torch
-counterpart and are timed in MLX alone.
+Peers: ``mlx`` (ncps_mlx, ``import mlx.core`` first, as users write it), ``torch`` (ncps.torch
+eager), ``compile`` (ncps.torch under ``torch.compile``; its compiles take minutes a
+workload here), ``xla`` (ncps.keras under ``tf.function(jit_compile=True)``, Keras 3 on
+TensorFlow). Workloads (input 20, float32): W1 CfC 64, batch 32 x 100 steps; W3 LTC 64, 32 x
+100; W4 LTC AutoNCP(64, 8), 32 x 100; W6 CfC 64, 1024 x 50; MIX CfC 64 with mixed memory, 32 x
+100; CTRNN and CTGRU 64 units, 32 x 100 (no peer has them: seq/s and the GFLOP/s of their
+matrix products); W5 CfC 64, 8 x 1000, forward+backward only, with each process's peak RSS.
 
-For each workload both models get the same weights (torch's, copied), the outputs are checked
-to agree (max abs difference), and forward and forward+backward (the gradient of a summed
-squared output with respect to every parameter) are timed: warm-up runs, then ``--runs``
-rounds alternating torch and MLX, median time, reported as sequences per second and the
-MLX / torch ratio. Nothing here changes how either library is loaded (performance-notes: a
-global BLAS swap would slow torch and make the comparison lie).
-
-Each timed call starts after a ``--settle`` pause (default 20 ms). torch's OpenMP workers
-spin for a while after every call; an MLX call started right after one ran ~30% slower (W1
-forward: 2010 seq/s back to back, 2850 after 20 ms, 2800 with torch idle), while 20 ms cost
-torch nothing measurable (3283 vs 3306 seq/s). Each workload runs in a fresh process
-(``--one-process`` to turn that off), the two libraries side by side in it.
+Each (workload, kind) starts one process per peer. A process builds its model, checks it
+runs, warms up, then times one call (forward, or forward plus the gradient of a summed
+squared output with respect to every parameter) each time the parent asks; the parent asks
+the peers in turn, ``--runs`` rounds, so every peer sees the same machine state, and reports
+medians as sequences per second and the ncps_mlx / peer ratio. ncps_mlx runs ncps.torch's
+weights (copied through the converter's key map) and its output is compared with torch's;
+the XLA peer runs its own initialisation (the work per call does not depend on the values).
+Each timed call starts after a ``--settle`` pause (default 20 ms): torch's OpenMP workers spin
+after a call, and a call started straight after one ran ~30% slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,222 +36,265 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-import ncps_mlx  # first: on Linux it gives MLX a fast BLAS before mlx.core loads (linux_blas)
-import mlx.core as mx
-import mlx.nn as nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-WORKLOADS = {
-    "W1": ("CfC", "fc", 32, 100),
-    "W2": ("CfC", "autoncp", 32, 100),
-    "W3": ("LTC", "fc", 32, 100),
-    "W4": ("LTC", "autoncp", 32, 100),
-    "W5": ("CfC", "fc", 8, 1000),
-    "W6": ("CfC", "fc", 1024, 50),
-    "CTRNN": ("CTRNN", "fc", 32, 100),
-    "CTGRU": ("CTGRU", "fc", 32, 100),
-}
+ROOT = Path(__file__).resolve().parent.parent
 INPUT, UNITS = 20, 64
+WORKLOADS = {  # family, wiring, batch, steps, kinds
+    "W1": ("CfC", "fc", 32, 100, ("forward", "forward+backward")),
+    "W3": ("LTC", "fc", 32, 100, ("forward", "forward+backward")),
+    "W4": ("LTC", "autoncp", 32, 100, ("forward", "forward+backward")),
+    "W6": ("CfC", "fc", 1024, 50, ("forward", "forward+backward")),
+    "MIX": ("CfC", "mixed", 32, 100, ("forward", "forward+backward")),
+    "CTRNN": ("CTRNN", "fc", 32, 100, ("forward", "forward+backward")),
+    "CTGRU": ("CTGRU", "fc", 32, 100, ("forward", "forward+backward")),
+    "W5": ("CfC", "fc", 8, 1000, ("forward+backward",)),
+}
+PEERS = ("mlx", "torch", "compile", "xla")
+HAS_PEERS = ("CfC", "LTC")
 
 
-def build(family, wiring):
-    """(torch model or None, MLX model) with the same weights."""
+def describe(family, wiring):
+    return f"{family} " + {"fc": "64", "autoncp": "AutoNCP(64, 8)", "mixed": "64 mixed memory"}[wiring]
+
+
+def matmul_flops(family, batch, steps):
+    """Floating-point operations of the matrix products in one forward call (CTRNN, CTGRU)."""
+    if family == "CTRNN":  # x W_in once a step, h W_rec in each of 6 Euler unfolds
+        return 2 * batch * steps * (INPUT * UNITS + 6 * UNITS * UNITS)
+    m = 8  # CTGRU's time scales: [x, h] -> retrieve, store (U x M each), detect (U)
+    return 2 * batch * steps * ((INPUT + UNITS) * (2 * UNITS * m + UNITS))
+
+
+# --- one peer, in its own process -------------------------------------------------------------
+
+
+def child_mlx(family, wiring, weights):
+    import mlx.core as mx  # first, as users write it
+    import mlx.nn as nn
+    import numpy as np
+
+    import ncps_mlx
+
+    units = ncps_mlx.wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
+    extra = {"mixed_memory": True} if wiring == "mixed" else {}
+    model = getattr(ncps_mlx, family)(INPUT, units, **extra)
+    if weights:
+        model.load_weights([(k, mx.array(v)) for k, v in np.load(weights).items()], strict=True)
+
+    def forward(x):
+        y = model(x)[0]
+        mx.eval(y)
+        return y
+
+    grad = nn.value_and_grad(model, lambda m, x: mx.sum(mx.square(m(x)[0])))
+    return mx.array, forward, lambda x: mx.eval(grad(model, x)), np.array
+
+
+def child_torch(family, wiring, weights_out, compiled):
+    import numpy as np
     import torch
-
-    if family in ("CTRNN", "CTGRU"):
-        model = getattr(ncps_mlx, family)(INPUT, UNITS)
-        return None, model
-    import ncps.torch as ncps_torch
-    import ncps.wirings as reference
+    import ncps.torch as reference
+    import ncps.wirings as reference_wirings
 
     from ncps_mlx.converters.torch_reader import rename_torch_keys
 
     torch.manual_seed(0)
-    t_units = reference.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
-    m_units = ncps_mlx.wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
-    t_model = getattr(ncps_torch, family)(INPUT, t_units)
-    m_model = getattr(ncps_mlx, family)(INPUT, m_units)
-    weights = rename_torch_keys(t_model.state_dict())
-    m_model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=True)
-    return t_model, m_model
+    units = reference_wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
+    extra = {"mixed_memory": True} if wiring == "mixed" else {}
+    model = getattr(reference, family)(INPUT, units, **extra)
+    if weights_out:
+        np.savez(weights_out, **rename_torch_keys(model.state_dict()))
+    run = torch.compile(model) if compiled else model
+
+    def forward(x):
+        with torch.no_grad():
+            return run(x)[0]
+
+    def backward(x):
+        model.zero_grad()
+        (run(x)[0] ** 2).sum().backward()
+
+    return torch.from_numpy, forward, backward, lambda y: y.detach().numpy()
 
 
-SETTLE = 0.02
+def child_xla(family, wiring):
+    os.environ.pop("TF_USE_LEGACY_KERAS", None)  # this process only: ncps.keras is Keras 3
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import ncps.keras as reference
+    import ncps.wirings as reference_wirings
+
+    units = reference_wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
+    extra = {"mixed_memory": True} if wiring == "mixed" else {}
+    layer = getattr(reference, family)(units, return_sequences=True, **extra)
+    layer.build((None, None, INPUT))
+
+    @tf.function(jit_compile=True)
+    def forward(x):
+        return layer(x)
+
+    @tf.function(jit_compile=True)
+    def gradients(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer(x)))
+        return tape.gradient(loss, layer.trainable_variables)
+
+    return tf.constant, lambda x: forward(x).numpy(), lambda x: [g.numpy() for g in gradients(x)], lambda y: y
 
 
-def timer(fn, warmup, runs):
-    for _ in range(warmup):
-        fn()
+def child(args):
+    import numpy as np
 
-    def once():
-        time.sleep(SETTLE)
+    family, wiring, batch, steps, _ = WORKLOADS[args.workload]
+    if args.child == "mlx":
+        to_array, forward, backward, to_numpy = child_mlx(family, wiring, args.weights)
+    elif args.child == "xla":
+        to_array, forward, backward, to_numpy = child_xla(family, wiring)
+    else:
+        to_array, forward, backward, to_numpy = child_torch(family, wiring, args.weights, args.child == "compile")
+    x = to_array(np.random.default_rng(0).normal(size=(batch, steps, INPUT)).astype(np.float32))
+    call = forward if args.kind == "forward" else backward
+    if args.outputs:
+        np.save(args.outputs, to_numpy(forward(x)))
+    for _ in range(args.warmup):
+        call(x)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        time.sleep(args.settle)
         start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
+        call(x)
+        print(time.perf_counter() - start, flush=True)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
-    return once
+
+# --- the parent -------------------------------------------------------------------------------
 
 
-def bench(name, warmup, runs, backward):
-    import torch
+def start(peer, name, kind, args, folder, weights):
+    command = [sys.executable, __file__, "--child", peer, "--workload", name, "--kind", kind,
+               "--warmup", str(args.warmup), "--settle", str(args.settle)]  # fmt: skip
+    if weights:
+        command += ["--weights", weights]
+    if kind == "forward":
+        command += ["--outputs", str(Path(folder) / f"{peer}.npy")]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    ready = process.stdout.readline().strip()
+    if ready != "ready":
+        process.kill()
+        raise RuntimeError(f"{peer} on {name} {kind} did not start (its stderr is above)")
+    return process
 
-    family, wiring, batch, steps = WORKLOADS[name]
-    t_model, m_model = build(family, wiring)
-    x = np.random.default_rng(0).normal(size=(batch, steps, INPUT)).astype(np.float32)
-    xt, xm = torch.from_numpy(x), mx.array(x)
 
-    def mlx_forward():
-        mx.eval(m_model(xm)[0])
+def measure(name, kind, peers, args):
+    import numpy as np
 
-    def mlx_loss(model, x):
-        return mx.sum(mx.square(model(x)[0]))
-
-    mlx_grad = nn.value_and_grad(m_model, mlx_loss)
-
-    def mlx_backward():
-        mx.eval(mlx_grad(m_model, xm))
-
-    def torch_forward():
-        with torch.no_grad():
-            t_model(xt)
-
-    def torch_backward():
-        t_model.zero_grad()
-        (t_model(xt)[0] ** 2).sum().backward()
-
-    row = {"workload": name, "model": f"{family} {'AutoNCP(64, 8)' if wiring == 'autoncp' else '64 units'}",
-           "batch": batch, "steps": steps}  # fmt: skip
-    if t_model is not None:
-        with torch.no_grad():
-            reference = t_model(xt)[0].numpy()
-        row["max_abs_diff"] = float(np.max(np.abs(np.array(m_model(xm)[0]) - reference)))
-    kinds = [("forward", torch_forward, mlx_forward)]
-    if backward:
-        kinds.append(("forward+backward", torch_backward, mlx_backward))
-    for kind, t_fn, m_fn in kinds:
-        t_once = timer(t_fn, warmup, runs) if t_model is not None else None
-        m_once = timer(m_fn, warmup, runs)
-        t_times, m_times = [], []
-        for _ in range(runs):  # interleaved, so both see the same machine state
-            if t_once is not None:
-                t_times.append(t_once())
-            m_times.append(m_once())
-        m_rate = batch / statistics.median(m_times)
-        row[f"mlx_{kind}"] = m_rate
-        if t_once is not None:
-            t_rate = batch / statistics.median(t_times)
-            row[f"torch_{kind}"] = t_rate
-            row[f"ratio_{kind}"] = m_rate / t_rate
+    family, wiring, batch, steps, _ = WORKLOADS[name]
+    peers = [p for p in peers if p == "mlx" or family in HAS_PEERS]
+    with tempfile.TemporaryDirectory() as folder:
+        weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
+        processes = {}
+        for peer in sorted(peers, key=lambda p: p != "torch"):  # torch first: it writes the weights
+            processes[peer] = start(peer, name, kind, args, folder, weights if peer in ("torch", "mlx") else None)
+        times = {peer: [] for peer in peers}
+        for _ in range(args.runs):
+            for peer, process in processes.items():
+                process.stdin.write("run\n")
+                process.stdin.flush()
+                times[peer].append(float(process.stdout.readline()))
+        row = {"workload": name, "model": describe(family, wiring), "batch": batch, "steps": steps, "kind": kind}
+        for peer, process in processes.items():
+            process.stdin.close()
+            row[f"{peer}_peak_rss_mb"] = json.loads(process.stdout.readline())["peak_rss_mb"]
+            process.wait()
+            row[f"{peer}_seq_s"] = batch / statistics.median(times[peer])
+        if kind == "forward" and "torch" in peers:
+            mlx_y, torch_y = (np.load(Path(folder) / f"{p}.npy") for p in ("mlx", "torch"))
+            row["max_abs_diff"] = float(np.max(np.abs(mlx_y - torch_y)))
+    for peer in peers:
+        if peer != "mlx":
+            row[f"ratio_{peer}"] = row["mlx_seq_s"] / row[f"{peer}_seq_s"]
+    if family not in HAS_PEERS and kind == "forward":
+        row["mlx_gflop_s"] = matmul_flops(family, batch, steps) * row["mlx_seq_s"] / batch / 1e9
     return row
 
 
 def machine() -> dict:
-    import torch
+    import importlib.metadata as metadata
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    def version(package):
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "ncps_mlx": ncps_mlx.__version__,
-        "blas": ncps_mlx.blas_status(),
-        "kernels": ncps_mlx.kernel_status(),
-        "native": ncps_mlx.native_status(),
-        "commit": commit,
-    }
+        "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        **{p: version(p) for p in ("mlx", "torch", "tensorflow", "keras", "ncps")},
+        "commit": commit.stdout.strip() or "unknown",
+    }  # fmt: skip
 
 
-def markdown(rows, info) -> str:
+def markdown(rows, peers, info) -> str:
+    others = [p for p in peers if p != "mlx"]
+    head = ["workload", "model", "B x T", "pass", "ncps_mlx seq/s"] + [f"{p} seq/s" for p in others]
+    head += [f"vs {p}" for p in others] + ["max abs diff", "peak RSS MB (mlx / " + " / ".join(others) + ")"]
     lines = [
-        f"Machine: {info['platform']}, {info['cpus']} CPUs; mlx {info['mlx']}, torch {info['torch']} "
-        f"({info['torch_threads']} threads); commit {info['commit']}; {info.get('settle_s', 0) * 1000:.0f} ms settle before each timed call",
-        f"BLAS: {info.get('blas', 'not recorded')}. Kernels: {info.get('kernels', 'not recorded')}. Time loops: {info.get('native', 'not recorded')}",
+        f"Machine: {info['platform']}, {info['cpus']} CPUs, Python {info['python']}; mlx {info['mlx']}, "
+        f"torch {info['torch']}, tensorflow {info['tensorflow']}, keras {info['keras']}, ncps {info['ncps']}; "
+        f"commit {info['commit']}",
         "",
-        "| workload | model | batch x steps | torch fwd seq/s | mlx fwd seq/s | fwd ratio | torch f+b seq/s | mlx f+b seq/s | f+b ratio | max abs diff |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for r in rows:
-        def cell(key, fmt="{:.1f}"):
+        def get(key, fmt="{:.0f}"):
             return fmt.format(r[key]) if key in r else "-"
 
-        lines.append(
-            f"| {r['workload']} | {r['model']} | {r['batch']} x {r['steps']} | {cell('torch_forward')} | "
-            f"{cell('mlx_forward')} | {cell('ratio_forward', '{:.2f}x')} | {cell('torch_forward+backward')} | "
-            f"{cell('mlx_forward+backward')} | {cell('ratio_forward+backward', '{:.2f}x')} | {cell('max_abs_diff', '{:.1e}')} |"
-        )
+        mlx = get("mlx_seq_s") + (f" ({r['mlx_gflop_s']:.0f} GFLOP/s)" if "mlx_gflop_s" in r else "")
+        cells = [r["workload"], r["model"], f"{r['batch']} x {r['steps']}", r["kind"], mlx]
+        cells += [get(f"{p}_seq_s") for p in others] + [get(f"ratio_{p}", "{:.2f}x") for p in others]
+        cells += [get("max_abs_diff", "{:.1e}"), " / ".join(get(f"{p}_peak_rss_mb") for p in peers)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def in_fresh_process(name, args) -> dict:
-    """One workload in a child process: what earlier workloads left behind (memory, caches,
-    threads) then cannot tilt it. Measured here: the same W5 forward ran at 43 or 90 seq/s
-    depending on what had run before it in the process."""
-    with tempfile.TemporaryDirectory() as folder:
-        result = Path(folder) / "row.json"
-        command = [sys.executable, __file__, "--workloads", name, "--runs", str(args.runs), "--warmup",
-                   str(args.warmup), "--settle", str(args.settle), "--row-json", str(result)]  # fmt: skip
-        if args.no_backward:
-            command.append("--no-backward")
-        subprocess.run(command, check=True)
-        return json.loads(result.read_text())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
-    parser.add_argument("--runs", type=int, default=5, help="timed rounds per measurement (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
-    parser.add_argument("--no-backward", action="store_true", help="time the forward pass only")
-    parser.add_argument("--settle", type=float, default=0.02, help="seconds of pause before each timed call (default 0.02)")
-    parser.add_argument(
-        "--one-process", action="store_true",
-        help="run every workload in this process (default: each in a fresh one, both libraries side by side in it)",
-    )  # fmt: skip
-    parser.add_argument("--row-json", metavar="FILE", help=argparse.SUPPRESS)  # a child's result
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated from {','.join(PEERS)} (default: all)")
+    parser.add_argument("--runs", type=int, default=7, help="timed rounds per measurement (default 7)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    parser.add_argument("--settle", type=float, default=0.02, help="seconds of pause before each timed call")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
+    for hidden in ("--child", "--workload", "--kind", "--weights", "--outputs"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
     names = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = [w for w in names if w not in WORKLOADS]
-    if unknown:
-        parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
-    if args.runs < 5:
-        print("note: fewer than 5 runs; medians will be noisy", file=sys.stderr)
-
-    global SETTLE
-    SETTLE = args.settle
-    info = machine()
-    info["settle_s"] = SETTLE
-    rows = []
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if [w for w in names if w not in WORKLOADS] or [p for p in peers if p not in PEERS]:
+        parser.error(f"choose workloads from {list(WORKLOADS)} and peers from {list(PEERS)}")
+    if "mlx" not in peers:
+        peers.insert(0, "mlx")
+    info, rows = machine(), []
     for name in names:
-        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-        if args.one_process or len(names) == 1:
-            rows.append(bench(name, args.warmup, args.runs, not args.no_backward))
-        else:
-            rows.append(in_fresh_process(name, args))
-    if args.row_json:
-        Path(args.row_json).write_text(json.dumps(rows[0]))
-        return
-    table = markdown(rows, info)
+        for kind in WORKLOADS[name][4]:
+            print(f"[bench] {name} {kind} ...", file=sys.stderr, flush=True)
+            rows.append(measure(name, kind, peers, args))
+    table = markdown(rows, peers, info)
     print(table)
     bad = [r["workload"] for r in rows if r.get("max_abs_diff", 0.0) > 1e-5]
     if bad:
-        print(f"WARNING: outputs differ by more than 1e-5 on {bad}", file=sys.stderr)
+        print(f"WARNING: ncps_mlx and ncps.torch outputs differ by more than 1e-5 on {bad}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "results": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": info, "peers": peers, "results": rows}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
