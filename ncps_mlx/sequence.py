@@ -130,7 +130,7 @@ class SequenceModel(nn.Module):
 
     def _run(self, x, h, c, ts, mask=None):
         """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
-        to run the loop (see ``ncps_mlx.stepping``)."""
+        to run the loop (see ``ncps_mlx.runtime.stepping``)."""
         parameters = self.parameters()
         leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
         stepping.flatten(parameters, leaves)

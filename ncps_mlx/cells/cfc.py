@@ -195,7 +195,7 @@ class CfCCell(nn.Module):
 
     def expand_biases(self, prepared, batch: int):
         """``prepare()``'s output with the biases of its products contiguous (features, batch)
-        arrays, made once for a loop that is not differentiated (``ncps_mlx.stepping``). Given
+        arrays, made once for a loop that is not differentiated (``ncps_mlx.runtime.stepping``). Given
         a (K, 1) bias, ``mx.addmm`` copies it, broadcast, into its output at every step with
         MLX's general strided copy (heads at batch 512: 156 us a product, 132 with the bias
         made once)."""
@@ -298,7 +298,7 @@ class CfCCell(nn.Module):
         gate_rows = [d_argument] if halved and _unit(ts) else [d_argument * ts, d_argument]
         return mx.concatenate([d_ff1, d_ff2] + gate_rows)
 
-    # Backpropagation through time from saved residuals (``ncps_mlx.stepping.Steps``): a CfC
+    # Backpropagation through time from saved residuals (``ncps_mlx.runtime.stepping.Steps``): a CfC
     # step is matrix products between elementwise functions, so its vjp needs only what the
     # forward pass computed, where a generic vjp recomputes the step. The protocol, every
     # array feature-major (features, B):

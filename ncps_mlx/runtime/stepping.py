@@ -25,7 +25,7 @@ Three ways to run the model's one time loop (``SequenceModel.time_loop``), chose
 
   Higher-order gradients through this path are not supported.
 
-Where a cell's loop has a CPU kernel that applies (``ncps_mlx.native``: the LTC's, a CfC's on
+Where a cell's loop has a CPU kernel that applies (``runtime.cpu``: the LTC's, a CfC's on
 Linux), ``SequenceModel`` runs that instead of the compiled and differentiable loops here.
 
 A step function here takes flat lists of arrays ("leaves"): the fixed ones (parameters and

@@ -15,7 +15,7 @@ cores:
 They compute the same functions as the MLX path (``rational.h`` is ``fastmath``'s tanh and
 sigmoid; gradients from the exact derivatives of their outputs), in another order of additions,
 and they are tested against it, against ncps.torch and against MLX's gradients
-(``tests/test_native.py``, ``tests/test_gradients.py``).
+(``tests/test_cpu_kernels.py``, ``tests/test_gradients.py``).
 
 They are built once per machine with ``g++`` (``-O3 -fno-trapping-math``, plus ``-mavx2 -mfma``
 where the processor has them), cached under ``$XDG_CACHE_HOME/ncps_mlx/native`` (by default ``~/.cache/ncps_mlx``), and loaded with

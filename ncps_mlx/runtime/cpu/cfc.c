@@ -2,7 +2,7 @@
  * (cfc_forward, cfc_backward), or a wired CfC or a CfCCell without one (wired_cfc_forward,
  * wired_cfc_backward). The backward passes are the gated modes'.
  *
- * Built by ncps_mlx/native/__init__.py (which says why) and called through ctypes from cfc.py
+ * Built by ncps_mlx/runtime/cpu/__init__.py (which says why) and called through ctypes from cfc.py
  * beside this file. Everything is feature-major, as in ncps_mlx.cells.cfc (features, batch), so
  * each layer is one matrix product over the block's columns: the same BLAS sgemm that MLX's
  * products use, passed in as a function pointer, on one thread per block. tanh and sigmoid are

@@ -1,6 +1,6 @@
 /* The LTC's time loop as one CPU kernel: forward and backward over a range of batch rows.
  *
- * Built by ncps_mlx/native/__init__.py and called through ctypes from ltc.py beside this file,
+ * Built by ncps_mlx/runtime/cpu/__init__.py and called through ctypes from ltc.py beside this file,
  * which says what the arguments hold. Plain C, no MLX or Python headers.
  *
  * One batch row at a time: per ODE unfold, for each presynaptic neuron i a loop over the

@@ -1,4 +1,4 @@
-/* ncps_mlx.fastmath's rational tanh and sigmoid in C, for the CPU kernels (ncps_mlx/native).
+/* ncps_mlx.fastmath's rational tanh and sigmoid in C, for the CPU kernels (ncps_mlx/runtime/cpu).
  *
  * tanh(y) = y P(y^2) / Q(y^2) with y clipped to +-CLIP, the same coefficients and the same
  * Estrin order as fastmath.py, so the kernels and the MLX path compute the same function
