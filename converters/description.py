@@ -59,9 +59,11 @@ class Description:
             modelfile.check_arrays(model, self.arrays, where=self.source.get("file", "checkpoint"))
         except modelfile.ModelFileError as error:
             raise ConversionError(str(error)) from None
-        # Contiguous copies: a transposed view gives the same values but another matmul path
-        # (and rounding) than the same weights loaded back from a file.
-        model.load_weights([(k, mx.array(np.ascontiguousarray(v))) for k, v in self.arrays.items()], strict=True)
+        # C-ordered copies: a transposed view gives the same values but another matmul path
+        # (and rounding) than the same weights loaded back from a file. np.ascontiguousarray is
+        # not enough: a (1, n) view of an (n, 1) kernel counts as contiguous and keeps its
+        # strides, which MLX takes over (a Dense(1) head then differed by 4e-8 after a round trip).
+        model.load_weights([(k, mx.array(np.array(v, order="C", copy=True))) for k, v in self.arrays.items()], strict=True)
         model.eval()
         return model
 

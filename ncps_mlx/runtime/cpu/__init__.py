@@ -76,10 +76,10 @@ def _load():
     if os.environ.get("NCPS_MLX_RUNTIME", "auto") == "mlx":
         return None, "turned off by NCPS_MLX_RUNTIME=mlx"
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
-        return None, "not Linux on x86-64 or aarch64: the models run on MLX's kernels"
+        return None, "not Linux on x86-64 or aarch64: the models run on MLX's operations"
     compiler = shutil.which("g++")
     if compiler is None:
-        return None, "no g++ on PATH: the models run on MLX's kernels"
+        return None, "no g++ on PATH: the models run on MLX's operations"
     flags = ["-O3", "-fno-trapping-math", "-fPIC", "-shared"]
     if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
         flags += ["-mavx2", "-mfma"]
@@ -91,12 +91,12 @@ def _load():
         try:
             _build(compiler, flags, [f for f in sources if f.suffix == ".c"], path)
         except (OSError, subprocess.SubprocessError) as error:
-            return None, f"the CPU kernels could not be built ({error}): the models run on MLX's kernels"
+            return None, f"the CPU kernels could not be built ({error}): the models run on MLX's operations"
         built = True
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
-        return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's kernels"
+        return None, f"the CPU kernels could not be loaded ({error}): the models run on MLX's operations"
     for function in (lib.ltc_forward, lib.ltc_backward, lib.cfc_forward, lib.cfc_backward, lib.wired_cfc_forward,
                      lib.wired_cfc_backward):
         function.restype = None
@@ -151,7 +151,7 @@ _off = threading.local()
 
 @contextlib.contextmanager
 def turned_off():
-    """Within this block (in this thread) the models run on MLX's kernels, as where these do
+    """Within this block (in this thread) the models run on MLX's operations, as where these do
     not apply: for comparing the two."""
     previous = getattr(_off, "value", False)
     _off.value = True
