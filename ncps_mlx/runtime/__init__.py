@@ -9,7 +9,8 @@ against. In order of preference:
 * ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
 * the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap``).
 
-``NCPS_MLX_RUNTIME=mlx`` (read when the first model runs) turns the kernels off: MLX's
+``NCPS_MLX_RUNTIME=mlx`` (read at every model call, so it can be set per run or per block)
+turns the kernels off: MLX's
 operations only. ``python -m ncps_mlx info`` says what applies here and why. Nothing here
 changes the process at import: no environment edits, no symbol interposition; status goes to
 the ``ncps_mlx`` logger.
