@@ -10,7 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[torch,onnx,tf,dev]"
+	# The CPU kernels are built against the mlx this venv runs (setup.py): the build requirements
+	# go into the venv first, and the package builds without an isolated build environment.
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))" > $(VENV)/build-requires.txt
+	$(PY) -m pip install --quiet -r $(VENV)/build-requires.txt
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[torch,onnx,tf,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -153,9 +153,10 @@ class SequenceModel(nn.Module):
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = self.rnn_cell.project_input(x)
             kernel = None
-            if mode != "eager" and cell_inputs is not None and not self.use_mixed:
-                # A cell's whole loop in one CPU kernel, where one applies (None where not).
-                kernel = runtime.sequence_kernel(self.rnn_cell, cell_inputs, h, ts, differentiable=mode == "differentiable")
+            if mask is None and not dropout and cell_inputs is not None and not self.use_mixed:
+                # A cell's whole loop in one kernel node, where one applies (None where not); an
+                # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
+                kernel = runtime.sequence_kernel(self.rnn_cell, cell_inputs, h, ts, differentiable=traced)
             if kernel is not None:
                 outs, states = kernel
                 y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]

@@ -152,11 +152,15 @@ def test_gradients_match_ncps_torch(case, batch, ts_rank, path):
 def ctrnn_numpy(p, cell, x, h, ts):
     """ctrnn.py's loop in float64: explicit Euler, ode_unfolds sub-steps of delta_t * ts."""
     W, b, I = p["rnn_cell.step.weight"], p["rnn_cell.step.bias"], x.shape[-1]
+    tau = np.log1p(np.exp(p["rnn_cell.tau_raw"])) if cell.learn_tau else cell.tau
     outs = []
     for t in range(x.shape[1]):
         u, eps = x[:, t] @ W[:, :I].T + b, cell.delta_t * ts[:, t : t + 1]
         for _ in range(cell.ode_unfolds):
-            h = h + eps * (np.tanh(u + h @ W[:, I:].T) - h / cell.tau)
+            f = np.tanh(u + h @ W[:, I:].T) if cell.global_feedback else np.tanh(u)
+            h = h + eps * (f - h / tau)
+            if cell.cell_clip is not None:
+                h = np.clip(h, -cell.cell_clip, cell.cell_clip)
         outs.append(h)
     return np.stack(outs, axis=1), h
 
@@ -183,14 +187,19 @@ def ctgru_numpy(p, cell, x, state, ts):
         mixed = (1 - store) * traces + store * q[:, :, None]
         decay = decay_ltc if cell.decay == "ltc" else np.exp(-ts[:, t, None, None] / 10.0 ** (np.arange(M) / 2.0))
         traces = mixed * decay
+        if cell.cell_clip is not None:
+            traces = np.clip(traces, -cell.cell_clip, cell.cell_clip)
         outs.append(traces.sum(-1))
     return np.stack(outs, axis=1), traces.reshape(-1, U * M)
 
 
 FD_CASES = {
     "ctrnn": (lambda: ncps_mlx.CTRNN(INPUT, 6), ctrnn_numpy),
+    "ctrnn_learn_tau_clip": (lambda: ncps_mlx.CTRNN(INPUT, 6, learn_tau=True, cell_clip=0.6), ctrnn_numpy),
+    "ctrnn_no_feedback": (lambda: ncps_mlx.CTRNN(INPUT, 6, global_feedback=False, ode_unfolds=3), ctrnn_numpy),
     "ctgru_mozer": (lambda: ncps_mlx.CTGRU(INPUT, 5, M=4, decay="mozer"), ctgru_numpy),
     "ctgru_ltc": (lambda: ncps_mlx.CTGRU(INPUT, 5, M=4), ctgru_numpy),
+    "ctgru_mozer_clip": (lambda: ncps_mlx.CTGRU(INPUT, 5, M=4, decay="mozer", cell_clip=0.4), ctgru_numpy),
 }
 
 

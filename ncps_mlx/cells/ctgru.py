@@ -62,9 +62,12 @@ class CTGRUCell(nn.Module):
         ln_tau = np.arange(self.M) / 2.0 * math.log(10.0)
         ltc_decay = np.zeros(self.M)
         ltc_decay[1:] = np.exp(-1.0 / ln_tau[1:])
-        self._ln_tau = mx.array(ln_tau.astype(np.float32))
-        self._inv_tau = mx.array((1.0 / tau_table).astype(np.float32))
-        self._ltc_decay = mx.array(ltc_decay.astype(np.float32))
+        # Also kept on the host (float32), readable without evaluating inside mx.compile.
+        self._time_scales = {"ln_tau": ln_tau.astype(np.float32), "inv_tau": (1.0 / tau_table).astype(np.float32),
+                             "ltc_decay": ltc_decay.astype(np.float32)}  # fmt: skip
+        self._ln_tau = mx.array(self._time_scales["ln_tau"])
+        self._inv_tau = mx.array(self._time_scales["inv_tau"])
+        self._ltc_decay = mx.array(self._time_scales["ltc_decay"])
 
     @property
     def state_size(self) -> int:

@@ -4,10 +4,12 @@
 way to run it, and the plain MLX loop is always there as the reference the others are tested
 against. In order of preference:
 
-* ``cpu``: a cell's whole loop in one CPU kernel (the LTC's and the CfC's, on Linux), forward
-  and backward (``sequence_kernel``);
+* ``cpu``: a cell's whole loop in one CPU kernel, an MLX primitive built at install time (the
+  LTC's, the CfC's and the CTRNN's, on Linux), forward and backward, also under ``mx.vmap``
+  and ``mx.compile`` (``sequence_kernel``);
 * ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
-* the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap``).
+* the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap`` or
+  ``mx.compile`` without a kernel).
 
 ``NCPS_MLX_RUNTIME=mlx`` (read at every model call, so it can be set per run or per block)
 turns the kernels off: MLX's
@@ -42,10 +44,10 @@ def sequence_kernel(cell, inputs, h, ts=None, differentiable=False):
     ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state (B, T, S)); None where
     no kernel applies (another cell, not float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``).
     ``differentiable``: the result carries the kernel's backward pass."""
-    run = cpu.SEQUENCES.get(type(cell).__name__)
-    if run is None or choice() == "mlx":
+    kernel = cpu.SEQUENCES.get(type(cell).__name__)
+    if kernel is None or choice() == "mlx":
         return None
-    return run(cell, inputs, h, ts, differentiable)
+    return kernel[0](cell, inputs, h, ts, differentiable)
 
 
 def implementation(cell, mixed_memory: bool = False) -> str:
@@ -54,7 +56,6 @@ def implementation(cell, mixed_memory: bool = False) -> str:
         return "MLX (compiled steps)"
     if choice() == "mlx":
         return "MLX (compiled steps): NCPS_MLX_RUNTIME=mlx"
-    applies = cpu.cfc_applies() if "CfC" in type(cell).__name__ else cpu.applies()
-    if not applies:
+    if not cpu.SEQUENCES[type(cell).__name__][1]():
         return f"MLX (compiled steps): {cpu.status()}"
     return "CPU kernel"

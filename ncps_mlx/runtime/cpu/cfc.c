@@ -13,29 +13,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "rational.h"
-
-typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111 };
 enum { DEFAULT = 0, PURE = 1, NO_GATE = 2 };
 enum { LECUN_TANH = 0, TANH = 1, RELU = 2, SILU = 3, GELU = 4 };
-
-typedef struct {
-    int32_t batch, steps, hidden, units, layers; /* B, T, H, backbone units and layers (>= 1) */
-    int32_t mode, activation, ff_tanh, heads;
-    const float *inputs;                /* (T, units, B): the input half of the first layer, bias included */
-    const float *timespans;             /* (T, B), or NULL: every step 1.0 */
-    const float *state_weight;          /* (units, H): the first layer's state half */
-    const float *const *hidden_weights; /* layers - 1 of (units, units) */
-    const float *const *hidden_biases;  /* layers - 1 of (units,) */
-    const float *head_weight;           /* (K, units): ff1, ff2, time_a, time_b (K = 4H), or with a timespan of 1
-                                         * ff1, ff2, time_a + time_b (K = 3H); pure mode ff1 (K = H) */
-    const float *head_bias;             /* (K,) */
-    const float *w_tau, *A;             /* (H,), pure mode */
-    sgemm_fn sgemm;
-} cfc_args;
 
 static void activate(int kind, float *restrict x, int64_t n) {
     switch (kind) {
@@ -144,18 +127,6 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, float *
 
 /* A wired CfC (ncps_mlx.cells.cfc.WiredCfCCell), or a CfCCell without a backbone (one layer):
  * layers of masked CfC cells without backbones, each reading the previous layer's new state. */
-typedef struct {
-    int32_t batch, steps, layers, mode, ff_tanh;
-    const int32_t *sizes;              /* H_l */
-    const int32_t *heads;              /* K_l: 4 H_l, or 3 H_l with time_a + time_b fused; pure mode H_l */
-    const float *inputs;               /* (T, K_0, B): layer 0's input product, bias included */
-    const float *timespans;            /* (T, B), or NULL: every step 1.0 */
-    const float *const *input_weights; /* per layer (K_l, H_{l-1}); layer 0's unused */
-    const float *const *biases;        /* per layer (K_l,); layer 0's unused */
-    const float *const *state_weights; /* per layer (K_l, H_l) */
-    const float *const *w_tau, *const *A; /* per layer (H_l,), pure mode */
-    sgemm_fn sgemm;
-} wired_args;
 
 /* Columns [first, last) of every step's state, states (T, S, B) with S the layers' sizes summed,
  * from initial (S, B). scratch: (S + max K_l) (last - first) floats. */

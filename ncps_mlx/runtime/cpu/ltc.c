@@ -11,16 +11,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "rational.h"
-
-typedef struct {
-    int32_t batch, steps, units, unfolds;
-    float epsilon;
-    const float *sigma, *mu, *w, *w_erev; /* (S, S) */
-    const float *cm, *gleak, *leak;       /* (S,) */
-    const float *inputs;                  /* (B, T, 2S): sensory numerator terms, then denominator */
-    const float *timespans;               /* (B, T), or NULL: every step 1.0 */
-} ltc_args;
 
 /* The synaptic sums of one unfold: numerator[j], denominator[j] over presynaptic i. */
 static void synapses(const ltc_args *a, const float *v, float *numerator, float *denominator) {

@@ -1,4 +1,4 @@
-/* rational.h's tanh and sigmoid over arrays, exported so that tests/test_native.py can sweep the
+/* rational.h's tanh and sigmoid over arrays, built with the loops' flags so that tests/test_cpu_kernels.py sweeps the
  * functions the kernels compute, as built (with FMA contraction where -mfma allows it), over the
  * whole float range. The kernels themselves inline them. */
 #include <stdint.h>

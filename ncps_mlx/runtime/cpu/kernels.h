@@ -1,0 +1,106 @@
+/* The CPU kernels' arguments and entry points (cfc.c, ltc.c), for the MLX primitives in
+ * primitives.cpp. Plain C: no MLX or Python headers. */
+#ifndef NCPS_MLX_KERNELS_H
+#define NCPS_MLX_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
+
+typedef struct {
+    int32_t batch, steps, units, unfolds;
+    float epsilon;
+    const float *sigma, *mu, *w, *w_erev; /* (S, S) */
+    const float *cm, *gleak, *leak;       /* (S,) */
+    const float *inputs;                  /* (B, T, 2S): sensory numerator terms, then denominator */
+    const float *timespans;               /* (B, T), or NULL: every step 1.0 */
+} ltc_args;
+
+typedef struct {
+    int32_t batch, steps, hidden, units, layers; /* B, T, H, backbone units and layers (>= 1) */
+    int32_t mode, activation, ff_tanh, heads;
+    const float *inputs;                /* (T, units, B): the input half of the first layer, bias included */
+    const float *timespans;             /* (T, B), or NULL: every step 1.0 */
+    const float *state_weight;          /* (units, H): the first layer's state half */
+    const float *const *hidden_weights; /* layers - 1 of (units, units) */
+    const float *const *hidden_biases;  /* layers - 1 of (units,) */
+    const float *head_weight;           /* (K, units): ff1, ff2, time_a, time_b (K = 4H), or with a timespan of 1
+                                         * ff1, ff2, time_a + time_b (K = 3H); pure mode ff1 (K = H) */
+    const float *head_bias;             /* (K,) */
+    const float *w_tau, *A;             /* (H,), pure mode */
+    sgemm_fn sgemm;
+} cfc_args;
+
+typedef struct {
+    int32_t batch, steps, layers, mode, ff_tanh;
+    const int32_t *sizes;              /* H_l */
+    const int32_t *heads;              /* K_l: 4 H_l, or 3 H_l with time_a + time_b fused; pure mode H_l */
+    const float *inputs;               /* (T, K_0, B): layer 0's input product, bias included */
+    const float *timespans;            /* (T, B), or NULL: every step 1.0 */
+    const float *const *input_weights; /* per layer (K_l, H_{l-1}); layer 0's unused */
+    const float *const *biases;        /* per layer (K_l,); layer 0's unused */
+    const float *const *state_weights; /* per layer (K_l, H_l) */
+    const float *const *w_tau, *const *A; /* per layer (H_l,), pure mode */
+    sgemm_fn sgemm;
+} wired_args;
+
+typedef struct {
+    int32_t batch, steps, units, unfolds;
+    float delta_t, clip;          /* clip <= 0: no clip */
+    const float *inputs;          /* (B, T, U): the input half of the tanh argument, bias included */
+    const float *timespans;       /* (B, T), or NULL: every step 1.0 */
+    const float *recurrent;       /* (U, U), f = tanh(u + h @ recurrent); NULL without global feedback */
+    const float *tau;             /* (1,) */
+    sgemm_fn sgemm;
+} ctrnn_args;
+
+typedef struct {
+    int32_t batch, steps, units, scales; /* B, T, U, M */
+    int32_t mozer;                       /* decay exp(-timespan / tau) (1) or fixed (0) */
+    float clip;                          /* <= 0: no clip */
+    const float *ln_tau;                 /* (M,) */
+    const float *decay;                  /* (M,): the fixed decay, or mozer 1 / tau */
+    const float *inputs;                 /* (B, T, 2 U M + U): the input halves of tau_r, tau_s, detect */
+    const float *timespans;              /* (B, T), or NULL: every step 1.0 */
+    const float *w_rs;                   /* (U, 2 U M): the state halves of tau_r and tau_s, transposed */
+    const float *w_q;                    /* (U, U): detect's */
+    sgemm_fn sgemm;
+} ctgru_args;
+
+void ltc_forward(const ltc_args *a, const float *initial, float *states, int first, int last, float *scratch);
+void ltc_backward(const ltc_args *a, const float *initial, const float *d_states, float *d_inputs,
+                  float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
+                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, int first, int last,
+                  float *scratch);
+void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
+                 float *scratch);
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,
+                  const float *d_states, float *d_inputs, float *d_initial, float *d_timespans,
+                  float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
+                  float *d_head_weight, float *d_head_bias, int first, int last, float *scratch);
+void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch);
+void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
+                        float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
+                        float *const *d_biases, float *const *d_state_weights, int first, int last, float *scratch);
+void ctrnn_forward(const ctrnn_args *a, const float *initial, float *states, int first, int last, float *scratch);
+void ctrnn_backward(const ctrnn_args *a, const float *initial, const float *states, const float *d_states,
+                    float *d_inputs, float *d_initial, float *d_timespans, float *d_recurrent, float *d_tau,
+                    int first, int last, float *scratch);
+void ctgru_forward(const ctgru_args *a, const float *initial, float *outputs, float *states, int first, int last,
+                   float *scratch);
+void ctgru_backward(const ctgru_args *a, const float *initial, const float *states, const float *d_outputs,
+                    const float *d_states, float *d_inputs, float *d_initial, float *d_timespans, float *d_w_rs,
+                    float *d_w_q, int first, int last, float *scratch);
+void tanh_array(const float *x, float *y, int64_t n);
+void sigmoid_array(const float *x, float *y, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,514 @@
+// The CPU kernels (ltc.c, cfc.c) as MLX primitives: graph nodes with eval_cpu, a vjp for every
+// input and a vmap over the batch, so that mx.grad, mx.compile and mx.vmap treat them as any
+// other operation. Built at install time by setup.py through CMake (CMakeLists.txt beside this
+// file); ncps_mlx/runtime/cpu/__init__.py says what the arrays hold.
+//
+// One primitive class, SequenceKernel, for the three loops (LTC, CfC with a backbone, wired
+// CfC), forward or backward. The forward node's vjp is a backward node whose outputs are the
+// gradients of all its inputs (the parameters' summed over the batch). The backward node has no
+// vjp of its own (second derivatives): it raises, it never returns zeros.
+//
+// eval_cpu runs on the CPU stream's thread; the loop itself splits the batch into one range of
+// rows (LTC) or columns (CfC) per core the process may run on, each on its own thread.
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+#include "kernels.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4 };
+
+// What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
+// timed, hidden layers, keep residuals}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
+// timed, global feedback}; CTGRU {timed, mozer, M}. floats: LTC {epsilon}; CTRNN {delta_t, clip
+// (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}.
+struct Spec {
+  Loop loop;
+  bool backward;
+  std::vector<int> ints;
+  std::vector<float> floats;
+  uintptr_t sgemm;
+
+  bool operator==(const Spec& o) const {
+    return loop == o.loop && backward == o.backward && ints == o.ints && floats == o.floats && sgemm == o.sgemm;
+  }
+  bool batch_major() const { return loop == Loop::LTC || loop == Loop::CTRNN || loop == Loop::CTGRU; }
+  bool timed() const {
+    switch (loop) {
+      case Loop::CfC: return ints[3] != 0;
+      case Loop::Wired: return ints[2] != 0;
+      case Loop::CTGRU: return ints[0] != 0;
+      default: return ints[1] != 0;
+    }
+  }
+  bool pure() const { return !batch_major() && ints[0] == 1; }
+  bool keep() const { return loop == Loop::CfC && ints[5] != 0; }
+  // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
+  // CfCs' feature-major (..., B). The rest (parameters) have none.
+  int batch_axis(int input) const {
+    if (input >= 2 + int(timed())) return -1;
+    if (batch_major()) return 0;
+    return input == 0 ? 2 : 1;
+  }
+};
+
+const int LOOPS = 5;
+const char* const NAMES[2][LOOPS] = {
+    {"LTCSequence", "CfCSequence", "WiredCfCSequence", "CTRNNSequence", "CTGRUSequence"},
+    {"LTCSequenceVJP", "CfCSequenceVJP", "WiredCfCSequenceVJP", "CTRNNSequenceVJP", "CTGRUSequenceVJP"}};
+// How often each node has run in this process (for the tests and ``python -m ncps_mlx info``).
+std::atomic<long> evaluations[2][LOOPS];
+
+int cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// call(part, first, last) over the batch in one contiguous range per core; one empty range for an
+// empty batch.
+template <class F>
+void over_batch(int batch, F&& call) {
+  int parts = batch == 0 ? 1 : std::min(batch, cores());
+  std::vector<std::thread> workers;
+  for (int p = 1; p < parts; ++p)
+    workers.emplace_back(call, p, int(int64_t(batch) * p / parts), int(int64_t(batch) * (p + 1) / parts));
+  call(0, 0, int(int64_t(batch) / parts));
+  for (auto& w : workers) w.join();
+}
+
+// The parameters' gradients of a backward pass: part 0 adds into the (zeroed) outputs, every
+// other part into its own zeroed buffers, added in at the end in part order (deterministic).
+struct ParameterGradients {
+  std::vector<float*> outputs;
+  std::vector<size_t> sizes;
+  std::vector<std::vector<std::vector<float>>> parts;
+
+  ParameterGradients(std::vector<mx::array>& outs, size_t first) {
+    for (size_t i = first; i < outs.size(); ++i) {
+      outputs.push_back(outs[i].data<float>());
+      sizes.push_back(outs[i].size());
+      std::memset(outs[i].data<float>(), 0, outs[i].nbytes());
+    }
+    parts.resize(cores());
+  }
+  std::vector<float*> of_part(int part) {
+    if (part == 0) return outputs;
+    auto& own = parts[part];
+    own.clear();
+    for (size_t s : sizes) own.emplace_back(s, 0.0f);
+    std::vector<float*> pointers;
+    for (auto& v : own) pointers.push_back(v.data());
+    return pointers;
+  }
+  void sum() {
+    for (auto& part : parts)
+      for (size_t i = 0; i < part.size(); ++i)
+        for (size_t k = 0; k < sizes[i]; ++k) outputs[i][k] += part[i][k];
+  }
+};
+
+const float* ptr(const mx::array& a) { return a.data<float>(); }
+float* ptr(mx::array& a) { return a.data<float>(); }
+
+void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int timed = spec.timed(), p = 2 + timed;
+  const int B = in[0].shape(0), T = in[0].shape(1), S = in[p].shape(0);
+  ltc_args a{B, T, S, spec.ints[0], spec.floats[0], ptr(in[p]), ptr(in[p + 1]), ptr(in[p + 2]), ptr(in[p + 3]),
+             ptr(in[p + 4]), ptr(in[p + 5]), ptr(in[p + 6]), ptr(in[0]), timed ? ptr(in[2]) : nullptr};
+  if (!spec.backward) {
+    float* states = ptr(out[0]);
+    over_batch(B, [&](int, int first, int last) {
+      std::vector<float> scratch(5 * size_t(S));
+      ltc_forward(&a, ptr(in[1]), states, first, last, scratch.data());
+    });
+    return;
+  }
+  const mx::array& d_states = in[p + 7];
+  ParameterGradients grads(out, p);
+  over_batch(B, [&](int part, int first, int last) {
+    std::vector<float> scratch((size_t(T) * spec.ints[0] + 1 + 9) * S);
+    auto g = grads.of_part(part);
+    ltc_backward(&a, ptr(in[1]), ptr(d_states), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr, g[0], g[1],
+                 g[2], g[3], g[4], g[5], g[6], first, last, scratch.data());
+  });
+  grads.sum();
+}
+
+void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int timed = spec.timed(), p = 2 + timed, n_hidden = spec.ints[4];
+  const int T = in[0].shape(0), U = in[0].shape(1), B = in[0].shape(2), H = in[p].shape(1), K = in[p + 1].shape(0);
+  const int L = n_hidden + 1;
+  std::vector<const float*> weights, biases;
+  for (int l = 0; l < n_hidden; ++l) {
+    weights.push_back(ptr(in[p + 3 + 2 * l]));
+    biases.push_back(ptr(in[p + 4 + 2 * l]));
+  }
+  const int q = p + 3 + 2 * n_hidden;  // pure mode's w_tau, A
+  cfc_args a{B, T, H, U, L, spec.ints[0], spec.ints[1], spec.ints[2], K, ptr(in[0]), timed ? ptr(in[2]) : nullptr,
+             ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
+             spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
+             reinterpret_cast<sgemm_fn>(spec.sgemm)};
+  const int n = q + (spec.pure() ? 2 : 0);  // the forward node's inputs
+  if (!spec.backward) {
+    float* residuals = spec.keep() ? ptr(out[1]) : nullptr;
+    over_batch(B, [&](int, int first, int last) {
+      std::vector<float> scratch(size_t(H + 2 * U + K) * (last - first));
+      cfc_forward(&a, ptr(in[1]), ptr(out[0]), residuals, first, last, scratch.data());
+    });
+    return;
+  }
+  const float* residuals = spec.keep() ? ptr(in[n + 2]) : nullptr;
+  ParameterGradients grads(out, p);
+  over_batch(B, [&](int part, int first, int last) {
+    std::vector<float> scratch(size_t(2 * H + (2 * L + 1) * U + 2 * K + 1) * (last - first));
+    auto g = grads.of_part(part);  // state weight, head weight, head bias, then per hidden layer w, b
+    std::vector<float*> d_weights, d_biases;
+    for (int l = 0; l < n_hidden; ++l) {
+      d_weights.push_back(g[3 + 2 * l]);
+      d_biases.push_back(g[4 + 2 * l]);
+    }
+    cfc_backward(&a, ptr(in[1]), ptr(in[n]), residuals, ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+                 timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2], first, last,
+                 scratch.data());
+  });
+  grads.sum();
+}
+
+void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int timed = spec.timed(), p = 2 + timed, layers = spec.ints[3], pure = spec.pure();
+  const int T = in[0].shape(0), B = in[0].shape(2);
+  std::vector<int32_t> sizes, heads;
+  std::vector<const float*> input_weights, biases, state_weights, w_tau, A;
+  std::vector<int> index;  // per layer, the input index of its state weight
+  int k = p;
+  for (int l = 0; l < layers; ++l) {
+    index.push_back(k);
+    state_weights.push_back(ptr(in[k]));
+    heads.push_back(in[k].shape(0));
+    sizes.push_back(in[k].shape(1));
+    ++k;
+    input_weights.push_back(l > 0 ? ptr(in[k]) : nullptr);
+    biases.push_back(l > 0 ? ptr(in[k + 1]) : nullptr);
+    k += l > 0 ? 2 : 0;
+    w_tau.push_back(pure ? ptr(in[k]) : nullptr);
+    A.push_back(pure ? ptr(in[k + 1]) : nullptr);
+    k += pure ? 2 : 0;
+  }
+  const int n = k;
+  int S = 0, sum_k = 0, max_k = 0;
+  for (int l = 0; l < layers; ++l) {
+    S += sizes[l];
+    sum_k += heads[l];
+    max_k = std::max(max_k, heads[l]);
+  }
+  wired_args a{B, T, layers, spec.ints[0], spec.ints[1], sizes.data(), heads.data(), ptr(in[0]),
+               timed ? ptr(in[2]) : nullptr, input_weights.data(), biases.data(), state_weights.data(), w_tau.data(),
+               A.data(), reinterpret_cast<sgemm_fn>(spec.sgemm)};
+  if (!spec.backward) {
+    over_batch(B, [&](int, int first, int last) {
+      std::vector<float> scratch(size_t(S + max_k) * (last - first));
+      wired_cfc_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
+    });
+    return;
+  }
+  ParameterGradients grads(out, p);
+  over_batch(B, [&](int part, int first, int last) {
+    std::vector<float> scratch(size_t(4 * S + sum_k + max_k + 1) * (last - first));
+    auto g = grads.of_part(part);
+    std::vector<float*> d_input_weights, d_biases, d_state_weights;
+    for (int l = 0; l < layers; ++l) {
+      float** at = g.data() + (index[l] - p);
+      d_state_weights.push_back(at[0]);
+      d_input_weights.push_back(l > 0 ? at[1] : nullptr);
+      d_biases.push_back(l > 0 ? at[2] : nullptr);
+    }
+    wired_cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+                       timed ? ptr(out[2]) : nullptr, d_input_weights.data(), d_biases.data(), d_state_weights.data(),
+                       first, last, scratch.data());
+  });
+  grads.sum();
+}
+
+void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int timed = spec.timed(), p = 2 + timed, feedback = spec.ints[2];
+  const int B = in[0].shape(0), T = in[0].shape(1), U = in[0].shape(2), K = spec.ints[0];
+  ctrnn_args a{B, T, U, K, spec.floats[0], spec.floats[1], ptr(in[0]), timed ? ptr(in[2]) : nullptr,
+               feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), reinterpret_cast<sgemm_fn>(spec.sgemm)};
+  const int n = p + feedback + 1;
+  if (!spec.backward) {
+    over_batch(B, [&](int, int first, int last) {
+      std::vector<float> scratch(3 * size_t(U) * (last - first));
+      ctrnn_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
+    });
+    return;
+  }
+  ParameterGradients grads(out, p);
+  float d_recurrent_unused = 0.0f;
+  over_batch(B, [&](int part, int first, int last) {
+    std::vector<float> scratch(size_t(3 * K + 5) * U * (last - first));
+    auto g = grads.of_part(part);
+    ctrnn_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr,
+                   feedback ? g[0] : &d_recurrent_unused, g[feedback], first, last, scratch.data());
+  });
+  grads.sum();
+}
+
+void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int timed = spec.timed(), p = 2 + timed, M = spec.ints[2];
+  const int B = in[0].shape(0), T = in[0].shape(1), U = in[p + 1].shape(0);
+  ctgru_args a{B, T, U, M, spec.ints[1], spec.floats[0], spec.floats.data() + 1, spec.floats.data() + 1 + M,
+               ptr(in[0]), timed ? ptr(in[2]) : nullptr, ptr(in[p]), ptr(in[p + 1]),
+               reinterpret_cast<sgemm_fn>(spec.sgemm)};
+  const size_t UM = size_t(U) * M;
+  if (!spec.backward) {
+    over_batch(B, [&](int, int first, int last) {
+      std::vector<float> scratch((7 * UM + 3 * U) * (last - first));
+      ctgru_forward(&a, ptr(in[1]), ptr(out[0]), ptr(out[1]), first, last, scratch.data());
+    });
+    return;
+  }
+  const int n = p + 2;  // then states, d states, d outputs
+  ParameterGradients grads(out, p);
+  over_batch(B, [&](int part, int first, int last) {
+    std::vector<float> scratch((10 * UM + 6 * U) * (last - first));
+    auto g = grads.of_part(part);
+    ctgru_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 2]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+                   timed ? ptr(out[2]) : nullptr, g[0], g[1], first, last, scratch.data());
+  });
+  grads.sum();
+}
+
+std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs);
+
+class SequenceKernel : public mx::Primitive {
+ public:
+  SequenceKernel(mx::Stream stream, Spec spec) : mx::Primitive(stream), spec_(std::move(spec)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& i : inputs) encoder.set_input_array(i);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    encoder.dispatch([spec = spec_, in = inputs, out = outputs]() mutable {
+      ++evaluations[spec.backward][int(spec.loop)];
+      switch (spec.loop) {
+        case Loop::LTC: return ltc_eval(spec, in, out);
+        case Loop::CfC: return cfc_eval(spec, in, out);
+        case Loop::Wired: return wired_eval(spec, in, out);
+        case Loop::CTRNN: return ctrnn_eval(spec, in, out);
+        case Loop::CTGRU: return ctgru_eval(spec, in, out);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[ncps_mlx] the CPU kernels run on the CPU device only");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override {
+    if (spec_.backward)
+      throw std::invalid_argument(
+          "[ncps_mlx] the CPU kernels have no second derivatives: set NCPS_MLX_RUNTIME=mlx to differentiate twice");
+    if (spec_.pure())
+      throw std::invalid_argument(
+          "[ncps_mlx] the CfC kernels have no backward pass for pure mode: set NCPS_MLX_RUNTIME=mlx");
+    Spec backward = spec_;
+    backward.backward = true;
+    std::vector<mx::array> inputs = primals;
+    if (spec_.loop == Loop::CTGRU) {  // outputs (B, T, U) and states: both have cotangents
+      inputs.push_back(outputs[1]);
+      inputs.push_back(cotangents[1]);
+    } else if (spec_.loop != Loop::LTC) {
+      inputs.push_back(outputs[0]);
+    }
+    inputs.push_back(cotangents[0]);
+    if (spec_.keep()) inputs.push_back(outputs[1]);
+    auto grads = sequence(backward, inputs);
+    std::vector<mx::array> picked;
+    for (int i : argnums) picked.push_back(grads[i]);
+    return picked;
+  }
+
+  // The vmapped axis joins the batch: (V, B) -> V B rows. Parameters cannot be vmapped (each
+  // instance would need its own), nor can a backward node (its parameters' gradients are sums
+  // over the batch).
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>& inputs,
+                                                           const std::vector<int>& axes) override {
+    if (spec_.backward) throw std::invalid_argument("[ncps_mlx] the CPU kernels' backward pass cannot be vmapped");
+    int V = -1;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (axes[i] < 0) continue;
+      if (spec_.batch_axis(i) < 0)
+        throw std::invalid_argument(
+            "[ncps_mlx] mx.vmap over a model's parameters is not supported by the CPU kernels: set "
+            "NCPS_MLX_RUNTIME=mlx");
+      V = inputs[i].shape(axes[i]);
+    }
+    std::vector<mx::array> merged;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      int b = spec_.batch_axis(i);
+      if (b < 0) {
+        merged.push_back(inputs[i]);
+        continue;
+      }
+      mx::array x = axes[i] >= 0 ? mx::moveaxis(inputs[i], axes[i], b, stream())
+                                 : mx::repeat(mx::expand_dims(inputs[i], b, stream()), V, b, stream());
+      auto shape = x.shape();
+      shape[b] *= shape[b + 1];
+      shape.erase(shape.begin() + b + 1);
+      merged.push_back(mx::reshape(x, shape, stream()));
+    }
+    auto outs = sequence(spec_, merged);
+    int b = spec_.batch_major() ? 0 : 2;  // the outputs' batch axis
+    std::vector<mx::array> split;
+    std::vector<int> out_axes;
+    for (auto& o : outs) {
+      auto shape = o.shape();
+      shape[b] /= V;
+      shape.insert(shape.begin() + b, V);
+      split.push_back(mx::reshape(o, shape, stream()));
+      out_axes.push_back(b);
+    }
+    return {split, out_axes};
+  }
+
+  const char* name() const override {
+    return NAMES[spec_.backward][int(spec_.loop)];
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return spec_ == static_cast<const SequenceKernel&>(other).spec_;
+  }
+
+ private:
+  Spec spec_;
+};
+
+void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument("[ncps_mlx] " + message);
+}
+
+// The node for spec over inputs, made row-contiguous float32 on the CPU: -> its outputs.
+std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs) {
+  auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
+  for (auto& a : inputs) {
+    require(a.dtype() == mx::float32, "the CPU kernels take float32 arrays");
+    a = mx::contiguous(a, false, stream);
+  }
+  const int timed = spec.timed(), p = 2 + timed;
+  require(inputs.size() > size_t(p), "too few arrays");
+  const auto& x = inputs[0];
+  std::vector<mx::Shape> shapes;
+  if (spec.backward) {
+    size_t n = inputs.size() - (spec.loop == Loop::LTC ? 1 : spec.loop == Loop::CTGRU ? 3 : 2) - (spec.keep() ? 1 : 0);
+    for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
+  } else if (spec.loop == Loop::LTC) {
+    require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
+    shapes.push_back({x.shape(0), x.shape(1), inputs[p].shape(0)});
+  } else if (spec.loop == Loop::CfC) {
+    require(x.ndim() == 3, "CfC: inputs (T, units, B)");
+    int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1), U = x.shape(1), K = inputs[p + 1].shape(0);
+    shapes.push_back({T, H, B});
+    if (spec.keep()) shapes.push_back({T, (spec.ints[4] + 1) * U + K, B});
+  } else if (spec.loop == Loop::CTGRU) {
+    const int M = spec.ints[2];
+    require(x.ndim() == 3 && inputs.size() == size_t(p + 2) && spec.floats.size() == size_t(1 + 2 * M),
+            "CTGRU: inputs (B, T, 2 U M + U) and 4 or 5 arrays");
+    const int U = inputs[p + 1].shape(0);
+    shapes.push_back({x.shape(0), x.shape(1), U});
+    shapes.push_back({x.shape(0), x.shape(1), U * M});
+  } else if (spec.loop == Loop::CTRNN) {
+    require(x.ndim() == 3 && inputs.size() == size_t(p + 1 + spec.ints[2]), "CTRNN: inputs (B, T, U) and 3 to 5 arrays");
+    shapes.push_back(x.shape());
+  } else {
+    require(x.ndim() == 3 && inputs[1].ndim() == 2, "wired CfC: inputs (T, K, B), initial (S, B)");
+    shapes.push_back({x.shape(0), inputs[1].shape(0), x.shape(2)});
+  }
+  std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
+  return mx::array::make_arrays(shapes, dtypes, std::make_shared<SequenceKernel>(stream, spec), inputs);
+}
+
+using Host = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+}  // namespace
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "The CPU kernels of ncps_mlx as MLX primitives (see ncps_mlx/runtime/cpu/__init__.py).";
+  m.attr("mlx_version") = MLX_BUILT_VERSION;
+  // Whether this build and the running mlx agree on what an array is (nanobind's ABI): a
+  // mismatch raises TypeError here, where the status can say so, not in a model.
+  m.def("probe", [](const mx::array& a) { return a.size(); });
+  m.def("evaluations", []() {
+    std::map<std::string, long> counts;
+    for (int b = 0; b < 2; ++b)
+      for (int l = 0; l < LOOPS; ++l) counts[NAMES[b][l]] = evaluations[b][l].load();
+    return counts;
+  });
+  m.def(
+      "ltc_sequence",
+      [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed) {
+        return sequence(Spec{Loop::LTC, false, {unfolds, timed}, {epsilon}, 0}, std::move(arrays))[0];
+      },
+      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a);
+  m.def(
+      "cfc_sequence",
+      [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
+         bool keep, uintptr_t sgemm) {
+        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, keep}, {}, sgemm},
+                        std::move(arrays));
+      },
+      "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "keep"_a, "sgemm"_a);
+  m.def(
+      "wired_cfc_sequence",
+      [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, uintptr_t sgemm) {
+        return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers}, {}, sgemm}, std::move(arrays))[0];
+      },
+      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "sgemm"_a);
+  m.def(
+      "ctrnn_sequence",
+      [](std::vector<mx::array> arrays, int unfolds, float delta_t, float clip, bool timed, bool feedback,
+         uintptr_t sgemm) {
+        return sequence(Spec{Loop::CTRNN, false, {unfolds, timed, feedback}, {delta_t, clip}, sgemm},
+                        std::move(arrays))[0];
+      },
+      "arrays"_a, "unfolds"_a, "delta_t"_a, "clip"_a, "timed"_a, "feedback"_a, "sgemm"_a);
+  m.def(
+      "ctgru_sequence",
+      [](std::vector<mx::array> arrays, int scales, bool mozer, float clip, std::vector<float> ln_tau,
+         std::vector<float> decay, bool timed, uintptr_t sgemm) {
+        std::vector<float> floats{clip};
+        floats.insert(floats.end(), ln_tau.begin(), ln_tau.end());
+        floats.insert(floats.end(), decay.begin(), decay.end());
+        return sequence(Spec{Loop::CTGRU, false, {timed, mozer, scales}, floats, sgemm}, std::move(arrays));
+      },
+      "arrays"_a, "scales"_a, "mozer"_a, "clip"_a, "ln_tau"_a, "decay"_a, "timed"_a, "sgemm"_a);
+  // rational.h's functions as the kernels compute them, for the tests' sweep over the float range.
+  m.def("tanh_array", [](Host x, Host y) { tanh_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
+  m.def("sigmoid_array", [](Host x, Host y) { sigmoid_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
+}
