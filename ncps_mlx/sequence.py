@@ -148,10 +148,10 @@ class SequenceModel(nn.Module):
             # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
             # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
             with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
-                lstm_inputs = self.lstm.project_input(x) if self.use_mixed else None
+                lstm_inputs = runtime.project_input(self.lstm, x) if self.use_mixed else None
                 cell_inputs = None
                 if not (self.use_mixed and self.memory_circuit == "input"):
-                    cell_inputs = self.rnn_cell.project_input(x)
+                    cell_inputs = runtime.project_input(self.rnn_cell, x)
             kernel = None
             if mask is None and not dropout and cell_inputs is not None and not self.use_mixed:
                 # A cell's whole loop in one kernel node, where one applies (None where not); an

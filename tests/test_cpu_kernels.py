@@ -31,7 +31,8 @@ def kernel_calls():
     names = {"forward": "LTCSequence", "backward": "LTCSequenceVJP", "cfc_states": "CfCSequence",
              "wired_cfc_states": "WiredCfCSequence", "cfc_backward": "CfCSequenceVJP",
              "wired_backward": "WiredCfCSequenceVJP", "ctrnn": "CTRNNSequence", "ctrnn_backward": "CTRNNSequenceVJP",
-             "ctgru": "CTGRUSequence", "ctgru_backward": "CTGRUSequenceVJP"}  # fmt: skip
+             "ctgru": "CTGRUSequence", "ctgru_backward": "CTGRUSequenceVJP", "projection": "InputProjection",
+             "projection_backward": "InputProjectionVJP"}  # fmt: skip
     before = cpu.evaluations()
 
     class Calls(dict):
@@ -178,7 +179,8 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
     mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))
-    assert set(kernel_calls.values()) == {0}
+    # No loop ran in a kernel (the mixed-memory models' input projections do).
+    assert {kernel_calls[name] for name in ("forward", "cfc_states", "wired_cfc_states")} == {0}
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         mx.eval(ncps_mlx.LTC(5, 8)(x))
     assert kernel_calls["forward"] == 1
@@ -532,3 +534,40 @@ def test_the_kernels_do_not_depend_on_the_import_order():
     for name, result in found.items():
         assert result["applies"] and result["kernel_ran"], (name, result)
         assert result["err"] <= 3e-6, (name, result)
+
+
+@applies
+def test_input_projection_in_the_kernels_blas(kernel_calls):
+    """A sequence's affine input projection runs in the kernels' BLAS (InputProjection): the same
+    values and layout as the cell's own ``project_input``, forward and backward, for every cell
+    that has one (and the mixed-memory LSTM's)."""
+    from ncps_mlx import runtime
+
+    rng = np.random.default_rng(8)
+    x = mx.array(rng.normal(size=(6, 9, 5)).astype(np.float32))
+    cells = [perturbed_cfc(8, backbone_units=12).rnn_cell, perturbed_cfc(wirings.AutoNCP(10, 3, seed=2)).rnn_cell,
+             ncps_mlx.CTRNN(5, 7).rnn_cell, ncps_mlx.CTGRU(5, 4, M=3).rnn_cell, ncps_mlx.CfC(5, 8, mixed_memory=True).lstm]
+    for cell in cells:
+        weight, bias = cell.input_projection()
+        cotangent = mx.array(rng.normal(size=cell.project_input(x).shape).astype(np.float32))
+
+        def loss(x, weight, bias, project):
+            cell.input_projection = lambda: (weight, bias)
+            return mx.sum(project(x) * cotangent)
+
+        y = runtime.project_input(cell, x)
+        grads = mx.grad(lambda *a: loss(*a, lambda x: runtime.project_input(cell, x)), argnums=(0, 1, 2))(x, weight, bias)
+        mx.eval(y, grads)
+        del cell.input_projection
+        expected = cell.project_input(x)
+        assert y.shape == expected.shape and max_diff(y, expected) <= 2e-6
+        layer = getattr(cell, "_first_layer", None)
+        if layer is None:
+            expected_grads = mx.grad(lambda *a: loss(*a, lambda x: x @ a[1].T + a[2]), argnums=(0, 1, 2))(x, weight, bias)
+            del cell.input_projection
+            for g, e in zip(grads, expected_grads):
+                assert float(mx.max(mx.abs(e))) > 0 and max_diff(g, e) <= 1e-5
+        else:  # a CfC cell's own projection reads its layers, not input_projection(): x's gradient only
+            expected_dx = mx.grad(lambda x: mx.sum(cell.project_input(x) * cotangent))(x)
+            assert max_diff(grads[0], expected_dx) <= 1e-5
+    assert kernel_calls["projection"] >= len(cells) and kernel_calls["projection_backward"] == len(cells)

@@ -149,6 +149,11 @@ class CfCCell(nn.Module):
     # ``project_input`` of a sequence is a transposed view of a (T, P, B) array.
     features_first_inputs = True
 
+    def input_projection(self):
+        """(weight (P, I), bias (P,)): ``project_input`` is x weight^T + bias."""
+        weight, bias = self._first_layer()
+        return weight[:, : self.input_size], bias
+
     def project_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., P): the input half of the first layer, bias included.
 
@@ -437,6 +442,9 @@ class WiredCfCCell(nn.Module):
         return self.wiring.output_dim if self.motor_output else self.layer_sizes[-1]
 
     features_first_inputs = True  # as CfCCell's
+
+    def input_projection(self):
+        return self.layer_0.input_projection()
 
     def project_input(self, x: mx.array) -> mx.array:
         return self.layer_0.project_input(x)

@@ -77,11 +77,16 @@ class CTGRUCell(nn.Module):
     def output_size(self) -> int:
         return self.units
 
-    def project_input(self, x: mx.array) -> mx.array:
-        """(..., I) -> (..., 2 U M + U): input halves of tau_r, tau_s and detect, biases included."""
+    def input_projection(self):
+        """(weight (2 U M + U, I), bias (2 U M + U,)): the input halves of tau_r, tau_s and
+        detect; ``project_input`` is x weight^T + bias."""
         I = self.input_size
         weight = mx.concatenate([self.tau_r.weight[:, :I], self.tau_s.weight[:, :I], self.detect.weight[:, :I]])
-        bias = mx.concatenate([self.tau_r.bias, self.tau_s.bias, self.detect.bias])
+        return weight, mx.concatenate([self.tau_r.bias, self.tau_s.bias, self.detect.bias])
+
+    def project_input(self, x: mx.array) -> mx.array:
+        """(..., I) -> (..., 2 U M + U): input halves of tau_r, tau_s and detect, biases included."""
+        weight, bias = self.input_projection()
         return mx.addmm(bias, x, weight.T)
 
     def _scale_weights(self, logits: mx.array) -> mx.array:

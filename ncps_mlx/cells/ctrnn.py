@@ -72,6 +72,10 @@ class CTRNNCell(nn.Module):
     def output_size(self) -> int:
         return self.units
 
+    def input_projection(self):
+        """(weight (U, I), bias (U,)): ``project_input`` is x weight^T + bias."""
+        return self.step.weight[:, : self.input_size], self.step.bias
+
     def project_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., U): the input half of the tanh argument, bias included."""
         return mx.addmm(self.step.bias, x, self.step.weight[:, : self.input_size].T)

@@ -41,6 +41,10 @@ class LSTMCell(nn.Module):
         self.input_map.bias = mx.random.uniform(-0.1, 0.1, self.input_map.bias.shape)
         self.recurrent_map.weight = nn.init.orthogonal()(self.recurrent_map.weight)
 
+    def input_projection(self):
+        """(weight (4H, I), bias (4H,)): ``project_input`` is x weight^T + bias."""
+        return self.input_map.weight, self.input_map.bias
+
     def project_input(self, x: mx.array) -> mx.array:
         """(..., input_size) -> (..., 4 * hidden_size)."""
         return self.input_map(x)

@@ -50,6 +50,17 @@ def sequence_kernel(cell, inputs, h, ts=None, differentiable=False):
     return kernel[0](cell, inputs, h, ts, differentiable)
 
 
+def project_input(cell, x):
+    """``cell.project_input(x)`` for a sequence x (B, T, I): where the product is affine
+    (``cell.input_projection()``) and a kernel applies, in the kernels' BLAS (``cpu.projection``),
+    else the cell's own."""
+    if choice() != "mlx" and x.ndim == 3:
+        projected = cpu.input_projection(cell, x)
+        if projected is not None:
+            return projected
+    return cell.project_input(x)
+
+
 def implementation(cell, mixed_memory: bool = False) -> str:
     """Which implementation runs a model with this cell here, in words (for ``info``)."""
     if type(cell).__name__ not in cpu.SEQUENCES or mixed_memory:

@@ -115,6 +115,7 @@ def cfc_applies() -> bool:
     return applies() and blas.sgemm_address() is not None
 
 
+from .projection import input_projection  # noqa: E402
 from .ctgru import ctgru_cell_sequence  # noqa: E402
 from .ctrnn import ctrnn_cell_sequence  # noqa: E402
 from .cfc import cfc_cell_sequence, cfc_states, wired_cfc_cell_sequence, wired_cfc_states  # noqa: E402

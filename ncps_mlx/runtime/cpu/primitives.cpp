@@ -40,11 +40,13 @@ using namespace nb::literals;
 
 namespace {
 
-enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4 };
+// Projection is not a loop: a sequence's input projection x W^T + b, (B, T, I) -> (B, T, P)
+// or feature-major (T, P, B), in the kernels' BLAS (mlx[cpu]'s reference BLAS is ~3 GFLOP/s).
+enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
 // timed, hidden layers, keep residuals}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
-// timed, global feedback}; CTGRU {timed, mozer, M}. floats: LTC {epsilon}; CTRNN {delta_t, clip
+// timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}. floats: LTC {epsilon}; CTRNN {delta_t, clip
 // (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}.
 struct Spec {
   Loop loop;
@@ -56,30 +58,35 @@ struct Spec {
   bool operator==(const Spec& o) const {
     return loop == o.loop && backward == o.backward && ints == o.ints && floats == o.floats && sgemm == o.sgemm;
   }
-  bool batch_major() const { return loop == Loop::LTC || loop == Loop::CTRNN || loop == Loop::CTGRU; }
+  bool batch_major() const {
+    return loop == Loop::LTC || loop == Loop::CTRNN || loop == Loop::CTGRU || (loop == Loop::Projection && !ints[0]);
+  }
   bool timed() const {
     switch (loop) {
       case Loop::CfC: return ints[3] != 0;
       case Loop::Wired: return ints[2] != 0;
       case Loop::CTGRU: return ints[0] != 0;
+      case Loop::Projection: return false;
       default: return ints[1] != 0;
     }
   }
-  bool pure() const { return !batch_major() && ints[0] == 1; }
+  bool pure() const { return (loop == Loop::CfC || loop == Loop::Wired) && ints[0] == 1; }
   bool keep() const { return loop == Loop::CfC && ints[5] != 0; }
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
+    if (loop == Loop::Projection) return input == 0 ? 0 : -1;
     if (input >= 2 + int(timed())) return -1;
     if (batch_major()) return 0;
     return input == 0 ? 2 : 1;
   }
 };
 
-const int LOOPS = 5;
+const int LOOPS = 6;
 const char* const NAMES[2][LOOPS] = {
-    {"LTCSequence", "CfCSequence", "WiredCfCSequence", "CTRNNSequence", "CTGRUSequence"},
-    {"LTCSequenceVJP", "CfCSequenceVJP", "WiredCfCSequenceVJP", "CTRNNSequenceVJP", "CTGRUSequenceVJP"}};
+    {"LTCSequence", "CfCSequence", "WiredCfCSequence", "CTRNNSequence", "CTGRUSequence", "InputProjection"},
+    {"LTCSequenceVJP", "CfCSequenceVJP", "WiredCfCSequenceVJP", "CTRNNSequenceVJP", "CTGRUSequenceVJP",
+     "InputProjectionVJP"}};
 // How often each node has run in this process (for the tests and ``python -m ncps_mlx info``).
 std::atomic<long> evaluations[2][LOOPS];
 
@@ -303,6 +310,65 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   grads.sum();
 }
 
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+// Feature-major, step t's (P, B) block is W (P, I) x_t^T, x_t the (B, I) rows of x at t (row
+// stride T I): one product a step, no copy of x; the steps split over the cores. Batch-major,
+// one product over the B T rows, the rows split.
+void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int B = in[0].shape(0), T = in[0].shape(1), I = in[0].shape(2), P = in[1].shape(0);
+  const bool features_first = spec.ints[0];
+  auto sgemm = reinterpret_cast<sgemm_fn>(spec.sgemm);
+  const float *x = ptr(in[0]), *w = ptr(in[1]), *bias = ptr(in[2]);
+  const int count = features_first ? T : B * T;
+  if (!spec.backward) {
+    float* y = ptr(out[0]);
+    over_batch(count, [&](int, int first, int last) {
+      if (last <= first) return;
+      if (features_first) {
+        for (int t = first; t < last; ++t) {
+          float* yt = y + int64_t(t) * P * B;
+          for (int p = 0; p < P; ++p) std::fill(yt + int64_t(p) * B, yt + int64_t(p + 1) * B, bias[p]);
+          if (B > 0 && I > 0) sgemm(ROW_MAJOR, NO_TRANS, TRANS, P, B, I, 1.0f, w, I, x + int64_t(t) * I, T * I, 1.0f, yt, B);
+        }
+      } else {
+        float* rows = y + int64_t(first) * P;
+        for (int r = 0; r < last - first; ++r) std::copy(bias, bias + P, rows + int64_t(r) * P);
+        if (P > 0 && I > 0) sgemm(ROW_MAJOR, NO_TRANS, TRANS, last - first, P, I, 1.0f, x + int64_t(first) * I, I, w, I, 1.0f, rows, P);
+      }
+    });
+    return;
+  }
+  const float* dy = ptr(in[3]);
+  float* dx = ptr(out[0]);
+  ParameterGradients grads(out, 1);
+  over_batch(count, [&](int part, int first, int last) {
+    if (last <= first) return;
+    auto g = grads.of_part(part);  // d weight (P, I), d bias (P,)
+    if (features_first) {
+      for (int t = first; t < last; ++t) {
+        const float* dyt = dy + int64_t(t) * P * B;
+        if (B > 0 && I > 0) {
+          sgemm(ROW_MAJOR, TRANS, NO_TRANS, B, I, P, 1.0f, dyt, B, w, I, 0.0f, dx + int64_t(t) * I, T * I);
+          sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, P, I, B, 1.0f, dyt, B, x + int64_t(t) * I, T * I, 1.0f, g[0], I);
+        }
+        for (int p = 0; p < P; ++p)
+          for (int b = 0; b < B; ++b) g[1][p] += dyt[int64_t(p) * B + b];
+      }
+    } else {
+      const int R = last - first;
+      const float* dyr = dy + int64_t(first) * P;
+      if (I > 0) {
+        sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, R, I, P, 1.0f, dyr, P, w, I, 0.0f, dx + int64_t(first) * I, I);
+        sgemm(ROW_MAJOR, TRANS, NO_TRANS, P, I, R, 1.0f, dyr, P, x + int64_t(first) * I, I, 1.0f, g[0], I);
+      }
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) g[1][p] += dyr[int64_t(r) * P + p];
+    }
+  });
+  grads.sum();
+}
+
 std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs);
 
 class SequenceKernel : public mx::Primitive {
@@ -322,6 +388,7 @@ class SequenceKernel : public mx::Primitive {
         case Loop::Wired: return wired_eval(spec, in, out);
         case Loop::CTRNN: return ctrnn_eval(spec, in, out);
         case Loop::CTGRU: return ctgru_eval(spec, in, out);
+        case Loop::Projection: return projection_eval(spec, in, out);
       }
     });
   }
@@ -344,7 +411,7 @@ class SequenceKernel : public mx::Primitive {
     if (spec_.loop == Loop::CTGRU) {  // outputs (B, T, U) and states: both have cotangents
       inputs.push_back(outputs[1]);
       inputs.push_back(cotangents[1]);
-    } else if (spec_.loop != Loop::LTC) {
+    } else if (spec_.loop != Loop::LTC && spec_.loop != Loop::Projection) {
       inputs.push_back(outputs[0]);
     }
     inputs.push_back(cotangents[0]);
@@ -426,7 +493,8 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   const auto& x = inputs[0];
   std::vector<mx::Shape> shapes;
   if (spec.backward) {
-    size_t n = inputs.size() - (spec.loop == Loop::LTC ? 1 : spec.loop == Loop::CTGRU ? 3 : 2) - (spec.keep() ? 1 : 0);
+    const Loop l = spec.loop;
+    size_t n = inputs.size() - (l == Loop::LTC || l == Loop::Projection ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
     require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
@@ -436,6 +504,12 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1), U = x.shape(1), K = inputs[p + 1].shape(0);
     shapes.push_back({T, H, B});
     if (spec.keep()) shapes.push_back({T, (spec.ints[4] + 1) * U + K, B});
+  } else if (spec.loop == Loop::Projection) {
+    require(x.ndim() == 3 && inputs.size() == 3 && inputs[1].ndim() == 2 && inputs[1].shape(1) == x.shape(2) &&
+                inputs[2].ndim() == 1 && inputs[2].shape(0) == inputs[1].shape(0),
+            "projection: x (B, T, I), weight (P, I), bias (P,)");
+    const int B = x.shape(0), T = x.shape(1), P = inputs[1].shape(0);
+    shapes.push_back(spec.ints[0] ? mx::Shape{T, P, B} : mx::Shape{B, T, P});
   } else if (spec.loop == Loop::CTGRU) {
     const int M = spec.ints[2];
     require(x.ndim() == 3 && inputs.size() == size_t(p + 2) && spec.floats.size() == size_t(1 + 2 * M),
@@ -508,6 +582,12 @@ NB_MODULE(_kernels, m) {
         return sequence(Spec{Loop::CTGRU, false, {timed, mozer, scales}, floats, sgemm}, std::move(arrays));
       },
       "arrays"_a, "scales"_a, "mozer"_a, "clip"_a, "ln_tau"_a, "decay"_a, "timed"_a, "sgemm"_a);
+  m.def(
+      "input_projection",
+      [](mx::array x, mx::array weight, mx::array bias, bool features_first, uintptr_t sgemm) {
+        return sequence(Spec{Loop::Projection, false, {features_first}, {}, sgemm}, {x, weight, bias})[0];
+      },
+      "x"_a, "weight"_a, "bias"_a, "features_first"_a, "sgemm"_a);
   // rational.h's functions as the kernels compute them, for the tests' sweep over the float range.
   m.def("tanh_array", [](Host x, Host y) { tanh_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
   m.def("sigmoid_array", [](Host x, Host y) { sigmoid_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
