@@ -32,7 +32,7 @@ def kernel_calls():
              "wired_cfc_states": "WiredCfCSequence", "cfc_backward": "CfCSequenceVJP",
              "wired_backward": "WiredCfCSequenceVJP", "ctrnn": "CTRNNSequence", "ctrnn_backward": "CTRNNSequenceVJP",
              "ctgru": "CTGRUSequence", "ctgru_backward": "CTGRUSequenceVJP", "projection": "InputProjection",
-             "projection_backward": "InputProjectionVJP"}  # fmt: skip
+             "projection_backward": "InputProjectionVJP", "sensory": "LTCSensory", "sensory_backward": "LTCSensoryVJP"}  # fmt: skip
     before = cpu.evaluations()
 
     class Calls(dict):
@@ -571,3 +571,39 @@ def test_input_projection_in_the_kernels_blas(kernel_calls):
             expected_dx = mx.grad(lambda x: mx.sum(cell.project_input(x) * cotangent))(x)
             assert max_diff(grads[0], expected_dx) <= 1e-5
     assert kernel_calls["projection"] >= len(cells) and kernel_calls["projection_backward"] == len(cells)
+
+
+@applies
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ltc_sensory_synapses_kernel(name, kernel_calls):
+    """An LTC's sensory synapses in the LTCSensory kernel: the cell's own ``project_input`` values
+    (dense or sparse wirings, every input mapping), and the gradients of x and of every sensory
+    parameter as MLX's path gives them."""
+    from ncps_mlx import runtime
+
+    model = MODELS[name]()
+    cell = model.rnn_cell
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.normal(size=(3, 7, 5)).astype(np.float32))
+    y = runtime.project_input(cell, x)
+    mx.eval(y)
+    assert kernel_calls["sensory"] == 1
+    assert max_diff(y, cell.project_input(x)) <= 2e-6
+    cotangent = mx.array(rng.normal(size=y.shape).astype(np.float32))
+
+    def grads(project):
+        def loss(parameters, x):
+            cell.update(parameters)
+            return mx.sum(project(x) * cotangent)
+
+        return mx.grad(loss, argnums=(0, 1))(cell.trainable_parameters(), x)
+
+    d_params, d_x = grads(lambda x: runtime.project_input(cell, x))
+    mx.eval(d_params, d_x)
+    assert kernel_calls["sensory_backward"] == 1
+    d_params_mlx, d_x_mlx = grads(cell.project_input)
+    assert max_diff(d_x, d_x_mlx) <= 1e-5 * max(1.0, float(mx.max(mx.abs(d_x_mlx))))
+    for (key, g), (_, g_mlx) in zip(tree_flatten(d_params), tree_flatten(d_params_mlx)):
+        if key.startswith("sensory") or key.startswith("input"):
+            scale = float(mx.max(mx.abs(g_mlx)))
+            assert scale > 0 and max_diff(g, g_mlx) <= 1e-5 * max(1.0, scale), key

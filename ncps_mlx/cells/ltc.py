@@ -134,6 +134,17 @@ class LTCCell(nn.Module):
             for name in ("w", "sensory_w", "cm", "gleak"):
                 setattr(self, name, mx.maximum(getattr(self, name), 0.0))
 
+    def map_input(self, x: mx.array) -> mx.array:
+        """(..., I) -> (..., I): the input mapping (scale, shift) the sensory synapses read."""
+        return _mapped(x, self.input_w if self.input_mapping in ("affine", "linear") else None,
+                       self.input_b if self.input_mapping == "affine" else None)  # fmt: skip
+
+    def sensory_synapse_arrays(self):
+        """(sigma, mu, w * erev, w), each (I, S), w the masked, constrained sensory weights:
+        ``project_input(x)`` is the dense synaptic sums of ``map_input(x)`` through them."""
+        w = self._positive(self.sensory_w) * self.sensory_sparsity_mask
+        return self.sensory_sigma, self.sensory_mu, w * self.sensory_erev, w
+
     def project_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., 2S): the sensory synapses' numerator and denominator terms.
 

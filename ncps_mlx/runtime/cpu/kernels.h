@@ -77,6 +77,11 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
                   float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
                   float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, int first, int last,
                   float *scratch);
+void ltc_sensory_forward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
+                         const float *w, float *out, int64_t first, int64_t last);
+void ltc_sensory_backward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
+                          const float *w, const float *d_out, float *d_x, float *d_sigma, float *d_mu,
+                          float *d_w_erev, float *d_w, int64_t first, int64_t last, float *along);
 void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
                  float *scratch);
 void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,

@@ -14,20 +14,26 @@
 #include "kernels.h"
 #include "rational.h"
 
-/* The synaptic sums of one unfold: numerator[j], denominator[j] over presynaptic i. */
-static void synapses(const ltc_args *a, const float *v, float *numerator, float *denominator) {
-    const int S = a->units;
+/* Synaptic sums from P presynaptic potentials v to S neurons: numerator[j], denominator[j] over
+ * presynaptic i, the parameters (P, S) row-major. */
+static void synapse_sums(int P, int S, const float *v, const float *sigma_, const float *mu_, const float *w_erev_,
+                         const float *w_, float *numerator, float *denominator) {
     for (int j = 0; j < S; ++j) numerator[j] = denominator[j] = 0.0f;
-    for (int i = 0; i < S; ++i) {
+    for (int i = 0; i < P; ++i) {
         const float vi = v[i];
-        const float *sigma = a->sigma + (int64_t)i * S, *mu = a->mu + (int64_t)i * S;
-        const float *w = a->w + (int64_t)i * S, *w_erev = a->w_erev + (int64_t)i * S;
+        const float *sigma = sigma_ + (int64_t)i * S, *mu = mu_ + (int64_t)i * S;
+        const float *w = w_ + (int64_t)i * S, *w_erev = w_erev_ + (int64_t)i * S;
         for (int j = 0; j < S; ++j) {
             float s = sigmoid(sigma[j] * (vi - mu[j]));
             numerator[j] += s * w_erev[j];
             denominator[j] += s * w[j];
         }
     }
+}
+
+/* The synaptic sums of one unfold. */
+static void synapses(const ltc_args *a, const float *v, float *numerator, float *denominator) {
+    synapse_sums(a->units, a->units, v, a->sigma, a->mu, a->w_erev, a->w, numerator, denominator);
 }
 
 static float timespan(const ltc_args *a, int b, int t) {
@@ -155,5 +161,28 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
             if (d_timespans) d_timespans[(int64_t)b * T + t] = d_ts / ts;
         }
         memcpy(d_initial + (int64_t)b * S, g, S * sizeof(float));
+    }
+}
+
+/* The sensory synapses (LTCCell.project_input, dense, masked through w): rows [first, last) of
+ * x (rows, I) -> out (rows, 2 S), each row's numerator then denominator sums over the inputs. */
+void ltc_sensory_forward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
+                         const float *w, float *out, int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+        synapse_sums(I, S, x + r * I, sigma, mu, w_erev, w, out + r * 2 * S, out + r * 2 * S + S);
+}
+
+/* Its gradients given d_out (rows, 2 S): d_x written for rows [first, last), the parameters'
+ * (I, S) added into d_sigma, d_mu, d_w_erev, d_w (this caller's own). along: S floats. */
+void ltc_sensory_backward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
+                          const float *w, const float *d_out, float *d_x, float *d_sigma, float *d_mu,
+                          float *d_w_erev, float *d_w, int64_t first, int64_t last, float *along) {
+    for (int64_t r = first; r < last; ++r) {
+        const float *gn = d_out + r * 2 * S, *gd = gn + S;
+        for (int i = 0; i < I; ++i) {
+            const int64_t o = (int64_t)i * S;
+            d_x[r * I + i] = synapse_gradients(S, x[r * I + i], sigma + o, mu + o, w + o, w_erev + o, gn, gd,
+                                               d_sigma + o, d_mu + o, d_w + o, d_w_erev + o, along);
+        }
     }
 }

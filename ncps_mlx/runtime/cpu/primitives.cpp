@@ -42,7 +42,9 @@ namespace {
 
 // Projection is not a loop: a sequence's input projection x W^T + b, (B, T, I) -> (B, T, P)
 // or feature-major (T, P, B), in the kernels' BLAS (mlx[cpu]'s reference BLAS is ~3 GFLOP/s).
-enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5 };
+// Sensory is not a loop either: an LTC's sensory synapses (B, T, I) -> (B, T, 2 S), elementwise
+// work that MLX ran as (B, T, I, S) tensors.
+enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
 // timed, hidden layers, keep residuals}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
@@ -59,14 +61,16 @@ struct Spec {
     return loop == o.loop && backward == o.backward && ints == o.ints && floats == o.floats && sgemm == o.sgemm;
   }
   bool batch_major() const {
-    return loop == Loop::LTC || loop == Loop::CTRNN || loop == Loop::CTGRU || (loop == Loop::Projection && !ints[0]);
+    return loop == Loop::LTC || loop == Loop::CTRNN || loop == Loop::CTGRU || loop == Loop::Sensory ||
+           (loop == Loop::Projection && !ints[0]);
   }
   bool timed() const {
     switch (loop) {
       case Loop::CfC: return ints[3] != 0;
       case Loop::Wired: return ints[2] != 0;
       case Loop::CTGRU: return ints[0] != 0;
-      case Loop::Projection: return false;
+      case Loop::Projection:
+      case Loop::Sensory: return false;
       default: return ints[1] != 0;
     }
   }
@@ -75,18 +79,19 @@ struct Spec {
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
-    if (loop == Loop::Projection) return input == 0 ? 0 : -1;
+    if (loop == Loop::Projection || loop == Loop::Sensory) return input == 0 ? 0 : -1;
     if (input >= 2 + int(timed())) return -1;
     if (batch_major()) return 0;
     return input == 0 ? 2 : 1;
   }
 };
 
-const int LOOPS = 6;
+const int LOOPS = 7;
 const char* const NAMES[2][LOOPS] = {
-    {"LTCSequence", "CfCSequence", "WiredCfCSequence", "CTRNNSequence", "CTGRUSequence", "InputProjection"},
+    {"LTCSequence", "CfCSequence", "WiredCfCSequence", "CTRNNSequence", "CTGRUSequence", "InputProjection",
+     "LTCSensory"},
     {"LTCSequenceVJP", "CfCSequenceVJP", "WiredCfCSequenceVJP", "CTRNNSequenceVJP", "CTGRUSequenceVJP",
-     "InputProjectionVJP"}};
+     "InputProjectionVJP", "LTCSensoryVJP"}};
 // How often each node has run in this process (for the tests and ``python -m ncps_mlx info``).
 std::atomic<long> evaluations[2][LOOPS];
 
@@ -369,6 +374,23 @@ void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<m
   grads.sum();
 }
 
+void sensory_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const int I = in[0].shape(2), S = in[1].shape(1), rows = in[0].shape(0) * in[0].shape(1);
+  const float *x = ptr(in[0]), *sigma = ptr(in[1]), *mu = ptr(in[2]), *w_erev = ptr(in[3]), *w = ptr(in[4]);
+  if (!spec.backward) {
+    over_batch(rows, [&](int, int first, int last) { ltc_sensory_forward(I, S, x, sigma, mu, w_erev, w, ptr(out[0]), first, last); });
+    return;
+  }
+  ParameterGradients grads(out, 1);
+  over_batch(rows, [&](int part, int first, int last) {
+    std::vector<float> along(S);
+    auto g = grads.of_part(part);  // d sigma, d mu, d w erev, d w
+    ltc_sensory_backward(I, S, x, sigma, mu, w_erev, w, ptr(in[5]), ptr(out[0]), g[0], g[1], g[2], g[3], first, last,
+                         along.data());
+  });
+  grads.sum();
+}
+
 std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs);
 
 class SequenceKernel : public mx::Primitive {
@@ -389,6 +411,7 @@ class SequenceKernel : public mx::Primitive {
         case Loop::CTRNN: return ctrnn_eval(spec, in, out);
         case Loop::CTGRU: return ctgru_eval(spec, in, out);
         case Loop::Projection: return projection_eval(spec, in, out);
+        case Loop::Sensory: return sensory_eval(spec, in, out);
       }
     });
   }
@@ -411,7 +434,7 @@ class SequenceKernel : public mx::Primitive {
     if (spec_.loop == Loop::CTGRU) {  // outputs (B, T, U) and states: both have cotangents
       inputs.push_back(outputs[1]);
       inputs.push_back(cotangents[1]);
-    } else if (spec_.loop != Loop::LTC && spec_.loop != Loop::Projection) {
+    } else if (spec_.loop != Loop::LTC && spec_.loop != Loop::Projection && spec_.loop != Loop::Sensory) {
       inputs.push_back(outputs[0]);
     }
     inputs.push_back(cotangents[0]);
@@ -494,7 +517,8 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   std::vector<mx::Shape> shapes;
   if (spec.backward) {
     const Loop l = spec.loop;
-    size_t n = inputs.size() - (l == Loop::LTC || l == Loop::Projection ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep();
+    const bool one = l == Loop::LTC || l == Loop::Projection || l == Loop::Sensory;  // only a cotangent
+    size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
     require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
@@ -504,6 +528,10 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1), U = x.shape(1), K = inputs[p + 1].shape(0);
     shapes.push_back({T, H, B});
     if (spec.keep()) shapes.push_back({T, (spec.ints[4] + 1) * U + K, B});
+  } else if (spec.loop == Loop::Sensory) {
+    require(x.ndim() == 3 && inputs.size() == 5 && inputs[1].ndim() == 2 && inputs[1].shape(0) == x.shape(2),
+            "sensory synapses: x (B, T, I), sigma, mu, w erev, w (I, S)");
+    shapes.push_back({x.shape(0), x.shape(1), 2 * inputs[1].shape(1)});
   } else if (spec.loop == Loop::Projection) {
     require(x.ndim() == 3 && inputs.size() == 3 && inputs[1].ndim() == 2 && inputs[1].shape(1) == x.shape(2) &&
                 inputs[2].ndim() == 1 && inputs[2].shape(0) == inputs[1].shape(0),
@@ -588,6 +616,12 @@ NB_MODULE(_kernels, m) {
         return sequence(Spec{Loop::Projection, false, {features_first}, {}, sgemm}, {x, weight, bias})[0];
       },
       "x"_a, "weight"_a, "bias"_a, "features_first"_a, "sgemm"_a);
+  m.def(
+      "ltc_sensory",
+      [](mx::array x, mx::array sigma, mx::array mu, mx::array w_erev, mx::array w) {
+        return sequence(Spec{Loop::Sensory, false, {}, {}, 0}, {x, sigma, mu, w_erev, w})[0];
+      },
+      "x"_a, "sigma"_a, "mu"_a, "w_erev"_a, "w"_a);
   // rational.h's functions as the kernels compute them, for the tests' sweep over the float range.
   m.def("tanh_array", [](Host x, Host y) { tanh_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
   m.def("sigmoid_array", [](Host x, Host y) { sigmoid_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });

@@ -1,20 +1,28 @@
-"""A sequence's input projection, x W^T + b for every step at once, as the ``InputProjection``
-primitive (``primitives.cpp``): the product in the kernels' BLAS. On MLX's path it is MLX's
-matmul, which on Linux runs on mlx[cpu]'s reference BLAS (~3 GFLOP/s): for a CfC at batch 1024
-that product was two thirds of the forward pass."""
+"""A sequence's input projection, for every step at once: x W^T + b as the ``InputProjection``
+primitive (``primitives.cpp``), the product in the kernels' BLAS (on MLX's path it is MLX's
+matmul, which on Linux runs on mlx[cpu]'s reference BLAS, ~3 GFLOP/s: for a CfC at batch 1024
+two thirds of the forward pass); an LTC's sensory synapses as the ``LTCSensory`` primitive
+(``ltc.c``: MLX ran them as (B, T, I, S) tensors, ~40% of W3's forward pass)."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
 from .. import blas
-from . import cfc_applies, library
+from . import applies, cfc_applies, library
 
 
 def input_projection(cell, x):
     """``cell.project_input(x)`` for x (B, T, I), the same layout (feature-major cells: a
     (B, T, P) view of (T, P, B)), differentiable; None where the cell's projection is not
-    affine (no ``input_projection()``), the kernels do not apply or the arrays are not float32."""
+    affine (no ``input_projection()``) nor an LTC's (``sensory_synapse_arrays()``), the kernels
+    do not apply or the arrays are not float32."""
+    sensory = getattr(cell, "sensory_synapse_arrays", None)
+    if sensory is not None:
+        arrays = sensory()
+        if any(a.dtype != mx.float32 for a in (x, *arrays)) or not applies():
+            return None
+        return library().ltc_sensory(cell.map_input(x), *arrays)
     affine = getattr(cell, "input_projection", None)
     if affine is None or not cfc_applies():
         return None
