@@ -153,13 +153,15 @@ class SequenceModel(nn.Module):
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = runtime.project_input(self.rnn_cell, x)
             kernel = None
-            if mask is None and not dropout and cell_inputs is not None and not self.use_mixed:
+            if mask is None and not dropout and cell_inputs is not None:
                 # A cell's whole loop in one kernel node, where one applies (None where not); an
                 # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
-                kernel = runtime.sequence_kernel(self.rnn_cell, cell_inputs, h, ts, differentiable=traced)
+                memory = (self.lstm, lstm_inputs, c) if self.use_mixed else None
+                kernel = runtime.sequence_kernel(self.rnn_cell, cell_inputs, h, ts, differentiable=traced, memory=memory)
             if kernel is not None:
-                outs, states = kernel
+                outs, states = kernel[:2]
                 y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
+                c = kernel[2][:, -1] if self.use_mixed else c
                 mode = "native"
             else:
                 # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.

@@ -178,9 +178,13 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model = ncps_mlx.LTC(5, 8)
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))
+    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")(x))
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
     # No loop ran in a kernel (the mixed-memory models' input projections do).
     assert {kernel_calls[name] for name in ("forward", "cfc_states", "wired_cfc_states")} == {0}
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))  # a CfC with a backbone, the "state" circuit
+    assert kernel_calls["cfc_states"] == 1
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         mx.eval(ncps_mlx.LTC(5, 8)(x))
     assert kernel_calls["forward"] == 1
@@ -189,9 +193,10 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
 @applies
 @pytest.mark.parametrize("make", [lambda: perturbed_ltc(8), lambda: perturbed_cfc(8, backbone_layers=2, backbone_units=12),
                                   lambda: perturbed_cfc(wirings.AutoNCP(10, 3, seed=2)),
+                                  lambda: perturbed_cfc(8, backbone_units=12, mixed_memory=True),
                                   lambda: ncps_mlx.CTRNN(5, 8, learn_tau=True),
                                   lambda: ncps_mlx.CTGRU(5, 6, M=4, decay="mozer")],
-                         ids=["ltc", "cfc", "wired_cfc", "ctrnn", "ctgru"])
+                         ids=["ltc", "cfc", "wired_cfc", "cfc_mixed", "ctrnn", "ctgru"])
 def test_kernels_are_graph_nodes_under_vmap_compile_and_grad(make, kernel_calls):
     """The kernels are MLX primitives: mx.vmap (over a batch of batches), mx.compile and
     mx.grad of mx.vmap run them, and agree with MLX's path, one slice at a time (MLX's path

@@ -39,15 +39,19 @@ def choice() -> str:
     return value
 
 
-def sequence_kernel(cell, inputs, h, ts=None, differentiable=False):
+def sequence_kernel(cell, inputs, h, ts=None, differentiable=False, memory=None):
     """A cell's whole loop in a CPU kernel: inputs (B, T, P) from ``cell.project_input``, h (B, S),
     ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state (B, T, S)); None where
     no kernel applies (another cell, not float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``).
-    ``differentiable``: the result carries the kernel's backward pass."""
+    ``differentiable``: the result carries the kernel's backward pass. ``memory``: mixed memory's
+    "state" circuit, (lstm, its inputs (B, T, 4H), memory (B, H)) -> (outputs, states, every
+    step's memory (B, T, H)), where the kernel has it."""
     kernel = cpu.SEQUENCES.get(type(cell).__name__)
-    if kernel is None or choice() == "mlx":
+    if kernel is None or choice() == "mlx" or (memory is not None and not kernel[2]):
         return None
-    return kernel[0](cell, inputs, h, ts, differentiable)
+    if memory is None:
+        return kernel[0](cell, inputs, h, ts, differentiable)
+    return kernel[0](cell, inputs, h, ts, differentiable, memory=memory)
 
 
 def project_input(cell, x):
@@ -63,10 +67,11 @@ def project_input(cell, x):
 
 def implementation(cell, mixed_memory: bool = False) -> str:
     """Which implementation runs a model with this cell here, in words (for ``info``)."""
-    if type(cell).__name__ not in cpu.SEQUENCES or mixed_memory:
+    kernel = cpu.SEQUENCES.get(type(cell).__name__)
+    if kernel is None or (mixed_memory and not kernel[2]):
         return "MLX (compiled steps)"
     if choice() == "mlx":
         return "MLX (compiled steps): NCPS_MLX_RUNTIME=mlx"
-    if not cpu.SEQUENCES[type(cell).__name__][1]():
+    if not kernel[1]():
         return f"MLX (compiled steps): {cpu.status()}"
     return "CPU kernel"

@@ -122,11 +122,12 @@ from .cfc import cfc_cell_sequence, cfc_states, wired_cfc_cell_sequence, wired_c
 from .ltc import ltc_cell_sequence, ltc_states  # noqa: E402
 
 # The kernels by the name of the cell class whose loop they run (this package never imports the
-# cells), and whether each applies now: the LTC's needs no BLAS, the others the kernels' own.
+# cells), whether each applies now (the LTC's needs no BLAS, the others the kernels' own), and
+# whether it runs mixed memory's "state" circuit too (a CfC with a backbone).
 SEQUENCES = {
-    "CfCCell": (cfc_cell_sequence, cfc_applies),
-    "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies),
-    "LTCCell": (ltc_cell_sequence, applies),
-    "CTRNNCell": (ctrnn_cell_sequence, cfc_applies),
-    "CTGRUCell": (ctgru_cell_sequence, cfc_applies),
+    "CfCCell": (cfc_cell_sequence, cfc_applies, True),
+    "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies, False),
+    "LTCCell": (ltc_cell_sequence, applies, False),
+    "CTRNNCell": (ctrnn_cell_sequence, cfc_applies, False),
+    "CTGRUCell": (ctgru_cell_sequence, cfc_applies, False),
 }

@@ -94,16 +94,37 @@ static void copy_columns(float *block, float *wide, int n, int R, int B, int fir
     }
 }
 
+/* The mixed-memory LSTM of step t on a block: from h (H, R) and c (H, R), c updated in place
+ * and the output written over h; gates (4H, R) gets the pre-activations. */
+static void lstm_step(const cfc_args *a, int t, int first, int R, float *h, float *c, float *gates) {
+    const int B = a->batch, H = a->hidden;
+    copy_columns(gates, (float *)a->lstm_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 1);
+    a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 4 * H, R, H, 1.0f, a->lstm_recurrent, H, h, R, 1.0f, gates, R);
+    const int64_t n = (int64_t)H * R;
+    for (int64_t i = 0; i < n; ++i) {
+        const float forget = sigmoid(gates[2 * n + i] + a->forget_bias);
+        c[i] = c[i] * forget + rational_tanh(gates[i]) * sigmoid(gates[n + i]);
+        h[i] = rational_tanh(c[i]) * sigmoid(gates[3 * n + i]);
+    }
+}
+
 /* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B). With
  * residuals (T, L units + K, B) (or NULL) it also keeps each step's layers' pre-activations and
- * head outputs there, for cfc_backward. scratch: (H + 2 units + K) (last - first) floats. */
-void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
-                 float *scratch) {
+ * head outputs there, for cfc_backward. scratch: (H + 2 units + K) (last - first) floats, with
+ * mixed memory 5 H (last - first) more. */
+void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, const cfc_memory *m,
+                 int first, int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads, L = a->layers;
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
+    float *c = g + (int64_t)K * R, *gates = c + (int64_t)H * R;
     copy_columns(h, (float *)initial, H, R, B, first, 1);
+    if (a->lstm_inputs) copy_columns(c, (float *)m->initial_c, H, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
+        if (a->lstm_inputs) {
+            lstm_step(a, t, first, R, h, c, gates);
+            copy_columns(c, m->memory + (int64_t)t * H * B, H, R, B, first, 0);
+        }
         float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
         copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, h, R, 1.0f, z, R);
@@ -237,20 +258,31 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
                   const float *d_states,
                   float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
-                  float *d_head_bias, int first, int last, float *scratch) {
+                  float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, L = a->layers, R = last - first, K = a->heads;
     const int fused = K == 3 * H, no_gate = a->mode == NO_GATE;
+    const int64_t n = (int64_t)H * R;
     float *previous = scratch, *carried = previous + (int64_t)H * R;
     float *z = carried + (int64_t)H * R;         /* L layers' pre-activations (U, R) */
     float *act = z + (int64_t)L * U * R;         /* L layers' activations */
     float *da = act + (int64_t)L * U * R;        /* (U, R) */
     float *g = da + (int64_t)U * R, *dy = g + (int64_t)K * R, *d_ts = dy + (int64_t)K * R;
+    /* mixed memory: the LSTM's input state, memory in and out, gates, the memory's cotangent */
+    float *h_in = d_ts + R, *c_in = h_in + n, *c_out = c_in + n, *gates = c_out + n, *carried_c = gates + 4 * n;
     for (int i = 0; i < H * R; ++i) carried[i] = 0.0f;
+    if (a->lstm_inputs)
+        for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
     for (int t = a->steps - 1; t >= 0; --t) {
         /* the step's forward pass: kept by cfc_forward, or again from its previous state */
         const float *source = t == 0 ? initial : states + (int64_t)(t - 1) * H * B;
         copy_columns(previous, (float *)source, H, R, B, first, 1);
+        if (a->lstm_inputs) { /* the LSTM again: its output is the CfC step's previous state */
+            memcpy(h_in, previous, n * sizeof(float));
+            copy_columns(c_in, (float *)(t == 0 ? m->initial_c : m->memory + (int64_t)(t - 1) * H * B), H, R, B, first, 1);
+            memcpy(c_out, c_in, n * sizeof(float));
+            lstm_step(a, t, first, R, previous, c_out, gates);
+        }
         const float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
         if (kept) {
             copy_columns(z, (float *)kept, L * U, R, B, first, 1);
@@ -305,8 +337,30 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         for (int k = 0; k < U; ++k) memcpy(du + (int64_t)k * B, z + (int64_t)k * R, R * sizeof(float));
         a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, previous, R, 1.0f, d_state_weight, H);
         a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
+        if (a->lstm_inputs) { /* carried is the LSTM output's cotangent: through the LSTM to h_in */
+            const float *dm = m->d_memory + (int64_t)t * H * B + first;
+            for (int j = 0; j < H; ++j)
+                for (int col = 0; col < R; ++col) {
+                    const int64_t i = (int64_t)j * R + col;
+                    const float ti = rational_tanh(gates[i]), si = sigmoid(gates[n + i]);
+                    const float sf = sigmoid(gates[2 * n + i] + a->forget_bias), so = sigmoid(gates[3 * n + i]);
+                    const float tc = rational_tanh(c_out[i]), dh = carried[i];
+                    const float dc = carried_c[i] + dm[(int64_t)j * B + col] + dh * so * (1.0f - tc * tc);
+                    gates[3 * n + i] = dh * tc * so * (1.0f - so);
+                    gates[2 * n + i] = dc * c_in[i] * sf * (1.0f - sf);
+                    gates[n + i] = dc * ti * si * (1.0f - si);
+                    gates[i] = dc * si * (1.0f - ti * ti);
+                    carried_c[i] = dc * sf;
+                }
+            copy_columns(gates, m->d_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 0);
+            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, 4 * H, H, R, 1.0f, gates, R, h_in, R, 1.0f, m->d_recurrent, H);
+            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, 4 * H, 1.0f, a->lstm_recurrent, H, gates, R, 0.0f, carried, R);
+        }
     }
     for (int j = 0; j < H; ++j) memcpy(d_initial + (int64_t)j * B + first, carried + (int64_t)j * R, R * sizeof(float));
+    if (a->lstm_inputs)
+        for (int j = 0; j < H; ++j)
+            memcpy(m->d_initial_c + (int64_t)j * B + first, carried_c + (int64_t)j * R, R * sizeof(float));
 }
 
 /* Gradients of wired_cfc_forward (gated modes, not pure) for columns [first, last), given its

@@ -17,7 +17,7 @@ CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
 KEEP_BYTES = 256 << 20
 
 def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weight, hidden, head_weight, head_bias,
-               w_tau=None, A=None, differentiable=False):  # fmt: skip
+               w_tau=None, A=None, differentiable=False, memory=None):  # fmt: skip
     """Every step's state of a CfCCell with a backbone, feature-major.
 
     inputs (T, units, B): the input half of the first backbone layer, bias included
@@ -25,7 +25,9 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     timespans None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
     (units, units), bias (units,)) of backbone layers 2..n; head_weight (K, units) and head_bias
     (K,), the heads fused in the order ff1, ff2, time_a, time_b (pure mode: ff1 alone); w_tau, A
-    (H,) in pure mode. -> (T, H, B).
+    (H,) in pure mode. -> (T, H, B). With ``memory`` (mixed memory, the "state" circuit: an LSTM
+    before every step whose output replaces the state): (lstm inputs (T, 4H, B), initial memory
+    (H, B), recurrent weight (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
 
     Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
     a quarter of the heads' product less. ``differentiable``: an MLX custom function whose vjp
@@ -40,11 +42,16 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     ts = _by_step(timespans, steps, batch)
     arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
     arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
+    if memory is not None:
+        lstm_inputs, initial_c, recurrent, forget_bias = memory
+        arrays += [lstm_inputs, initial_c, recurrent]
     if differentiable:
         _check_gated(mode)
     keep = differentiable and 4 * steps * batch * ((len(hidden) + 1) * units + head_weight.shape[0]) <= KEEP_BYTES
-    return library().cfc_sequence(arrays, CFC_MODES[mode], CFC_ACTIVATIONS[activation], bool(ff_tanh), ts is not None,
-                                  len(hidden), keep, blas.sgemm_address())[0]  # fmt: skip
+    outputs = library().cfc_sequence(arrays, CFC_MODES[mode], CFC_ACTIVATIONS[activation], bool(ff_tanh), ts is not None,
+                                     len(hidden), keep, memory is not None, 0.0 if memory is None else float(forget_bias),
+                                     blas.sgemm_address())  # fmt: skip
+    return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
 def _check_gated(mode):
@@ -104,14 +111,18 @@ def _kernel_applies(mode, differentiable, *arrays) -> bool:
     return all(a.dtype == mx.float32 for a in arrays if a is not None) and cfc_applies()
 
 
-def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
+def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False, memory=None):
     """A ``CfCCell``'s whole loop in the kernel: inputs (B, T, P) from ``project_input``, h (B, H),
     ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
     a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
     where ``cfc_applies()`` is False, and in pure mode under a gradient (only MLX's path has
-    that backward pass)."""
+    that backward pass). ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)), mixed memory's
+    "state" circuit, for a CfC with a backbone: -> (outputs, states, every step's memory (B, T, H)).
+    """
     weight, _ = cell._first_layer()
-    if not _kernel_applies(cell.mode, differentiable, inputs, h, weight, ts):
+    if memory is not None and cell.backbone_layers == 0:
+        return None
+    if not _kernel_applies(cell.mode, differentiable, inputs, h, weight, ts, *(memory[1:] if memory else ())):
         return None
     state_weight, ff_tanh = weight[:, cell.input_size :], cell.ff_activation == "tanh"
     pure = (cell.w_tau.reshape(-1), cell.A.reshape(-1)) if cell.mode == "pure" else (None, None)
@@ -120,8 +131,17 @@ def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
                                   [(None, None, state_weight, *pure)], differentiable=differentiable)  # fmt: skip
     else:
         hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
+        lstm = None
+        if memory is not None:
+            cell_lstm, lstm_inputs, c = memory
+            lstm = (lstm_inputs.transpose(1, 2, 0), c.T, cell_lstm.recurrent_map.weight, cell_lstm.forget_gate_bias)
         states = cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, cell.activation_name, ff_tanh,
-                            state_weight, hidden, *cell._heads(), *pure, differentiable=differentiable)  # fmt: skip
+                            state_weight, hidden, *cell._heads(), *pure, differentiable=differentiable,
+                            memory=lstm)  # fmt: skip
+        if memory is not None:
+            states, memories = states
+            y = states.transpose(2, 0, 1)
+            return y, y, memories.transpose(2, 0, 1)
     y = states.transpose(2, 0, 1)
     return y, y
 

@@ -33,6 +33,12 @@ typedef struct {
                                          * ff1, ff2, time_a + time_b (K = 3H); pure mode ff1 (K = H) */
     const float *head_bias;             /* (K,) */
     const float *w_tau, *A;             /* (H,), pure mode */
+    /* Mixed memory ("state" circuit), or lstm_inputs NULL: before each step an LSTM whose output
+     * replaces the state, z = lstm_inputs[t] + lstm_recurrent h, gates (input, input gate,
+     * forget gate, output gate) of H rows each, the forget gate shifted by forget_bias. */
+    const float *lstm_inputs;           /* (T, 4H, B): its input projection, bias included */
+    const float *lstm_recurrent;        /* (4H, H) */
+    float forget_bias;
     sgemm_fn sgemm;
 } cfc_args;
 
@@ -82,12 +88,22 @@ void ltc_sensory_forward(int I, int S, const float *x, const float *sigma, const
 void ltc_sensory_backward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
                           const float *w, const float *d_out, float *d_x, float *d_sigma, float *d_mu,
                           float *d_w_erev, float *d_w, int64_t first, int64_t last, float *along);
-void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, int first, int last,
-                 float *scratch);
+/* With mixed memory: the LSTM's initial memory initial_c (H, B), every step's memory (T, H, B)
+ * (forward: written; backward: read), its cotangent d_memory, and the gradients of its inputs,
+ * initial memory and recurrent weight (the last added into). NULL without. */
+typedef struct {
+    const float *initial_c;
+    float *memory;
+    const float *d_memory;
+    float *d_inputs, *d_initial_c, *d_recurrent;
+} cfc_memory;
+
+void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, const cfc_memory *m,
+                 int first, int last, float *scratch);
 void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,
                   const float *d_states, float *d_inputs, float *d_initial, float *d_timespans,
                   float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
-                  float *d_head_weight, float *d_head_bias, int first, int last, float *scratch);
+                  float *d_head_weight, float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch);
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch);
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,

@@ -47,9 +47,9 @@ namespace {
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
-// timed, hidden layers, keep residuals}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
+// timed, hidden layers, keep residuals, mixed memory}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
 // timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}. floats: LTC {epsilon}; CTRNN {delta_t, clip
-// (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}.
+// (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}; CfC {forget bias} with mixed memory.
 struct Spec {
   Loop loop;
   bool backward;
@@ -76,10 +76,16 @@ struct Spec {
   }
   bool pure() const { return (loop == Loop::CfC || loop == Loop::Wired) && ints[0] == 1; }
   bool keep() const { return loop == Loop::CfC && ints[5] != 0; }
+  bool mixed() const { return loop == Loop::CfC && ints[6] != 0; }
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
     if (loop == Loop::Projection || loop == Loop::Sensory) return input == 0 ? 0 : -1;
+    if (mixed()) {  // the LSTM's inputs (T, 4H, B) and initial memory (H, B)
+      const int c = 2 + timed() + 3 + 2 * ints[4] + 2 * pure();
+      if (input == c) return 2;
+      if (input == c + 1) return 1;
+    }
     if (input >= 2 + int(timed())) return -1;
     if (batch_major()) return 0;
     return input == 0 ? 2 : 1;
@@ -113,6 +119,12 @@ void over_batch(int batch, F&& call) {
   for (auto& w : workers) w.join();
 }
 
+std::vector<size_t> range(size_t first, size_t last) {
+  std::vector<size_t> r;
+  for (size_t i = first; i < last; ++i) r.push_back(i);
+  return r;
+}
+
 // The parameters' gradients of a backward pass: part 0 adds into the (zeroed) outputs, every
 // other part into its own zeroed buffers, added in at the end in part order (deterministic).
 struct ParameterGradients {
@@ -120,8 +132,9 @@ struct ParameterGradients {
   std::vector<size_t> sizes;
   std::vector<std::vector<std::vector<float>>> parts;
 
-  ParameterGradients(std::vector<mx::array>& outs, size_t first) {
-    for (size_t i = first; i < outs.size(); ++i) {
+  ParameterGradients(std::vector<mx::array>& outs, size_t first) : ParameterGradients(outs, range(first, outs.size())) {}
+  ParameterGradients(std::vector<mx::array>& outs, const std::vector<size_t>& which) {
+    for (size_t i : which) {
       outputs.push_back(outs[i].data<float>());
       sizes.push_back(outs[i].size());
       std::memset(outs[i].data<float>(), 0, outs[i].nbytes());
@@ -181,32 +194,45 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
     biases.push_back(ptr(in[p + 4 + 2 * l]));
   }
   const int q = p + 3 + 2 * n_hidden;  // pure mode's w_tau, A
+  const int c = q + (spec.pure() ? 2 : 0);  // mixed memory's lstm inputs, initial memory, recurrent weight
+  const bool mixed = spec.mixed();
   cfc_args a{B, T, H, U, L, spec.ints[0], spec.ints[1], spec.ints[2], K, ptr(in[0]), timed ? ptr(in[2]) : nullptr,
              ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
              spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
+             mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f,
              reinterpret_cast<sgemm_fn>(spec.sgemm)};
-  const int n = q + (spec.pure() ? 2 : 0);  // the forward node's inputs
+  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
+  const size_t extra = mixed ? 5 * size_t(H) : 0;
   if (!spec.backward) {
     float* residuals = spec.keep() ? ptr(out[1]) : nullptr;
+    cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch(size_t(H + 2 * U + K) * (last - first));
-      cfc_forward(&a, ptr(in[1]), ptr(out[0]), residuals, first, last, scratch.data());
+      std::vector<float> scratch((H + 2 * U + K + extra) * (last - first));
+      cfc_forward(&a, ptr(in[1]), ptr(out[0]), residuals, &memory, first, last, scratch.data());
     });
     return;
   }
+  // then: states, d states, [residuals], [memory, d memory]
   const float* residuals = spec.keep() ? ptr(in[n + 2]) : nullptr;
-  ParameterGradients grads(out, p);
+  const int m = n + 2 + spec.keep();
+  std::vector<size_t> summed = range(p, c);
+  if (mixed) summed.push_back(c + 2);
+  ParameterGradients grads(out, summed);
+  cfc_memory memory{};
+  if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch(size_t(2 * H + (2 * L + 1) * U + 2 * K + 1) * (last - first));
-    auto g = grads.of_part(part);  // state weight, head weight, head bias, then per hidden layer w, b
+    std::vector<float> scratch((2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0)) * (last - first));
+    auto g = grads.of_part(part);  // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent]
     std::vector<float*> d_weights, d_biases;
     for (int l = 0; l < n_hidden; ++l) {
       d_weights.push_back(g[3 + 2 * l]);
       d_biases.push_back(g[4 + 2 * l]);
     }
+    cfc_memory own = memory;
+    if (mixed) own.d_recurrent = g.back();
     cfc_backward(&a, ptr(in[1]), ptr(in[n]), residuals, ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
-                 timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2], first, last,
-                 scratch.data());
+                 timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2],
+                 mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
 }
@@ -439,6 +465,10 @@ class SequenceKernel : public mx::Primitive {
     }
     inputs.push_back(cotangents[0]);
     if (spec_.keep()) inputs.push_back(outputs[1]);
+    if (spec_.mixed()) {
+      inputs.push_back(outputs.back());
+      inputs.push_back(cotangents.back());
+    }
     auto grads = sequence(backward, inputs);
     std::vector<mx::array> picked;
     for (int i : argnums) picked.push_back(grads[i]);
@@ -518,7 +548,7 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   if (spec.backward) {
     const Loop l = spec.loop;
     const bool one = l == Loop::LTC || l == Loop::Projection || l == Loop::Sensory;  // only a cotangent
-    size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep();
+    size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep() - 2 * spec.mixed();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
     require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
@@ -528,6 +558,7 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1), U = x.shape(1), K = inputs[p + 1].shape(0);
     shapes.push_back({T, H, B});
     if (spec.keep()) shapes.push_back({T, (spec.ints[4] + 1) * U + K, B});
+    if (spec.mixed()) shapes.push_back({T, H, B});
   } else if (spec.loop == Loop::Sensory) {
     require(x.ndim() == 3 && inputs.size() == 5 && inputs[1].ndim() == 2 && inputs[1].shape(0) == x.shape(2),
             "sensory synapses: x (B, T, I), sigma, mu, w erev, w (I, S)");
@@ -581,11 +612,13 @@ NB_MODULE(_kernels, m) {
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
-         bool keep, uintptr_t sgemm) {
-        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, keep}, {}, sgemm},
+         bool keep, bool mixed, float forget_bias, uintptr_t sgemm) {
+        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, keep, mixed},
+                             mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
                         std::move(arrays));
       },
-      "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "keep"_a, "sgemm"_a);
+      "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "keep"_a, "mixed"_a,
+      "forget_bias"_a, "sgemm"_a);
   m.def(
       "wired_cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, uintptr_t sgemm) {
