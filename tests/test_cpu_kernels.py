@@ -351,22 +351,12 @@ GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads",
                       "wired_autoncp", "wired_ncp_no_gate", "wired_autoncp_raw_heads"]  # fmt: skip
 
 
-# A CfC with a backbone keeps its residuals for the backward pass, or past KEEP_BYTES recomputes
-# them: both ways. The wired kernel always recomputes.
-BACKBONE = [name for name in GRADIENT_CFC_CASES if name != "no_backbone" and not name.startswith("wired")]
-
-
 @applies
-@pytest.mark.parametrize(
-    "name, kept", [(name, True) for name in GRADIENT_CFC_CASES] + [(name, False) for name in BACKBONE],
-    ids=lambda value: {True: "", False: "recomputed"}.get(value, value) if isinstance(value, bool) else value,
-)
+@pytest.mark.parametrize("name", GRADIENT_CFC_CASES)
 @pytest.mark.parametrize("timespans", [None, "per_step"])
-def test_cfc_gradients_equal_mlx_path(name, kept, timespans, kernel_calls, monkeypatch):
+def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
     if blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
-    if not kept:
-        monkeypatch.setattr(cpu.cfc, "KEEP_BYTES", 0)
     batch, steps = 5, 16
     model, x, hx, rng = cfc_case(name, batch, steps, seed=8)
     ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))

@@ -108,12 +108,10 @@ static void lstm_step(const cfc_args *a, int t, int first, int R, float *h, floa
     }
 }
 
-/* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B). With
- * residuals (T, L units + K, B) (or NULL) it also keeps each step's layers' pre-activations and
- * head outputs there, for cfc_backward. scratch: (H + 2 units + K) (last - first) floats, with
- * mixed memory 5 H (last - first) more. */
-void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, const cfc_memory *m,
-                 int first, int last, float *scratch) {
+/* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B).
+ * scratch: (H + 2 units + K) (last - first) floats, with mixed memory 5 H (last - first) more. */
+void cfc_forward(const cfc_args *a, const float *initial, float *states, const cfc_memory *m, int first, int last,
+                 float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads, L = a->layers;
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
@@ -125,22 +123,18 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, float *
             lstm_step(a, t, first, R, h, c, gates);
             copy_columns(c, m->memory + (int64_t)t * H * B, H, R, B, first, 0);
         }
-        float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
         copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, h, R, 1.0f, z, R);
-        if (kept) copy_columns(z, kept, U, R, B, first, 0);
         activate(a->activation, z, (int64_t)U * R);
         float *x = z, *y = spare;
         for (int l = 0; l < L - 1; ++l) {
             fill_rows(y, a->hidden_biases[l], U, R);
             a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l], U, x, R, 1.0f, y, R);
-            if (kept) copy_columns(y, kept + (int64_t)(l + 1) * U * B, U, R, B, first, 0);
             activate(a->activation, y, (int64_t)U * R);
             float *swap = x; x = y; y = swap;
         }
         fill_rows(g, a->head_bias, K, R);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, x, R, 1.0f, g, R);
-        if (kept) copy_columns(g, kept + (int64_t)L * U * B, K, R, B, first, 0);
         tail(a->mode, a->ff_tanh, H, K, a->w_tau, a->A, g, a->timespans ? a->timespans + (int64_t)t * B + first : NULL, h, R);
         copy_columns(h, states + (int64_t)t * H * B, H, R, B, first, 0);
     }
@@ -250,12 +244,11 @@ static void add_row_sums(const float *m, float *out, int n, int r) {
  * pass's states (T, H, B) and their cotangents d_states (T, H, B): d_inputs (T, units, B),
  * d_initial (H, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
  * gradients added into d_state_weight (units, H), d_hidden_weights / d_hidden_biases (per hidden
- * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers. Each step's
- * pre-activations and head outputs come from cfc_forward's residuals, or (NULL) are recomputed
- * from its previous state.
- * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers. */
-void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,
-                  const float *d_states,
+ * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers; with mixed
+ * memory m's gradients too. Each step is recomputed from its previous state.
+ * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers, with
+ * mixed memory 8 H (last - first) more. */
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states,
                   float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
                   float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch) {
@@ -274,7 +267,9 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
     if (a->lstm_inputs)
         for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
     for (int t = a->steps - 1; t >= 0; --t) {
-        /* the step's forward pass: kept by cfc_forward, or again from its previous state */
+        /* the step's forward pass again, from its previous state (keeping each step's products
+         * from the forward pass instead was slower at batch 1024, 190 against 170 ms, and no
+         * faster at 32) */
         const float *source = t == 0 ? initial : states + (int64_t)(t - 1) * H * B;
         copy_columns(previous, (float *)source, H, R, B, first, 1);
         if (a->lstm_inputs) { /* the LSTM again: its output is the CfC step's previous state */
@@ -283,17 +278,11 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
             memcpy(c_out, c_in, n * sizeof(float));
             lstm_step(a, t, first, R, previous, c_out, gates);
         }
-        const float *kept = residuals ? residuals + (int64_t)t * (L * U + K) * B : NULL;
-        if (kept) {
-            copy_columns(z, (float *)kept, L * U, R, B, first, 1);
-            copy_columns(g, (float *)kept + (int64_t)L * U * B, K, R, B, first, 1);
-        } else {
-            copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
-            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
-        }
+        copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
+        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
         for (int l = 0; l < L; ++l) {
             float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
-            if (l > 0 && !kept) {
+            if (l > 0) {
                 fill_rows(zl, a->hidden_biases[l - 1], U, R);
                 a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, al - (int64_t)U * R, R,
                          1.0f, zl, R);
@@ -302,10 +291,8 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
             activate(a->activation, al, (int64_t)U * R);
         }
         const float *last_act = act + (int64_t)(L - 1) * U * R;
-        if (!kept) {
-            fill_rows(g, a->head_bias, K, R);
-            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
-        }
+        fill_rows(g, a->head_bias, K, R);
+        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
 
         /* the tail's vjp: dy (K, R) from d new state = d_states[t] + what the next step sent */
         const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;

@@ -11,11 +11,6 @@ from . import cfc_applies, library
 CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
 CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
 
-# Under a gradient the forward node also returns each step's pre-activations and head outputs,
-# which spare the backward node recomputing each step's products, when they take at most this
-# many bytes (W6, batch 1024 x 50: 66 MB); beyond, the backward node recomputes them.
-KEEP_BYTES = 256 << 20
-
 def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weight, hidden, head_weight, head_bias,
                w_tau=None, A=None, differentiable=False, memory=None):  # fmt: skip
     """Every step's state of a CfCCell with a backbone, feature-major.
@@ -30,8 +25,8 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     (H, B), recurrent weight (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
 
     Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
-    a quarter of the heads' product less. ``differentiable``: an MLX custom function whose vjp
-    is the kernel's backward pass (not pure mode), else the forward pass alone, evaluated.
+    a quarter of the heads' product less. ``differentiable``: pure mode raises ValueError (it has
+    no backward node).
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread."""
@@ -47,9 +42,8 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
         arrays += [lstm_inputs, initial_c, recurrent]
     if differentiable:
         _check_gated(mode)
-    keep = differentiable and 4 * steps * batch * ((len(hidden) + 1) * units + head_weight.shape[0]) <= KEEP_BYTES
     outputs = library().cfc_sequence(arrays, CFC_MODES[mode], CFC_ACTIVATIONS[activation], bool(ff_tanh), ts is not None,
-                                     len(hidden), keep, memory is not None, 0.0 if memory is None else float(forget_bias),
+                                     len(hidden), memory is not None, 0.0 if memory is None else float(forget_bias),
                                      blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 

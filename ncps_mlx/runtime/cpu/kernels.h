@@ -98,10 +98,9 @@ typedef struct {
     float *d_inputs, *d_initial_c, *d_recurrent;
 } cfc_memory;
 
-void cfc_forward(const cfc_args *a, const float *initial, float *states, float *residuals, const cfc_memory *m,
-                 int first, int last, float *scratch);
-void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *residuals,
-                  const float *d_states, float *d_inputs, float *d_initial, float *d_timespans,
+void cfc_forward(const cfc_args *a, const float *initial, float *states, const cfc_memory *m, int first, int last,
+                 float *scratch);
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_inputs, float *d_initial, float *d_timespans,
                   float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
                   float *d_head_weight, float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch);
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch);

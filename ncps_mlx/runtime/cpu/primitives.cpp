@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -47,7 +48,7 @@ namespace {
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
-// timed, hidden layers, keep residuals, mixed memory}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
+// timed, hidden layers, mixed memory}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
 // timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}. floats: LTC {epsilon}; CTRNN {delta_t, clip
 // (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}; CfC {forget bias} with mixed memory.
 struct Spec {
@@ -75,8 +76,7 @@ struct Spec {
     }
   }
   bool pure() const { return (loop == Loop::CfC || loop == Loop::Wired) && ints[0] == 1; }
-  bool keep() const { return loop == Loop::CfC && ints[5] != 0; }
-  bool mixed() const { return loop == Loop::CfC && ints[6] != 0; }
+  bool mixed() const { return loop == Loop::CfC && ints[5] != 0; }
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
@@ -157,6 +157,45 @@ struct ParameterGradients {
   }
 };
 
+// A part's scratch memory, kept between calls (one slot per part, taken while in use; a call that
+// finds its slot taken, by a concurrent one, allocates its own): a fresh allocation each call of
+// these sizes (0.1-2 MB) came as fresh pages from the system, ~8% of W6's backward pass in page
+// faults.
+class Scratch {
+ public:
+  Scratch(int part, size_t n) {
+    if (part < SLOTS && locks()[part].try_lock()) {
+      slot_ = part;
+      auto& kept = buffers()[part];
+      if (kept.size() < n) kept.resize(n);
+      data_ = kept.data();
+    } else {
+      own_.resize(n);
+      data_ = own_.data();
+    }
+  }
+  ~Scratch() {
+    if (slot_ >= 0) locks()[slot_].unlock();
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return data_; }
+
+ private:
+  static constexpr int SLOTS = 256;
+  static std::mutex* locks() {
+    static std::mutex slots[SLOTS];
+    return slots;
+  }
+  static std::vector<float>* buffers() {
+    static std::vector<float> slots[SLOTS];
+    return slots;
+  }
+  int slot_ = -1;
+  float* data_ = nullptr;
+  std::vector<float> own_;
+};
+
 const float* ptr(const mx::array& a) { return a.data<float>(); }
 float* ptr(mx::array& a) { return a.data<float>(); }
 
@@ -167,8 +206,8 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              ptr(in[p + 4]), ptr(in[p + 5]), ptr(in[p + 6]), ptr(in[0]), timed ? ptr(in[2]) : nullptr};
   if (!spec.backward) {
     float* states = ptr(out[0]);
-    over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch(5 * size_t(S));
+    over_batch(B, [&](int part, int first, int last) {
+      Scratch scratch(part, 5 * size_t(S));
       ltc_forward(&a, ptr(in[1]), states, first, last, scratch.data());
     });
     return;
@@ -176,7 +215,7 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const mx::array& d_states = in[p + 7];
   ParameterGradients grads(out, p);
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch((size_t(T) * spec.ints[0] + 1 + 9) * S);
+    Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9) * S);
     auto g = grads.of_part(part);
     ltc_backward(&a, ptr(in[1]), ptr(d_states), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr, g[0], g[1],
                  g[2], g[3], g[4], g[5], g[6], first, last, scratch.data());
@@ -204,24 +243,22 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
   const size_t extra = mixed ? 5 * size_t(H) : 0;
   if (!spec.backward) {
-    float* residuals = spec.keep() ? ptr(out[1]) : nullptr;
     cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch((H + 2 * U + K + extra) * (last - first));
-      cfc_forward(&a, ptr(in[1]), ptr(out[0]), residuals, &memory, first, last, scratch.data());
+    over_batch(B, [&](int part, int first, int last) {
+      Scratch scratch(part, (H + 2 * U + K + extra) * (last - first));
+      cfc_forward(&a, ptr(in[1]), ptr(out[0]), &memory, first, last, scratch.data());
     });
     return;
   }
-  // then: states, d states, [residuals], [memory, d memory]
-  const float* residuals = spec.keep() ? ptr(in[n + 2]) : nullptr;
-  const int m = n + 2 + spec.keep();
+  // then: states, d states, [memory, d memory]
+  const int m = n + 2;
   std::vector<size_t> summed = range(p, c);
   if (mixed) summed.push_back(c + 2);
   ParameterGradients grads(out, summed);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch((2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0)) * (last - first));
+    Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0)) * (last - first));
     auto g = grads.of_part(part);  // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent]
     std::vector<float*> d_weights, d_biases;
     for (int l = 0; l < n_hidden; ++l) {
@@ -230,7 +267,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
     }
     cfc_memory own = memory;
     if (mixed) own.d_recurrent = g.back();
-    cfc_backward(&a, ptr(in[1]), ptr(in[n]), residuals, ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+    cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
                  timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2],
                  mixed ? &own : nullptr, first, last, scratch.data());
   });
@@ -268,15 +305,15 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                timed ? ptr(in[2]) : nullptr, input_weights.data(), biases.data(), state_weights.data(), w_tau.data(),
                A.data(), reinterpret_cast<sgemm_fn>(spec.sgemm)};
   if (!spec.backward) {
-    over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch(size_t(S + max_k) * (last - first));
+    over_batch(B, [&](int part, int first, int last) {
+      Scratch scratch(part, size_t(S + max_k) * (last - first));
       wired_cfc_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
     });
     return;
   }
   ParameterGradients grads(out, p);
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch(size_t(4 * S + sum_k + max_k + 1) * (last - first));
+    Scratch scratch(part, size_t(4 * S + sum_k + max_k + 1) * (last - first));
     auto g = grads.of_part(part);
     std::vector<float*> d_input_weights, d_biases, d_state_weights;
     for (int l = 0; l < layers; ++l) {
@@ -299,8 +336,8 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), reinterpret_cast<sgemm_fn>(spec.sgemm)};
   const int n = p + feedback + 1;
   if (!spec.backward) {
-    over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch(3 * size_t(U) * (last - first));
+    over_batch(B, [&](int part, int first, int last) {
+      Scratch scratch(part, 3 * size_t(U) * (last - first));
       ctrnn_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
     });
     return;
@@ -308,7 +345,7 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   ParameterGradients grads(out, p);
   float d_recurrent_unused = 0.0f;
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch(size_t(3 * K + 5) * U * (last - first));
+    Scratch scratch(part, size_t(3 * K + 5) * U * (last - first));
     auto g = grads.of_part(part);
     ctrnn_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr,
                    feedback ? g[0] : &d_recurrent_unused, g[feedback], first, last, scratch.data());
@@ -324,8 +361,8 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                reinterpret_cast<sgemm_fn>(spec.sgemm)};
   const size_t UM = size_t(U) * M;
   if (!spec.backward) {
-    over_batch(B, [&](int, int first, int last) {
-      std::vector<float> scratch((7 * UM + 3 * U) * (last - first));
+    over_batch(B, [&](int part, int first, int last) {
+      Scratch scratch(part, (7 * UM + 3 * U) * (last - first));
       ctgru_forward(&a, ptr(in[1]), ptr(out[0]), ptr(out[1]), first, last, scratch.data());
     });
     return;
@@ -333,7 +370,7 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   const int n = p + 2;  // then states, d states, d outputs
   ParameterGradients grads(out, p);
   over_batch(B, [&](int part, int first, int last) {
-    std::vector<float> scratch((10 * UM + 6 * U) * (last - first));
+    Scratch scratch(part, (10 * UM + 6 * U) * (last - first));
     auto g = grads.of_part(part);
     ctgru_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 2]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
                    timed ? ptr(out[2]) : nullptr, g[0], g[1], first, last, scratch.data());
@@ -464,7 +501,6 @@ class SequenceKernel : public mx::Primitive {
       inputs.push_back(outputs[0]);
     }
     inputs.push_back(cotangents[0]);
-    if (spec_.keep()) inputs.push_back(outputs[1]);
     if (spec_.mixed()) {
       inputs.push_back(outputs.back());
       inputs.push_back(cotangents.back());
@@ -548,16 +584,15 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   if (spec.backward) {
     const Loop l = spec.loop;
     const bool one = l == Loop::LTC || l == Loop::Projection || l == Loop::Sensory;  // only a cotangent
-    size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - spec.keep() - 2 * spec.mixed();
+    size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - 2 * spec.mixed();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
     require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
     shapes.push_back({x.shape(0), x.shape(1), inputs[p].shape(0)});
   } else if (spec.loop == Loop::CfC) {
     require(x.ndim() == 3, "CfC: inputs (T, units, B)");
-    int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1), U = x.shape(1), K = inputs[p + 1].shape(0);
+    const int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1);
     shapes.push_back({T, H, B});
-    if (spec.keep()) shapes.push_back({T, (spec.ints[4] + 1) * U + K, B});
     if (spec.mixed()) shapes.push_back({T, H, B});
   } else if (spec.loop == Loop::Sensory) {
     require(x.ndim() == 3 && inputs.size() == 5 && inputs[1].ndim() == 2 && inputs[1].shape(0) == x.shape(2),
@@ -612,12 +647,12 @@ NB_MODULE(_kernels, m) {
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
-         bool keep, bool mixed, float forget_bias, uintptr_t sgemm) {
-        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, keep, mixed},
+         bool mixed, float forget_bias, uintptr_t sgemm) {
+        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, mixed},
                              mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
                         std::move(arrays));
       },
-      "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "keep"_a, "mixed"_a,
+      "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "mixed"_a,
       "forget_bias"_a, "sgemm"_a);
   m.def(
       "wired_cfc_sequence",
