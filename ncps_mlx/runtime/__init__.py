@@ -5,8 +5,9 @@ way to run it, and the plain MLX loop is always there as the reference the other
 against. In order of preference:
 
 * ``cpu``: a cell's whole loop in one CPU kernel, an MLX primitive built at install time (the
-  LTC's, the CfC's and the CTRNN's, on Linux), forward and backward, also under ``mx.vmap``
-  and ``mx.compile`` (``sequence_kernel``);
+  LTC's, the CfC's, the CTRNN's and the CTGRU's, on Linux), forward and backward, also under
+  ``mx.vmap`` and ``mx.compile`` (``sequence_kernel``), and the sequence's input projection
+  (``project_input``);
 * ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
 * the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap`` or
   ``mx.compile`` without a kernel).

@@ -11,9 +11,10 @@ its thread count is set to 1 once, when it is loaded, and its worker threads the
 (an idle OpenBLAS worker spins ~0.1 s after every product by default, which took a core from
 torch or from MLX's own threads: performance-notes).
 
-MLX's own products (input projections on MLX's path, CTRNN, CTGRU) keep MLX's BLAS: an earlier
-version of this module swapped it at import through an ELF shim, an import side effect that
-held only when ``ncps_mlx`` was imported before ``mlx.core``.
+MLX's own products keep MLX's BLAS: an earlier version of this module swapped it at import
+through an ELF shim, an import side effect that held only when ``ncps_mlx`` was imported before
+``mlx.core``. With the input projections and every loop but the mixed-memory LTC's and wired
+CfC's in the kernels, what is left on it is small.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ Three ways to run the model's one time loop (``SequenceModel.time_loop``), chose
 
   Higher-order gradients through this path are not supported.
 
-Where a cell's loop has a CPU kernel that applies (``runtime.cpu``: the LTC's, a CfC's, the
-CTRNN's on Linux), ``SequenceModel`` runs that instead of the compiled and differentiable loops
-here.
+Where a cell's loop has a CPU kernel that applies (``runtime.cpu``: on Linux the LTC's, a
+CfC's, the CTRNN's, the CTGRU's), ``SequenceModel`` runs that instead of the compiled and
+differentiable loops here.
 
 A step function here takes flat lists of arrays ("leaves"): the fixed ones (parameters and
 the cell's ``prepare()`` output, the same at every step) and the step's own (input slice,

@@ -1,15 +1,21 @@
-"""The time loops of the LTC and the CfC as CPU kernels, where MLX's own are slow.
+"""The models' time loops as CPU kernels, where MLX's own are slow.
 
-On MLX's CPU backend a time step is many small operations, each dispatched to a stream thread,
-and the LTC's (batch, S, S) synapse tensors have broadcast inputs, for which MLX generates scalar
-loops. These kernels run a whole sequence in one node of MLX's graph:
+On MLX's CPU backend a time step is many small operations, each dispatched to a stream thread;
+the LTC's (batch, S, S) synapse tensors have broadcast inputs, for which MLX generates scalar
+loops; and the Linux mlx[cpu] wheel's matrix products run on a reference BLAS (~3 GFLOP/s).
+These kernels run a whole sequence in one node of MLX's graph:
 
 * ``ltc.c``: an LTC's loop, forward and backward, a batch row at a time, the synapse loops
-  vectorised; the backward pass recomputes each row's forward pass and walks it back.
+  vectorised; the backward pass recomputes each row's forward pass and walks it back. Also the
+  sensory synapses of its input (``LTCSensory``).
 * ``cfc.c``: a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a matrix
   product of the kernels' own OpenBLAS (``runtime.blas``) on a block of batch columns: forward
-  and backward for every CfC (wired, or with or without a backbone), except pure mode's
-  backward pass, which stays MLX's.
+  and backward for every CfC (wired, or with or without a backbone; with a backbone also mixed
+  memory's "state" circuit), except pure mode's backward pass, which stays MLX's.
+* ``ctrnn.c``, ``ctgru.c``: the CTRNN's and the CTGRU's loops, batch-major, their products in
+  the same BLAS; each step recomputed in the backward pass.
+* ``InputProjection`` (``primitives.cpp``): a sequence's affine input projection, one product
+  in that BLAS instead of MLX's (``projection.py``).
 
 ``primitives.cpp`` makes them MLX primitives (MLX's ``examples/extensions`` way): each loop a
 node with ``eval_cpu``, a ``vjp`` for every input (parameters, inputs, initial state,

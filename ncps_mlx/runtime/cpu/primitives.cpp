@@ -3,8 +3,9 @@
 // other operation. Built at install time by setup.py through CMake (CMakeLists.txt beside this
 // file); ncps_mlx/runtime/cpu/__init__.py says what the arrays hold.
 //
-// One primitive class, SequenceKernel, for the three loops (LTC, CfC with a backbone, wired
-// CfC), forward or backward. The forward node's vjp is a backward node whose outputs are the
+// One primitive class, SequenceKernel, for the loops (LTC, CfC with a backbone, wired CfC,
+// CTRNN, CTGRU) and two per-sequence input terms (an affine input projection, an LTC's sensory
+// synapses), forward or backward. The forward node's vjp is a backward node whose outputs are the
 // gradients of all its inputs (the parameters' summed over the batch). The backward node has no
 // vjp of its own (second derivatives): it raises, it never returns zeros.
 //
