@@ -148,7 +148,8 @@ class SequenceModel(nn.Module):
             # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
             # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
             with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
-                lstm_inputs = runtime.project_input(self.lstm, x) if self.use_mixed else None
+                # Feature-major, as the CfC kernel reads it (a (B, T, 4H) view either way).
+                lstm_inputs = runtime.project_input(self.lstm, x, features_first=True) if self.use_mixed else None
                 cell_inputs = None
                 if not (self.use_mixed and self.memory_circuit == "input"):
                     cell_inputs = runtime.project_input(self.rnn_cell, x)

@@ -55,12 +55,13 @@ def sequence_kernel(cell, inputs, h, ts=None, differentiable=False, memory=None)
     return kernel[0](cell, inputs, h, ts, differentiable, memory=memory)
 
 
-def project_input(cell, x):
+def project_input(cell, x, features_first=False):
     """``cell.project_input(x)`` for a sequence x (B, T, I): where the product is affine
     (``cell.input_projection()``) and a kernel applies, in the kernels' BLAS (``cpu.projection``),
-    else the cell's own."""
+    else the cell's own. ``features_first``: laid out (T, P, B) in memory (a view), as a kernel
+    that reads it feature-major wants it, whatever the cell's own layout."""
     if choice() != "mlx" and x.ndim == 3:
-        projected = cpu.input_projection(cell, x)
+        projected = cpu.input_projection(cell, x, features_first)
         if projected is not None:
             return projected
     return cell.project_input(x)

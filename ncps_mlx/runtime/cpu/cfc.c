@@ -96,16 +96,22 @@ static void copy_columns(float *block, float *wide, int n, int R, int B, int fir
 
 /* The mixed-memory LSTM of step t on a block: from h (H, R) and c (H, R), c updated in place
  * and the output written over h; gates (4H, R) gets the pre-activations. */
+static void lstm_gates(int64_t n, float forget_bias, const float *restrict input, const float *restrict input_gate,
+                       const float *restrict forget_gate, const float *restrict output_gate, float *restrict c,
+                       float *restrict h) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float forget = sigmoid(forget_gate[i] + forget_bias);
+        c[i] = c[i] * forget + rational_tanh(input[i]) * sigmoid(input_gate[i]);
+        h[i] = rational_tanh(c[i]) * sigmoid(output_gate[i]);
+    }
+}
+
 static void lstm_step(const cfc_args *a, int t, int first, int R, float *h, float *c, float *gates) {
     const int B = a->batch, H = a->hidden;
     copy_columns(gates, (float *)a->lstm_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 1);
     a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 4 * H, R, H, 1.0f, a->lstm_recurrent, H, h, R, 1.0f, gates, R);
     const int64_t n = (int64_t)H * R;
-    for (int64_t i = 0; i < n; ++i) {
-        const float forget = sigmoid(gates[2 * n + i] + a->forget_bias);
-        c[i] = c[i] * forget + rational_tanh(gates[i]) * sigmoid(gates[n + i]);
-        h[i] = rational_tanh(c[i]) * sigmoid(gates[3 * n + i]);
-    }
+    lstm_gates(n, a->forget_bias, gates, gates + n, gates + 2 * n, gates + 3 * n, c, h);
 }
 
 /* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B).

@@ -12,9 +12,9 @@ from .. import blas
 from . import applies, cfc_applies, library
 
 
-def input_projection(cell, x):
-    """``cell.project_input(x)`` for x (B, T, I), the same layout (feature-major cells: a
-    (B, T, P) view of (T, P, B)), differentiable; None where the cell's projection is not
+def input_projection(cell, x, features_first=False):
+    """``cell.project_input(x)`` for x (B, T, I), the same layout (feature-major cells, or with
+    ``features_first``: a (B, T, P) view of (T, P, B)), differentiable; None where the cell's projection is not
     affine (no ``input_projection()``) nor an LTC's (``sensory_synapse_arrays()``), the kernels
     do not apply or the arrays are not float32."""
     sensory = getattr(cell, "sensory_synapse_arrays", None)
@@ -29,6 +29,6 @@ def input_projection(cell, x):
     weight, bias = affine()
     if any(a.dtype != mx.float32 for a in (x, weight, bias)):
         return None
-    features_first = getattr(cell, "features_first_inputs", False)
+    features_first = features_first or getattr(cell, "features_first_inputs", False)
     y = library().input_projection(x, weight, bias, features_first, blas.sgemm_address())
     return y.transpose(2, 0, 1) if features_first else y
