@@ -30,6 +30,8 @@ def info() -> str:
         f"runtime     NCPS_MLX_RUNTIME={runtime.choice()}",
         f"kernels     {runtime.cpu.status()}",
         f"kernel BLAS {runtime.blas.status()}",
+        "mx.compile  " + ("keeps its traces" if runtime.stepping.compile_caches() else
+                          "traces every call (MLX found no C++ compiler): MLX's path is slower"),
         "models:",
     ]
     probes = {

@@ -83,3 +83,20 @@ def test_an_unknown_runtime_choice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("NCPS_MLX_RUNTIME", "fast")
     with pytest.raises(ValueError, match="NCPS_MLX_RUNTIME must be one of auto, mlx; got 'fast'"):
         ncps_mlx.LTC(3, 5)(mx.ones((2, 4, 3)))
+
+
+def test_info_says_when_mx_compile_cannot_keep_its_traces(tmp_path):
+    """With no C++ compiler on PATH, MLX's CPU compile traces every call (and the models take
+    their differentiable pass): ``info`` says so; with one (as here, where the kernels were
+    built) it keeps its traces."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    runs = {}
+    for name, path in (("no compiler", str(empty)), ("as installed", os.environ["PATH"])):
+        done = subprocess.run([sys.executable, "-m", "ncps_mlx", "info"], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PATH": path})  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        runs[name] = next(line for line in done.stdout.splitlines() if line.startswith("mx.compile"))
+    assert "traces every call" in runs["no compiler"]
+    if shutil.which("g++") or shutil.which("c++"):
+        assert "keeps its traces" in runs["as installed"]

@@ -55,19 +55,22 @@ class CTGRUCell(nn.Module):
             layer.weight = glorot_uniform(layer.weight.shape)
             layer.bias = mx.zeros(layer.bias.shape)
 
-        # Fixed constants of the configuration, not weights: computed in float64 and kept out
-        # of the parameter tree. ln tau_0 = 0, so trace 0's "ltc" decay exp(-1/0) is set to 0
-        # explicitly rather than evaluated.
+        # Fixed constants of the configuration, not weights: computed in float64. ln tau_0 = 0,
+        # so trace 0's "ltc" decay exp(-1/0) is set to 0 explicitly rather than evaluated. Kept
+        # in the instance's __dict__, outside the module's tree: mx.value_and_grad (through
+        # nn.value_and_grad, which passes the model along) swaps every array of that tree for
+        # its tracer while it traces, and the differentiable pass, run on its own thread
+        # (runtime.stepping), cannot evaluate the caller's tracers. The host copies are read
+        # without evaluating (inside mx.compile), by the CPU kernel.
         tau_table = 10.0 ** (np.arange(self.M) / 2.0)
         ln_tau = np.arange(self.M) / 2.0 * math.log(10.0)
         ltc_decay = np.zeros(self.M)
         ltc_decay[1:] = np.exp(-1.0 / ln_tau[1:])
-        # Also kept on the host (float32), readable without evaluating inside mx.compile.
-        self._time_scales = {"ln_tau": ln_tau.astype(np.float32), "inv_tau": (1.0 / tau_table).astype(np.float32),
-                             "ltc_decay": ltc_decay.astype(np.float32)}  # fmt: skip
-        self._ln_tau = mx.array(self._time_scales["ln_tau"])
-        self._inv_tau = mx.array(self._time_scales["inv_tau"])
-        self._ltc_decay = mx.array(self._time_scales["ltc_decay"])
+        scales = {"ln_tau": ln_tau.astype(np.float32), "inv_tau": (1.0 / tau_table).astype(np.float32),
+                  "ltc_decay": ltc_decay.astype(np.float32)}  # fmt: skip
+        self.__dict__["_time_scales"] = scales
+        for name, value in scales.items():
+            self.__dict__[f"_{name}"] = mx.array(value)
 
     @property
     def state_size(self) -> int:
