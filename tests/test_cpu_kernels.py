@@ -199,8 +199,7 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
                          ids=["ltc", "cfc", "wired_cfc", "cfc_mixed", "ctrnn", "ctgru"])
 def test_kernels_are_graph_nodes_under_vmap_compile_and_grad(make, kernel_calls):
     """The kernels are MLX primitives: mx.vmap (over a batch of batches), mx.compile and
-    mx.grad of mx.vmap run them, and agree with MLX's path, one slice at a time (MLX's path
-    itself fails under mx.vmap for a CfC: MLX's vmap of addmm with a (K, 1) bias)."""
+    mx.grad of mx.vmap run them, and agree with MLX's path, one slice at a time."""
     model = make()
     rng = np.random.default_rng(5)
     x = mx.array(rng.normal(size=(3, 2, 7, 5)).astype(np.float32))
