@@ -239,9 +239,7 @@ class CfCCell(nn.Module):
         """The matrix products of a step, feature-major: (head input y (K, B), the backbone's
         pre-activations and activations). Without a backbone y is the first layer's output."""
         _, _, state_weight, heads, hidden = prepared
-        # MLX's vmap of addmm fails when only the addend is batched: the first step under
-        # mx.vmap, whose initial state is not. mx.vmap runs the eager loop ("exact" functions).
-        z = state_weight @ h + u if fastmath.mode() == "exact" else mx.addmm(u, state_weight, h)
+        z = mx.addmm(u, state_weight, h)
         if self.backbone_layers == 0:
             return z, [], []
         zs, activations = [z], [self.activation(z)]
