@@ -765,21 +765,17 @@ def _count_trace(*arrays):
 _probe = mx.compile(_count_trace)
 
 
+@functools.cache
 def compile_caches() -> bool:
     """Whether ``mx.compile`` keeps its traces here. On the CPU it does only where MLX finds a
     C++ compiler for its kernels; without one it traces every call afresh, so compiled steps
     cost their trace each time and ``under_transformation`` is always True: every model call
     then takes the differentiable pass (correct, slower)."""
-    if "caches" not in _COMPILE:
-        x = mx.zeros((1,))
-        before = _probe_traces[0]
-        for _ in range(3):
-            _probe(x)
-        _COMPILE["caches"] = _probe_traces[0] - before <= 1
-    return _COMPILE["caches"]
-
-
-_COMPILE: dict = {}
+    x = mx.zeros((1,))
+    before = _probe_traces[0]
+    for _ in range(3):
+        _probe(x)
+    return _probe_traces[0] - before <= 1
 
 
 def under_transformation(arrays) -> bool:

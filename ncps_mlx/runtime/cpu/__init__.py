@@ -116,6 +116,18 @@ def turned_off():
         _off.value = previous
 
 
+def all_float32(*arrays) -> bool:
+    """Whether every array (None skipped) is float32, the kernels' one dtype."""
+    return all(a.dtype == mx.float32 for a in arrays if a is not None)
+
+
+def by_row(timespans, batch: int, steps: int):
+    """None, or timespans (0-d or (B, T, 1)) as a (B, T) array, the batch-major kernels' layout."""
+    if timespans is None:
+        return None
+    return mx.broadcast_to(timespans.reshape(timespans.shape[:2]) if timespans.ndim == 3 else timespans, (batch, steps))
+
+
 def cfc_applies() -> bool:
     """Whether a CfC runs in the kernel now: ``applies()``, and the kernels' BLAS loads."""
     return applies() and blas.sgemm_address() is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import blas
-from . import cfc_applies, library
+from . import all_float32, by_row, cfc_applies, library
 
 CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
 CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
@@ -34,7 +34,7 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     if timespans is None and mode != "pure":
         head_weight = _fused_gate(head_weight, state_weight.shape[1])
         head_bias = _fused_gate(head_bias, state_weight.shape[1])
-    ts = _by_step(timespans, steps, batch)
+    ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
     arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
     arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
     if memory is not None:
@@ -51,13 +51,6 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
 def _check_gated(mode):
     if mode == "pure":
         raise ValueError("The CfC kernels have no backward pass for pure mode: run it on MLX's path")
-
-
-def _by_step(timespans, steps, batch):
-    """None, or timespans (0-d or (B, T, 1)) as a (T, B) array, the kernels' layout."""
-    if timespans is None:
-        return None
-    return mx.broadcast_to(timespans.reshape(timespans.shape[:2]).T if timespans.ndim == 3 else timespans, (steps, batch))
 
 
 def _fused_gate(rows, hidden_size, axis=0):
@@ -87,7 +80,7 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differen
         inputs = _fused_gate(inputs, sizes[0], axis=1)
         layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
                   for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
-    ts = _by_step(timespans, steps, batch)
+    ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
     arrays = [inputs, initial] + ([] if ts is None else [ts])
     for i, (w, b, state_weight, tau, A) in enumerate(layers):
         arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
@@ -102,7 +95,7 @@ def _kernel_applies(mode, differentiable, *arrays) -> bool:
     here, and under a gradient a gated mode (their backward passes are those modes')."""
     if differentiable and mode == "pure":
         return False
-    return all(a.dtype == mx.float32 for a in arrays if a is not None) and cfc_applies()
+    return all_float32(*arrays) and cfc_applies()
 
 
 def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False, memory=None):

@@ -18,10 +18,10 @@
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
-static float decay_of(const ctgru_args *a, int b, int t, int m) {
-    if (!a->mozer) return a->decay[m];
+/* Row b's decay of each time scale at step t, into decay (M,): once a row, not once a trace. */
+static void decays(const ctgru_args *a, int b, int t, float *decay) {
     const float ts = a->timespans ? a->timespans[(int64_t)b * a->steps + t] : 1.0f;
-    return expf(-ts * a->decay[m]);
+    for (int m = 0; m < a->scales; ++m) decay[m] = a->mozer ? expf(-ts * a->decay[m]) : a->decay[m];
 }
 
 static void softmax_scales(const ctgru_args *a, const float *z, float *p, int64_t groups) {
@@ -70,19 +70,22 @@ static void step(const ctgru_args *a, int t, int first, int R, const float *trac
     a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, R, U, U, 1.0f, s.v, U, a->w_q, U, 1.0f, s.q, U);
     for (int64_t i = 0; i < (int64_t)R * U; ++i) s.q[i] = rational_tanh(s.q[i]);
     const float clip = a->clip;
-    for (int r = 0; r < R; ++r)
+    float decay[M];
+    for (int r = 0; r < R; ++r) {
+        decays(a, first + r, t, decay);
         for (int j = 0; j < U; ++j) {
             const float q = s.q[(int64_t)r * U + j];
             const float *store = s.p + (int64_t)r * 2 * UM + UM + j * M;
             for (int m = 0; m < M; ++m) {
                 const int64_t i = (int64_t)r * UM + j * M + m;
                 const float mixed = (1.0f - store[m]) * traces[i] + store[m] * q;
-                float value = mixed * decay_of(a, first + r, t, m);
+                float value = mixed * decay[m];
                 s.mixed[i] = mixed;
                 if (clip > 0.0f) value = value > clip ? clip : (value < -clip ? -clip : value);
                 next[i] = value;
             }
         }
+    }
 }
 
 /* scratch for step_parts: (5 U M + 3 U) R floats. */
@@ -149,20 +152,21 @@ void ctgru_backward(const ctgru_args *a, const float *initial, const float *stat
             const int b = first + r;
             const float *ds = d_states + ((int64_t)b * T + t) * UM, *dout = d_outputs + ((int64_t)b * T + t) * U;
             double d_ts = 0.0;
+            float decay[M];
+            decays(a, b, t, decay);
             for (int j = 0; j < U; ++j) {
                 const float q = s.q[(int64_t)r * U + j];
                 const float *store = s.p + (int64_t)r * 2 * UM + UM + j * M;
                 float d_q = 0.0f;
                 for (int m = 0; m < M; ++m) {
                     const int64_t i = (int64_t)r * UM + j * M + m;
-                    const float decay = decay_of(a, b, t, m);
                     float d_new = ds[j * M + m] + carried[i] + dout[j];
                     if (clip > 0.0f) {
-                        const float pre = s.mixed[i] * decay;
+                        const float pre = s.mixed[i] * decay[m];
                         if (pre > clip || pre < -clip) d_new = 0.0f;
                     }
-                    if (a->mozer) d_ts -= d_new * s.mixed[i] * decay * a->decay[m];
-                    const float d_mixed = d_new * decay;
+                    if (a->mozer) d_ts -= d_new * s.mixed[i] * decay[m] * a->decay[m];
+                    const float d_mixed = d_new * decay[m];
                     carried[i] = d_mixed * (1.0f - store[m]);           /* the traces' own path */
                     dz[(int64_t)r * 2 * UM + UM + j * M + m] = d_mixed * (q - traces[i]); /* d store */
                     d_q += d_mixed * store[m];

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .. import blas
-from . import cfc_applies, library
+from . import all_float32, by_row, cfc_applies, library
 
 
 def ctgru_cell_sequence(cell, inputs, state, ts=None, differentiable=False):
@@ -15,14 +15,14 @@ def ctgru_cell_sequence(cell, inputs, state, ts=None, differentiable=False):
     (as for a CfC: the kernels' BLAS is needed) or the arrays are not float32. Timespans count
     only with ``decay="mozer"``, as in the cell."""
     w_r, w_s, w_q = cell.prepare()
-    if any(a.dtype != mx.float32 for a in (inputs, state, w_q) + (() if ts is None else (ts,))) or not cfc_applies():
+    if not all_float32(inputs, state, w_q, ts) or not cfc_applies():
         return None
     mozer = cell.decay == "mozer"
     timed = mozer and ts is not None
     batch, steps = inputs.shape[:2]
     arrays = [inputs, state]
     if timed:
-        arrays.append(mx.broadcast_to(ts.reshape(ts.shape[:2]) if ts.ndim == 3 else ts, (batch, steps)))
+        arrays.append(by_row(ts, batch, steps))
     arrays += [mx.concatenate([w_r, w_s], axis=1), w_q]
     # The time scales are constants of the configuration, attributes of the node.
     ln_tau = cell._time_scales["ln_tau"].tolist()

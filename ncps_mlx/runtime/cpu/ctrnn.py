@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import blas
-from . import cfc_applies, library
+from . import all_float32, by_row, cfc_applies, library
 
 
 def ctrnn_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
@@ -15,12 +15,12 @@ def ctrnn_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
     the same (B, T, U) array; None where the kernel does not apply (as for a CfC: the kernels'
     BLAS is needed) or the arrays are not float32."""
     weight = cell.step.weight
-    if any(a.dtype != mx.float32 for a in (inputs, h, weight) + (() if ts is None else (ts,))) or not cfc_applies():
+    if not all_float32(inputs, h, weight, ts) or not cfc_applies():
         return None
     batch, steps = inputs.shape[:2]
     arrays = [inputs, h]
     if ts is not None:
-        arrays.append(mx.broadcast_to(ts.reshape(ts.shape[:2]) if ts.ndim == 3 else ts, (batch, steps)))
+        arrays.append(by_row(ts, batch, steps))
     if cell.global_feedback:
         arrays.append(weight[:, cell.input_size :].T)
     arrays.append(nn.softplus(cell.tau_raw).reshape(1) if cell.learn_tau else mx.array([cell.tau], mx.float32))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
-
-from . import applies, library
+from . import all_float32, applies, by_row, library
 
 
 def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_erev, cm, gleak, leak):
@@ -17,8 +15,7 @@ def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_ere
     batch, steps = inputs.shape[:2]
     arrays = [inputs, initial]
     if timespans is not None:
-        arrays.append(mx.broadcast_to(timespans.reshape(timespans.shape[:2]) if timespans.ndim == 3 else timespans,
-                                      (batch, steps)))  # fmt: skip
+        arrays.append(by_row(timespans, batch, steps))
     arrays += [sigma, mu, w, w_erev, cm, gleak, leak]
     return library().ltc_sequence(arrays, int(unfolds), float(epsilon), timespans is not None)
 
@@ -28,8 +25,7 @@ def ltc_cell_sequence(cell, inputs, v, ts=None, differentiable=False):
     ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's
     state (B, T, S)); None where the kernel does not apply (``applies()``) or the arrays are not
     float32. Every synapse is computed, masked, as in the dense step."""
-    arrays = (inputs, v, cell.sigma, cell.mu, cell.w, cell.cm) + (() if ts is None else (ts,))
-    if any(a.dtype != mx.float32 for a in arrays) or not applies():
+    if not all_float32(inputs, v, cell.sigma, cell.mu, cell.w, cell.cm, ts) or not applies():
         return None
     gleak = cell._positive(cell.gleak)
     w = cell._positive(cell.w) * cell.sparsity_mask

@@ -6,10 +6,8 @@ two thirds of the forward pass); an LTC's sensory synapses as the ``LTCSensory``
 
 from __future__ import annotations
 
-import mlx.core as mx
-
 from .. import blas
-from . import applies, cfc_applies, library
+from . import all_float32, applies, cfc_applies, library
 
 
 def input_projection(cell, x, features_first=False):
@@ -20,14 +18,14 @@ def input_projection(cell, x, features_first=False):
     sensory = getattr(cell, "sensory_synapse_arrays", None)
     if sensory is not None:
         arrays = sensory()
-        if any(a.dtype != mx.float32 for a in (x, *arrays)) or not applies():
+        if not all_float32(x, *arrays) or not applies():
             return None
         return library().ltc_sensory(cell.map_input(x), *arrays)
     affine = getattr(cell, "input_projection", None)
     if affine is None or not cfc_applies():
         return None
     weight, bias = affine()
-    if any(a.dtype != mx.float32 for a in (x, weight, bias)):
+    if not all_float32(x, weight, bias):
         return None
     features_first = features_first or getattr(cell, "features_first_inputs", False)
     y = library().input_projection(x, weight, bias, features_first, blas.sgemm_address())
