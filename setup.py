@@ -36,6 +36,10 @@ if _wanted() is None:
             try:
                 super().run()
             except Exception as error:  # any build failure: the MLX path still works
+                for extension in self.extensions:  # a stale build would run against the new sources
+                    stale = self.get_ext_fullpath(extension.name)
+                    if os.path.exists(stale):
+                        os.remove(stale)
                 self.warn(f"ncps_mlx: the CPU kernels were not built ({error}); the models will run on MLX's "
                           "operations (python -m ncps_mlx info)")  # fmt: skip
 
