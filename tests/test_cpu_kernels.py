@@ -310,9 +310,8 @@ def test_cfc_forward_equals_mlx_path(name, timespans, kernel_calls):
 
 @applies
 def test_cfc_kernels_where_they_apply(kernel_calls):
-    """Every CfC in the kernels, forward and under a gradient, except pure mode under a gradient
-    (only MLX's path has that backward pass); none with mixed memory or float16; every batch
-    size and layout."""
+    """Every CfC in the kernels, forward and under a gradient, in every mode; none in float16;
+    every batch size and layout."""
     if blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
     rng = np.random.default_rng(7)
@@ -325,13 +324,12 @@ def test_cfc_kernels_where_they_apply(kernel_calls):
     for each in (model, wired, pure, wired_pure):
         value, grads = nn.value_and_grad(each, lambda m: mx.sum(m(x)[0]))(each)
         mx.eval(value, grads)
-    assert kernel_calls["cfc_states"] == kernel_calls["cfc_backward"] == 1
-    assert kernel_calls["wired_cfc_states"] == kernel_calls["wired_backward"] == 1
-    ncps_mlx.CfC(5, 8, mixed_memory=True)(x)
+    assert kernel_calls["cfc_states"] == kernel_calls["cfc_backward"] == 2
+    assert kernel_calls["wired_cfc_states"] == kernel_calls["wired_backward"] == 2
     half = ncps_mlx.CfC(5, 8)
     half.set_dtype(mx.float16)
     half(x.astype(mx.float16))
-    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 1
+    assert kernel_calls["cfc_states"] == kernel_calls["wired_cfc_states"] == 2
     for batch in (1, 2, 5):
         xs = mx.array(rng.normal(size=(batch, 6, 5)).astype(np.float32))
         for each in (model, wired):
@@ -343,11 +341,12 @@ def test_cfc_kernels_where_they_apply(kernel_calls):
     assert y.shape == (4, 3) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
     (y, h), (y_mlx, h_mlx) = both_paths(lambda: wired(x[0]))  # unbatched
     assert y.shape == (6, 3) and h.shape == (10,) and max_diff(y, y_mlx) <= 2e-6 and max_diff(h, h_mlx) <= 2e-6
-    assert kernel_calls["cfc_states"] == 5 and kernel_calls["wired_cfc_states"] == 5
+    assert kernel_calls["cfc_states"] == 6 and kernel_calls["wired_cfc_states"] == 6
 
 
-GRADIENT_CFC_CASES = ["default", "no_gate", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13", "no_backbone",
-                      "wired_autoncp", "wired_ncp_no_gate", "wired_autoncp_raw_heads"]  # fmt: skip
+GRADIENT_CFC_CASES = ["default", "no_gate", "pure", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13",
+                      "no_backbone", "no_backbone_pure", "wired_autoncp", "wired_ncp_no_gate", "wired_random_pure",
+                      "wired_autoncp_raw_heads"]  # fmt: skip
 
 
 @applies
@@ -383,12 +382,14 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
 
 
 @applies
-def test_cfc_timespans_gradient(kernel_calls):
+@pytest.mark.parametrize("name", ["two_layers_silu", "pure", "no_backbone_pure", "wired_random_pure"])
+def test_cfc_timespans_gradient(name, kernel_calls):
     """The timespans' gradient, which MLX's residual backward pass does not give (zeros),
     against plain autodiff through the cell's steps."""
     if blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
-    model = perturbed_cfc(11, backbone_layers=2, backbone_units=24)
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, **kwargs)
     cell = model.rnn_cell
     rng = np.random.default_rng(9)
     batch, steps = 4, 12
@@ -396,7 +397,7 @@ def test_cfc_timespans_gradient(kernel_calls):
     ts = mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
 
     def unrolled(ts):
-        inputs, h, outs = cell.project_input(x), mx.zeros((batch, 11)), []
+        inputs, h, outs = cell.project_input(x), mx.zeros((batch, model.state_size)), []
         for t in range(steps):
             out, h = cell.recurrent_step(inputs[:, t], h, ts[:, t])
             outs.append(out)
@@ -406,7 +407,7 @@ def test_cfc_timespans_gradient(kernel_calls):
     expected = mx.grad(unrolled)(ts)
     scale = float(np.max(np.abs(np.array(expected))))
     assert scale > 0 and max_diff(d_ts, expected) <= 1e-5 * max(scale, 1.0)
-    assert kernel_calls["cfc_states"] == 1
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 1
 
 
 SUBPROCESS = """

@@ -40,8 +40,9 @@ def choice() -> str:
     return value
 
 
-def sequence_kernel(cell, inputs, h, ts=None, differentiable=False, memory=None):
-    """A cell's whole loop in a CPU kernel: inputs (B, T, P) from ``cell.project_input``, h (B, S),
+def sequence_kernel(cell, x, h, ts=None, differentiable=False, memory=None):
+    """A cell's whole loop in a CPU kernel: the sequence x (B, T, I) (each kernel projects it as it
+    reads it best), h (B, S),
     ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state (B, T, S)); None where
     no kernel applies (another cell, not float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``).
     ``differentiable``: the result carries the kernel's backward pass. ``memory``: mixed memory's
@@ -51,8 +52,8 @@ def sequence_kernel(cell, inputs, h, ts=None, differentiable=False, memory=None)
     if kernel is None or choice() == "mlx" or (memory is not None and not kernel[2]):
         return None
     if memory is None:
-        return kernel[0](cell, inputs, h, ts, differentiable)
-    return kernel[0](cell, inputs, h, ts, differentiable, memory=memory)
+        return kernel[0](cell, x, h, ts, differentiable)
+    return kernel[0](cell, x, h, ts, differentiable, memory=memory)
 
 
 def project_input(cell, x, features_first=False):
@@ -61,9 +62,7 @@ def project_input(cell, x, features_first=False):
     else the cell's own. ``features_first``: laid out (T, P, B) in memory (a view), as a kernel
     that reads it feature-major wants it, whatever the cell's own layout."""
     if choice() != "mlx" and x.ndim == 3:
-        projected = cpu.input_projection(cell, x, features_first)
-        if projected is not None:
-            return projected
+        return cpu.projected(cell, x, features_first)
     return cell.project_input(x)
 
 

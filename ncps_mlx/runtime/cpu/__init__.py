@@ -10,8 +10,10 @@ These kernels run a whole sequence in one node of MLX's graph:
   sensory synapses of its input (``LTCSensory``).
 * ``cfc.c``: a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a matrix
   product of the kernels' own OpenBLAS (``runtime.blas``) on a block of batch columns: forward
-  and backward for every CfC (wired, or with or without a backbone; with a backbone also mixed
-  memory's "state" circuit), except pure mode's backward pass, which stays MLX's.
+  and backward for every CfC in every mode (wired, or with or without a backbone; with a
+  backbone also mixed memory's "state" circuit). With a backbone the kernel reads the sequence
+  x itself and makes the first layer's input half block by block: a whole (T, units, B)
+  projection beforehand, and its gradient, were 52 MB of fresh pages a call at batch 1024.
 * ``ctrnn.c``, ``ctgru.c``: the CTRNN's and the CTGRU's loops, batch-major, their products in
   the same BLAS; each step recomputed in the backward pass.
 * ``InputProjection`` (``primitives.cpp``): a sequence's affine input projection, one product
@@ -133,7 +135,7 @@ def cfc_applies() -> bool:
     return applies() and blas.sgemm_address() is not None
 
 
-from .projection import input_projection  # noqa: E402
+from .projection import input_projection, projected  # noqa: E402
 from .ctgru import ctgru_cell_sequence  # noqa: E402
 from .ctrnn import ctrnn_cell_sequence  # noqa: E402
 from .cfc import cfc_cell_sequence, cfc_states, wired_cfc_cell_sequence, wired_cfc_states  # noqa: E402

@@ -1,9 +1,9 @@
 /* A CfC's time loop as one CPU kernel, over a block of batch columns: a CfCCell with a backbone
  * (cfc_forward, cfc_backward), or a wired CfC or a CfCCell without one (wired_cfc_forward,
- * wired_cfc_backward). The backward passes are the gated modes'.
+ * wired_cfc_backward), in every mode.
  *
- * Built by ncps_mlx/runtime/cpu/__init__.py (which says why) and called through ctypes from cfc.py
- * beside this file. Everything is feature-major, as in ncps_mlx.cells.cfc (features, batch), so
+ * Run by the CfCSequence and WiredCfCSequence primitives (primitives.cpp). Everything but the
+ * CfCCell's x is feature-major, as in ncps_mlx.cells.cfc (features, batch), so
  * each layer is one matrix product over the block's columns: the same BLAS sgemm that MLX's
  * products use, passed in as a function pointer, on one thread per block. tanh and sigmoid are
  * rational.h's, as in the MLX path; silu's sigmoid too (MLX's is its own exp-based one: within
@@ -16,7 +16,7 @@
 #include "kernels.h"
 #include "rational.h"
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111 };
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 enum { DEFAULT = 0, PURE = 1, NO_GATE = 2 };
 enum { LECUN_TANH = 0, TANH = 1, RELU = 2, SILU = 3, GELU = 4 };
 
@@ -106,6 +106,16 @@ static void lstm_gates(int64_t n, float forget_bias, const float *restrict input
     }
 }
 
+/* z (units, R) = the first layer's input half at step t, bias included, for the block's columns:
+ * W_x x_t^T, the rows of x (B, T, I) read in place (row stride T I). */
+static void first_layer_input(const cfc_args *a, int t, int first, int R, float *z) {
+    const int I = a->input_size, T = a->steps;
+    fill_rows(z, a->input_bias, a->units, R);
+    if (I > 0)
+        a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, a->units, R, I, 1.0f, a->input_weight, I,
+                 a->x + ((int64_t)first * T + t) * I, T * I, 1.0f, z, R);
+}
+
 static void lstm_step(const cfc_args *a, int t, int first, int R, float *h, float *c, float *gates) {
     const int B = a->batch, H = a->hidden;
     copy_columns(gates, (float *)a->lstm_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 1);
@@ -129,7 +139,7 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
             lstm_step(a, t, first, R, h, c, gates);
             copy_columns(c, m->memory + (int64_t)t * H * B, H, R, B, first, 0);
         }
-        copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
+        first_layer_input(a, t, first, R, z);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, h, R, 1.0f, z, R);
         activate(a->activation, z, (int64_t)U * R);
         float *x = z, *y = spare;
@@ -182,7 +192,7 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
     }
 }
 
-enum { TRANS = 112 };
+
 
 /* d activation / d pre-activation, given both; d may be z. */
 static void activation_derivative(int kind, const float *z, const float *a, float *d, int64_t n) {
@@ -236,6 +246,28 @@ static void gated_row_vjp(int no_gate, int ff_tanh, const float *restrict g1, co
         }
 }
 
+/* Pure mode's vjp for one state row, new = A - A e ff1, e = exp(-ts (|w_tau| + |ff1|)): the
+ * head's cotangent d1 from the new state's cotangent here + back (back may be NULL); the row's
+ * w_tau and A gradients added into *d_tau and *d_A, the timespans' into d_ts (NULL: none).
+ * abs' derivative is sign(), 0 at 0, as in MLX. */
+static void pure_row_vjp(const float *restrict ff1, float w_tau, float A, const float *restrict ts,
+                         const float *restrict here, const float *restrict back, float *restrict d1,
+                         float *d_tau, float *d_A, float *restrict d_ts, int R) {
+    const float tau = fabsf(w_tau), tau_sign = (float)((w_tau > 0.0f) - (w_tau < 0.0f));
+    float sum_tau = 0.0f, sum_A = 0.0f;
+    for (int c = 0; c < R; ++c) {
+        const float s = ts ? ts[c] : 1.0f, f = ff1[c], af = fabsf(f);
+        const float e = expf(-s * (tau + af)), dh = back ? here[c] + back[c] : here[c];
+        const float dhfe = dh * A * f * e; /* minus d new / d (the exponent) */
+        d1[c] = -dh * A * e + dhfe * s * (float)((f > 0.0f) - (f < 0.0f));
+        sum_A += dh * (1.0f - e * f);
+        sum_tau += dhfe * s;
+        if (d_ts) d_ts[c] += dhfe * (tau + af);
+    }
+    *d_tau += sum_tau * tau_sign;
+    *d_A += sum_A;
+}
+
 /* Row sums of m (n, r) added into out (n,). */
 static void add_row_sums(const float *m, float *out, int n, int r) {
     for (int k = 0; k < n; ++k) {
@@ -246,18 +278,20 @@ static void add_row_sums(const float *m, float *out, int n, int r) {
     }
 }
 
-/* Gradients of cfc_forward (gated modes, not pure) for columns [first, last), given the forward
- * pass's states (T, H, B) and their cotangents d_states (T, H, B): d_inputs (T, units, B),
+/* Gradients of cfc_forward for columns [first, last), given the forward
+ * pass's states (T, H, B) and their cotangents d_states (T, H, B): d_x (B, T, I) (these rows),
  * d_initial (H, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
- * gradients added into d_state_weight (units, H), d_hidden_weights / d_hidden_biases (per hidden
+ * gradients added into d_input_weight (units, I), d_input_bias (units,), d_state_weight
+ * (units, H), d_hidden_weights / d_hidden_biases (per hidden
  * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers; with mixed
  * memory m's gradients too. Each step is recomputed from its previous state.
  * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers, with
  * mixed memory 8 H (last - first) more. */
-void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states,
-                  float *d_inputs, float *d_initial, float *d_timespans, float *d_state_weight,
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_x,
+                  float *d_input_weight, float *d_input_bias, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
-                  float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch) {
+                  float *d_head_bias, float *d_w_tau, float *d_A, const cfc_memory *m, int first, int last,
+                  float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, L = a->layers, R = last - first, K = a->heads;
     const int fused = K == 3 * H, no_gate = a->mode == NO_GATE;
@@ -284,7 +318,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
             memcpy(c_out, c_in, n * sizeof(float));
             lstm_step(a, t, first, R, previous, c_out, gates);
         }
-        copy_columns(z, (float *)a->inputs + (int64_t)t * U * B, U, R, B, first, 1);
+        first_layer_input(a, t, first, R, z);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
         for (int l = 0; l < L; ++l) {
             float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
@@ -305,10 +339,15 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         const float *ds = d_states + (int64_t)t * H * B + first;
         for (int c = 0; c < R; ++c) d_ts[c] = 0.0f;
         for (int j = 0; j < H; ++j)
-            gated_row_vjp(no_gate, a->ff_tanh, g + (int64_t)j * R, g + (int64_t)(H + j) * R, g + (int64_t)(2 * H + j) * R,
-                          fused ? NULL : g + (int64_t)(3 * H + j) * R, ts, ds + (int64_t)j * B, carried + (int64_t)j * R,
-                          dy + (int64_t)j * R, dy + (int64_t)(H + j) * R, dy + (int64_t)(2 * H + j) * R,
-                          fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
+            if (a->mode == PURE)
+                pure_row_vjp(g + (int64_t)j * R, a->w_tau[j], a->A[j], ts, ds + (int64_t)j * B, carried + (int64_t)j * R,
+                             dy + (int64_t)j * R, d_w_tau + j, d_A + j, d_ts, R);
+            else
+                gated_row_vjp(no_gate, a->ff_tanh, g + (int64_t)j * R, g + (int64_t)(H + j) * R,
+                              g + (int64_t)(2 * H + j) * R, fused ? NULL : g + (int64_t)(3 * H + j) * R, ts,
+                              ds + (int64_t)j * B, carried + (int64_t)j * R, dy + (int64_t)j * R,
+                              dy + (int64_t)(H + j) * R, dy + (int64_t)(2 * H + j) * R,
+                              fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
         if (d_timespans) memcpy(d_timespans + (int64_t)t * B + first, d_ts, R * sizeof(float));
 
         /* heads, backbone layers, first layer */
@@ -326,8 +365,14 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
                 a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, zl, R, 0.0f, da, R);
             }
         }
-        float *du = d_inputs + (int64_t)t * U * B + first;
-        for (int k = 0; k < U; ++k) memcpy(du + (int64_t)k * B, z + (int64_t)k * R, R * sizeof(float));
+        /* z is the first layer's d pre-activation: into x's rows of this step, and W_x, b */
+        const int I = a->input_size;
+        add_row_sums(z, d_input_bias, U, R);
+        if (I > 0) {
+            const int64_t row = ((int64_t)first * a->steps + t) * I;
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, I, R, 1.0f, z, R, a->x + row, a->steps * I, 1.0f, d_input_weight, I);
+            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, R, I, U, 1.0f, z, R, a->input_weight, I, 0.0f, d_x + row, a->steps * I);
+        }
         a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, previous, R, 1.0f, d_state_weight, H);
         a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
         if (a->lstm_inputs) { /* carried is the LSTM output's cotangent: through the LSTM to h_in */
@@ -356,7 +401,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
             memcpy(m->d_initial_c + (int64_t)j * B + first, carried_c + (int64_t)j * R, R * sizeof(float));
 }
 
-/* Gradients of wired_cfc_forward (gated modes, not pure) for columns [first, last), given its
+/* Gradients of wired_cfc_forward for columns [first, last), given its
  * states (T, S, B) and their cotangents d_states (T, S, B): d_inputs (T, K_0, B), d_initial
  * (S, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
  * gradients added into d_input_weights, d_biases (layers 1.., as input_weights and biases) and
@@ -364,7 +409,8 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
  * states. scratch: (4 S + sum K_l + max K_l + 1) (last - first) floats. */
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
-                        float *const *d_biases, float *const *d_state_weights, int first, int last, float *scratch) {
+                        float *const *d_biases, float *const *d_state_weights, float *const *d_w_tau,
+                        float *const *d_A, int first, int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, R = last - first, L = a->layers, no_gate = a->mode == NO_GATE;
     int S = 0, all_heads = 0, widest = 0;
@@ -410,10 +456,14 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
             const float *gl = g + head_offset * R;
             float *dh = d_new + offset * R;
             for (int j = 0; j < H; ++j)
-                gated_row_vjp(no_gate, a->ff_tanh, gl + (int64_t)j * R, gl + (int64_t)(H + j) * R, gl + (int64_t)(2 * H + j) * R,
-                              fused ? NULL : gl + (int64_t)(3 * H + j) * R, ts, dh + (int64_t)j * R, NULL,
-                              dy + (int64_t)j * R, dy + (int64_t)(H + j) * R, dy + (int64_t)(2 * H + j) * R,
-                              fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
+                if (a->mode == PURE)
+                    pure_row_vjp(gl + (int64_t)j * R, a->w_tau[l][j], a->A[l][j], ts, dh + (int64_t)j * R, NULL,
+                                 dy + (int64_t)j * R, d_w_tau[l] + j, d_A[l] + j, d_ts, R);
+                else
+                    gated_row_vjp(no_gate, a->ff_tanh, gl + (int64_t)j * R, gl + (int64_t)(H + j) * R,
+                                  gl + (int64_t)(2 * H + j) * R, fused ? NULL : gl + (int64_t)(3 * H + j) * R, ts,
+                                  dh + (int64_t)j * R, NULL, dy + (int64_t)j * R, dy + (int64_t)(H + j) * R,
+                                  dy + (int64_t)(2 * H + j) * R, fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
             a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, H, R, 1.0f, dy, R, previous + offset * R, R, 1.0f, d_state_weights[l], H);
             a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, K, 1.0f, a->state_weights[l], H, dy, R, 0.0f, carried + offset * R, R);
             if (l == 0) {

@@ -7,17 +7,18 @@ import mlx.core as mx
 
 from .. import blas
 from . import all_float32, by_row, cfc_applies, library
+from .projection import projected
 
 CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
 CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
 
-def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weight, hidden, head_weight, head_bias,
-               w_tau=None, A=None, differentiable=False, memory=None):  # fmt: skip
+def cfc_states(x, initial, timespans, mode, activation, ff_tanh, input_weight, input_bias, state_weight, hidden,
+               head_weight, head_bias, w_tau=None, A=None, memory=None):  # fmt: skip
     """Every step's state of a CfCCell with a backbone, feature-major.
 
-    inputs (T, units, B): the input half of the first backbone layer, bias included
-    (``CfCCell.project_input``'s (B, T, units) view, transposed back); initial (H, B);
-    timespans None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
+    x (B, T, I), the sequence: the kernel computes the first backbone layer's input half,
+    input_weight (units, I) and input_bias (units,), block by block; initial (H, B); timespans
+    None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
     (units, units), bias (units,)) of backbone layers 2..n; head_weight (K, units) and head_bias
     (K,), the heads fused in the order ff1, ff2, time_a, time_b (pure mode: ff1 alone); w_tau, A
     (H,) in pure mode. -> (T, H, B). With ``memory`` (mixed memory, the "state" circuit: an LSTM
@@ -25,32 +26,25 @@ def cfc_states(inputs, initial, timespans, mode, activation, ff_tanh, state_weig
     (H, B), recurrent weight (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
 
     Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
-    a quarter of the heads' product less. ``differentiable``: pure mode raises ValueError (it has
-    no backward node).
+    a quarter of the heads' product less.
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread."""
-    steps, units, batch = inputs.shape
+    batch, steps = x.shape[:2]
     if timespans is None and mode != "pure":
         head_weight = _fused_gate(head_weight, state_weight.shape[1])
         head_bias = _fused_gate(head_bias, state_weight.shape[1])
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
-    arrays = [inputs, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
+    arrays = [x, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
     arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
     if memory is not None:
         lstm_inputs, initial_c, recurrent, forget_bias = memory
         arrays += [lstm_inputs, initial_c, recurrent]
-    if differentiable:
-        _check_gated(mode)
+    arrays += [input_weight, input_bias]
     outputs = library().cfc_sequence(arrays, CFC_MODES[mode], CFC_ACTIVATIONS[activation], bool(ff_tanh), ts is not None,
                                      len(hidden), memory is not None, 0.0 if memory is None else float(forget_bias),
                                      blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
-
-
-def _check_gated(mode):
-    if mode == "pure":
-        raise ValueError("The CfC kernels have no backward pass for pure mode: run it on MLX's path")
 
 
 def _fused_gate(rows, hidden_size, axis=0):
@@ -63,7 +57,7 @@ def _fused_gate(rows, hidden_size, axis=0):
     return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
 
 
-def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differentiable=False):
+def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
     """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
     feature-major.
 
@@ -72,8 +66,7 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differen
     (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
     state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
     ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B). Without timespans the time
-    gate's two heads are fused, as in ``cfc_states``. ``differentiable``: pure mode raises
-    ValueError (it has no backward node)."""
+    gate's two heads are fused, as in ``cfc_states``."""
     steps, _, batch = inputs.shape
     sizes = [int(layer[2].shape[1]) for layer in layers]
     if timespans is None and mode != "pure":
@@ -84,47 +77,40 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, differen
     arrays = [inputs, initial] + ([] if ts is None else [ts])
     for i, (w, b, state_weight, tau, A) in enumerate(layers):
         arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
-    if differentiable:
-        _check_gated(mode)
     return library().wired_cfc_sequence(arrays, CFC_MODES[mode], bool(ff_tanh), ts is not None, len(layers),
                                         blas.sgemm_address())  # fmt: skip
 
 
-def _kernel_applies(mode, differentiable, *arrays) -> bool:
-    """Whether the CfC kernels run this loop: float32 arrays (None skipped), the kernels applying
-    here, and under a gradient a gated mode (their backward passes are those modes')."""
-    if differentiable and mode == "pure":
-        return False
+def _kernel_applies(*arrays) -> bool:
+    """Whether the CfC kernels run this loop: float32 arrays (None skipped), the kernels applying here."""
     return all_float32(*arrays) and cfc_applies()
 
 
-def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False, memory=None):
-    """A ``CfCCell``'s whole loop in the kernel: inputs (B, T, P) from ``project_input``, h (B, H),
-    ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
+def cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
+    """A ``CfCCell``'s whole loop in the kernel: the sequence x (B, T, I), h (B, H), ts None, 0-d
+    or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
     a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
-    where ``cfc_applies()`` is False, and in pure mode under a gradient (only MLX's path has
-    that backward pass). ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)), mixed memory's
+    and where ``cfc_applies()`` is False. ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)), mixed memory's
     "state" circuit, for a CfC with a backbone: -> (outputs, states, every step's memory (B, T, H)).
     """
-    weight, _ = cell._first_layer()
+    weight, bias = cell._first_layer()
     if memory is not None and cell.backbone_layers == 0:
         return None
-    if not _kernel_applies(cell.mode, differentiable, inputs, h, weight, ts, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, weight, ts, *(memory[1:] if memory else ())):
         return None
     state_weight, ff_tanh = weight[:, cell.input_size :], cell.ff_activation == "tanh"
     pure = (cell.w_tau.reshape(-1), cell.A.reshape(-1)) if cell.mode == "pure" else (None, None)
     if cell.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
-        states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, ff_tanh,
-                                  [(None, None, state_weight, *pure)], differentiable=differentiable)  # fmt: skip
+        inputs = projected(cell, x).transpose(1, 2, 0)
+        states = wired_cfc_states(inputs, h.T, ts, cell.mode, ff_tanh, [(None, None, state_weight, *pure)])  # fmt: skip
     else:
         hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
         lstm = None
         if memory is not None:
             cell_lstm, lstm_inputs, c = memory
             lstm = (lstm_inputs.transpose(1, 2, 0), c.T, cell_lstm.recurrent_map.weight, cell_lstm.forget_gate_bias)
-        states = cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, cell.activation_name, ff_tanh,
-                            state_weight, hidden, *cell._heads(), *pure, differentiable=differentiable,
-                            memory=lstm)  # fmt: skip
+        states = cfc_states(x, h.T, ts, cell.mode, cell.activation_name, ff_tanh, weight[:, : cell.input_size], bias,
+                            state_weight, hidden, *cell._heads(), *pure, memory=lstm)  # fmt: skip
         if memory is not None:
             states, memories = states
             y = states.transpose(2, 0, 1)
@@ -133,13 +119,14 @@ def cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False, memory=Non
     return y, y
 
 
-def wired_cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
-    """``cfc_cell_sequence`` for a ``WiredCfCCell``: inputs (B, T, P), h (B, units) -> (outputs
+def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False):
+    """``cfc_cell_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
     the kernel does not apply (as there)."""
     first = cell.layer_0
-    if not _kernel_applies(first.mode, differentiable, inputs, h, first.ff1.weight, ts):
+    if not _kernel_applies(x, h, first.ff1.weight, ts):
         return None
+    inputs = projected(cell, x)
     layers = []
     for i, layer in enumerate(cell.layers):
         weight, bias = layer._heads()
@@ -147,8 +134,7 @@ def wired_cfc_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
         pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
         inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
         layers.append(inputs_part + (weight[:, width:],) + pure)
-    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
-                              differentiable=differentiable)  # fmt: skip
+    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers)
     start = sum(cell.layer_sizes[:-1])
     out = states[:, start : start + cell.output_size]
     return out.transpose(2, 0, 1), states.transpose(2, 0, 1)

@@ -6,17 +6,19 @@ import mlx.core as mx
 
 from .. import blas
 from . import all_float32, by_row, cfc_applies, library
+from .projection import projected
 
 
-def ctgru_cell_sequence(cell, inputs, state, ts=None, differentiable=False):
-    """A ``CTGRUCell``'s whole loop in the kernel, differentiable in every input: inputs
-    (B, T, 2 U M + U) from ``project_input``, state (B, U M), ts None, 0-d or (B, T, 1) ->
+def ctgru_cell_sequence(cell, x, state, ts=None, differentiable=False):
+    """A ``CTGRUCell``'s whole loop in the kernel, differentiable in every input: the sequence
+    x (B, T, I), state (B, U M), ts None, 0-d or (B, T, 1) ->
     (outputs (B, T, U), every step's state (B, T, U M)); None where the kernel does not apply
     (as for a CfC: the kernels' BLAS is needed) or the arrays are not float32. Timespans count
     only with ``decay="mozer"``, as in the cell."""
     w_r, w_s, w_q = cell.prepare()
-    if not all_float32(inputs, state, w_q, ts) or not cfc_applies():
+    if not all_float32(x, state, w_q, ts) or not cfc_applies():
         return None
+    inputs = projected(cell, x)  # (B, T, 2 U M + U): the input halves of tau_r, tau_s, detect
     mozer = cell.decay == "mozer"
     timed = mozer and ts is not None
     batch, steps = inputs.shape[:2]

@@ -7,16 +7,18 @@ import mlx.nn as nn
 
 from .. import blas
 from . import all_float32, by_row, cfc_applies, library
+from .projection import projected
 
 
-def ctrnn_cell_sequence(cell, inputs, h, ts=None, differentiable=False):
-    """A ``CTRNNCell``'s whole loop in the kernel, differentiable in every input: inputs (B, T, U)
-    from ``project_input``, h (B, U), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
+def ctrnn_cell_sequence(cell, x, h, ts=None, differentiable=False):
+    """A ``CTRNNCell``'s whole loop in the kernel, differentiable in every input: the sequence
+    x (B, T, I), h (B, U), ts None, 0-d or (B, T, 1) -> (outputs, every step's state),
     the same (B, T, U) array; None where the kernel does not apply (as for a CfC: the kernels'
     BLAS is needed) or the arrays are not float32."""
     weight = cell.step.weight
-    if not all_float32(inputs, h, weight, ts) or not cfc_applies():
+    if not all_float32(x, h, weight, ts) or not cfc_applies():
         return None
+    inputs = projected(cell, x)  # (B, T, U): the input half of the tanh argument
     batch, steps = inputs.shape[:2]
     arrays = [inputs, h]
     if ts is not None:

@@ -24,7 +24,12 @@ typedef struct {
 typedef struct {
     int32_t batch, steps, hidden, units, layers; /* B, T, H, backbone units and layers (>= 1) */
     int32_t mode, activation, ff_tanh, heads;
-    const float *inputs;                /* (T, units, B): the input half of the first layer, bias included */
+    int32_t input_size;                 /* I */
+    const float *x;                     /* (B, T, I), the sequence itself: the first layer's input half is
+                                         * computed here, block by block (a (T, units, B) projection made
+                                         * beforehand was 26 MB of fresh pages a call at batch 1024) */
+    const float *input_weight;          /* (units, I): the first layer's input half */
+    const float *input_bias;            /* (units,): the first layer's bias */
     const float *timespans;             /* (T, B), or NULL: every step 1.0 */
     const float *state_weight;          /* (units, H): the first layer's state half */
     const float *const *hidden_weights; /* layers - 1 of (units, units) */
@@ -100,13 +105,15 @@ typedef struct {
 
 void cfc_forward(const cfc_args *a, const float *initial, float *states, const cfc_memory *m, int first, int last,
                  float *scratch);
-void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_inputs, float *d_initial, float *d_timespans,
-                  float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
-                  float *d_head_weight, float *d_head_bias, const cfc_memory *m, int first, int last, float *scratch);
+void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_x,
+                  float *d_input_weight, float *d_input_bias, float *d_initial, float *d_timespans, float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
+                  float *d_head_weight, float *d_head_bias, float *d_w_tau, float *d_A, const cfc_memory *m, int first,
+                  int last, float *scratch);
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch);
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
-                        float *const *d_biases, float *const *d_state_weights, int first, int last, float *scratch);
+                        float *const *d_biases, float *const *d_state_weights, float *const *d_w_tau,
+                        float *const *d_A, int first, int last, float *scratch);
 void ctrnn_forward(const ctrnn_args *a, const float *initial, float *states, int first, int last, float *scratch);
 void ctrnn_backward(const ctrnn_args *a, const float *initial, const float *states, const float *d_states,
                     float *d_inputs, float *d_initial, float *d_timespans, float *d_recurrent, float *d_tau,

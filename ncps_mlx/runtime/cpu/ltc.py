@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import all_float32, applies, by_row, library
+from .projection import projected
 
 
 def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_erev, cm, gleak, leak):
@@ -20,13 +21,13 @@ def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_ere
     return library().ltc_sequence(arrays, int(unfolds), float(epsilon), timespans is not None)
 
 
-def ltc_cell_sequence(cell, inputs, v, ts=None, differentiable=False):
-    """An ``LTCCell``'s whole loop in the kernel, differentiable: inputs (B, T, 2S) from
-    ``project_input``, v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's
+def ltc_cell_sequence(cell, x, v, ts=None, differentiable=False):
+    """An ``LTCCell``'s whole loop in the kernel, differentiable: the sequence x (B, T, I), v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's
     state (B, T, S)); None where the kernel does not apply (``applies()``) or the arrays are not
     float32. Every synapse is computed, masked, as in the dense step."""
-    if not all_float32(inputs, v, cell.sigma, cell.mu, cell.w, cell.cm, ts) or not applies():
+    if not all_float32(x, v, cell.sigma, cell.mu, cell.w, cell.cm, ts) or not applies():
         return None
+    inputs = projected(cell, x)  # (B, T, 2S): the sensory numerator and denominator terms
     gleak = cell._positive(cell.gleak)
     w = cell._positive(cell.w) * cell.sparsity_mask
     states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, w,

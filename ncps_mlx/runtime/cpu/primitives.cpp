@@ -88,7 +88,7 @@ struct Spec {
       if (input == c + 1) return 1;
     }
     if (input >= 2 + int(timed())) return -1;
-    if (batch_major()) return 0;
+    if (batch_major() || (loop == Loop::CfC && input == 0)) return 0;  // a CfC's x is (B, T, I)
     return input == 0 ? 2 : 1;
   }
 };
@@ -226,7 +226,8 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
 
 void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const int timed = spec.timed(), p = 2 + timed, n_hidden = spec.ints[4];
-  const int T = in[0].shape(0), U = in[0].shape(1), B = in[0].shape(2), H = in[p].shape(1), K = in[p + 1].shape(0);
+  const int B = in[0].shape(0), T = in[0].shape(1), I = in[0].shape(2), H = in[p].shape(1), K = in[p + 1].shape(0);
+  const int U = in[p].shape(0);
   const int L = n_hidden + 1;
   std::vector<const float*> weights, biases;
   for (int l = 0; l < n_hidden; ++l) {
@@ -236,12 +237,14 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const int q = p + 3 + 2 * n_hidden;  // pure mode's w_tau, A
   const int c = q + (spec.pure() ? 2 : 0);  // mixed memory's lstm inputs, initial memory, recurrent weight
   const bool mixed = spec.mixed();
-  cfc_args a{B, T, H, U, L, spec.ints[0], spec.ints[1], spec.ints[2], K, ptr(in[0]), timed ? ptr(in[2]) : nullptr,
+  const int f = c + (mixed ? 3 : 0);  // the first layer's input weight and bias
+  cfc_args a{B, T, H, U, L, spec.ints[0], spec.ints[1], spec.ints[2], K, I, ptr(in[0]), ptr(in[f]), ptr(in[f + 1]),
+             timed ? ptr(in[2]) : nullptr,
              ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
              spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
              mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f,
              reinterpret_cast<sgemm_fn>(spec.sgemm)};
-  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
+  const int n = f + 2;  // the forward node's inputs
   const size_t extra = mixed ? 5 * size_t(H) : 0;
   if (!spec.backward) {
     cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
@@ -255,22 +258,26 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const int m = n + 2;
   std::vector<size_t> summed = range(p, c);
   if (mixed) summed.push_back(c + 2);
+  summed.push_back(f);
+  summed.push_back(f + 1);
   ParameterGradients grads(out, summed);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
     Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0)) * (last - first));
-    auto g = grads.of_part(part);  // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent]
+    // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent], input weight, input bias
+    auto g = grads.of_part(part);
     std::vector<float*> d_weights, d_biases;
     for (int l = 0; l < n_hidden; ++l) {
       d_weights.push_back(g[3 + 2 * l]);
       d_biases.push_back(g[4 + 2 * l]);
     }
     cfc_memory own = memory;
-    if (mixed) own.d_recurrent = g.back();
-    cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+    if (mixed) own.d_recurrent = g[g.size() - 3];
+    cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), g[g.size() - 2], g.back(), ptr(out[1]),
                  timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2],
-                 mixed ? &own : nullptr, first, last, scratch.data());
+                 spec.pure() ? g[q - p] : nullptr, spec.pure() ? g[q - p + 1] : nullptr, mixed ? &own : nullptr, first,
+                 last, scratch.data());
   });
   grads.sum();
 }
@@ -316,16 +323,19 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   over_batch(B, [&](int part, int first, int last) {
     Scratch scratch(part, size_t(4 * S + sum_k + max_k + 1) * (last - first));
     auto g = grads.of_part(part);
-    std::vector<float*> d_input_weights, d_biases, d_state_weights;
+    std::vector<float*> d_input_weights, d_biases, d_state_weights, d_w_tau, d_A;
     for (int l = 0; l < layers; ++l) {
-      float** at = g.data() + (index[l] - p);
+      float** at = g.data() + (index[l] - p);  // state weight, [input weight, bias], [w_tau, A]
+      const int own = l > 0 ? 2 : 0;
       d_state_weights.push_back(at[0]);
       d_input_weights.push_back(l > 0 ? at[1] : nullptr);
       d_biases.push_back(l > 0 ? at[2] : nullptr);
+      d_w_tau.push_back(pure ? at[1 + own] : nullptr);
+      d_A.push_back(pure ? at[2 + own] : nullptr);
     }
     wired_cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
                        timed ? ptr(out[2]) : nullptr, d_input_weights.data(), d_biases.data(), d_state_weights.data(),
-                       first, last, scratch.data());
+                       d_w_tau.data(), d_A.data(), first, last, scratch.data());
   });
   grads.sum();
 }
@@ -489,9 +499,6 @@ class SequenceKernel : public mx::Primitive {
     if (spec_.backward)
       throw std::invalid_argument(
           "[ncps_mlx] the CPU kernels have no second derivatives: set NCPS_MLX_RUNTIME=mlx to differentiate twice");
-    if (spec_.pure())
-      throw std::invalid_argument(
-          "[ncps_mlx] the CfC kernels have no backward pass for pure mode: set NCPS_MLX_RUNTIME=mlx");
     Spec backward = spec_;
     backward.backward = true;
     std::vector<mx::array> inputs = primals;
@@ -591,8 +598,8 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
     shapes.push_back({x.shape(0), x.shape(1), inputs[p].shape(0)});
   } else if (spec.loop == Loop::CfC) {
-    require(x.ndim() == 3, "CfC: inputs (T, units, B)");
-    const int T = x.shape(0), B = x.shape(2), H = inputs[p].shape(1);
+    require(x.ndim() == 3, "CfC: x (B, T, I)");
+    const int B = x.shape(0), T = x.shape(1), H = inputs[p].shape(1);
     shapes.push_back({T, H, B});
     if (spec.mixed()) shapes.push_back({T, H, B});
   } else if (spec.loop == Loop::Sensory) {

@@ -30,3 +30,10 @@ def input_projection(cell, x, features_first=False):
     features_first = features_first or getattr(cell, "features_first_inputs", False)
     y = library().input_projection(x, weight, bias, features_first, blas.sgemm_address())
     return y.transpose(2, 0, 1) if features_first else y
+
+
+def projected(cell, x, features_first=False):
+    """``cell.project_input(x)`` for a sequence x (B, T, I): ``input_projection``'s where it applies,
+    else the cell's own."""
+    y = input_projection(cell, x, features_first)
+    return cell.project_input(x) if y is None else y
