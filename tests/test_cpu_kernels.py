@@ -178,13 +178,13 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     model = ncps_mlx.LTC(5, 8)
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
-    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
     mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")(x))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
     # No loop ran in a kernel (the mixed-memory models' input projections do).
     assert {kernel_calls[name] for name in ("forward", "cfc_states", "wired_cfc_states")} == {0}
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))  # a CfC with a backbone, the "state" circuit
-    assert kernel_calls["cfc_states"] == 1
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))  # the "state" circuit, with and without a backbone
+    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
+    assert kernel_calls["cfc_states"] == 1 and kernel_calls["wired_cfc_states"] == 2
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         mx.eval(ncps_mlx.LTC(5, 8)(x))
     assert kernel_calls["forward"] == 1
@@ -375,6 +375,49 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
     assert kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
     assert abs(value.item() - value_mlx.item()) <= 1e-6
     assert set(grads) == set(grads_mlx)
+    for key, expected in grads_mlx.items():
+        scale = float(np.max(np.abs(np.array(expected))))
+        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
+        assert max_diff(grads[key], expected) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(grads[key], expected):.3g}"
+
+
+@applies
+@pytest.mark.parametrize("name", ["two_layers_silu", "pure", "no_backbone", "wired_autoncp", "wired_random_pure"])
+@pytest.mark.parametrize("timespans", [None, "per_step"])
+def test_cfc_mixed_memory_kernels_equal_mlx_path(name, timespans, kernel_calls):
+    """Mixed memory's "state" circuit in the CfC kernels (with or without a backbone, wired):
+    outputs, both final states, and the gradients of every parameter, of x, of both initial
+    states and of the timespans, as MLX's path gives them."""
+    if blas.sgemm_address() is None:
+        pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
+    units, kwargs = CFC_CASES[name]
+    model = perturbed_cfc(units, mixed_memory=True, **kwargs)
+    rng = np.random.default_rng(12)
+    batch, steps, S = 5, 13, model.state_size
+    x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
+    h0, c0 = (mx.array(rng.normal(scale=0.5, size=(batch, S)).astype(np.float32)) for _ in range(2))
+    ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
+    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
+
+    def loss(model, x, h0, c0, ts):
+        y, (h, c) = model(x, (h0, c0), ts)
+        return mx.mean(mx.square(y - target)) + mx.mean(mx.sin(h)) + mx.mean(mx.cos(c))
+
+    def run():
+        y, (h, c) = model(x, (h0, c0), ts)
+        value, grads = nn.value_and_grad(model, loss)(model, x, h0, c0, ts)
+        args = (x, h0, c0) + (() if ts is None else (ts,))
+        d_inputs = mx.grad(lambda x, h0, c0, ts=None: loss(model, x, h0, c0, ts), argnums=tuple(range(len(args))))(*args)
+        names = ["x", "h0", "c0", "ts"]
+        return (y, h, c), value, {**dict(tree_flatten(grads)), **dict(zip(names, d_inputs))}
+
+    (outs, value, grads), (outs_mlx, value_mlx, grads_mlx) = both_paths(run)
+    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 3
+    assert kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
+    for a, b in zip(outs, outs_mlx):
+        assert max_diff(a, b) <= 3e-6
+    assert abs(value.item() - value_mlx.item()) <= 1e-6
+    assert set(grads) == set(grads_mlx) and {"lstm.recurrent_map.weight", "c0"} <= set(grads)
     for key, expected in grads_mlx.items():
         scale = float(np.max(np.abs(np.array(expected))))
         assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"

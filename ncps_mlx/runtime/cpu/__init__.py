@@ -10,8 +10,8 @@ These kernels run a whole sequence in one node of MLX's graph:
   sensory synapses of its input (``LTCSensory``).
 * ``cfc.c``: a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a matrix
   product of the kernels' own OpenBLAS (``runtime.blas``) on a block of batch columns: forward
-  and backward for every CfC in every mode (wired, or with or without a backbone; with a
-  backbone also mixed memory's "state" circuit). With a backbone the kernel reads the sequence
+  and backward for every CfC in every mode (wired, or with or without a backbone), also with
+  mixed memory's "state" circuit. With a backbone the kernel reads the sequence
   x itself and makes the first layer's input half block by block: a whole (T, units, B)
   projection beforehand, and its gradient, were 52 MB of fresh pages a call at batch 1024.
 * ``ctrnn.c``, ``ctgru.c``: the CTRNN's and the CTGRU's loops, batch-major, their products in
@@ -143,10 +143,10 @@ from .ltc import ltc_cell_sequence, ltc_states  # noqa: E402
 
 # The kernels by the name of the cell class whose loop they run (this package never imports the
 # cells), whether each applies now (the LTC's needs no BLAS, the others the kernels' own), and
-# whether it runs mixed memory's "state" circuit too (a CfC with a backbone).
+# whether it runs mixed memory's "state" circuit too (the CfCs).
 SEQUENCES = {
     "CfCCell": (cfc_cell_sequence, cfc_applies, True),
-    "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies, False),
+    "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies, True),
     "LTCCell": (ltc_cell_sequence, applies, False),
     "CTRNNCell": (ctrnn_cell_sequence, cfc_applies, False),
     "CTGRUCell": (ctgru_cell_sequence, cfc_applies, False),

@@ -116,12 +116,49 @@ static void first_layer_input(const cfc_args *a, int t, int first, int R, float 
                  a->x + ((int64_t)first * T + t) * I, T * I, 1.0f, z, R);
 }
 
-static void lstm_step(const cfc_args *a, int t, int first, int R, float *h, float *c, float *gates) {
-    const int B = a->batch, H = a->hidden;
-    copy_columns(gates, (float *)a->lstm_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 1);
-    a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 4 * H, R, H, 1.0f, a->lstm_recurrent, H, h, R, 1.0f, gates, R);
+static void lstm_step(const lstm_args *l, sgemm_fn sgemm, int H, int B, int t, int first, int R, float *h, float *c,
+                      float *gates) {
+    copy_columns(gates, (float *)l->inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 1);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 4 * H, R, H, 1.0f, l->recurrent, H, h, R, 1.0f, gates, R);
     const int64_t n = (int64_t)H * R;
-    lstm_gates(n, a->forget_bias, gates, gates + n, gates + 2 * n, gates + 3 * n, c, h);
+    lstm_gates(n, l->forget_bias, gates, gates + n, gates + 2 * n, gates + 3 * n, c, h);
+}
+
+/* The backward passes' LSTM at step t again, from the previous state (H, R), which it turns into
+ * the LSTM's output: h_in, c_in, c_out and gates are kept for lstm_step_vjp. */
+static void lstm_step_again(const lstm_args *l, sgemm_fn sgemm, const cfc_memory *m, int H, int B, int t, int first,
+                            int R, float *previous, float *h_in, float *c_in, float *c_out, float *gates) {
+    memcpy(h_in, previous, (int64_t)H * R * sizeof(float));
+    copy_columns(c_in, (float *)(t == 0 ? m->initial_c : m->memory + (int64_t)(t - 1) * H * B), H, R, B, first, 1);
+    memcpy(c_out, c_in, (int64_t)H * R * sizeof(float));
+    lstm_step(l, sgemm, H, B, t, first, R, previous, c_out, gates);
+}
+
+/* lstm_step's vjp at step t: carried (H, R), the output's cotangent, becomes h_in's; carried_c,
+ * c_out's (from the step after), becomes c_in's, with the memory's own cotangent m->d_memory[t]
+ * added; the LSTM input's cotangent goes to m->d_inputs[t], the recurrent weight's is added into
+ * m->d_recurrent. gates is overwritten. */
+static void lstm_step_vjp(const lstm_args *l, sgemm_fn sgemm, const cfc_memory *m, int H, int B, int t, int first,
+                          int R, float *gates, const float *c_in, const float *c_out, const float *h_in, float *carried,
+                          float *carried_c) {
+    const int64_t n = (int64_t)H * R;
+    const float *dm = m->d_memory + (int64_t)t * H * B + first;
+    for (int j = 0; j < H; ++j)
+        for (int col = 0; col < R; ++col) {
+            const int64_t i = (int64_t)j * R + col;
+            const float ti = rational_tanh(gates[i]), si = sigmoid(gates[n + i]);
+            const float sf = sigmoid(gates[2 * n + i] + l->forget_bias), so = sigmoid(gates[3 * n + i]);
+            const float tc = rational_tanh(c_out[i]), dh = carried[i];
+            const float dc = carried_c[i] + dm[(int64_t)j * B + col] + dh * so * (1.0f - tc * tc);
+            gates[3 * n + i] = dh * tc * so * (1.0f - so);
+            gates[2 * n + i] = dc * c_in[i] * sf * (1.0f - sf);
+            gates[n + i] = dc * ti * si * (1.0f - si);
+            gates[i] = dc * si * (1.0f - ti * ti);
+            carried_c[i] = dc * sf;
+        }
+    copy_columns(gates, m->d_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 0);
+    sgemm(ROW_MAJOR, NO_TRANS, TRANS, 4 * H, H, R, 1.0f, gates, R, h_in, R, 1.0f, m->d_recurrent, H);
+    sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, 4 * H, 1.0f, l->recurrent, H, gates, R, 0.0f, carried, R);
 }
 
 /* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B).
@@ -133,10 +170,10 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
     float *c = g + (int64_t)K * R, *gates = c + (int64_t)H * R;
     copy_columns(h, (float *)initial, H, R, B, first, 1);
-    if (a->lstm_inputs) copy_columns(c, (float *)m->initial_c, H, R, B, first, 1);
+    if (a->lstm.inputs) copy_columns(c, (float *)m->initial_c, H, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
-        if (a->lstm_inputs) {
-            lstm_step(a, t, first, R, h, c, gates);
+        if (a->lstm.inputs) {
+            lstm_step(&a->lstm, a->sgemm, H, B, t, first, R, h, c, gates);
             copy_columns(c, m->memory + (int64_t)t * H * B, H, R, B, first, 0);
         }
         first_layer_input(a, t, first, R, z);
@@ -160,15 +197,25 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
  * layers of masked CfC cells without backbones, each reading the previous layer's new state. */
 
 /* Columns [first, last) of every step's state, states (T, S, B) with S the layers' sizes summed,
- * from initial (S, B). scratch: (S + max K_l) (last - first) floats. */
-void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch) {
+ * from initial (S, B); with mixed memory m's every step's memory too. scratch: (S + max K_l)
+ * (last - first) floats, with mixed memory 5 S (last - first) more. */
+void wired_cfc_forward(const wired_args *a, const float *initial, float *states, const cfc_memory *m, int first,
+                       int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, R = last - first;
-    int S = 0;
-    for (int l = 0; l < a->layers; ++l) S += a->sizes[l];
-    float *h = scratch, *g = h + (int64_t)S * R;
+    int S = 0, widest = 0;
+    for (int l = 0; l < a->layers; ++l) {
+        S += a->sizes[l];
+        widest = a->heads[l] > widest ? a->heads[l] : widest;
+    }
+    float *h = scratch, *g = h + (int64_t)S * R, *c = g + (int64_t)widest * R, *gates = c + (int64_t)S * R;
     for (int j = 0; j < S; ++j) memcpy(h + (int64_t)j * R, initial + (int64_t)j * B + first, R * sizeof(float));
+    if (a->lstm.inputs) copy_columns(c, (float *)m->initial_c, S, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
+        if (a->lstm.inputs) {
+            lstm_step(&a->lstm, a->sgemm, S, B, t, first, R, h, c, gates);
+            copy_columns(c, m->memory + (int64_t)t * S * B, S, R, B, first, 0);
+        }
         const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
         float *state = h, *previous = NULL;
         for (int l = 0; l < a->layers; ++l) {
@@ -304,7 +351,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
     /* mixed memory: the LSTM's input state, memory in and out, gates, the memory's cotangent */
     float *h_in = d_ts + R, *c_in = h_in + n, *c_out = c_in + n, *gates = c_out + n, *carried_c = gates + 4 * n;
     for (int i = 0; i < H * R; ++i) carried[i] = 0.0f;
-    if (a->lstm_inputs)
+    if (a->lstm.inputs)
         for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
     for (int t = a->steps - 1; t >= 0; --t) {
         /* the step's forward pass again, from its previous state (keeping each step's products
@@ -312,12 +359,8 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
          * faster at 32) */
         const float *source = t == 0 ? initial : states + (int64_t)(t - 1) * H * B;
         copy_columns(previous, (float *)source, H, R, B, first, 1);
-        if (a->lstm_inputs) { /* the LSTM again: its output is the CfC step's previous state */
-            memcpy(h_in, previous, n * sizeof(float));
-            copy_columns(c_in, (float *)(t == 0 ? m->initial_c : m->memory + (int64_t)(t - 1) * H * B), H, R, B, first, 1);
-            memcpy(c_out, c_in, n * sizeof(float));
-            lstm_step(a, t, first, R, previous, c_out, gates);
-        }
+        if (a->lstm.inputs) /* the LSTM again: its output is the CfC step's previous state */
+            lstm_step_again(&a->lstm, a->sgemm, m, H, B, t, first, R, previous, h_in, c_in, c_out, gates);
         first_layer_input(a, t, first, R, z);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
         for (int l = 0; l < L; ++l) {
@@ -375,28 +418,11 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         }
         a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, previous, R, 1.0f, d_state_weight, H);
         a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
-        if (a->lstm_inputs) { /* carried is the LSTM output's cotangent: through the LSTM to h_in */
-            const float *dm = m->d_memory + (int64_t)t * H * B + first;
-            for (int j = 0; j < H; ++j)
-                for (int col = 0; col < R; ++col) {
-                    const int64_t i = (int64_t)j * R + col;
-                    const float ti = rational_tanh(gates[i]), si = sigmoid(gates[n + i]);
-                    const float sf = sigmoid(gates[2 * n + i] + a->forget_bias), so = sigmoid(gates[3 * n + i]);
-                    const float tc = rational_tanh(c_out[i]), dh = carried[i];
-                    const float dc = carried_c[i] + dm[(int64_t)j * B + col] + dh * so * (1.0f - tc * tc);
-                    gates[3 * n + i] = dh * tc * so * (1.0f - so);
-                    gates[2 * n + i] = dc * c_in[i] * sf * (1.0f - sf);
-                    gates[n + i] = dc * ti * si * (1.0f - si);
-                    gates[i] = dc * si * (1.0f - ti * ti);
-                    carried_c[i] = dc * sf;
-                }
-            copy_columns(gates, m->d_inputs + (int64_t)t * 4 * H * B, 4 * H, R, B, first, 0);
-            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, 4 * H, H, R, 1.0f, gates, R, h_in, R, 1.0f, m->d_recurrent, H);
-            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, 4 * H, 1.0f, a->lstm_recurrent, H, gates, R, 0.0f, carried, R);
-        }
+        if (a->lstm.inputs) /* carried is the LSTM output's cotangent: through the LSTM to h_in */
+            lstm_step_vjp(&a->lstm, a->sgemm, m, H, B, t, first, R, gates, c_in, c_out, h_in, carried, carried_c);
     }
     for (int j = 0; j < H; ++j) memcpy(d_initial + (int64_t)j * B + first, carried + (int64_t)j * R, R * sizeof(float));
-    if (a->lstm_inputs)
+    if (a->lstm.inputs)
         for (int j = 0; j < H; ++j)
             memcpy(m->d_initial_c + (int64_t)j * B + first, carried_c + (int64_t)j * R, R * sizeof(float));
 }
@@ -406,11 +432,12 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
  * (S, B) and d_timespans (T, B) (if timespans) written for these columns; the weights'
  * gradients added into d_input_weights, d_biases (layers 1.., as input_weights and biases) and
  * d_state_weights: this caller's own buffers. Each step's head outputs are recomputed from the
- * states. scratch: (4 S + sum K_l + max K_l + 1) (last - first) floats. */
+ * states; with mixed memory m's gradients too. scratch: (4 S + sum K_l + max K_l + 1) (last - first)
+ * floats, with mixed memory 8 S (last - first) more. */
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
                         float *const *d_biases, float *const *d_state_weights, float *const *d_w_tau,
-                        float *const *d_A, int first, int last, float *scratch) {
+                        float *const *d_A, const cfc_memory *m, int first, int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, R = last - first, L = a->layers, no_gate = a->mode == NO_GATE;
     int S = 0, all_heads = 0, widest = 0;
@@ -422,9 +449,16 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
     float *previous = scratch, *current = previous + (int64_t)S * R, *carried = current + (int64_t)S * R;
     float *d_new = carried + (int64_t)S * R, *g = d_new + (int64_t)S * R, *dy = g + (int64_t)all_heads * R;
     float *d_ts = dy + (int64_t)widest * R;
-    for (int64_t i = 0; i < (int64_t)S * R; ++i) carried[i] = 0.0f;
+    /* mixed memory: the LSTM's input state, memory in and out, gates, the memory's cotangent */
+    const int64_t n = (int64_t)S * R;
+    float *h_in = d_ts + R, *c_in = h_in + n, *c_out = c_in + n, *gates = c_out + n, *carried_c = gates + 4 * n;
+    for (int64_t i = 0; i < n; ++i) carried[i] = 0.0f;
+    if (a->lstm.inputs)
+        for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
     for (int t = a->steps - 1; t >= 0; --t) {
         copy_columns(previous, (float *)(t == 0 ? initial : states + (int64_t)(t - 1) * S * B), S, R, B, first, 1);
+        if (a->lstm.inputs) /* the LSTM again: its output is the layers' previous state */
+            lstm_step_again(&a->lstm, a->sgemm, m, S, B, t, first, R, previous, h_in, c_in, c_out, gates);
         copy_columns(current, (float *)states + (int64_t)t * S * B, S, R, B, first, 1);
         copy_columns(d_new, (float *)d_states + (int64_t)t * S * B, S, R, B, first, 1);
         for (int64_t i = 0; i < (int64_t)S * R; ++i) d_new[i] += carried[i];
@@ -477,6 +511,9 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
             }
         }
         if (d_timespans) memcpy(d_timespans + (int64_t)t * B + first, d_ts, R * sizeof(float));
+        if (a->lstm.inputs) /* carried is the LSTM output's cotangent: through the LSTM to h_in */
+            lstm_step_vjp(&a->lstm, a->sgemm, m, S, B, t, first, R, gates, c_in, c_out, h_in, carried, carried_c);
     }
     copy_columns(carried, d_initial, S, R, B, first, 0);
+    if (a->lstm.inputs) copy_columns(carried_c, m->d_initial_c, S, R, B, first, 0);
 }

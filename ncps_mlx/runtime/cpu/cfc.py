@@ -57,7 +57,7 @@ def _fused_gate(rows, hidden_size, axis=0):
     return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
 
 
-def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
+def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, memory=None):
     """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
     feature-major.
 
@@ -66,7 +66,8 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
     (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
     state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
     ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B). Without timespans the time
-    gate's two heads are fused, as in ``cfc_states``."""
+    gate's two heads are fused, as in ``cfc_states``. ``memory``: mixed memory over the S state
+    rows, as in ``cfc_states`` -> (states, every step's memory (T, S, B))."""
     steps, _, batch = inputs.shape
     sizes = [int(layer[2].shape[1]) for layer in layers]
     if timespans is None and mode != "pure":
@@ -77,8 +78,31 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers):
     arrays = [inputs, initial] + ([] if ts is None else [ts])
     for i, (w, b, state_weight, tau, A) in enumerate(layers):
         arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
-    return library().wired_cfc_sequence(arrays, CFC_MODES[mode], bool(ff_tanh), ts is not None, len(layers),
-                                        blas.sgemm_address())  # fmt: skip
+    if memory is not None:
+        arrays += list(memory[:3])
+    outputs = library().wired_cfc_sequence(arrays, CFC_MODES[mode], bool(ff_tanh), ts is not None, len(layers),
+                                           memory is not None, 0.0 if memory is None else float(memory[3]),
+                                           blas.sgemm_address())  # fmt: skip
+    return outputs[0] if memory is None else (outputs[0], outputs[-1])
+
+
+def _memory_arrays(memory):
+    """Mixed memory's (lstm, its inputs (B, T, 4S), memory (B, S)) as the kernels take it: (inputs
+    (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate bias); None without."""
+    if memory is None:
+        return None
+    lstm, lstm_inputs, c = memory
+    return lstm_inputs.transpose(1, 2, 0), c.T, lstm.recurrent_map.weight, lstm.forget_gate_bias
+
+
+def _batch_major(states, memory):
+    """(outputs, states[, memories]) as (B, T, .) views of the kernels' (T, ., B) results."""
+    if memory is None:
+        y = states.transpose(2, 0, 1)
+        return y, y
+    states, memories = states
+    y = states.transpose(2, 0, 1)
+    return y, y, memories.transpose(2, 0, 1)
 
 
 def _kernel_applies(*arrays) -> bool:
@@ -90,41 +114,31 @@ def cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
     """A ``CfCCell``'s whole loop in the kernel: the sequence x (B, T, I), h (B, H), ts None, 0-d
     or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
     a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
-    and where ``cfc_applies()`` is False. ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)), mixed memory's
-    "state" circuit, for a CfC with a backbone: -> (outputs, states, every step's memory (B, T, H)).
+    and where ``cfc_applies()`` is False. ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)),
+    mixed memory's "state" circuit: -> (outputs, states, every step's memory (B, T, H)).
     """
     weight, bias = cell._first_layer()
-    if memory is not None and cell.backbone_layers == 0:
-        return None
     if not _kernel_applies(x, h, weight, ts, *(memory[1:] if memory else ())):
         return None
     state_weight, ff_tanh = weight[:, cell.input_size :], cell.ff_activation == "tanh"
     pure = (cell.w_tau.reshape(-1), cell.A.reshape(-1)) if cell.mode == "pure" else (None, None)
     if cell.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
         inputs = projected(cell, x).transpose(1, 2, 0)
-        states = wired_cfc_states(inputs, h.T, ts, cell.mode, ff_tanh, [(None, None, state_weight, *pure)])  # fmt: skip
+        states = wired_cfc_states(inputs, h.T, ts, cell.mode, ff_tanh, [(None, None, state_weight, *pure)],
+                                  memory=_memory_arrays(memory))  # fmt: skip
     else:
         hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
-        lstm = None
-        if memory is not None:
-            cell_lstm, lstm_inputs, c = memory
-            lstm = (lstm_inputs.transpose(1, 2, 0), c.T, cell_lstm.recurrent_map.weight, cell_lstm.forget_gate_bias)
         states = cfc_states(x, h.T, ts, cell.mode, cell.activation_name, ff_tanh, weight[:, : cell.input_size], bias,
-                            state_weight, hidden, *cell._heads(), *pure, memory=lstm)  # fmt: skip
-        if memory is not None:
-            states, memories = states
-            y = states.transpose(2, 0, 1)
-            return y, y, memories.transpose(2, 0, 1)
-    y = states.transpose(2, 0, 1)
-    return y, y
+                            state_weight, hidden, *cell._heads(), *pure, memory=_memory_arrays(memory))  # fmt: skip
+    return _batch_major(states, memory)
 
 
-def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False):
+def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
     """``cfc_cell_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
-    the kernel does not apply (as there)."""
+    the kernel does not apply (as there). ``memory``: as there, over the units' state."""
     first = cell.layer_0
-    if not _kernel_applies(x, h, first.ff1.weight, ts):
+    if not _kernel_applies(x, h, first.ff1.weight, ts, *(memory[1:] if memory else ())):
         return None
     inputs = projected(cell, x)
     layers = []
@@ -134,7 +148,12 @@ def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False):
         pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
         inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
         layers.append(inputs_part + (weight[:, width:],) + pure)
-    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers)
+    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
+                              memory=_memory_arrays(memory))  # fmt: skip
     start = sum(cell.layer_sizes[:-1])
+    memories = None
+    if memory is not None:
+        states, memories = states
     out = states[:, start : start + cell.output_size]
-    return out.transpose(2, 0, 1), states.transpose(2, 0, 1)
+    result = out.transpose(2, 0, 1), states.transpose(2, 0, 1)
+    return result if memory is None else result + (memories.transpose(2, 0, 1),)

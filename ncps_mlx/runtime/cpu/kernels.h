@@ -21,6 +21,15 @@ typedef struct {
     const float *timespans;               /* (B, T), or NULL: every step 1.0 */
 } ltc_args;
 
+/* Mixed memory ("state" circuit), or inputs NULL: before each step an LSTM over the whole state
+ * (H rows) whose output replaces it, z = inputs[t] + recurrent h, gates (input, input gate, forget
+ * gate, output gate) of H rows each, the forget gate shifted by forget_bias. */
+typedef struct {
+    const float *inputs;    /* (T, 4H, B): its input projection, bias included */
+    const float *recurrent; /* (4H, H) */
+    float forget_bias;
+} lstm_args;
+
 typedef struct {
     int32_t batch, steps, hidden, units, layers; /* B, T, H, backbone units and layers (>= 1) */
     int32_t mode, activation, ff_tanh, heads;
@@ -38,12 +47,7 @@ typedef struct {
                                          * ff1, ff2, time_a + time_b (K = 3H); pure mode ff1 (K = H) */
     const float *head_bias;             /* (K,) */
     const float *w_tau, *A;             /* (H,), pure mode */
-    /* Mixed memory ("state" circuit), or lstm_inputs NULL: before each step an LSTM whose output
-     * replaces the state, z = lstm_inputs[t] + lstm_recurrent h, gates (input, input gate,
-     * forget gate, output gate) of H rows each, the forget gate shifted by forget_bias. */
-    const float *lstm_inputs;           /* (T, 4H, B): its input projection, bias included */
-    const float *lstm_recurrent;        /* (4H, H) */
-    float forget_bias;
+    lstm_args lstm;
     sgemm_fn sgemm;
 } cfc_args;
 
@@ -57,6 +61,7 @@ typedef struct {
     const float *const *biases;        /* per layer (K_l,); layer 0's unused */
     const float *const *state_weights; /* per layer (K_l, H_l) */
     const float *const *w_tau, *const *A; /* per layer (H_l,), pure mode */
+    lstm_args lstm;                       /* over the S rows of all layers' states */
     sgemm_fn sgemm;
 } wired_args;
 
@@ -109,11 +114,12 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
                   float *d_input_weight, float *d_input_bias, float *d_initial, float *d_timespans, float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
                   float *d_head_weight, float *d_head_bias, float *d_w_tau, float *d_A, const cfc_memory *m, int first,
                   int last, float *scratch);
-void wired_cfc_forward(const wired_args *a, const float *initial, float *states, int first, int last, float *scratch);
+void wired_cfc_forward(const wired_args *a, const float *initial, float *states, const cfc_memory *m, int first,
+                       int last, float *scratch);
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
                         float *const *d_biases, float *const *d_state_weights, float *const *d_w_tau,
-                        float *const *d_A, int first, int last, float *scratch);
+                        float *const *d_A, const cfc_memory *m, int first, int last, float *scratch);
 void ctrnn_forward(const ctrnn_args *a, const float *initial, float *states, int first, int last, float *scratch);
 void ctrnn_backward(const ctrnn_args *a, const float *initial, const float *states, const float *d_states,
                     float *d_inputs, float *d_initial, float *d_timespans, float *d_recurrent, float *d_tau,

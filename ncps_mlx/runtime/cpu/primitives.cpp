@@ -49,9 +49,10 @@ namespace {
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
-// timed, hidden layers, mixed memory}; Wired {mode, ff_tanh, timed, layers}; CTRNN {unfolds,
-// timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}. floats: LTC {epsilon}; CTRNN {delta_t, clip
-// (0: none)}; CTGRU {clip, ln tau (M), decay or 1 / tau (M)}; CfC {forget bias} with mixed memory.
+// timed, hidden layers, mixed memory}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
+// {unfolds, timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}.
+// floats: LTC {epsilon}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M), decay or
+// 1 / tau (M)}; CfC and Wired {forget bias} with mixed memory.
 struct Spec {
   Loop loop;
   bool backward;
@@ -77,13 +78,21 @@ struct Spec {
     }
   }
   bool pure() const { return (loop == Loop::CfC || loop == Loop::Wired) && ints[0] == 1; }
-  bool mixed() const { return loop == Loop::CfC && ints[5] != 0; }
+  bool mixed() const { return (loop == Loop::CfC && ints[5] != 0) || (loop == Loop::Wired && ints[4] != 0); }
+  // Where mixed memory's arrays (LSTM inputs, initial memory, recurrent weight) start: after a
+  // CfC's hidden layers and pure mode's w_tau, A; after a wired CfC's layers (each its state
+  // weight, from layer 1 its input weight and bias, in pure mode w_tau and A).
+  int memory_index() const {
+    const int p = 2 + timed();
+    if (loop == Loop::CfC) return p + 3 + 2 * ints[4] + 2 * pure();
+    return p + 3 * ints[3] - 2 + 2 * ints[3] * pure();
+  }
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
     if (loop == Loop::Projection || loop == Loop::Sensory) return input == 0 ? 0 : -1;
     if (mixed()) {  // the LSTM's inputs (T, 4H, B) and initial memory (H, B)
-      const int c = 2 + timed() + 3 + 2 * ints[4] + 2 * pure();
+      const int c = memory_index();
       if (input == c) return 2;
       if (input == c + 1) return 1;
     }
@@ -242,7 +251,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              timed ? ptr(in[2]) : nullptr,
              ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
              spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
-             mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f,
+             lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
              reinterpret_cast<sgemm_fn>(spec.sgemm)};
   const int n = f + 2;  // the forward node's inputs
   const size_t extra = mixed ? 5 * size_t(H) : 0;
@@ -302,7 +311,9 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
     A.push_back(pure ? ptr(in[k + 1]) : nullptr);
     k += pure ? 2 : 0;
   }
-  const int n = k;
+  const bool mixed = spec.mixed();
+  const int c = k;                    // mixed memory's lstm inputs, initial memory, recurrent weight
+  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
   int S = 0, sum_k = 0, max_k = 0;
   for (int l = 0; l < layers; ++l) {
     S += sizes[l];
@@ -311,18 +322,30 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   }
   wired_args a{B, T, layers, spec.ints[0], spec.ints[1], sizes.data(), heads.data(), ptr(in[0]),
                timed ? ptr(in[2]) : nullptr, input_weights.data(), biases.data(), state_weights.data(), w_tau.data(),
-               A.data(), reinterpret_cast<sgemm_fn>(spec.sgemm)};
+               A.data(),
+               lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
+               reinterpret_cast<sgemm_fn>(spec.sgemm)};
+  const size_t extra = mixed ? 5 * size_t(S) : 0;
   if (!spec.backward) {
+    cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
-      Scratch scratch(part, size_t(S + max_k) * (last - first));
-      wired_cfc_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
+      Scratch scratch(part, (S + max_k + extra) * (last - first));
+      wired_cfc_forward(&a, ptr(in[1]), ptr(out[0]), &memory, first, last, scratch.data());
     });
     return;
   }
-  ParameterGradients grads(out, p);
+  // then: states, d states, [memory, d memory]
+  const int m = n + 2;
+  std::vector<size_t> summed = range(p, c);
+  if (mixed) summed.push_back(c + 2);
+  ParameterGradients grads(out, summed);
+  cfc_memory memory{};
+  if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    Scratch scratch(part, size_t(4 * S + sum_k + max_k + 1) * (last - first));
+    Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? 8 * size_t(S) : 0)) * (last - first));
     auto g = grads.of_part(part);
+    cfc_memory own = memory;
+    if (mixed) own.d_recurrent = g.back();
     std::vector<float*> d_input_weights, d_biases, d_state_weights, d_w_tau, d_A;
     for (int l = 0; l < layers; ++l) {
       float** at = g.data() + (index[l] - p);  // state weight, [input weight, bias], [w_tau, A]
@@ -335,7 +358,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
     }
     wired_cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
                        timed ? ptr(out[2]) : nullptr, d_input_weights.data(), d_biases.data(), d_state_weights.data(),
-                       d_w_tau.data(), d_A.data(), first, last, scratch.data());
+                       d_w_tau.data(), d_A.data(), mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
 }
@@ -625,6 +648,7 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   } else {
     require(x.ndim() == 3 && inputs[1].ndim() == 2, "wired CfC: inputs (T, K, B), initial (S, B)");
     shapes.push_back({x.shape(0), inputs[1].shape(0), x.shape(2)});
+    if (spec.mixed()) shapes.push_back(shapes.back());
   }
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   return mx::array::make_arrays(shapes, dtypes, std::make_shared<SequenceKernel>(stream, spec), inputs);
@@ -664,10 +688,13 @@ NB_MODULE(_kernels, m) {
       "forget_bias"_a, "sgemm"_a);
   m.def(
       "wired_cfc_sequence",
-      [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, uintptr_t sgemm) {
-        return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers}, {}, sgemm}, std::move(arrays))[0];
+      [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, bool mixed, float forget_bias,
+         uintptr_t sgemm) {
+        return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers, mixed},
+                             mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
+                        std::move(arrays));
       },
-      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "sgemm"_a);
+      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "mixed"_a, "forget_bias"_a, "sgemm"_a);
   m.def(
       "ctrnn_sequence",
       [](std::vector<mx::array> arrays, int unfolds, float delta_t, float clip, bool timed, bool feedback,
