@@ -108,7 +108,7 @@ class SequenceModel(nn.Module):
             raise ValueError("Input sequence is empty (0 time steps)")
 
         ts = self._timespans(timespans, batch, steps, batched)
-        h, c = self._initial_state(hx, batch, batched)
+        h, c = self._initial_state(hx, x, batched)
         y, h, c = self._run(x, h, c, ts, self._mask(mask, batch, steps, batched))
         if not batched:
             y, h = y[0], h[0]
@@ -284,10 +284,14 @@ class SequenceModel(nn.Module):
             )
         return mx.broadcast_to(ts, (batch, steps))[..., None]
 
-    def _initial_state(self, hx, batch: int, batched: bool):
-        zeros = mx.zeros((batch, self.state_size))
+    def _initial_state(self, hx, x, batched: bool):
+        batch = x.shape[0]
         if hx is None:
-            return zeros, (mx.zeros((batch, self.state_size)) if self.use_mixed else None)
+            # Zeros that depend on x (exactly 0, NaN or not), so that under mx.vmap they are
+            # batched as x is: MLX's vmap of addmm fails where only the addend is batched (a
+            # CfC's first step on MLX's path); mx.zeros would be a constant, never batched.
+            zeros = mx.broadcast_to(mx.where(x[:, :1, 0] == 0, 0.0, 0.0), (batch, self.state_size))
+            return zeros, (zeros if self.use_mixed else None)
         if self.use_mixed:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ValueError(

@@ -207,18 +207,11 @@ def test_sparse_sensory_projection_matches_the_dense_term(mapping, monkeypatch):
         assert float(mx.max(mx.abs(sparse_grad[name] - dense_grad[name]))) <= 1e-5 * scale, name
 
 
-# On MLX's path a CfC's step fails under mx.vmap inside MLX's vmap of addmm (its first product,
-# input + state weight @ state, feature-major). Written as input + product it passes, but that
-# changes the gradients' rounding for every eager CfC (dropout, masks) and a 40-step training
-# test then ends elsewhere: not done this session. Strict: the day it passes, this says so.
-VMAP_ADDMM = pytest.mark.xfail(strict=True, reason="MLX's vmap of addmm in a CfC's eager step", raises=ValueError)
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=VMAP_ADDMM) for n in ("cfc", "cfc_no_backbone", "cfc_wired")]
-                         + ["cfc_mixed", "ltc", "ctrnn", "ctgru"])  # fmt: skip
+@pytest.mark.parametrize("name", ["cfc", "cfc_no_backbone", "cfc_wired", "cfc_mixed", "ltc", "ctrnn", "ctgru"])
 def test_vmap_on_mlx_path_matches_one_slice_at_a_time(name, monkeypatch):
     """mx.vmap over a batch of batches on MLX's path (the kernels off): the same outputs as
-    running each slice alone."""
+    running each slice alone. (A CfC's first step failed inside MLX's vmap of addmm, whose
+    addend alone was batched, until the initial zeros were made batched as x is.)"""
     monkeypatch.setenv("NCPS_MLX_RUNTIME", "mlx")
     mx.random.seed(3)
     make = {"cfc": lambda: CfC(5, 8), "cfc_no_backbone": lambda: CfC(5, 8, backbone_layers=0),
