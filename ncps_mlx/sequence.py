@@ -147,14 +147,12 @@ class SequenceModel(nn.Module):
             # steps do: around the custom-gradient sigmoid the LTC's sensory term did not fuse,
             # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
             # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
-            # Feature-major, as the CfC kernel reads it (a (B, T, 4H) view either way).
-            lstm_inputs = runtime.project_input(self.lstm, x, features_first=True) if self.use_mixed else None
             cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
             kernel = None
             if mask is None and not dropout and cell_reads_x:
                 # A cell's whole loop in one kernel node, where one applies (None where not); an
                 # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
-                memory = (self.lstm, lstm_inputs, c) if self.use_mixed else None
+                memory = (self.lstm, c) if self.use_mixed else None
                 kernel = runtime.sequence_kernel(self.rnn_cell, x, h, ts, differentiable=traced, memory=memory)
             if kernel is not None:
                 outs, states = kernel[:2]
@@ -163,6 +161,9 @@ class SequenceModel(nn.Module):
                 mode = "native"
             else:
                 with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
+                    # A (B, T, 4H) view of a feature-major array, as it was when the CfC kernel read
+                    # it: the MLX path computes the numbers it computed.
+                    lstm_inputs = runtime.project_input(self.lstm, x, features_first=True) if self.use_mixed else None
                     cell_inputs = runtime.project_input(self.rnn_cell, x) if cell_reads_x else None
                 # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
                 prepared = self.rnn_cell.prepare()

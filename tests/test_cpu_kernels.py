@@ -170,11 +170,10 @@ def test_row_splits_and_layouts(kernel_calls):
 
 
 @applies
-def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
+def test_kernels_not_used_where_they_do_not_apply(kernel_calls):
     rng = np.random.default_rng(4)
     x = mx.array(rng.normal(size=(2, 6, 5)).astype(np.float32))
     mx.random.seed(0)
-    mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True)(x))
     model = ncps_mlx.LTC(5, 8)
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
@@ -185,9 +184,11 @@ def test_ltc_kernel_not_used_where_it_does_not_apply(kernel_calls):
     mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
     mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
     assert kernel_calls["cfc_states"] == 1 and kernel_calls["wired_cfc_states"] == 2
+    mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True)(x))
+    assert kernel_calls["forward"] == 1
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         mx.eval(ncps_mlx.LTC(5, 8)(x))
-    assert kernel_calls["forward"] == 1
+    assert kernel_calls["forward"] == 2
 
 
 @applies
@@ -381,23 +382,36 @@ def test_cfc_gradients_equal_mlx_path(name, timespans, kernel_calls):
         assert max_diff(grads[key], expected) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(grads[key], expected):.3g}"
 
 
+MIXED_CASES = {
+    **{f"cfc_{name}": name for name in ("two_layers_silu", "pure", "no_backbone", "wired_autoncp", "wired_random_pure")},
+    "ltc_fc16": lambda: perturbed_ltc(16, mixed_memory=True),
+    "ltc_ncp_unconstrained": lambda: perturbed_ltc(wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7), mixed_memory=True,
+                                                   implicit_param_constraints=False, ode_unfolds=3),
+}  # fmt: skip
+
+
 @applies
-@pytest.mark.parametrize("name", ["two_layers_silu", "pure", "no_backbone", "wired_autoncp", "wired_random_pure"])
+@pytest.mark.parametrize("name", sorted(MIXED_CASES))
 @pytest.mark.parametrize("timespans", [None, "per_step"])
-def test_cfc_mixed_memory_kernels_equal_mlx_path(name, timespans, kernel_calls):
-    """Mixed memory's "state" circuit in the CfC kernels (with or without a backbone, wired):
-    outputs, both final states, and the gradients of every parameter, of x, of both initial
-    states and of the timespans, as MLX's path gives them."""
-    if blas.sgemm_address() is None:
+def test_mixed_memory_kernels_equal_mlx_path(name, timespans, kernel_calls):
+    """Mixed memory's "state" circuit in the LTC and CfC kernels (with or without a backbone,
+    wired): outputs, both final states, and the gradients of every parameter, of x, of both
+    initial states and of the timespans, as MLX's path gives them."""
+    if name.startswith("cfc") and blas.sgemm_address() is None:
         pytest.skip("the CfC kernels need the BLAS that ncps_mlx.runtime.blas loads")
-    units, kwargs = CFC_CASES[name]
-    model = perturbed_cfc(units, mixed_memory=True, **kwargs)
+    case = MIXED_CASES[name]
+    if callable(case):
+        model = case()
+    else:
+        units, kwargs = CFC_CASES[case]
+        model = perturbed_cfc(units, mixed_memory=True, **kwargs)
     rng = np.random.default_rng(12)
     batch, steps, S = 5, 13, model.state_size
     x = mx.array(rng.normal(size=(batch, steps, 5)).astype(np.float32))
     h0, c0 = (mx.array(rng.normal(scale=0.5, size=(batch, S)).astype(np.float32)) for _ in range(2))
     ts = None if timespans is None else mx.array(rng.uniform(0.2, 2.0, (batch, steps, 1)).astype(np.float32))
-    target = mx.array(rng.normal(size=(batch, steps, model.rnn_cell.output_size)).astype(np.float32))
+    with cpu.turned_off():
+        target = mx.array(rng.normal(size=model(x, (h0, c0))[0].shape).astype(np.float32))
 
     def loss(model, x, h0, c0, ts):
         y, (h, c) = model(x, (h0, c0), ts)
@@ -412,8 +426,8 @@ def test_cfc_mixed_memory_kernels_equal_mlx_path(name, timespans, kernel_calls):
         return (y, h, c), value, {**dict(tree_flatten(grads)), **dict(zip(names, d_inputs))}
 
     (outs, value, grads), (outs_mlx, value_mlx, grads_mlx) = both_paths(run)
-    assert kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 3
-    assert kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
+    assert kernel_calls["forward"] + kernel_calls["cfc_states"] + kernel_calls["wired_cfc_states"] == 3
+    assert kernel_calls["backward"] + kernel_calls["cfc_backward"] + kernel_calls["wired_backward"] == 2
     for a, b in zip(outs, outs_mlx):
         assert max_diff(a, b) <= 3e-6
     assert abs(value.item() - value_mlx.item()) <= 1e-6

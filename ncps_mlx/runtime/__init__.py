@@ -42,12 +42,11 @@ def choice() -> str:
 
 def sequence_kernel(cell, x, h, ts=None, differentiable=False, memory=None):
     """A cell's whole loop in a CPU kernel: the sequence x (B, T, I) (each kernel projects it as it
-    reads it best), h (B, S),
-    ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state (B, T, S)); None where
-    no kernel applies (another cell, not float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``).
-    ``differentiable``: the result carries the kernel's backward pass. ``memory``: mixed memory's
-    "state" circuit, (lstm, its inputs (B, T, 4H), memory (B, H)) -> (outputs, states, every
-    step's memory (B, T, H)), where the kernel has it."""
+    reads it best), h (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state
+    (B, T, S)); None where no kernel applies (another cell, not float32, not the CPU,
+    ``NCPS_MLX_RUNTIME=mlx``). ``differentiable``: the result carries the kernel's backward pass.
+    ``memory``: mixed memory's "state" circuit, (lstm, memory (B, S)) -> (outputs, states, every
+    step's memory (B, T, S)), where the kernel has it."""
     kernel = cpu.SEQUENCES.get(type(cell).__name__)
     if kernel is None or choice() == "mlx" or (memory is not None and not kernel[2]):
         return None

@@ -6,8 +6,8 @@ loops; and the Linux mlx[cpu] wheel's matrix products run on a reference BLAS (~
 These kernels run a whole sequence in one node of MLX's graph:
 
 * ``ltc.c``: an LTC's loop, forward and backward, a batch row at a time, the synapse loops
-  vectorised; the backward pass recomputes each row's forward pass and walks it back. Also the
-  sensory synapses of its input (``LTCSensory``).
+  vectorised; the backward pass recomputes each row's forward pass and walks it back; also with
+  mixed memory's "state" circuit. Also the sensory synapses of its input (``LTCSensory``).
 * ``cfc.c``: a CfC's loop, feature-major like ``ncps_mlx.cells.cfc``, each layer a matrix
   product of the kernels' own OpenBLAS (``runtime.blas``) on a block of batch columns: forward
   and backward for every CfC in every mode (wired, or with or without a backbone), also with
@@ -143,11 +143,11 @@ from .ltc import ltc_cell_sequence, ltc_states  # noqa: E402
 
 # The kernels by the name of the cell class whose loop they run (this package never imports the
 # cells), whether each applies now (the LTC's needs no BLAS, the others the kernels' own), and
-# whether it runs mixed memory's "state" circuit too (the CfCs).
+# whether it runs mixed memory's "state" circuit too (the LTC and the CfCs).
 SEQUENCES = {
     "CfCCell": (cfc_cell_sequence, cfc_applies, True),
     "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies, True),
-    "LTCCell": (ltc_cell_sequence, applies, False),
+    "LTCCell": (ltc_cell_sequence, applies, True),
     "CTRNNCell": (ctrnn_cell_sequence, cfc_applies, False),
     "CTGRUCell": (ctgru_cell_sequence, cfc_applies, False),
 }

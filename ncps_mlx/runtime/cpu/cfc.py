@@ -86,13 +86,15 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, memory=N
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
-def _memory_arrays(memory):
-    """Mixed memory's (lstm, its inputs (B, T, 4S), memory (B, S)) as the kernels take it: (inputs
-    (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate bias); None without."""
+def _memory_arrays(memory, x):
+    """Mixed memory's (lstm, memory (B, S)) for the sequence x as the kernels take it: (the LSTM's
+    input projection (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate bias); None
+    without."""
     if memory is None:
         return None
-    lstm, lstm_inputs, c = memory
-    return lstm_inputs.transpose(1, 2, 0), c.T, lstm.recurrent_map.weight, lstm.forget_gate_bias
+    lstm, c = memory
+    inputs = projected(lstm, x, features_first=True).transpose(1, 2, 0)  # a view of a (T, 4S, B) array
+    return inputs, c.T, lstm.recurrent_map.weight, lstm.forget_gate_bias
 
 
 def _batch_major(states, memory):
@@ -114,8 +116,8 @@ def cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
     """A ``CfCCell``'s whole loop in the kernel: the sequence x (B, T, I), h (B, H), ts None, 0-d
     or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
     a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
-    and where ``cfc_applies()`` is False. ``memory``: (lstm, its inputs (B, T, 4H), memory (B, H)),
-    mixed memory's "state" circuit: -> (outputs, states, every step's memory (B, T, H)).
+    and where ``cfc_applies()`` is False. ``memory``: (lstm, memory (B, H)), mixed memory's "state"
+    circuit: -> (outputs, states, every step's memory (B, T, H)).
     """
     weight, bias = cell._first_layer()
     if not _kernel_applies(x, h, weight, ts, *(memory[1:] if memory else ())):
@@ -125,11 +127,11 @@ def cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
     if cell.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
         inputs = projected(cell, x).transpose(1, 2, 0)
         states = wired_cfc_states(inputs, h.T, ts, cell.mode, ff_tanh, [(None, None, state_weight, *pure)],
-                                  memory=_memory_arrays(memory))  # fmt: skip
+                                  memory=_memory_arrays(memory, x))  # fmt: skip
     else:
         hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
         states = cfc_states(x, h.T, ts, cell.mode, cell.activation_name, ff_tanh, weight[:, : cell.input_size], bias,
-                            state_weight, hidden, *cell._heads(), *pure, memory=_memory_arrays(memory))  # fmt: skip
+                            state_weight, hidden, *cell._heads(), *pure, memory=_memory_arrays(memory, x))  # fmt: skip
     return _batch_major(states, memory)
 
 
@@ -149,7 +151,7 @@ def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=No
         inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
         layers.append(inputs_part + (weight[:, width:],) + pure)
     states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
-                              memory=_memory_arrays(memory))  # fmt: skip
+                              memory=_memory_arrays(memory, x))  # fmt: skip
     start = sum(cell.layer_sizes[:-1])
     memories = None
     if memory is not None:

@@ -19,6 +19,10 @@ typedef struct {
     const float *cm, *gleak, *leak;       /* (S,) */
     const float *inputs;                  /* (B, T, 2S): sensory numerator terms, then denominator */
     const float *timespans;               /* (B, T), or NULL: every step 1.0 */
+    /* Mixed memory ("state" circuit), or lstm_inputs NULL: as lstm_args, batch-major. */
+    const float *lstm_inputs;             /* (B, T, 4S) */
+    const float *lstm_recurrent_t;        /* (S, 4S): the recurrent weight, transposed */
+    float forget_bias;
 } ltc_args;
 
 /* Mixed memory ("state" circuit), or inputs NULL: before each step an LSTM over the whole state
@@ -88,11 +92,20 @@ typedef struct {
     sgemm_fn sgemm;
 } ctgru_args;
 
-void ltc_forward(const ltc_args *a, const float *initial, float *states, int first, int last, float *scratch);
+/* An LTC's mixed memory, batch-major (B, T, S) and (B, S): as cfc_memory, NULL without. */
+typedef struct {
+    const float *initial_c;
+    float *memory;
+    const float *d_memory;
+    float *d_inputs, *d_initial_c, *d_recurrent_t;
+} ltc_memory;
+
+void ltc_forward(const ltc_args *a, const float *initial, float *states, const ltc_memory *m, int first, int last,
+                 float *scratch);
 void ltc_backward(const ltc_args *a, const float *initial, const float *d_states, float *d_inputs,
                   float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
-                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, int first, int last,
-                  float *scratch);
+                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, const ltc_memory *m, int first,
+                  int last, float *scratch);
 void ltc_sensory_forward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,
                          const float *w, float *out, int64_t first, int64_t last);
 void ltc_sensory_backward(int I, int S, const float *x, const float *sigma, const float *mu, const float *w_erev,

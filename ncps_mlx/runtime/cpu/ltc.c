@@ -1,7 +1,7 @@
 /* The LTC's time loop as one CPU kernel: forward and backward over a range of batch rows.
  *
- * Built by ncps_mlx/runtime/cpu/__init__.py and called through ctypes from ltc.py beside this file,
- * which says what the arguments hold. Plain C, no MLX or Python headers.
+ * Run by the LTCSequence and LTCSensory primitives (primitives.cpp); ltc.py beside this file says
+ * what the arguments hold. Plain C, no MLX or Python headers.
  *
  * One batch row at a time: per ODE unfold, for each presynaptic neuron i a loop over the
  * postsynaptic j that the compiler vectorises (the parameters are (S, S) row-major, j fastest).
@@ -52,15 +52,49 @@ static void unfold(const ltc_args *a, const float *v, const float *cm_t, const f
     }
 }
 
+/* Mixed memory's LSTM gates at step t of row b: z (4S) = lstm_inputs[b, t] + h W^T, the
+ * recurrent weight read transposed (S, 4S) so that the loop over the 4S outputs vectorises. */
+static void lstm_gates_row(const ltc_args *a, int b, int t, const float *h, float *z) {
+    const int S = a->units, G = 4 * a->units;
+    memcpy(z, a->lstm_inputs + ((int64_t)b * a->steps + t) * G, G * sizeof(float));
+    for (int j = 0; j < S; ++j) {
+        const float hj = h[j], *row = a->lstm_recurrent_t + (int64_t)j * G;
+        for (int k = 0; k < G; ++k) z[k] += hj * row[k];
+    }
+}
+
+/* The LSTM's step on row b: c (S) updated in place (from c_in), its output written to h (may be
+ * h_in). z: 4S floats. */
+static void lstm_row(const ltc_args *a, int b, int t, const float *h_in, const float *c_in, float *c, float *h,
+                     float *z) {
+    const int S = a->units;
+    lstm_gates_row(a, b, t, h_in, z);
+    for (int j = 0; j < S; ++j) {
+        const float forget = sigmoid(z[2 * S + j] + a->forget_bias);
+        c[j] = c_in[j] * forget + rational_tanh(z[j]) * sigmoid(z[S + j]);
+        h[j] = rational_tanh(c[j]) * sigmoid(z[3 * S + j]);
+    }
+}
+
 /* Row b's forward pass from initial (B, S): every unfold's input state, then the last state, into
  * trail ((T U + 1) S floats) if not NULL; every step's state into states (B, T, S) if not NULL.
- * work: 5 S floats. */
-static void row_forward(const ltc_args *a, int b, const float *initial, float *trail, float *states, float *work) {
+ * With mixed memory the LSTM's output is each step's first unfold input, the state it read goes
+ * to h_in (T S floats) if not NULL and every step's memory to m->memory. work: 5 S floats, with
+ * mixed memory 5 S more. */
+static void row_forward(const ltc_args *a, const ltc_memory *m, int b, const float *initial, float *trail,
+                        float *h_in, float *states, float *work) {
     const int S = a->units, T = a->steps, U = a->unfolds;
     float *cm_t = work, *numerator = work + S, *denominator = work + 2 * S, *ping = work + 3 * S, *pong = work + 4 * S;
+    float *c = work + 5 * S, *z = work + 6 * S;
     float *v = trail ? trail : ping;
     memcpy(v, initial + (int64_t)b * S, S * sizeof(float));
+    if (a->lstm_inputs) memcpy(c, m->initial_c + (int64_t)b * S, S * sizeof(float));
     for (int t = 0; t < T; ++t) {
+        if (a->lstm_inputs) {
+            if (h_in) memcpy(h_in + (int64_t)t * S, v, S * sizeof(float));
+            lstm_row(a, b, t, v, c, c, v, z);
+            if (m->memory) memcpy(m->memory + ((int64_t)b * T + t) * S, c, S * sizeof(float));
+        }
         const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
         const float step = timespan(a, b, t) / (float)U;
         for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
@@ -73,10 +107,46 @@ static void row_forward(const ltc_args *a, int b, const float *initial, float *t
     }
 }
 
-/* Rows [first, last): every step's state, states (B, T, S), from initial (B, S).
- * scratch: 5 S floats. */
-void ltc_forward(const ltc_args *a, const float *initial, float *states, int first, int last, float *scratch) {
-    for (int b = first; b < last; ++b) row_forward(a, b, initial, NULL, states, scratch);
+/* Rows [first, last): every step's state, states (B, T, S), from initial (B, S); with mixed
+ * memory every step's memory into m->memory (B, T, S). scratch: 5 S floats, with mixed memory 10 S. */
+void ltc_forward(const ltc_args *a, const float *initial, float *states, const ltc_memory *m, int first, int last,
+                 float *scratch) {
+    for (int b = first; b < last; ++b) row_forward(a, m, b, initial, NULL, NULL, states, scratch);
+}
+
+/* lstm_row's vjp at step t of row b: g (S), the output's cotangent, becomes h_in's; carried_c,
+ * c's (from the step after), becomes c_in's, with m->d_memory[b, t] added; the LSTM input's
+ * cotangent written to m->d_inputs[b, t], the transposed recurrent weight's added into
+ * m->d_recurrent_t. z, dz: 4S floats each. */
+static void lstm_row_vjp(const ltc_args *a, const ltc_memory *m, int b, int t, const float *h_in, float *g,
+                         float *carried_c, float *z, float *dz) {
+    const int S = a->units, T = a->steps, G = 4 * S;
+    const float *c_in = t == 0 ? m->initial_c + (int64_t)b * S : m->memory + ((int64_t)b * T + t - 1) * S;
+    const float *c_out = m->memory + ((int64_t)b * T + t) * S, *dm = m->d_memory + ((int64_t)b * T + t) * S;
+    lstm_gates_row(a, b, t, h_in, z);
+    for (int j = 0; j < S; ++j) {
+        const float ti = rational_tanh(z[j]), si = sigmoid(z[S + j]);
+        const float sf = sigmoid(z[2 * S + j] + a->forget_bias), so = sigmoid(z[3 * S + j]);
+        const float tc = rational_tanh(c_out[j]), dh = g[j];
+        const float dc = carried_c[j] + dm[j] + dh * so * (1.0f - tc * tc);
+        dz[3 * S + j] = dh * tc * so * (1.0f - so);
+        dz[2 * S + j] = dc * c_in[j] * sf * (1.0f - sf);
+        dz[S + j] = dc * ti * si * (1.0f - si);
+        dz[j] = dc * si * (1.0f - ti * ti);
+        carried_c[j] = dc * sf;
+    }
+    memcpy(m->d_inputs + ((int64_t)b * T + t) * G, dz, G * sizeof(float));
+    for (int j = 0; j < S; ++j) {
+        const float *row = a->lstm_recurrent_t + (int64_t)j * G;
+        float *d_row = m->d_recurrent_t + (int64_t)j * G;
+        const float hj = h_in[j];
+        float total = 0.0f;
+        for (int k = 0; k < G; ++k) {
+            d_row[k] += hj * dz[k];
+            total += row[k] * dz[k];
+        }
+        g[j] = total;
+    }
 }
 
 /* One presynaptic neuron's synapses in the backward pass of an unfold: their parameters'
@@ -108,19 +178,29 @@ static float synapse_gradients(int S, float vi, const float *restrict sigma, con
 /* Gradients of rows [first, last) given d_states (B, T, S), the cotangent of every step's state:
  * d_inputs (B, T, 2S), d_initial (B, S) and d_timespans (B, T) (if timespans) written for these
  * rows; the parameters' (S, S) and (S,) gradients added into d_sigma ... d_leak (this caller's
- * own buffers, summed by the caller). scratch: (T U + 1) S + 9 S floats. */
+ * own buffers, summed by the caller); with mixed memory m's too (its memory the forward pass's).
+ * scratch: (T U + 1) S + 9 S floats, with mixed memory (T + 9) S more. */
 void ltc_backward(const ltc_args *a, const float *initial, const float *d_states, float *d_inputs,
                   float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
-                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, int first, int last,
-                  float *scratch) {
+                  float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, const ltc_memory *m, int first,
+                  int last, float *scratch) {
     const int S = a->units, T = a->steps, U = a->unfolds;
     float *trail = scratch; /* every unfold's input state, then the last state: (T U + 1, S) */
-    float *cm_t = trail + ((int64_t)T * U + 1) * S, *numerator = cm_t + S, *denominator = cm_t + 2 * S;
+    /* mixed memory: the state each step's LSTM read (T, S) */
+    float *h_in = trail + ((int64_t)T * U + 1) * S;
+    float *cm_t = h_in + (a->lstm_inputs ? (int64_t)T * S : 0), *numerator = cm_t + S, *denominator = cm_t + 2 * S;
     float *g = cm_t + 3 * S, *g_prev = cm_t + 4 * S, *gn = cm_t + 5 * S, *gd = cm_t + 6 * S,
           *d_cm_t = cm_t + 7 * S, *along = cm_t + 8 * S;
+    /* mixed memory: the memory's cotangent, the gates and theirs (4S each); row_forward's work is
+     * cm_t's 9 rows and the first of these (10 S), all free until g is set */
+    float *carried_c = cm_t + 9 * S, *z = carried_c + S, *dz = z + 4 * S;
     for (int b = first; b < last; ++b) {
-        row_forward(a, b, initial, trail, NULL, cm_t); /* its work rows are free until g is set */
+        ltc_memory recompute = {0};
+        if (a->lstm_inputs) recompute.initial_c = m->initial_c;
+        row_forward(a, &recompute, b, initial, trail, a->lstm_inputs ? h_in : NULL, NULL, cm_t);
         for (int j = 0; j < S; ++j) g[j] = 0.0f;
+        if (a->lstm_inputs)
+            for (int j = 0; j < S; ++j) carried_c[j] = 0.0f;
         for (int t = T - 1; t >= 0; --t) {
             const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
             float *du = d_inputs + ((int64_t)b * T + t) * 2 * S;
@@ -133,6 +213,9 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
             }
             for (int k = U - 1; k >= 0; --k) {
                 const float *v = trail + ((int64_t)t * U + k) * S, *out = trail + ((int64_t)t * U + k + 1) * S;
+                /* with mixed memory the step's last output was overwritten by the next step's LSTM
+                 * output (its first unfold's input); the LSTM's own input kept it */
+                if (a->lstm_inputs && k == U - 1 && t + 1 < T) out = h_in + (int64_t)(t + 1) * S;
                 synapses(a, v, numerator, denominator);
                 for (int j = 0; j < S; ++j) {
                     float d = cm_t[j] + a->gleak[j] + (denominator[j] + u[S + j]) + a->epsilon;
@@ -159,8 +242,11 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
                 d_ts -= d_cm_t[j] * cm_t[j];
             }
             if (d_timespans) d_timespans[(int64_t)b * T + t] = d_ts / ts;
+            if (a->lstm_inputs) /* g is the LSTM output's cotangent: through the LSTM to the state it read */
+                lstm_row_vjp(a, m, b, t, h_in + (int64_t)t * S, g, carried_c, z, dz);
         }
         memcpy(d_initial + (int64_t)b * S, g, S * sizeof(float));
+        if (a->lstm_inputs) memcpy(m->d_initial_c + (int64_t)b * S, carried_c, S * sizeof(float));
     }
 }
 

@@ -48,11 +48,11 @@ namespace {
 // work that MLX ran as (B, T, I, S) tensors.
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
-// What a node computes. ints, by loop: LTC {unfolds, timed}; CfC {mode, activation, ff_tanh,
+// What a node computes. ints, by loop: LTC {unfolds, timed, mixed memory}; CfC {mode, activation, ff_tanh,
 // timed, hidden layers, mixed memory}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
 // {unfolds, timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}.
-// floats: LTC {epsilon}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M), decay or
-// 1 / tau (M)}; CfC and Wired {forget bias} with mixed memory.
+// floats: LTC {epsilon, [forget bias]}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M),
+// decay or 1 / tau (M)}; CfC and Wired {forget bias} with mixed memory.
 struct Spec {
   Loop loop;
   bool backward;
@@ -78,12 +78,17 @@ struct Spec {
     }
   }
   bool pure() const { return (loop == Loop::CfC || loop == Loop::Wired) && ints[0] == 1; }
-  bool mixed() const { return (loop == Loop::CfC && ints[5] != 0) || (loop == Loop::Wired && ints[4] != 0); }
-  // Where mixed memory's arrays (LSTM inputs, initial memory, recurrent weight) start: after a
-  // CfC's hidden layers and pure mode's w_tau, A; after a wired CfC's layers (each its state
-  // weight, from layer 1 its input weight and bias, in pure mode w_tau and A).
+  bool mixed() const {
+    return (loop == Loop::CfC && ints[5] != 0) || (loop == Loop::Wired && ints[4] != 0) ||
+           (loop == Loop::LTC && ints[2] != 0);
+  }
+  // Where mixed memory's arrays (LSTM inputs, initial memory, recurrent weight) start: after an
+  // LTC's 7 parameter arrays; after a CfC's hidden layers and pure mode's w_tau, A; after a wired
+  // CfC's layers (each its state weight, from layer 1 its input weight and bias, in pure mode
+  // w_tau and A).
   int memory_index() const {
     const int p = 2 + timed();
+    if (loop == Loop::LTC) return p + 7;
     if (loop == Loop::CfC) return p + 3 + 2 * ints[4] + 2 * pure();
     return p + 3 * ints[3] - 2 + 2 * ints[3] * pure();
   }
@@ -91,10 +96,10 @@ struct Spec {
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
     if (loop == Loop::Projection || loop == Loop::Sensory) return input == 0 ? 0 : -1;
-    if (mixed()) {  // the LSTM's inputs (T, 4H, B) and initial memory (H, B)
+    if (mixed()) {  // the LSTM's inputs (T, 4H, B) and initial memory (H, B); an LTC's batch-major
       const int c = memory_index();
-      if (input == c) return 2;
-      if (input == c + 1) return 1;
+      if (input == c) return loop == Loop::LTC ? 0 : 2;
+      if (input == c + 1) return loop == Loop::LTC ? 0 : 1;
     }
     if (input >= 2 + int(timed())) return -1;
     if (batch_major() || (loop == Loop::CfC && input == 0)) return 0;  // a CfC's x is (B, T, I)
@@ -212,23 +217,35 @@ float* ptr(mx::array& a) { return a.data<float>(); }
 void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const int timed = spec.timed(), p = 2 + timed;
   const int B = in[0].shape(0), T = in[0].shape(1), S = in[p].shape(0);
+  const bool mixed = spec.mixed();
+  const int c = p + 7;                // mixed memory's lstm inputs, initial memory, recurrent weight (transposed)
+  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
   ltc_args a{B, T, S, spec.ints[0], spec.floats[0], ptr(in[p]), ptr(in[p + 1]), ptr(in[p + 2]), ptr(in[p + 3]),
-             ptr(in[p + 4]), ptr(in[p + 5]), ptr(in[p + 6]), ptr(in[0]), timed ? ptr(in[2]) : nullptr};
+             ptr(in[p + 4]), ptr(in[p + 5]), ptr(in[p + 6]), ptr(in[0]), timed ? ptr(in[2]) : nullptr,
+             mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[1] : 0.0f};
   if (!spec.backward) {
     float* states = ptr(out[0]);
+    ltc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
-      Scratch scratch(part, 5 * size_t(S));
-      ltc_forward(&a, ptr(in[1]), states, first, last, scratch.data());
+      Scratch scratch(part, (mixed ? 10 : 5) * size_t(S));
+      ltc_forward(&a, ptr(in[1]), states, &memory, first, last, scratch.data());
     });
     return;
   }
-  const mx::array& d_states = in[p + 7];
-  ParameterGradients grads(out, p);
+  // then: d states, [memory, d memory]
+  const mx::array& d_states = in[n];
+  std::vector<size_t> summed = range(p, c);
+  if (mixed) summed.push_back(c + 2);
+  ParameterGradients grads(out, summed);
+  ltc_memory memory{};
+  if (mixed) memory = ltc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[n + 1])), ptr(in[n + 2]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9) * S);
+    Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9 + (mixed ? size_t(T) + 9 : 0)) * S);
     auto g = grads.of_part(part);
+    ltc_memory own = memory;
+    if (mixed) own.d_recurrent_t = g.back();
     ltc_backward(&a, ptr(in[1]), ptr(d_states), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr, g[0], g[1],
-                 g[2], g[3], g[4], g[5], g[6], first, last, scratch.data());
+                 g[2], g[3], g[4], g[5], g[6], mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
 }
@@ -618,8 +635,10 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - 2 * spec.mixed();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
-    require(x.ndim() == 3 && inputs.size() == size_t(p + 7), "LTC: inputs (B, T, 2S) and 9 or 10 arrays");
+    require(x.ndim() == 3 && inputs.size() == size_t(p + 7 + 3 * spec.mixed()),
+            "LTC: inputs (B, T, 2S) and 9 or 10 arrays, with mixed memory 3 more");
     shapes.push_back({x.shape(0), x.shape(1), inputs[p].shape(0)});
+    if (spec.mixed()) shapes.push_back(shapes.back());
   } else if (spec.loop == Loop::CfC) {
     require(x.ndim() == 3, "CfC: x (B, T, I)");
     const int B = x.shape(0), T = x.shape(1), H = inputs[p].shape(1);
@@ -672,10 +691,10 @@ NB_MODULE(_kernels, m) {
   });
   m.def(
       "ltc_sequence",
-      [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed) {
-        return sequence(Spec{Loop::LTC, false, {unfolds, timed}, {epsilon}, 0}, std::move(arrays))[0];
+      [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed, bool mixed, float forget_bias) {
+        return sequence(Spec{Loop::LTC, false, {unfolds, timed, mixed}, {epsilon, forget_bias}, 0}, std::move(arrays));
       },
-      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a);
+      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a, "mixed"_a, "forget_bias"_a);
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
