@@ -19,7 +19,9 @@ medians as sequences per second and the ncps_mlx / peer ratio. ncps_mlx runs ncp
 weights (copied through the converter's key map) and its output is compared with torch's;
 the XLA peer runs its own initialisation (the work per call does not depend on the values).
 Each timed call starts after a ``--settle`` pause (default 20 ms): torch's OpenMP workers spin
-after a call, and a call started straight after one ran ~30% slower.
+after a call, and a call started straight after one ran ~30% slower. A peer that cannot run a
+workload (torch.compile on W5 here: a RecursionError in Inductor) says "fails" in its cells;
+``--json`` is written after every row.
 """
 
 from __future__ import annotations
@@ -180,9 +182,11 @@ def start(peer, name, kind, args, folder, weights):
         command += ["--outputs", str(Path(folder) / f"{peer}.npy")]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     ready = process.stdout.readline().strip()
-    if ready != "ready":
+    if ready != "ready":  # e.g. torch.compile cannot compile W5 here (a RecursionError in Inductor)
         process.kill()
-        raise RuntimeError(f"{peer} on {name} {kind} did not start (its stderr is above)")
+        print(f"[bench] {peer} on {name} {kind} did not start (its stderr is above): its cells say so", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return None
     return process
 
 
@@ -193,26 +197,31 @@ def measure(name, kind, peers, args):
     peers = [p for p in peers if p == "mlx" or family in HAS_PEERS]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
-        processes = {}
+        processes, failed = {}, []
         for peer in sorted(peers, key=lambda p: p != "torch"):  # torch first: it writes the weights
-            processes[peer] = start(peer, name, kind, args, folder, weights if peer in ("torch", "mlx") else None)
-        times = {peer: [] for peer in peers}
+            process = start(peer, name, kind, args, folder, weights if peer in ("torch", "mlx") else None)
+            if process is None:
+                failed.append(peer)
+            else:
+                processes[peer] = process
+        times = {peer: [] for peer in processes}
         for _ in range(args.runs):
             for peer, process in processes.items():
                 process.stdin.write("run\n")
                 process.stdin.flush()
                 times[peer].append(float(process.stdout.readline()))
         row = {"workload": name, "model": describe(family, wiring), "batch": batch, "steps": steps, "kind": kind}
+        row.update({f"{peer}_failed": True for peer in failed})
         for peer, process in processes.items():
             process.stdin.close()
             row[f"{peer}_peak_rss_mb"] = json.loads(process.stdout.readline())["peak_rss_mb"]
             process.wait()
             row[f"{peer}_seq_s"] = batch / statistics.median(times[peer])
-        if kind == "forward" and "torch" in peers:
+        if kind == "forward" and "torch" in processes and "mlx" in processes:
             mlx_y, torch_y = (np.load(Path(folder) / f"{p}.npy") for p in ("mlx", "torch"))
             row["max_abs_diff"] = float(np.max(np.abs(mlx_y - torch_y)))
-    for peer in peers:
-        if peer != "mlx":
+    for peer in processes:
+        if peer != "mlx" and "mlx_seq_s" in row:
             row[f"ratio_{peer}"] = row["mlx_seq_s"] / row[f"{peer}_seq_s"]
     if family not in HAS_PEERS and kind == "forward":
         row["mlx_gflop_s"] = matmul_flops(family, batch, steps) * row["mlx_seq_s"] / batch / 1e9
@@ -250,7 +259,10 @@ def markdown(rows, peers, info) -> str:
     ]
     for r in rows:
         def get(key, fmt="{:.0f}"):
-            return fmt.format(r[key]) if key in r else "-"
+            if key in r:
+                return fmt.format(r[key])
+            peer = key.split("_")[-1] if key.startswith("ratio_") else key.split("_")[0]
+            return "fails" if r.get(f"{peer}_failed") else "-"
 
         mlx = get("mlx_seq_s") + (f" ({r['mlx_gflop_s']:.0f} GFLOP/s)" if "mlx_gflop_s" in r else "")
         cells = [r["workload"], r["model"], f"{r['batch']} x {r['steps']}", r["kind"], mlx]
@@ -285,6 +297,8 @@ def main():
         for kind in WORKLOADS[name][4]:
             print(f"[bench] {name} {kind} ...", file=sys.stderr, flush=True)
             rows.append(measure(name, kind, peers, args))
+            if args.json:  # as it goes: a long run that stops keeps what it measured
+                Path(args.json).write_text(json.dumps({"machine": info, "peers": peers, "results": rows}, indent=2))
     table = markdown(rows, peers, info)
     print(table)
     bad = [r["workload"] for r in rows if r.get("max_abs_diff", 0.0) > 1e-5]
