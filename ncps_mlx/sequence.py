@@ -287,11 +287,11 @@ class SequenceModel(nn.Module):
 
     def _initial_state(self, hx, x, batched: bool):
         batch = x.shape[0]
+        # Zeros that depend on x (exactly 0, NaN or not), so that under mx.vmap the initial state
+        # is batched as x is, also a given one that is not: MLX's vmap of addmm fails where only
+        # the addend is batched (a CfC's first step on MLX's path); mx.zeros is a constant.
+        zeros = mx.broadcast_to(mx.where(x[:, :1, 0] == 0, 0.0, 0.0), (batch, self.state_size))
         if hx is None:
-            # Zeros that depend on x (exactly 0, NaN or not), so that under mx.vmap they are
-            # batched as x is: MLX's vmap of addmm fails where only the addend is batched (a
-            # CfC's first step on MLX's path); mx.zeros would be a constant, never batched.
-            zeros = mx.broadcast_to(mx.where(x[:, :1, 0] == 0, 0.0, 0.0), (batch, self.state_size))
             return zeros, (zeros if self.use_mixed else None)
         if self.use_mixed:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -299,11 +299,11 @@ class SequenceModel(nn.Module):
                     "This model uses mixed_memory, so hx must be a tuple (h, c) of two arrays; "
                     f"got {type(hx).__name__}. Pass hx=(h, c), or hx=None to start from zeros."
                 )
-            h, c = (self._check_state(s, name, batch, batched) for s, name in zip(hx, ("h", "c")))
+            h, c = (self._check_state(s, name, batch, batched) + zeros for s, name in zip(hx, ("h", "c")))
             return h, c
         if isinstance(hx, (tuple, list)):
             raise ValueError("hx must be a single array for a model without mixed_memory; got a tuple")
-        return self._check_state(hx, "hx", batch, batched), None
+        return self._check_state(hx, "hx", batch, batched) + zeros, None
 
     def _check_state(self, state, name: str, batch: int, batched: bool) -> mx.array:
         state = mx.array(state) if not isinstance(state, mx.array) else state

@@ -223,3 +223,9 @@ def test_vmap_on_mlx_path_matches_one_slice_at_a_time(name, monkeypatch):
     alone = mx.stack([model(x[i])[0] for i in range(x.shape[0])])
     assert float(mx.max(mx.abs(alone))) > 0
     assert float(mx.max(mx.abs(vmapped - alone))) <= 2e-6
+    # an initial state that is not mapped, as x is
+    hx = mx.random.normal((2, model.state_size))
+    hx = (hx, hx) if model.use_mixed else hx
+    vmapped = mx.vmap(lambda a: model(a, hx)[0])(x)
+    alone = mx.stack([model(x[i], hx)[0] for i in range(x.shape[0])])
+    assert float(mx.max(mx.abs(vmapped - alone))) <= 2e-6
