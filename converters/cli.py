@@ -168,7 +168,12 @@ def _read(args, progress):
 
     config = load_user_config(args.config) if getattr(args, "config", None) else None
     progress(f"Reading {args.src}")
-    return readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
+    checkpoint = readers.read(args.src, config=config, trust_pickle=getattr(args, "trust_pickle", False))
+    if checkpoint.source.get("renamed_layers"):
+        progress(f"Layers of the config matched to the file's by Keras's numbering, in topology order: {checkpoint.source['renamed_layers']}")
+    if checkpoint.source.get("written_by"):
+        progress(f"Written with {checkpoint.source['written_by']}; verified with {checkpoint.source['verified_with']}")
+    return checkpoint
 
 
 def nonfinite_tensors(checkpoint) -> dict[str, int]:

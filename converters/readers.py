@@ -1,6 +1,6 @@
-"""The table of readers: one module per source format, found by name (``*_reader.py``).
+"""The table of readers: one module per source format, found by name (``*_reader.py``, or a package).
 
-A reader module has ``NAME``, ``SUFFIXES``, ``sniff(path) -> bool`` (recognise the file by its
+A reader module (or package: ``keras/``) has ``NAME``, ``SUFFIXES``, ``sniff(path) -> bool`` (recognise the file by its
 bytes) and ``read(path, config=None, trust_pickle=False) -> Checkpoint``. Adding a format is
 adding one such file to this package.
 """
@@ -17,7 +17,7 @@ from .description import Checkpoint, ConversionError
 
 def reader_modules():
     package = importlib.import_module(__package__)
-    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.endswith("_reader"))
+    names = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name.endswith("_reader") or m.ispkg)
     # Our own model files first: they are safetensors too, and describe themselves.
     names.sort(key=lambda name: name != "modelfile_reader")
     return [importlib.import_module(f"{__package__}.{name}") for name in names]

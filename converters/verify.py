@@ -230,7 +230,8 @@ def _compare(case, tensor, expected, got, atol) -> Check:
 def _source_name(description: Description) -> str:
     source = description.source
     module = f", module {source['module']}" if source.get("module") else ""
-    return f"{source.get('framework')} ({source.get('file')}{module})"
+    reference = f"; written with {source['written_by']}, run with {source['verified_with']}" if source.get("written_by") else ""
+    return f"{source.get('framework')} ({source.get('file')}{module}{reference})"
 
 
 def mlx_runner(model):

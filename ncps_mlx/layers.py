@@ -16,8 +16,8 @@ sequence output carries the mask on. ``ncps_mlx.graph.Graph`` wires this up.
 * ``Bidirectional(forward, backward)``: two RNNs, the backward one over the reversed sequence
   (its output sequence reversed back, as Keras does), merged by concat/sum/mul/ave.
 * ``TimeDistributed(layer)``: (B, T, ...) -> layer on (B*T, ...) -> (B, T, ...).
-* Dense (last axis), Conv1D/Conv2D, pooling, global pooling, BatchNormalization,
-  LayerNormalization, Normalization, Embedding, Flatten, Reshape, Permute, RepeatVector,
+* Dense (last axis; its activation a name or an activation layer's spec), Conv1D/Conv2D, pooling, global pooling, BatchNormalization,
+  LayerNormalization, Normalization, Rescaling, Embedding, Flatten, Reshape, Permute, RepeatVector,
   Dropout-likes (identity at inference), Activation, ReLU, LeakyReLU, ELU, Softmax, and the
   merges Concatenate, Add, Subtract, Multiply, Average, Maximum, Minimum.
 """
@@ -53,6 +53,14 @@ ACTIVATIONS = {
 
 
 def activation_function(name):
+    """A name of ``ACTIVATIONS``, or the spec of an activation layer (Keras serialises an
+    activation given as a layer object, ``Conv1D(activation=LeakyReLU(0.4))``, as that layer)."""
+    if isinstance(name, dict):
+        spec = dict(name)
+        kind = spec.pop("type", None)
+        if kind not in ACTIVATION_LAYERS:
+            raise ValueError(f"Unsupported activation layer {kind!r}; supported: {sorted(ACTIVATION_LAYERS)}")
+        return SIMPLE_LAYERS[kind](**spec)
     if name not in ACTIVATIONS:
         raise ValueError(f"Unsupported activation {name!r}; supported: {sorted(k for k in ACTIVATIONS if k)}")
     return ACTIVATIONS[name]
@@ -139,6 +147,19 @@ class Softmax(Layer):
 
     def __call__(self, x):
         return mx.softmax(x, axis=self._arguments["axis"], precise=True)
+
+
+class Rescaling(Layer):
+    """Keras ``Rescaling``: x * scale + offset (each a number, or one per channel)."""
+
+    passes_mask = True
+
+    def __init__(self, scale: float | list = 1.0, offset: float | list = 0.0):
+        super().__init__(scale=scale, offset=offset)
+
+    def __call__(self, x):
+        scale, offset = (mx.array(self._arguments[k], dtype=x.dtype) for k in ("scale", "offset"))
+        return x * scale + offset
 
 
 class Identity(Layer):
@@ -497,11 +518,12 @@ class Bidirectional(nn.Module):
 
 SIMPLE_LAYERS = {
     cls.__name__: cls
-    for cls in (Dense, Activation, ReLU, LeakyReLU, ELU, Softmax, Identity, Flatten, Reshape, Permute, RepeatVector,
+    for cls in (Dense, Activation, ReLU, LeakyReLU, ELU, Softmax, Identity, Rescaling, Flatten, Reshape, Permute, RepeatVector,
                 Normalization, BatchNormalization, LayerNormalization, Embedding, Masking, Conv, Pooling, GlobalPooling,
                 Merge)
 }  # fmt: skip
 MERGES = (Merge,)
+ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
 
 
 def layer_from_config(spec: dict):

@@ -387,6 +387,10 @@ def _one_step(g, model, x, h, c, ts):
 
 
 def _activation(g, name, x):
+    if isinstance(name, dict):  # an activation layer's spec
+        from .layers import layer_from_config
+
+        return _plain_layer(g, layer_from_config(name), x)
     if name in (None, "linear"):
         return x
     simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "softsign": "Softsign",
@@ -522,6 +526,9 @@ def _plain_layer(g, layer, x):
         return g.op("Softmax", x, axis=args["axis"])
     if isinstance(layer, L.Identity):
         return g.op("Identity", x)
+    if isinstance(layer, L.Rescaling):
+        scale, offset = (g.const(np.asarray(args[k], np.float32)) for k in ("scale", "offset"))
+        return g.op("Add", g.op("Mul", x, scale), offset)
     if isinstance(layer, L.Flatten):
         return g.op("Flatten", x, axis=1)
     if isinstance(layer, L.Reshape):

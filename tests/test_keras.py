@@ -241,7 +241,7 @@ def _reloading_case(npz):
 def keras_reloading_every_fixture():
     """Keras's outputs for every fixture, from one subprocess per flavour (TensorFlow starts
     twice, not once per fixture): {npz: results}."""
-    from ncps_mlx.converters.keras_reader import run_sources
+    from ncps_mlx.converters.keras import run_sources
     from ncps_mlx.converters.verify import make_inputs
 
     by_flavour = {}

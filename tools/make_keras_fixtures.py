@@ -34,6 +34,9 @@ else:
     import ncps.keras as ncps_flavour
 import ncps.wirings as nw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_weights import perturb  # noqa: E402,F401  (make_keras_graph_fixtures imports it from here)
+
 CfC, LTC = ncps_flavour.CfC, ncps_flavour.LTC
 layers = keras.layers
 I, T = 4, 12
@@ -104,27 +107,6 @@ else:
         "cfc_mixed_dense_savedmodel": (lambda: seq(CfC(8, mixed_memory=True, backbone_units=16, return_sequences=True), layers.Dense(2)), "savedmodel"),
         "ltc_autoncp_savedmodel": (lambda: seq(LTC(nw.AutoNCP(10, 3))), "savedmodel"),
     })  # fmt: skip
-
-
-def perturb(model, seed, scale=1.0):
-    """Move every weight away from its initialisation; LTC parameters kept non-negative stay so.
-
-    ``scale`` shrinks the result: a Keras CfC has no tanh on its heads, so its state is
-    unbounded; with full-size random weights a no_gate or wired one reaches ~80 in 12 steps,
-    where float32 spacing alone (any implementation against float64) exceeds 1e-5.
-    """
-    rng = np.random.default_rng(seed)
-    values = []
-    for variable in model.weights:
-        value = np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
-        name = variable.name.split("/")[-1].split(":")[0]
-        if name in ("gleak", "cm", "w", "sensory_w"):
-            value = value * np.exp(0.3 * rng.normal(size=value.shape))
-        elif name not in ("mean", "variance", "count"):
-            spread = float(value.std()) if value.size > 1 else 0.0
-            value = value + 0.5 * (spread if spread > 1e-6 else 0.1) * rng.normal(size=value.shape)
-        values.append((value * (scale if name not in ("mean", "variance", "count") else 1.0)).astype(np.float32))
-    model.set_weights(values)
 
 
 def main():

@@ -1,0 +1,133 @@
+"""Reader for Keras models with ncps layers, with h5py and json only: ncps.keras (Keras 3),
+ncps.tf (tf.keras, also as old as ncps 0.0.x) and keras-ncp 2.x cells in Keras's ``RNN``.
+
+``files`` opens each container (``.keras``, legacy ``.h5``, weights-only ``.h5``/``.weights.h5``,
+SavedModel), ``weights`` answers for each weight layout, ``topology`` reads the saved graph, and
+each layer kind is one registered converter (``layers`` for Keras's own, ``ncps_layers`` for the
+recurrent ones). The model becomes an ``ncps_mlx.Graph`` description. Lambda layers and classes
+from outside Keras and the ncps packages are refused by name; nothing a config names is imported.
+``reference`` runs the source in Keras for verification.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import formats
+from ..description import Checkpoint, ConversionError, Description, sha256_of
+from . import layers as _layers  # noqa: F401  (registers Keras's layer converters)
+from .files import open_keras_file
+from .ncps_layers import source_layer
+from .reference import run_source, run_sources  # noqa: F401
+from .registry import KerasLayer, class_of, convert
+from .topology import entry_name, outputs, topology
+
+NAME = "keras"
+SUFFIXES = (".keras", ".h5")
+
+
+def sniff(path: Path) -> bool:
+    kind = formats.kind_of(path)
+    if kind == "directory":
+        return (Path(path) / "saved_model.pb").exists()
+    if kind == "zip":
+        names = formats.zip_names(path)
+        return Path(path).suffix == ".keras" if names is None else "config.json" in names
+    return kind == "hdf5"
+
+
+def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """``config`` (from --config) is needed only for weights-only files: the Keras model config
+    (``model.to_json()``, whatever package wrote it, or a hand-written ``{"class_name":
+    "Sequential", "config": {"layers": [...]}}``). Any file also accepts ``{"wirings": {layer
+    name: wiring}}`` for wirings the file cannot record (an NCP whose config lost its seed)."""
+    with formats.parsed_by(path, "Keras file", "h5py", "zipfile"):
+        return _read(Path(path), config)
+
+
+def _read(path: Path, config: dict | None) -> Checkpoint:
+    config = dict(config or {})
+    wiring_overrides = config.pop("wirings", {})
+    opened = open_keras_file(path)
+    model_config = opened.model_config
+    if model_config is None:
+        if not config:
+            raise ConversionError(
+                f"{path} holds weights only ({opened.file_format}); give the Keras model config with --config "
+                '(e.g. {"class_name": "Sequential", "config": {"layers": [{"class_name": "CfC", "config": '
+                '{"units": 16, "return_sequences": true}}]}})'
+            )
+        model_config = config if "class_name" in config else {"class_name": "Sequential", "config": config}
+    elif config:
+        raise ConversionError(f"{path} carries its own model config; --config may only give 'wirings'")
+
+    graph = topology(model_config)
+    names = [entry_name(entry) or f"layer {index}" for index, entry in enumerate(graph["layers"])]
+    arrays, specs = {}, []
+    for index, entry in enumerate(graph["layers"]):
+        name = names[index]
+        where = f"layer {name!r} ({entry['class_name']})"
+        kind = class_of(entry, where)
+        view = opened.weights.layer(name, entry.get("_weights_group") or name, index, names)
+        layer = KerasLayer(kind, entry.get("config", {}), view, f"layer {name!r} ({kind})", {"wiring": wiring_overrides.get(name)})
+        spec, layer_arrays = convert(layer)
+        specs.append(spec)
+        arrays.update({f"layers.{index}.{k}": v for k, v in layer_arrays.items()})
+    chain = model_config.get("class_name") == "Sequential"
+    renamed = getattr(opened.weights, "renamed", [])
+    source = {
+        "reader": NAME,
+        "framework": opened.framework,
+        "format": opened.file_format,
+        "file": str(path),
+        "sha256": sha256_of(path),
+    }
+    if renamed:
+        source["renamed_layers"] = ", ".join(f"{ours} = {theirs}" for ours, theirs in renamed)
+    packages = _packages(model_config)
+    if packages - {"ncps"}:
+        source["written_by"] = ", ".join(sorted(packages))
+        source["verified_with"] = "today's ncps.tf classes, which compute the same cells"
+    description = Description(
+        config={"class": "Graph", "inputs": graph["inputs"], "layers": specs, "calls": graph["calls"],
+                "outputs": outputs(graph, specs)},  # fmt: skip
+        arrays=arrays,
+        source={
+            **source,
+            # The model can be rebuilt with the reference's classes where it cannot reload the file.
+            "keras_layers": [source_layer(entry, spec) for entry, spec in zip(graph["layers"], specs)],
+            "keras_chain": chain,
+            "full_model": model_config is not config,
+            "keras_config": model_config,
+            "module": "",
+        },
+    )
+    return Checkpoint(modules={"": description}, source=source)
+
+
+def _packages(model_config) -> set:
+    """The recurrent packages a config names: "ncps", "keras-ncp 2.x" (module kerasncp) or
+    "ncps 0.0.x" (wirings written as matrices)."""
+    found = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            module = str(value.get("module") or "")
+            if value.get("class_name") == "__numpy__":
+                found.add("matrices")
+            if module.startswith("kerasncp") or str(value.get("class_name", "")).startswith("Custom>"):
+                found.add("keras-ncp 2.x")
+            elif module.startswith("ncps"):
+                found.add("ncps")
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(model_config)
+    if "matrices" in found:
+        found.discard("matrices")
+        if "keras-ncp 2.x" not in found:
+            found = (found - {"ncps"}) | {"ncps 0.0.x"}
+    return found
