@@ -41,6 +41,9 @@ FORMATS = {
     "keras .keras": lambda: ROOT / "keras" / "cfc_seq_dense.keras",
     "keras graph .keras": lambda: ROOT / "keras_graphs" / "two_inputs_two_heads.keras",
     "tf.keras .h5": lambda: ROOT / "tf_keras" / "cfc_seq_dense.h5",
+    "tf.keras .keras, ncps 0.0.x matrices": lambda: ROOT / "keras_published" / "ncps007_ltc_ncp_two_heads_keras.keras",
+    "tf.keras .h5, ncps 0.0.x matrices": lambda: ROOT / "keras_published" / "ncps007_ltc_ncp_two_heads_h5.h5",
+    "Keras 3 legacy .h5": lambda: ROOT / "keras_published" / "keras3_three_ltcs_heads.h5",
     "ncps-mlx model file": _model_file,
 }
 NEEDS_TORCH = ("torch .pt", "torch wrapper .pt", "lightning .ckpt")

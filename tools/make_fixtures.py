@@ -12,7 +12,8 @@ For each variant in VARIANTS, writes to fixtures/torch/:
 and cfc_module.pt, a whole pickled module (torch.save(model)) for the --trust-pickle path.
 Then tools/make_keras_fixtures.py writes fixtures/keras and fixtures/tf_keras,
 tools/make_keras_graph_fixtures.py fixtures/keras_graphs (whole functional models), and
-tools/make_wrapper_fixtures.py fixtures/torch_wrappers (user modules, Lightning, DataParallel).
+tools/make_wrapper_fixtures.py fixtures/torch_wrappers (user modules, Lightning, DataParallel) and
+tools/make_keras_published_fixtures.py fixtures/keras_published (older Keras/ncps/keras-ncp layouts).
 Weights are perturbed away from their initialisation (relative to each tensor's spread) so the
 fixtures test more than the initialiser.
 """
@@ -188,6 +189,8 @@ def main():
                 env.pop("TF_USE_LEGACY_KERAS", None)
             subprocess.run([sys.executable, str(script), flavour], env=env, check=True)
     subprocess.run([sys.executable, str(Path(__file__).with_name("make_wrapper_fixtures.py"))], check=True)
+    # Layouts of older Keras and ncps/keras-ncp versions, each flavour in its own process.
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_keras_published_fixtures.py"))], check=True)
 
 
 if __name__ == "__main__":
