@@ -46,7 +46,10 @@ def read(path, config: dict | None = None, trust_pickle: bool = False) -> Checkp
     return Checkpoint(modules=modules, source=source, other={k: arrays[k] for k in others}, notes=notes)
 
 
-def run_source(description: Description):
-    from .verify import mlx_runner
+def run_source(description: Description, float64: bool = False):
+    from .verify import SourceUnavailable, mlx_runner
+
+    if float64:
+        raise SourceUnavailable("an ncps-mlx model file has no float64 reference run")
 
     return mlx_runner(description.build())

@@ -16,6 +16,15 @@ import numpy as np
 from .description import ConversionError, Description
 
 DEFAULT_ATOL = 1e-5
+# A float32 conversion passes where its error against the exact (float64) answer is within
+# --atol or within this multiple of the reference's own float32 error: two float32
+# implementations of one function differ only in the order of their roundings, which moves the
+# error by a small factor, while a wrong weight or a swapped head is off by orders of magnitude.
+REFERENCE_ERROR_MULTIPLE = 4.0
+# A half-precision model file is judged against the float64 answer alone: within this many units
+# of that dtype's rounding (its machine epsilon), relative to the output's scale (at least 1).
+HALF_PRECISION_ULPS = 32
+EPSILON = {"float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 
 class SourceUnavailable(RuntimeError):
@@ -27,10 +36,13 @@ class Check:
     case: str
     tensor: str
     shape: tuple
-    max_abs: float
+    max_abs: float  # target vs the reference run in float32
     max_rel: float
     atol: float
     ok: bool
+    error_vs_float64: float | None = None  # target vs the reference run in float64
+    reference_error_vs_float64: float | None = None  # the reference's float32 run vs its float64 run
+    tolerance: float | None = None  # what error_vs_float64 was held to
 
 
 @dataclass
@@ -39,6 +51,7 @@ class Report:
     target: str
     atol: float
     checks: list[Check]
+    rule: str = ""  # how a check decides, in words
 
     @property
     def passed(self) -> bool:
@@ -49,22 +62,40 @@ class Report:
             "source": self.source,
             "target": self.target,
             "atol": self.atol,
+            "rule": self.rule,
             "passed": self.passed,
             "checks": [asdict(c) for c in self.checks],
         }
 
     def table(self) -> str:
-        header = f"{'case':<30} {'tensor':<8} {'shape':<14} {'max abs':>9} {'max rel':>9} {'atol':>8}  result"
+        exact = any(c.error_vs_float64 is not None for c in self.checks)
+        header = f"{'case':<30} {'tensor':<8} {'shape':<14} {'max abs':>9} {'max rel':>9}"
+        header += f" {'vs f64':>9} {'ref vs f64':>10} {'tolerance':>9}  result" if exact else f" {'atol':>8}  result"
         lines = [f"Parity: {self.source}  vs  {self.target}", header, "-" * len(header)]
         for c in self.checks:
-            lines.append(
-                f"{c.case:<30} {c.tensor:<8} {str(tuple(c.shape)):<14} {c.max_abs:>9.2e} {c.max_rel:>9.2e} "
-                f"{c.atol:>8.0e}  {'pass' if c.ok else 'FAIL'}"
-            )
+            line = f"{c.case:<30} {c.tensor:<8} {str(tuple(c.shape)):<14} {c.max_abs:>9.2e} {c.max_rel:>9.2e}"
+            if exact:
+                line += f" {_number(c.error_vs_float64):>9} {_number(c.reference_error_vs_float64):>10} {_number(c.tolerance):>9}"
+            else:
+                line += f" {c.atol:>8.0e}"
+            lines.append(f"{line}  {'pass' if c.ok else 'FAIL'}")
         failed = sum(not c.ok for c in self.checks)
         verdict = "PASSED" if not failed else f"FAILED ({failed} over tolerance)"
-        lines.append(f"{verdict}: {len(self.checks) - failed}/{len(self.checks)} checks within atol {self.atol:g}")
+        within = self.rule if self.rule else f"within atol {self.atol:g}"
+        lines.append(f"{verdict}: {len(self.checks) - failed}/{len(self.checks)} checks {within}")
         return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def rule_text(atol, dtype="float32") -> str:
+    if dtype != "float32":
+        return (f"within {HALF_PRECISION_ULPS} x {dtype}'s epsilon ({EPSILON[dtype]:.1e}) x max(1, |output|) "
+                f"or atol {atol:g} of the float64 reference")  # fmt: skip
+    return (f"within atol {atol:g} or {REFERENCE_ERROR_MULTIPLE:g}x the reference's own float32 error, "
+            "both against the reference run in float64")  # fmt: skip
 
 
 def cases(description: Description | None = None, unbatched: bool = True):
@@ -112,24 +143,38 @@ def make_inputs(config, case_list, state_size, seed=0):
     return inputs
 
 
-def compare(config, reference, reference_name, target, target_name, case_list, *, state_size, atol, seed=0, progress=None):
+def compare(config, reference, reference_name, target, target_name, case_list, *, state_size, atol, seed=0,
+            progress=None, exact=None, dtype="float32"):  # fmt: skip
     """Run two implementations on the same random inputs; one Check per tensor and case.
 
     ``reference`` and ``target`` take a list of (x, hx, timespans) and return, per input, a
-    dict of named result arrays ("output", "state", ...).
+    dict of named result arrays ("output", "state", ...). ``exact``, where given, runs the
+    reference in float64: each check is then decided against it (``rule_text``); without it,
+    by ``atol`` against the float32 reference. ``dtype``: the target's precision.
     """
     inputs = make_inputs(config, case_list, state_size, seed)
     if progress:
         progress(f"running {reference_name} on {len(inputs)} input sets")
     expected = reference(inputs)
+    exact_results = None
+    if exact is not None:
+        if progress:
+            progress("running it again in float64")
+        try:
+            exact_results = exact(inputs)
+        except SourceUnavailable as error:
+            if progress:
+                progress(f"No float64 run ({error}): checks hold to --atol against the float32 run")
     if progress:
         progress(f"running {target_name}")
     got = target(inputs)
     checks = []
-    for (name, *_), e, g in zip(case_list, expected, got):
+    for index, ((name, *_), e, g) in enumerate(zip(case_list, expected, got)):
         for tensor, value in e.items():
-            checks.append(_compare(name, tensor, value, g.get(tensor), atol))
-    return Report(source=reference_name, target=target_name, atol=atol, checks=checks)
+            oracle = None if exact_results is None else exact_results[index].get(tensor)
+            checks.append(_compare(name, tensor, value, g.get(tensor), atol, oracle, dtype))
+    rule = rule_text(atol, dtype) if exact_results is not None else ""
+    return Report(source=reference_name, target=target_name, atol=atol, checks=checks, rule=rule)
 
 
 def graph_inputs(config, batch, steps, rng) -> list:
@@ -214,17 +259,35 @@ def named_results(output, state=None) -> dict:
     return results
 
 
-def _compare(case, tensor, expected, got, atol) -> Check:
+def _gap(expected, got) -> np.ndarray:
+    expected, got = np.asarray(expected, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    # NaN where both have NaN (a checkpoint converted with --allow-nonfinite) counts as equal.
+    gap = np.where(np.isnan(expected) & np.isnan(got), 0.0, np.abs(expected - got))
+    return np.where(np.isinf(expected) & (expected == got), 0.0, gap)
+
+
+def _compare(case, tensor, expected, got, atol, exact=None, dtype="float32") -> Check:
     expected = np.asarray(expected, dtype=np.float64)
     if got is None or np.shape(got) != expected.shape:
         return Check(case, tensor, tuple(expected.shape), float("inf"), float("inf"), atol, False)
-    got = np.asarray(got, dtype=np.float64)
-    # NaN where both have NaN (a checkpoint converted with --allow-nonfinite) counts as equal.
-    gap = np.where(np.isnan(expected) & np.isnan(got), 0.0, np.abs(expected - got))
-    gap = np.where(np.isinf(expected) & (expected == got), 0.0, gap)
+    gap = _gap(expected, got)
     diff = float(np.max(gap)) if expected.size else 0.0
     scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    return Check(case, tensor, tuple(expected.shape), diff, diff / scale if scale > 0 else diff, atol, diff <= atol)
+    check = Check(case, tensor, tuple(expected.shape), diff, diff / scale if scale > 0 else diff, atol, diff <= atol)
+    if exact is None or np.shape(exact) != expected.shape or not expected.size:
+        if dtype != "float32":  # no float64 run: a half-precision target is held to its own rounding
+            check.tolerance = max(atol, HALF_PRECISION_ULPS * EPSILON[dtype] * max(1.0, scale))
+            check.ok = diff <= check.tolerance
+        return check
+    check.error_vs_float64 = float(np.max(_gap(exact, got)))
+    check.reference_error_vs_float64 = float(np.max(_gap(exact, expected)))
+    if dtype == "float32":
+        check.tolerance = max(atol, REFERENCE_ERROR_MULTIPLE * check.reference_error_vs_float64)
+    else:
+        exact_scale = float(np.max(np.abs(np.asarray(exact, dtype=np.float64))))
+        check.tolerance = max(atol, HALF_PRECISION_ULPS * EPSILON[dtype] * max(1.0, exact_scale))
+    check.ok = check.error_vs_float64 <= check.tolerance
+    return check
 
 
 def _source_name(description: Description) -> str:
@@ -255,14 +318,28 @@ def mlx_runner(model):
 # --- source runners --------------------------------------------------------------------------
 
 
-def source_runner(description: Description):
-    """The reader that produced ``description`` knows how to run its source: ``run_source``."""
+def _cached(run):
+    """``run`` remembering its last answer: both reports ask the float64 run the same inputs."""
+    memory = {}
+
+    def cached(inputs):
+        key = tuple(id(x) for item in inputs for x in item)
+        if memory.get("key") != key:
+            memory.update(key=key, value=run(inputs))
+        return memory["value"]
+
+    return cached
+
+
+def source_runner(description: Description, float64: bool = False):
+    """The reader that produced ``description`` knows how to run its source: ``run_source``
+    (``float64``: in float64, or ``SourceUnavailable`` where it cannot)."""
     from .readers import reader_modules
 
     name = description.source.get("reader")
     for module in reader_modules():
         if module.NAME == name:
-            return module.run_source(description)
+            return module.run_source(description, float64=True) if float64 else module.run_source(description)
     raise ConversionError(f"cannot run a {description.source.get('framework')} source to verify against")
 
 
@@ -431,8 +508,16 @@ def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_
             raise ConversionError(str(error)) from None
         log(f"Skipping the comparison with the source framework: {error}")
         run_source = None
+    exact = None
     if run_source is not None:
-        reports.append(compare(config, run_source, _source_name(description), target, target_name, case_list, **common))
+        try:
+            exact = source_runner(description, float64=True)
+        except SourceUnavailable as error:
+            log(f"No float64 run of the source ({error}): checks hold to --atol against its float32 run")
+    if exact is not None:  # run once, shared by both reports
+        exact = _cached(exact)
+    if run_source is not None:
+        reports.append(compare(config, run_source, _source_name(description), target, target_name, case_list, exact=exact, **common))
     if path.suffix == ".onnx" and description.source.get("framework") != "ncps_mlx":
-        reports.append(compare(config, mlx_runner(model), "ncps_mlx (converted)", target, target_name, case_list, **common))
+        reports.append(compare(config, mlx_runner(model), "ncps_mlx (converted)", target, target_name, case_list, exact=exact, **common))
     return reports

@@ -22,14 +22,15 @@ from ..description import ConversionError, Description, reference_wiring
 NCPS_LAYERS = ("CfC", "LTC")
 
 
-def run_source(description: Description):
+def run_source(description: Description, float64: bool = False):
     """Runs the file in Keras (Keras 3 or tf.keras, in a subprocess with the environment that
     flavour needs): ``load_model`` when the reference can reload the file, else the model
-    rebuilt with the reference classes and the file's weights loaded into it."""
-    return lambda inputs: run_sources([(description, inputs)])[0]
+    rebuilt with the reference classes and the file's weights loaded into it. ``float64``: the
+    model rebuilt under a float64 dtype policy (``SourceUnavailable`` where a class keeps float32)."""
+    return lambda inputs: run_sources([(description, inputs)], float64=float64)[0]
 
 
-def run_sources(pairs):
+def run_sources(pairs, float64: bool = False):
     """Several ``(description, inputs)`` of one flavour in one subprocess, so that TensorFlow
     and Keras start once (~5 s each time): per pair, the results of ``run_source``."""
     from ..verify import SourceUnavailable, graph_results
@@ -53,6 +54,7 @@ def run_sources(pairs):
                 "input_size": np.asarray(inputs[0][0][0]).shape[-1],
                 "cases": len(inputs),
                 "inputs_per_case": len(inputs[0][0]),
+                "float64": float64,
                 "inputs": os.path.join(folder, f"inputs_{n}.npz"),
                 "outputs": os.path.join(folder, f"outputs_{n}.npz"),
             }
@@ -101,14 +103,27 @@ def worker_main():
         print(f"verifying a {'tf.keras' if legacy else 'Keras 3'} file needs TensorFlow and ncps "
               f"(pip install 'ncps-mlx[tf]'): {error}", file=sys.stderr)
         sys.exit(3)
+    if jobs[0].get("float64"):
+        keras.backend.set_floatx("float64")
+        (keras.config.set_dtype_policy if hasattr(keras, "config") and hasattr(keras.config, "set_dtype_policy")
+         else keras.mixed_precision.set_global_policy)("float64")  # fmt: skip
     for job in jobs:
-        _run_job(job, keras, flavour)
+        if not job.get("float64"):
+            _run_job(job, keras, flavour)
+            continue
+        try:
+            _run_job(job, keras, flavour)
+        except Exception as error:  # a reference class that keeps float32 weights (ncps.tf's LTC)
+            print(f"the Keras reference does not run in float64 ({type(error).__name__}: {str(error).splitlines()[0][:200]})", file=sys.stderr)
+            sys.exit(3)
 
 
 def _run_job(job, keras, flavour):
     custom = {name: getattr(flavour, name) for name in ("CfC", "LTC", "CfCCell", "LTCCell", "WiredCfCCell", "MixedMemoryRNN")}
     model = None
-    if job["full_model"]:
+    if job.get("float64"):
+        job = {**job, "layers": [_without_dtypes(layer) for layer in job["layers"]]}
+    elif job["full_model"]:
         try:
             model = keras.models.load_model(job["path"], custom_objects=custom, compile=False)
         except Exception:  # the reference cannot reload every file it writes (reference-notes point 9)
@@ -126,12 +141,25 @@ def _run_job(job, keras, flavour):
     results = {}
     for i in range(job["cases"]):
         xs = [data[f"{i}_{k}"] for k in range(job["inputs_per_case"])]
+        if job.get("float64"):
+            xs = [x.astype(np.float64) if x.dtype.kind == "f" else x for x in xs]
         out = model(xs if len(xs) > 1 else xs[0])
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        if job.get("float64") and any(np.asarray(v).dtype != np.float64 for v in outs):
+            raise TypeError("the model computes in float32 under a float64 policy")
         results[f"{i}_n"] = np.array(len(outs))
         for j, value in enumerate(outs):
             results[f"{i}_{j}"] = np.asarray(value)
     np.savez(job["outputs"], **results)
+
+
+def _without_dtypes(value):
+    """A layer config with its dtype (policy) entries removed, so the global policy applies."""
+    if isinstance(value, dict):
+        return {k: _without_dtypes(v) for k, v in value.items() if k != "dtype"}
+    if isinstance(value, list):
+        return [_without_dtypes(v) for v in value]
+    return value
 
 
 def _rebuild(job, keras, flavour):
@@ -141,7 +169,9 @@ def _rebuild(job, keras, flavour):
         shape = job.get("input_shape") or [None, job["input_size"]]
         return keras.Sequential([keras.Input(tuple(shape))] + [_reference_layer(layer, keras, flavour) for layer in job["layers"]])
     graph = job["graph"]
-    inputs = [keras.Input(tuple(spec["shape"]), dtype=spec.get("dtype") or "float32", name=spec["name"]) for spec in graph["inputs"]]
+    floats = "float64" if job.get("float64") else "float32"
+    dtype = lambda spec: floats if (spec.get("dtype") or "float32").startswith(("float", "bfloat")) else spec["dtype"]  # noqa: E731
+    inputs = [keras.Input(tuple(spec["shape"]), dtype=dtype(spec), name=spec["name"]) for spec in graph["inputs"]]
     values = {("input", k): tensor for k, tensor in enumerate(inputs)}
     built = {}
     for c, call in enumerate(graph["calls"]):

@@ -1,0 +1,95 @@
+"""Precision: verification judged against the reference run in float64, half-precision
+checkpoints in (fixtures/precision, made by tools/make_precision_fixtures.py with torch)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+import ncps_mlx
+from ncps_mlx.converters import readers, verify
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ncps")
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "precision"
+WIDE = ROOT / "cfc_wide_input.pt"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ncps_mlx.converters.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_the_wide_input_fixture_is_past_a_fixed_absolute_tolerance():
+    """The pattern itself: ncps.torch's own float32 run is off the float64 answer by more than
+    1e-5, so a fixed atol against it cannot tell round-off from a wrong conversion."""
+    data = np.load(ROOT / "cfc_wide_input.npz")
+    assert np.max(np.abs(data["output"] - data["output64"])) > 1e-5
+    ours = readers.read(WIDE, config=json.loads(WIDE.with_suffix(".json").read_text())).module().build()
+    output, _ = ours(mx.array(data["x"]))
+    ours_error = np.max(np.abs(np.array(output, dtype=np.float64) - data["output64"]))
+    assert np.max(np.abs(np.array(output) - data["output"])) > 1e-5  # the old check failed here
+    assert ours_error <= verify.REFERENCE_ERROR_MULTIPLE * np.max(np.abs(data["output"] - data["output64"]))
+
+
+def test_a_wide_input_model_passes_verification_by_default(tmp_path):
+    out = tmp_path / "wide.safetensors"
+    result = cli(WIDE, "--config", WIDE.with_suffix(".json"), "-o", out, "--json")
+    assert result.returncode == 0, result.stderr[-1500:]
+    report = json.loads(result.stdout)["reports"][0]
+    assert report["passed"] and "float64" in report["rule"]
+    checks = report["checks"]
+    assert all(c["error_vs_float64"] is not None and c["reference_error_vs_float64"] is not None for c in checks)
+    assert max(c["max_abs"] for c in checks) > 1e-5  # over the old fixed tolerance, and still a pass
+    assert max(c["reference_error_vs_float64"] for c in checks) > 1e-5
+    table = cli("verify", WIDE, out, "--config", WIDE.with_suffix(".json"))
+    assert table.returncode == 0 and "ref vs f64" in table.stdout
+
+
+def _edited(path, edit, tmp_path):
+    model = ncps_mlx.load(path)
+    weights = dict(__import__("mlx.utils", fromlist=["tree_flatten"]).tree_flatten(model.parameters()))
+    edit(weights)
+    model.load_weights(list(weights.items()))
+    edited = tmp_path / "edited.safetensors"
+    ncps_mlx.save(model, edited)
+    return edited
+
+
+def _nudge(weights):
+    value = np.array(weights["rnn_cell.ff1.weight"])
+    value[0, 0] += 1e-3
+    weights["rnn_cell.ff1.weight"] = mx.array(value)
+
+
+def _swap_heads(weights):
+    weights["rnn_cell.ff1.weight"], weights["rnn_cell.ff2.weight"] = weights["rnn_cell.ff2.weight"], weights["rnn_cell.ff1.weight"]
+
+
+@pytest.mark.parametrize("edit", [_nudge, _swap_heads], ids=["one weight +1e-3", "heads swapped"])
+def test_a_wrong_conversion_still_fails(edit, tmp_path):
+    good = tmp_path / "wide.safetensors"
+    assert cli(WIDE, "--config", WIDE.with_suffix(".json"), "-o", good, "--no-verify").returncode == 0
+    result = cli("verify", WIDE, _edited(good, edit, tmp_path), "--config", WIDE.with_suffix(".json"))
+    assert result.returncode == 1, result.stdout
+    assert "FAILED" in result.stdout
+
+
+@pytest.mark.parametrize("name, stored", [("cfc_bfloat16", "bfloat16"), ("ltc_float16", "float16")])
+def test_half_precision_state_dicts_convert(name, stored, tmp_path):
+    path = ROOT / f"{name}.pt"
+    data = np.load(ROOT / f"{name}.npz")
+    model = readers.read(path).module().build()
+    output, _ = model(mx.array(data["x"]))
+    assert np.max(np.abs(np.array(output) - data["output"])) <= 1e-5
+    result = cli(path, "-o", tmp_path / "out.safetensors")
+    assert result.returncode == 0, result.stderr[-1500:]
+    inspected = cli("inspect", path)
+    assert f"dtype        {stored} (converted to float32 exactly)" in inspected.stdout
