@@ -422,7 +422,7 @@ def cmd_inspect(args) -> int:
     print(f"file         {info['file']}  (sha256 {info['sha256'][:16]}...)")
     print(f"framework    {info['framework']}, {info['format']}")
     if info["stored_dtype"]:
-        widened = "" if info["stored_dtype"] == "float32" else " (converted to float32 exactly)"
+        widened = "" if info["stored_dtype"].startswith("float32") else " (converted to float32 exactly)"
         print(f"dtype        {info['stored_dtype']}{widened}")
     for note in checkpoint.notes:
         print(f"note         {note}")

@@ -225,3 +225,16 @@ def test_a_wired_cfc_config_given_to_a_file_without_its_cells_is_refused(tmp_pat
     config = json.loads(npz.with_suffix(".json").read_text())
     with pytest.raises(ConversionError, match="without the weights of its wired cell's layers"):
         readers.read(ROOT / "kerasncp_rnn_ltc_ncp.h5", config=config)
+
+
+def test_a_mixed_float16_model_converts_to_its_float32_function():
+    """Trained under Keras's mixed_float16 policy: float32 variables, float16 compute. The
+    conversion computes the same weights in float32 (``out_0``, made by Keras in float32), which
+    is closer to the float64 answer than Keras's float16 run (``mixed_out_0``)."""
+    npz = ROOT / "keras3_mixed_float16_cfc.npz"
+    data = np.load(npz)
+    assert np.max(np.abs(data["out_0"] - data["mixed_out_0"])) > 1e-4  # the file really computed in float16
+    checkpoint = readers.read(source_of(npz))
+    assert checkpoint.source["stored_dtype"] == "float32 (Keras dtype policy mixed_float16)"
+    output = np.array(checkpoint.module().build()(mx.array(data["x_0"])))
+    assert within(output, data["out_0"])

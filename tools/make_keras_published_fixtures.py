@@ -22,7 +22,9 @@ first, from the package registry), and put first on ``sys.path`` in that flavour
 * ``keras``: Keras 3 with ncps.keras: three stacked LTCs with two heads saved in the legacy
   ``.h5`` format (``model.save("x.h5")``); a ``Normalization`` given as constants and a
   ``Conv1D(activation=LeakyReLU(0.4))`` before a mixed-memory wired CfC, as ``.weights.h5`` with
-  ``model.to_json()`` as --config.
+  ``model.to_json()`` as --config; a CfC trained under the ``mixed_float16`` policy as
+  ``.keras`` (its .npz: ``out_0`` from the same weights in float32, ``mixed_out_0`` as Keras
+  computes it in float16).
 
 Each NAME.npz holds the inputs ``x_0`` and the live model's outputs ``out_0``, ... (so the
 expected numbers never depend on Keras reloading a file), NAME.json the --config where needed.
@@ -183,6 +185,20 @@ def keras3(keras, perturb):
     perturb(m, 31, scale=0.5)
     m.save_weights(OUT / "keras3_conv1d_leaky_mixed_wired_cfc.weights.h5")
     save("keras3_conv1d_leaky_mixed_wired_cfc", m, inputs(31, 4), json.loads(m.to_json()))
+
+    def cfc_head():
+        return keras.Sequential([keras.Input((None, 4)), nk.CfC(16, backbone_units=32, return_sequences=True), layers.Dense(2)])
+
+    keras.utils.set_random_seed(32)
+    keras.config.set_dtype_policy("mixed_float16")  # trained under mixed precision: float16 compute
+    mixed = cfc_head()
+    keras.config.set_dtype_policy("float32")
+    perturb(mixed, 32)
+    mixed.save(OUT / "keras3_mixed_float16_cfc.keras")
+    twin = cfc_head()  # the same weights computed in float32: what the conversion computes
+    twin.set_weights(mixed.get_weights())
+    x = inputs(32, 4)
+    save("keras3_mixed_float16_cfc", twin, x, mixed_out_0=np.asarray(mixed(x), np.float32))
 
 
 if __name__ == "__main__":

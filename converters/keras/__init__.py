@@ -84,6 +84,9 @@ def _read(path: Path, config: dict | None) -> Checkpoint:
     }
     if renamed:
         source["renamed_layers"] = ", ".join(f"{ours} = {theirs}" for ours, theirs in renamed)
+    policies = sorted(_policies(model_config) - {"float32"})
+    if policies:  # mixed precision keeps float32 variables; only the compute was half precision
+        source["stored_dtype"] = f"float32 (Keras dtype policy {', '.join(policies)})"
     packages = _packages(model_config)
     if packages - {"ncps"}:
         source["written_by"] = ", ".join(sorted(packages))
@@ -103,6 +106,20 @@ def _read(path: Path, config: dict | None) -> Checkpoint:
         },
     )
     return Checkpoint(modules={"": description}, source=source)
+
+
+def _policies(value) -> set:
+    """The dtype policies a config names (Keras 3: DTypePolicy objects; tf.keras: Policy)."""
+    found = set()
+    if isinstance(value, dict):
+        if str(value.get("class_name", "")).endswith(("DTypePolicy", "Policy")) and isinstance(value.get("config"), dict):
+            found.add(str(value["config"].get("name")))
+        for item in value.values():
+            found |= _policies(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _policies(item)
+    return found
 
 
 def _packages(model_config) -> set:
