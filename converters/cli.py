@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--atol", type=_tolerance, default=1e-5, help=ATOL_HELP)
     convert.add_argument("--allow-nonfinite", action="store_true", help="convert a checkpoint with NaN/Inf weights anyway")
     convert.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+        help="the model file's weights in this dtype (default float32); ncps_mlx.load builds the model in it. "
+        f"A half-precision file is verified against the source's float64 run within {HALF_PRECISION_ULPS}x "
+        "that dtype's epsilon times the output's scale (at least 1)",
+    )  # fmt: skip
+    convert.add_argument(
         "--module", metavar="NAME", help="with several ncps modules in SRC: the one to export to ONNX (a model file keeps all)"
     )
     convert.add_argument(
@@ -148,6 +154,8 @@ def _main(argv=None) -> int:
         return 130
 
 
+HALF_PRECISION_ULPS = 8  # converters.verify's, not imported here: --help stays fast
+
 ATOL_HELP = (
     "absolute floor of the parity tolerance (default 1e-5). Each output is judged against the source "
     "run in float64: it passes within --atol or within 4x the source's own float32 error (float32 "
@@ -217,7 +225,7 @@ def _refuse_nonfinite(checkpoint, args) -> None:
 def _write_model_file(checkpoint, models, path, args):
     from ncps_mlx import modelfile
 
-    modelfile.save_modules(models, path, source=checkpoint.source, other=checkpoint.other)
+    modelfile.save_modules(models, path, source=checkpoint.source, other=checkpoint.other, dtype=args.dtype)
 
 
 def _write_onnx(checkpoint, models, path, args):
@@ -272,6 +280,8 @@ def cmd_convert(args) -> int:
     _check_output_path(out)
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it")
+    if out.suffix == ".onnx" and args.dtype != "float32":
+        raise UsageError("--dtype applies to model files; ONNX output is float32")
     if out.suffix != ".onnx" and (args.onnx_inputs or args.onnx_step):
         raise UsageError("--onnx-inputs and --onnx-step apply to ONNX output (-o OUT.onnx)")
     checkpoint = _read(args, progress)

@@ -16,7 +16,7 @@ def _version(package: str) -> str:
 
 
 def info() -> str:
-    """The diagnostic report, as text. Builds the CPU kernels if they are not built yet."""
+    """The diagnostic report, as text."""
     import mlx.core as mx
 
     import ncps_mlx
@@ -44,6 +44,9 @@ def info() -> str:
     }
     for name, model in probes.items():
         lines.append(f"  {name:<19} {runtime.implementation(model.rnn_cell, model.use_mixed)}")
+    half = ncps_mlx.CfC(2, 4)
+    half.set_dtype(mx.bfloat16)
+    lines.append(f"  {'float16/bfloat16':<19} {runtime.implementation(half.rnn_cell, False, mx.bfloat16)}")
     lines.append("optional:   " + ", ".join(f"{p} {_version(p)}" for p in ("ncps", "torch", "tensorflow", "onnxruntime")))
     return "\n".join(lines)
 

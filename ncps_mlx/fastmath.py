@@ -185,7 +185,10 @@ def inline_functions():
 
 
 def tanh(x: mx.array) -> mx.array:
-    """Elementwise tanh of a float32 array of any shape; see the module docstring."""
+    """Elementwise tanh of a float32 array of any shape; see the module docstring. Another
+    dtype (a float16 or bfloat16 model) gets MLX's own, in that dtype."""
+    if x.dtype != mx.float32:
+        return mx.tanh(x)
     current = mode()
     if current == "fast":
         return _fast_tanh[x.size < SMALL](x)
@@ -193,7 +196,10 @@ def tanh(x: mx.array) -> mx.array:
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    """Elementwise logistic sigmoid of a float32 array of any shape; see the module docstring."""
+    """Elementwise logistic sigmoid of a float32 array of any shape; see the module docstring.
+    Another dtype gets MLX's own, in that dtype."""
+    if x.dtype != mx.float32:
+        return mx.sigmoid(x)
     current = mode()
     if current == "fast":
         return _fast_sigmoid[x.size < SMALL](x)

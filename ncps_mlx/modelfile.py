@@ -10,15 +10,19 @@ own names. String metadata:
 * ``modules``: JSON ``{name: config}``, each config the constructor arguments, a wiring with its
   exact adjacency matrices and layers (no seed needed to rebuild it);
 * ``other_tensors``: JSON list of the names that belong to no module (e.g. ``head.0.weight``);
-* ``source``: JSON provenance, e.g. ``{"framework": "torch", "file": "x.pt", "sha256": ...}``.
+* ``source``: JSON provenance, e.g. ``{"framework": "torch", "file": "x.pt", "sha256": ...}``;
+* ``dtype``: the floating dtype the tensors are stored in (``float32``, ``float16``, ``bfloat16``);
+  ``load`` builds the model in it.
 
 Version 1 files (one model: ``model_class`` and ``config``) still load.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -34,14 +38,19 @@ class ModelFileError(ValueError):
     """A model file that cannot be read, or whose metadata does not match its tensors."""
 
 
-def save(model, path, source: dict | None = None) -> Path:
-    """Write ``model`` to ``path`` (.safetensors) atomically: a temporary file, then a rename."""
-    return save_modules({"": model}, path, source=source)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def save_modules(modules: dict, path, source: dict | None = None, other: dict | None = None) -> Path:
+def save(model, path, source: dict | None = None, dtype: str | None = None) -> Path:
+    """Write ``model`` to ``path`` (.safetensors) atomically: a temporary file, then a rename.
+    ``dtype`` ("float32", "float16", "bfloat16"; default: as the model holds them) stores the
+    floating tensors in that dtype; ``load`` then builds the model in it."""
+    return save_modules({"": model}, path, source=source, dtype=dtype)
+
+
+def save_modules(modules: dict, path, source: dict | None = None, other: dict | None = None, dtype: str | None = None) -> Path:
     """Write named modules (``{"": model}`` for one) and ``other`` tensors (name -> array) to
-    ``path`` atomically."""
+    ``path`` atomically, their floating tensors in ``dtype`` where given."""
     from . import __version__
 
     path = Path(path)
@@ -57,6 +66,11 @@ def save_modules(modules: dict, path, source: dict | None = None, other: dict | 
     if clashing:
         raise ValueError(f"other tensors {clashing[:5]} have the names of module parameters")
     arrays.update({k: mx.array(v) for k, v in other.items()})
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    floating = [v.dtype for v in arrays.values() if mx.issubdtype(v.dtype, mx.floating)]
+    stored = DTYPES[dtype] if dtype else (floating[0] if floating else mx.float32)
+    arrays = {k: v.astype(stored) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in arrays.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -64,9 +78,22 @@ def save_modules(modules: dict, path, source: dict | None = None, other: dict | 
         "modules": json.dumps({name: model.get_config() for name, model in modules.items()}),
         "other_tensors": json.dumps(sorted(other)),
         "source": json.dumps(source or {}),
+        "dtype": str(stored).rpartition(".")[2],
     }
-    write_atomically(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata))
+    write_atomically(path, lambda tmp: _save_safetensors(tmp, arrays, metadata))
     return path
+
+
+def _save_safetensors(path: Path, arrays: dict, metadata: dict) -> None:
+    """``mx.save_safetensors``, its write failures as ``OSError`` naming the cause (MLX says only
+    "[write] Unable to write N bytes to file.")."""
+    try:
+        mx.save_safetensors(str(path), arrays, metadata)
+    except RuntimeError as error:
+        needed = sum(v.nbytes for v in arrays.values()) + sum(len(k) + len(v) for k, v in metadata.items())
+        if shutil.disk_usage(path.parent).free < needed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} ({error})") from None
 
 
 def _prefixed(module: str, key: str) -> str:
@@ -149,6 +176,11 @@ def _build(path, name, metadata, arrays):
     start = len(name) + 1 if name else 0
     own = {k[start:]: v for k, v in arrays.items() if k not in others and owner_of(k, names) == name}
     check_arrays(model, own, where=where)
+    dtype = metadata.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ModelFileError(f"{where}: its dtype metadata {dtype!r} is none of {', '.join(DTYPES)}")
+    if dtype != "float32":
+        model.set_dtype(DTYPES[dtype])
     model.load_weights(list(own.items()), strict=True)
     model.eval()
     return model

@@ -108,6 +108,8 @@ class SequenceModel(nn.Module):
             raise ValueError("Input sequence is empty (0 time steps)")
 
         ts = self._timespans(timespans, batch, steps, batched)
+        if ts is not None and mx.issubdtype(x.dtype, mx.floating) and ts.dtype != x.dtype:
+            ts = ts.astype(x.dtype)  # a float16/bfloat16 input keeps its dtype through the time gate
         h, c = self._initial_state(hx, x, batched)
         y, h, c = self._run(x, h, c, ts, self._mask(mask, batch, steps, batched))
         if not batched:
@@ -290,7 +292,10 @@ class SequenceModel(nn.Module):
         # Zeros that depend on x (exactly 0, NaN or not), so that under mx.vmap the initial state
         # is batched as x is, also a given one that is not: MLX's vmap of addmm fails where only
         # the addend is batched (a CfC's first step on MLX's path); mx.zeros is a constant.
-        zeros = mx.broadcast_to(mx.where(x[:, :1, 0] == 0, 0.0, 0.0), (batch, self.state_size))
+        zeros = mx.where(x[:, :1, 0] == 0, 0.0, 0.0)
+        if mx.issubdtype(x.dtype, mx.floating) and zeros.dtype != x.dtype:
+            zeros = zeros.astype(x.dtype)
+        zeros = mx.broadcast_to(zeros, (batch, self.state_size))
         if hx is None:
             return zeros, (zeros if self.use_mixed else None)
         if self.use_mixed:

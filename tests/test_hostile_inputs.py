@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -559,6 +560,46 @@ def test_a_failing_write_leaves_nothing_and_says_why(tmp_path, monkeypatch, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[INFO]")]
     assert code == 2 and errors == [f"ncps-convert: error: writing {out / 'm.safetensors'} failed: No space left on device; nothing was written"]
     assert list(out.iterdir()) == []
+
+
+def test_mlx_failing_to_write_a_full_disk_is_said_in_one_line(tmp_path, monkeypatch, capsys):
+    """MLX's own failure (a RuntimeError "[write] Unable to write N bytes to file.") on a full
+    disk: one line naming the cause, no partial file."""
+    import shutil
+
+    import mlx.core as mx
+
+    def full(path, arrays, metadata=None):
+        Path(path).write_bytes(b"the first bytes")
+        raise RuntimeError("[write] Unable to write 4625 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 20, 1 << 20, 0))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli.main([str(TORCH / "cfc_default.pt"), "-o", str(out / "m.safetensors"), "--no-verify"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[INFO]")]
+    assert code == 2 and errors == [f"ncps-convert: error: writing {out / 'm.safetensors'} failed: No space left on device; nothing was written"]
+    assert list(out.iterdir()) == []
+
+
+def test_a_real_full_disk(tmp_path):
+    """A 4 KiB tmpfs, where the machine lets a test mount one (root in a container that allows it)."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        out = disk / "m.safetensors"
+        result = subprocess.run([sys.executable, "-m", "ncps_mlx.converters.cli", str(TORCH / "cfc_default.pt"), "-o", str(out), "--no-verify"],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        errors = [line for line in result.stderr.splitlines() if not line.startswith("[INFO]")]
+        assert result.returncode == 2 and errors == [f"ncps-convert: error: writing {out} failed: No space left on device; nothing was written"]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def _has_tensorflow():

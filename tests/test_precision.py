@@ -93,3 +93,67 @@ def test_half_precision_state_dicts_convert(name, stored, tmp_path):
     assert result.returncode == 0, result.stderr[-1500:]
     inspected = cli("inspect", path)
     assert f"dtype        {stored} (converted to float32 exactly)" in inspected.stdout
+
+
+# --- half-precision model files ------------------------------------------------------------------
+
+from mlx.utils import tree_flatten  # noqa: E402
+
+from ncps_mlx import CTGRU, CTRNN, CfC, LTC, wirings  # noqa: E402
+
+MAKERS = {
+    "CfC": lambda: CfC(6, 16, return_sequences=True),
+    "wired CfC": lambda: CfC(6, wirings.AutoNCP(16, 3), return_sequences=True),
+    "LTC": lambda: LTC(6, wirings.AutoNCP(16, 3), return_sequences=True),
+    "CTRNN": lambda: CTRNN(6, 16),
+    "CTGRU": lambda: CTGRU(6, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_half_precision_model_files_load_and_run_within_their_dtype_tolerance(kind, dtype, tmp_path):
+    """Saved with ncps_mlx.save(dtype=...), loaded in that dtype, run in it on non-trivial
+    weights for 32 steps: within the stated tolerance of the same model run in float64."""
+    mx.random.seed(7)
+    model = MAKERS[kind]()
+    weights = [(k, v * (1.0 + 0.3 * mx.random.normal(v.shape))) for k, v in tree_flatten(model.trainable_parameters())]
+    model.load_weights(weights, strict=False)
+    path = ncps_mlx.save(model, tmp_path / "half.safetensors", dtype=dtype)
+    assert ncps_mlx.modelfile.read_metadata(path)["dtype"] == dtype
+    loaded = ncps_mlx.load(path)
+    assert all(v.dtype == getattr(mx, dtype) for _, v in tree_flatten(loaded.trainable_parameters()))
+    x = mx.random.normal((3, 32, 6))
+    output, _ = loaded(x.astype(getattr(mx, dtype)))
+    assert output.dtype == getattr(mx, dtype)  # it computes in its dtype, not promoted to float32
+    exact_model = MAKERS[kind]()
+    exact_model.load_weights(list(tree_flatten(model.parameters())))
+    exact_model.set_dtype(mx.float64)
+    with mx.stream(mx.cpu):
+        exact, _ = exact_model(x.astype(mx.float64))
+        exact = np.array(exact)
+    error = np.max(np.abs(np.array(output.astype(mx.float32), dtype=np.float64) - exact))
+    tolerance = verify.HALF_PRECISION_ULPS * verify.EPSILON[dtype] * max(1.0, np.max(np.abs(exact)))
+    assert error <= tolerance, (error, tolerance)
+    assert error > 1e-6  # really half precision, not float32 in disguise
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fixture", ["cfc_default", "cfc_autoncp", "ltc_ncp"])
+def test_dtype_model_files_of_converted_checkpoints_are_verified_against_float64(fixture, dtype, tmp_path):
+    source = ROOT.parent / "torch" / f"{fixture}.pt"
+    config = source.with_suffix(".json")
+    out = tmp_path / f"{fixture}.safetensors"
+    result = cli(source, "-o", out, "--dtype", dtype, "--json", *(["--config", config] if config.exists() else []))
+    assert result.returncode == 0, result.stderr[-1500:]
+    report = json.loads(result.stdout)["reports"][0]
+    assert dtype in report["rule"] and dtype in report["target"]
+    assert all(c["ok"] and c["error_vs_float64"] is not None for c in report["checks"])
+    assert max(c["error_vs_float64"] for c in report["checks"]) > 1e-5  # half precision was really run
+    loaded = ncps_mlx.load(out)
+    assert all(v.dtype == getattr(mx, dtype) for _, v in tree_flatten(loaded.trainable_parameters()))
+
+
+def test_onnx_output_refuses_a_half_precision_dtype(tmp_path):
+    result = cli(ROOT.parent / "torch" / "cfc_default.pt", "-o", tmp_path / "m.onnx", "--dtype", "float16")
+    assert result.returncode == 2 and "--dtype applies to model files" in result.stderr

@@ -189,7 +189,7 @@ class CfCCell(nn.Module):
                 heads = (head_weight, head_bias) * 2
             else:
                 H = self.hidden_size
-                halved = mx.concatenate([mx.ones((2 * H, 1)), mx.full((2 * H, 1), 0.5)])
+                halved = mx.concatenate([mx.ones((2 * H, 1), head_weight.dtype), mx.full((2 * H, 1), 0.5, head_weight.dtype)])
                 weight_4, bias_4 = head_weight * halved, head_bias * halved
                 fused = [weight_4[: 2 * H], weight_4[2 * H : 3 * H] + weight_4[3 * H :]]
                 fused_bias = [bias_4[: 2 * H], bias_4[2 * H : 3 * H] + bias_4[3 * H :]]

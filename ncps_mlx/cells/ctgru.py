@@ -93,7 +93,7 @@ class CTGRUCell(nn.Module):
         return mx.addmm(bias, x, weight.T)
 
     def _scale_weights(self, logits: mx.array) -> mx.array:
-        return mx.softmax(-mx.square(logits - self._ln_tau), axis=-1, precise=True)
+        return mx.softmax(-mx.square(logits - _like(self._ln_tau, logits)), axis=-1, precise=True)
 
     def prepare(self):
         """The state halves of tau_r, tau_s and detect, transposed, once per sequence."""
@@ -113,10 +113,10 @@ class CTGRUCell(nn.Module):
         store = self._scale_weights((u_s + h @ w_s).reshape(batch, U, M))
         mixed = (1.0 - store) * traces + store * q[:, :, None]
         if self.decay == "ltc":
-            decay = self._ltc_decay
+            decay = _like(self._ltc_decay, mixed)
         else:
             ts = ts if isinstance(ts, (int, float)) else ts.reshape(-1, 1, 1)
-            decay = mx.exp(-ts * self._inv_tau)
+            decay = mx.exp(-ts * _like(self._inv_tau, mixed))
         traces = mixed * decay
         if self.cell_clip is not None:
             traces = mx.clip(traces, -self.cell_clip, self.cell_clip)
@@ -124,3 +124,8 @@ class CTGRUCell(nn.Module):
 
     def __call__(self, x: mx.array, state: mx.array, ts=1.0):
         return self.recurrent_step(self.project_input(x), state, ts)
+
+
+def _like(constant: mx.array, value: mx.array) -> mx.array:
+    """A float32 constant in ``value``'s dtype (a float16 or bfloat16 model stays in it)."""
+    return constant if constant.dtype == value.dtype else constant.astype(value.dtype)

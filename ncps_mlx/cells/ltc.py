@@ -185,17 +185,19 @@ class LTCCell(nn.Module):
         gather took 44 us an unfold, the product 18. Past 2**22 entries it is the index
         (N,) instead, for ``mx.take``. Made once from the wiring (the masks are frozen copies of
         it) and kept as constants."""
-        if "_synapse_index" not in self.__dict__:
-            self.__dict__["_synapse_index"] = _sparse_index(self.wiring.adjacency_matrix, self.SPARSE_DENSITY)
-        return self.__dict__["_synapse_index"]
+        dtype = self.sigma.dtype  # the selections in the model's dtype (float16/bfloat16 stay so)
+        if self.__dict__.get("_synapse_index", (None,))[0] != str(dtype):
+            self.__dict__["_synapse_index"] = (str(dtype), _sparse_index(self.wiring.adjacency_matrix, self.SPARSE_DENSITY, dtype))
+        return self.__dict__["_synapse_index"][1]
 
     def _sensory_synapses(self):
         """``_synapses`` of the sensory synapses: (selection (I, N), flat index, one-hot (N, S)),
         or None for the dense sensory term (also past the selection's size limit)."""
-        if "_sensory_synapse_index" not in self.__dict__:
-            index = _sparse_index(self.wiring.sensory_adjacency_matrix, self.SPARSE_DENSITY)
-            self.__dict__["_sensory_synapse_index"] = index if index is not None and index[0].ndim == 2 else None
-        return self.__dict__["_sensory_synapse_index"]
+        dtype = self.sensory_sigma.dtype
+        if self.__dict__.get("_sensory_synapse_index", (None,))[0] != str(dtype):
+            index = _sparse_index(self.wiring.sensory_adjacency_matrix, self.SPARSE_DENSITY, dtype)
+            self.__dict__["_sensory_synapse_index"] = (str(dtype), index if index is not None and index[0].ndim == 2 else None)
+        return self.__dict__["_sensory_synapse_index"][1]
 
     # One step per compiled call (``ncps_mlx.runtime.stepping``): compiled eight at a time, the
     # unfolds of consecutive steps fuse worse, at batch 32 W4 ran at 211 seq/s instead of 371
@@ -313,7 +315,7 @@ def _mapped(x, input_w=None, input_b=None):
     return x if input_b is None else x + input_b
 
 
-def _sparse_index(adjacency, density_limit):
+def _sparse_index(adjacency, density_limit, dtype=mx.float32):
     """(presynaptic selection (P, N) one-hot, or past 2**22 entries the index (N,); flat index
     (N,) into P x S; postsynaptic one-hot (N, S)) of the N synapses of a (P, S) adjacency
     matrix, or None if more than ``density_limit`` of them are present."""
@@ -327,10 +329,10 @@ def _sparse_index(adjacency, density_limit):
     if mask.shape[0] * pre.size <= 2**22:
         select = np.zeros((mask.shape[0], pre.size), np.float32)
         select[pre, np.arange(pre.size)] = 1.0
-        presynaptic = mx.array(select)
+        presynaptic = mx.array(select, dtype=dtype)
     else:
         presynaptic = mx.array(pre.astype(np.int32))
-    return presynaptic, mx.array(flat), mx.array(one_hot)
+    return presynaptic, mx.array(flat), mx.array(one_hot, dtype=dtype)
 
 
 def _existing(synapses, sigma, mu, positive_w, erev, mask):

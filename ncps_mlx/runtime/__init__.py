@@ -65,8 +65,11 @@ def project_input(cell, x, features_first=False):
     return cell.project_input(x)
 
 
-def implementation(cell, mixed_memory: bool = False) -> str:
-    """Which implementation runs a model with this cell here, in words (for ``info``)."""
+def implementation(cell, mixed_memory: bool = False, dtype=None) -> str:
+    """Which implementation runs a model with this cell here, in words (for ``info``);
+    ``dtype``: the model's, when it is not float32."""
+    if dtype is not None and str(dtype) != "mlx.core.float32":
+        return f"MLX (compiled steps): the kernels compute in float32, this model in {str(dtype).rpartition('.')[2]}"
     kernel = cpu.SEQUENCES.get(type(cell).__name__)
     if kernel is None or (mixed_memory and not kernel[2]):
         return "MLX (compiled steps)"
