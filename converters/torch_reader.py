@@ -563,8 +563,13 @@ def run_source(description: Description, float64: bool = False):
         results = []
         for x, hx, ts in inputs:
             hx_t = tuple(to_t(h) for h in hx) if isinstance(hx, tuple) else to_t(hx)
-            with torch.no_grad():
-                out, state = module(to_t(x), hx_t, to_t(ts))
+            default = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)  # the zeros ncps.torch makes itself (initial states) in float64 too
+            try:
+                with torch.no_grad():
+                    out, state = module(to_t(x), hx_t, to_t(ts))
+            finally:
+                torch.set_default_dtype(default)
             state = tuple(s.numpy() for s in state) if isinstance(state, tuple) else state.numpy()
             results.append(named_results(out.numpy(), state))
         return results
