@@ -26,9 +26,8 @@ import numpy as np
 from ncps_mlx import modelfile, wirings
 from ncps_mlx.models import MODEL_CLASSES, model_from_config
 
-
-class ConversionError(ValueError):
-    """Unusable input: a bad file, a bad config, or weights that do not fit the model."""
+from .errors import ConversionError
+from .formats import load_json
 
 
 @dataclass
@@ -110,8 +109,6 @@ def load_user_config(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"config file {path}: no such file")
-    from .formats import load_json
-
     if path.stat().st_size > 64 * 2**20:
         raise ConversionError(f"config file {path} is over 64 MiB; a config is a few KB of JSON")
     config = load_json(path.read_bytes(), f"config file {path}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .description import ConversionError
+from .errors import ConversionError
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32}
 _SAFETENSORS_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ncps_mlx import wirings
+from ncps_mlx.lowering import BACKBONE_ACTIVATIONS
 
 from . import formats
 from .verify import SourceUnavailable, named_results
@@ -470,7 +471,7 @@ def _units_in(arrays, family):
 
 # --- pickled modules (opt-in) ----------------------------------------------------------------
 
-_ACTIVATIONS = {"LeCun": "lecun_tanh", "SiLU": "silu", "ReLU": "relu", "Tanh": "tanh", "GELU": "gelu"}
+_ACTIVATIONS = {activation.torch_module: name for name, activation in BACKBONE_ACTIVATIONS.items()}
 
 
 def config_from_module(module, path) -> dict:

@@ -15,11 +15,11 @@ from .onnx_export import export_onnx
 from .port import load_weights
 from .sequence import SequenceModel
 from .graph import Graph
+from .version import __version__
 
 # Status goes to this logger; a library adds no handler of its own beyond the null one.
 logging.getLogger("ncps_mlx").addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CfC",

@@ -43,10 +43,9 @@ def info() -> str:
         "CTGRU": ncps_mlx.CTGRU(2, 4),
     }
     for name, model in probes.items():
-        lines.append(f"  {name:<19} {runtime.implementation(model.rnn_cell, model.use_mixed)}")
-    half = ncps_mlx.CfC(2, 4)
-    half.set_dtype(mx.bfloat16)
-    lines.append(f"  {'float16/bfloat16':<19} {runtime.implementation(half.rnn_cell, False, mx.bfloat16)}")
+        lines.append(f"  {name:<19} {runtime.implementation(model.rnn_cell.lowered(), model.use_mixed)}")
+    lowered = probes["CfC"].rnn_cell.lowered()
+    lines.append(f"  {'float16/bfloat16':<19} {runtime.implementation(lowered, False, mx.bfloat16)}")
     lines.append("optional:   " + ", ".join(f"{p} {_version(p)}" for p in ("ncps", "torch", "tensorflow", "onnxruntime")))
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import configs
 from .layers import MERGES, RNN, Bidirectional, TimeDistributed, layer_from_config
 
 MASK_USERS = (RNN, Bidirectional)
@@ -129,6 +130,7 @@ class Graph(nn.Module):
         }
 
 
+@configs.register("Graph", "Stack")  # "Stack": a chain, as ncps-mlx 0.1 wrote it
 def graph_from_config(config: dict) -> Graph:
     config = dict(config)
     if config.get("class") == "Stack":

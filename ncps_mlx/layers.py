@@ -29,7 +29,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cells._common import lecun_tanh
+from . import configs
+from .lowering import lecun_tanh
 
 ACTIVATIONS = {
     None: lambda x: x,
@@ -528,14 +529,12 @@ ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
 
 def layer_from_config(spec: dict):
     """Rebuild a layer from its ``get_config()``."""
-    from .models import model_from_config
-
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind == "RNN":
-        return RNN(model_from_config(spec.pop("model")), **spec)
+        return RNN(configs.build(spec.pop("model")), **spec)
     if kind == "Bidirectional":
-        return Bidirectional(model_from_config(spec.pop("forward")), model_from_config(spec.pop("backward")), **spec)
+        return Bidirectional(configs.build(spec.pop("forward")), configs.build(spec.pop("backward")), **spec)
     if kind == "TimeDistributed":
         return TimeDistributed(layer_from_config(spec["layer"]))
     if kind == "Dropout":  # written by ncps-mlx 0.1's Stack

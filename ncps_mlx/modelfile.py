@@ -29,6 +29,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import configs
+from .version import __version__
+
 FORMAT = "ncps_mlx"
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
@@ -51,7 +54,6 @@ def save(model, path, source: dict | None = None, dtype: str | None = None) -> P
 def save_modules(modules: dict, path, source: dict | None = None, other: dict | None = None, dtype: str | None = None) -> Path:
     """Write named modules (``{"": model}`` for one) and ``other`` tensors (name -> array) to
     ``path`` atomically, their floating tensors in ``dtype`` where given."""
-    from . import __version__
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -164,11 +166,9 @@ def load_modules(path) -> tuple[dict, dict]:
 
 
 def _build(path, name, metadata, arrays):
-    from .models import model_from_config
-
     where = f"{path}" + (f" (module {name!r})" if name else "")
     try:
-        model = model_from_config(metadata["modules"][name])
+        model = configs.build(metadata["modules"][name])
     except (ValueError, TypeError, KeyError) as error:
         raise ModelFileError(f"{where}: the config in its metadata is invalid: {error}") from None
     others = set(metadata["other_tensors"])

@@ -8,7 +8,7 @@ same function as their source.
 
 from __future__ import annotations
 
-from . import wirings
+from . import configs, wirings
 from .cells import CfCCell, CTGRUCell, CTRNNCell, LTCCell, WiredCfCCell
 from .cells._common import check_int
 from .sequence import SequenceModel
@@ -321,16 +321,15 @@ class CTGRU(SequenceModel):
 MODEL_CLASSES = {cls.__name__: cls for cls in (CfC, LTC, CTRNN, CTGRU)}
 
 
-def model_from_config(config: dict) -> SequenceModel:
-    """Rebuild a model from ``model.get_config()`` (a wiring in it is restored exactly)."""
-    config = dict(config)
-    name = config.pop("class", None)
-    if name in ("Graph", "Stack"):  # a converted Keras model (ncps-mlx 0.1 wrote chains as "Stack")
-        from .graph import graph_from_config
+def model_from_config(config: dict):
+    """Rebuild a model (or a converted graph) from its ``get_config()``; a wiring in it is
+    restored exactly."""
+    return configs.build(config)
 
-        return graph_from_config({"class": name, **config})
-    if name not in MODEL_CLASSES:
-        raise ValueError(f"Unknown model class {name!r}; expected one of {sorted(MODEL_CLASSES)}")
+
+@configs.register(*MODEL_CLASSES)
+def _sequence_model(config: dict) -> SequenceModel:
+    name = config.pop("class")
     if isinstance(config.get("units"), dict):
         config["units"] = wirings.wiring_from_description(config["units"])
     try:

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import mlx.nn as nn
 
-from .cells import CfCCell, CTGRUCell, CTRNNCell, LTCCell, WiredCfCCell
+from .version import __version__
+from .lowering import CfCLowering, CTGRULowering, CTRNNLowering, LSTMLowering, LTCLowering, Mode, WiredCfCLowering
 
 OPSET = 17
 IR_VERSION = 8
@@ -99,14 +100,14 @@ class _Graph:
 
 
 class _CfC:
-    def __init__(self, cell: CfCCell):
-        weight, bias = (_np(a) for a in cell._first_layer())
+    def __init__(self, cell: CfCLowering):
+        weight, bias = _np(cell.first_weight), _np(cell.first_bias)
         self.input_size, self.hidden = cell.input_size, cell.hidden_size
         self.w_input, self.w_state, self.bias = weight[:, : self.input_size], weight[:, self.input_size :], bias
-        self.mode, self.ff_activation, self.activation = cell.mode, cell.ff_activation, cell.activation_name
-        self.backbone = [(_np(l.weight), _np(l.bias)) for l in cell.backbone[1:]] if cell.backbone_layers > 0 else None
-        self.heads = tuple(_np(a) for a in cell._heads()) if cell.backbone_layers > 0 else None
-        if self.mode == "pure":
+        self.mode, self.ff_tanh, self.activation = cell.mode, cell.ff_tanh, cell.activation.name
+        self.backbone = [(_np(w), _np(b)) for w, b in cell.hidden] if cell.heads is not None else None
+        self.heads = tuple(_np(a) for a in cell.heads) if cell.heads is not None else None
+        if self.mode == Mode.PURE:
             self.A, self.abs_w_tau = _np(cell.A), np.abs(_np(cell.w_tau))
 
     def project(self, g, x):
@@ -122,16 +123,16 @@ class _CfC:
             for weight, bias in self.backbone:
                 z = self._act(g, g.linear(z, weight, bias))
             z = g.linear(z, *self.heads)
-        if self.mode == "pure":
+        if self.mode == Mode.PURE:
             decay = g.op("Exp", g.op("Mul", g.op("Neg", ts), g.op("Add", g.const(self.abs_w_tau), g.op("Abs", z))))
             A = g.const(self.A)
             new = g.op("Add", g.op("Mul", g.op("Mul", g.op("Neg", A), decay), z), A)
             return new, new
         ff1, ff2, t_a, t_b = g.split(z, [self.hidden] * 4)
-        if self.ff_activation == "tanh":
+        if self.ff_tanh:
             ff1, ff2 = g.tanh(ff1), g.tanh(ff2)
         gate = g.sigmoid(g.op("Add", g.op("Mul", t_a, ts), t_b))
-        if self.mode == "no_gate":
+        if self.mode == Mode.NO_GATE:
             new = g.op("Add", ff1, g.op("Mul", gate, ff2))
         else:
             new = g.op("Add", g.op("Mul", ff1, g.op("Sub", g.const(1.0), gate)), g.op("Mul", gate, ff2))
@@ -139,10 +140,10 @@ class _CfC:
 
 
 class _WiredCfC:
-    def __init__(self, cell: WiredCfCCell):
+    def __init__(self, cell: WiredCfCLowering):
         self.layers = [_CfC(layer) for layer in cell.layers]
         self.sizes = list(cell.layer_sizes)
-        self.motor = cell.wiring.output_dim if cell.motor_output else None
+        self.output_size = cell.output_size
 
     def project(self, g, x):
         return self.layers[0].project(g, x)
@@ -154,31 +155,30 @@ class _WiredCfC:
         for layer, state in zip(self.layers[1:], states[1:]):
             out, state = layer.step(g, layer.project(g, out), state, ts)
             new_states.append(state)
-        if self.motor is not None:
-            out = g.op("Slice", out, g.ints([0]), g.ints([self.motor]), g.ints([-1]))
+        if self.output_size < self.sizes[-1]:  # motor_output: the motor neurons only
+            out = g.op("Slice", out, g.ints([0]), g.ints([self.output_size]), g.ints([-1]))
         h_new = g.op("Concat", *new_states, axis=-1) if len(new_states) > 1 else new_states[0]
         return out, h_new
 
 
 class _LTC:
-    def __init__(self, cell: LTCCell):
-        pos = cell._positive
+    def __init__(self, cell: LTCLowering):
         self.cell = cell
         self.S, self.M, self.unfolds, self.epsilon = cell.state_size, cell.motor_size, cell.ode_unfolds, cell.epsilon
         self.sensory_sigma, self.sensory_mu = _np(cell.sensory_sigma), _np(cell.sensory_mu)
-        self.sensory_w = _np(pos(cell.sensory_w) * cell.sensory_sparsity_mask)
+        self.sensory_w = _np(cell.sensory_w)
         self.sensory_w_erev = self.sensory_w * _np(cell.sensory_erev)
         self.sigma, self.mu = _np(cell.sigma), _np(cell.mu)
-        self.w = _np(pos(cell.w) * cell.sparsity_mask)
+        self.w = _np(cell.w)
         self.w_erev = self.w * _np(cell.erev)
-        self.cm, self.gleak = _np(pos(cell.cm)), _np(pos(cell.gleak))
-        self.leak = _np(pos(cell.gleak) * cell.vleak)
+        self.cm, self.gleak = _np(cell.cm), _np(cell.gleak)
+        self.leak = _np(cell.gleak * cell.vleak)
 
     def project(self, g, x):
         cell = self.cell
-        if cell.input_mapping in ("affine", "linear"):
+        if cell.input_w is not None:
             x = g.op("Mul", x, g.const(_np(cell.input_w)))
-        if cell.input_mapping == "affine":
+        if cell.input_b is not None:
             x = g.op("Add", x, g.const(_np(cell.input_b)))
         pre = g.op("Sub", g.op("Unsqueeze", x, g.ints([-1])), g.const(self.sensory_mu))
         activation = g.sigmoid(g.op("Mul", g.const(self.sensory_sigma), pre))
@@ -202,19 +202,19 @@ class _LTC:
         if self.M < self.S:
             out = g.op("Slice", out, g.ints([0]), g.ints([self.M]), g.ints([-1]))
         cell = self.cell
-        if cell.output_mapping in ("affine", "linear"):
+        if cell.output_w is not None:
             out = g.op("Mul", out, g.const(_np(cell.output_w)))
-        if cell.output_mapping == "affine":
+        if cell.output_b is not None:
             out = g.op("Add", out, g.const(_np(cell.output_b)))
         return out, v
 
 
 class _CTRNN:
-    def __init__(self, cell: CTRNNCell):
-        weight = _np(cell.step.weight)
+    def __init__(self, cell: CTRNNLowering):
+        weight = _np(cell.weight)
         self.cell, self.I = cell, cell.input_size
-        self.w_input, self.w_state, self.bias = weight[:, : self.I], weight[:, self.I :], _np(cell.step.bias)
-        self.tau = float(np.array(nn.softplus(cell.tau_raw))[0]) if cell.learn_tau else cell.tau
+        self.w_input, self.w_state, self.bias = weight[:, : self.I], weight[:, self.I :], _np(cell.bias)
+        self.tau = float(_np(cell.tau)[0])
 
     def project(self, g, x):
         return g.linear(x, self.w_input, self.bias)
@@ -233,18 +233,17 @@ class _CTRNN:
 
 
 class _CTGRU:
-    def __init__(self, cell: CTGRUCell):
-        self.cell, I = cell, cell.input_size
-        w = [_np(layer.weight) for layer in (cell.tau_r, cell.tau_s, cell.detect)]
-        self.w_input = np.concatenate([a[:, :I] for a in w])
-        self.bias = np.concatenate([_np(layer.bias) for layer in (cell.tau_r, cell.tau_s, cell.detect)])
-        self.w_r, self.w_s, self.w_q = (a[:, I:] for a in w)
+    def __init__(self, cell: CTGRULowering):
+        self.cell = cell
+        self.w_input, self.bias = _np(cell.input_weight), _np(cell.input_bias)
+        # the lowering's state halves are transposed (U, U M); the exporter multiplies h @ w
+        self.w_r, self.w_s, self.w_q = (_np(a).T for a in (cell.w_r, cell.w_s, cell.w_q))
 
     def project(self, g, x):
         return g.linear(x, self.w_input, self.bias)
 
     def _scales(self, g, logits):
-        diff = g.op("Sub", logits, g.const(_np(self.cell._ln_tau)))
+        diff = g.op("Sub", logits, g.const(np.asarray(self.cell.ln_tau, np.float32)))
         return g.op("Softmax", g.op("Neg", g.op("Mul", diff, diff)), axis=-1)
 
     def step(self, g, u, state, ts):
@@ -263,10 +262,11 @@ class _CTGRU:
             g.op("Mul", g.op("Sub", g.const(1.0), store), traces),
             g.op("Mul", store, g.op("Unsqueeze", q, g.ints([2]))),
         )
-        if cell.decay == "ltc":
-            decay = g.const(_np(cell._ltc_decay))
+        decay = np.asarray(cell.decay, np.float32)
+        if not cell.mozer:
+            decay = g.const(decay)
         else:
-            decay = g.op("Exp", g.op("Mul", g.op("Neg", g.op("Unsqueeze", ts, g.ints([2]))), g.const(_np(cell._inv_tau))))
+            decay = g.op("Exp", g.op("Mul", g.op("Neg", g.op("Unsqueeze", ts, g.ints([2]))), g.const(decay)))
         traces = g.op("Mul", mixed, decay)
         if cell.cell_clip is not None:
             traces = g.op("Clip", traces, g.const(-cell.cell_clip), g.const(cell.cell_clip))
@@ -274,9 +274,10 @@ class _CTGRU:
 
 
 class _LSTM:
-    def __init__(self, lstm):
-        self.w_input, self.bias = _np(lstm.input_map.weight), _np(lstm.input_map.bias)
-        self.w_state, self.hidden, self.forget_bias = _np(lstm.recurrent_map.weight), lstm.hidden_size, lstm.forget_gate_bias
+    def __init__(self, lstm: LSTMLowering):
+        self.w_input, self.bias = _np(lstm.input_weight), _np(lstm.input_bias)
+        self.w_state, self.forget_bias = _np(lstm.recurrent_weight), lstm.forget_gate_bias
+        self.hidden = self.w_state.shape[1]
 
     def project(self, g, x):
         return g.linear(x, self.w_input, self.bias)
@@ -289,7 +290,17 @@ class _LSTM:
         return g.op("Mul", g.tanh(c_new), g.sigmoid(og)), c_new
 
 
-_EXPORTERS = {CfCCell: _CfC, WiredCfCCell: _WiredCfC, LTCCell: _LTC, CTRNNCell: _CTRNN, CTGRUCell: _CTGRU}
+# Keyed by the lowering's type (``ncps_mlx.lowering``): the exporter reads a cell through it alone.
+_EXPORTERS = {CfCLowering: _CfC, WiredCfCLowering: _WiredCfC, LTCLowering: _LTC, CTRNNLowering: _CTRNN, CTGRULowering: _CTGRU}
+
+
+def _exporters(model):
+    """(the cell's exporter, the mixed-memory LSTM's or None), from their lowerings."""
+    lowering = model.rnn_cell.lowered()
+    exporter_class = _EXPORTERS.get(type(lowering))
+    if exporter_class is None:
+        raise ValueError(f"cannot export a model whose cell lowers to {type(lowering).__name__} to ONNX")
+    return exporter_class(lowering), (_LSTM(model.lstm.lowered()) if model.use_mixed else None)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -309,11 +320,7 @@ def _sequence(g, model, x, initial_state=None, initial_memory=None, timespans=No
     """
     from onnx import helper
 
-    exporter_class = _EXPORTERS.get(type(model.rnn_cell))
-    if exporter_class is None:
-        raise ValueError(f"cannot export a {type(model.rnn_cell).__name__} to ONNX")
-    cell = exporter_class(model.rnn_cell)
-    lstm = _LSTM(model.lstm) if model.use_mixed else None
+    cell, lstm = _exporters(model)
     S = model.state_size
 
     time_major = g.op("Transpose", x, perm=[1, 0, 2]) if model.batch_first else x
@@ -374,11 +381,7 @@ def _step(g, model, cell, lstm, projected, h, c, ts):
 
 def _one_step(g, model, x, h, c, ts):
     """The step graph's nodes: x (B, I), h and c (B, S), ts (B, 1) -> (output, h, c)."""
-    exporter_class = _EXPORTERS.get(type(model.rnn_cell))
-    if exporter_class is None:
-        raise ValueError(f"cannot export a {type(model.rnn_cell).__name__} to ONNX")
-    cell = exporter_class(model.rnn_cell)
-    lstm = _LSTM(model.lstm) if model.use_mixed else None
+    cell, lstm = _exporters(model)
     projected = ([lstm.project(g, x)] if lstm else []) + ([cell.project(g, x)] if lstm is None or model.memory_circuit == "state" else [])
     out, h, c = _step(g, model, cell, lstm, projected, h, c, ts)
     if model.fc is not None:
@@ -441,7 +444,7 @@ def _channels_first(g, x, op_type, weights=(), **attrs):
 def _conv(g, layer, x):
     from .layers import Conv, Pooling
 
-    args = layer._arguments
+    args = layer.get_config()
     if isinstance(layer, Pooling):
         kernel, strides = args["pool_size"], args["strides"]
         attrs = {"kernel_shape": kernel, "strides": strides, "auto_pad": "SAME_UPPER" if args["padding"] == "same" else "VALID"}
@@ -468,9 +471,9 @@ def _layer(g, layer, inputs):
     if getattr(layer, "makes_mask", False):
         raise ValueError("a graph with Keras masks (Masking, Embedding(mask_zero=True)) does not export to ONNX")
     if isinstance(layer, L.Merge):
-        kind = layer._arguments["kind"]
+        kind = layer.get_config()["kind"]
         if kind == "Concatenate":
-            return [g.op("Concat", *inputs, axis=layer._arguments["axis"])]
+            return [g.op("Concat", *inputs, axis=layer.get_config()["axis"])]
         if kind == "Average":
             return [g.op("Div", g.op("Sum", *inputs), g.const(float(len(inputs))))]
         op = {"Add": "Sum", "Subtract": "Sub", "Multiply": "Mul", "Maximum": "Max", "Minimum": "Min"}[kind]
@@ -508,7 +511,7 @@ def _layer(g, layer, inputs):
 def _plain_layer(g, layer, x):
     from . import layers as L
 
-    args = getattr(layer, "_arguments", {})
+    args = layer.get_config()
     if isinstance(layer, L.Dense):
         bias = _np(layer.linear.bias) if "bias" in layer.linear else None
         return _activation(g, layer.activation, g.linear(x, _np(layer.linear.weight), bias))
@@ -609,12 +612,13 @@ def _graph(g, graph):
         dims = ["batch"] + [f"{spec['name']}_{i + 1}" if d is None else int(d) for i, d in enumerate(declared)]
         inputs.append(helper.make_tensor_value_info(spec["name"], dtypes.get(str(spec.get("dtype")), TensorProto.FLOAT), dims))
         values[("input", k)] = spec["name"]
-    for c, call in enumerate(graph._calls):
+    config = graph.get_config()
+    for c, call in enumerate(config["calls"]):
         results = _layer(g, graph.layers[call["layer"]], [values[tuple(ref)] for ref in call["inputs"]])
         for j, name in enumerate(results):
             values[(c, j)] = name
     outputs = []
-    for output, shape in zip(graph._outputs, _graph_output_shapes(graph)):
+    for output, shape in zip(config["outputs"], _graph_output_shapes(graph)):
         g.nodes.append(helper.make_node("Identity", [values[tuple(output["ref"])]], [output["name"]]))
         outputs.append(_value(output["name"], ["batch" if i == 0 else d for i, d in enumerate(shape)]))
     return inputs, outputs
@@ -642,7 +646,6 @@ def build_onnx(model, inputs=(), step: bool = False):
         from onnx import helper
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
-    from . import __version__
     from .graph import Graph
 
     g = _Graph()

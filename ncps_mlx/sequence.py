@@ -154,8 +154,8 @@ class SequenceModel(nn.Module):
             if mask is None and not dropout and cell_reads_x:
                 # A cell's whole loop in one kernel node, where one applies (None where not); an
                 # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
-                memory = (self.lstm, c) if self.use_mixed else None
-                kernel = runtime.sequence_kernel(self.rnn_cell, x, h, ts, differentiable=traced, memory=memory)
+                memory = (self.lstm.lowered(), c) if self.use_mixed else None
+                kernel = runtime.sequence_kernel(self.rnn_cell.lowered(), x, h, ts, memory=memory)
             if kernel is not None:
                 outs, states = kernel[:2]
                 y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
@@ -165,8 +165,8 @@ class SequenceModel(nn.Module):
                 with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
                     # A (B, T, 4H) view of a feature-major array, as it was when the CfC kernel read
                     # it: the MLX path computes the numbers it computed.
-                    lstm_inputs = runtime.project_input(self.lstm, x, features_first=True) if self.use_mixed else None
-                    cell_inputs = runtime.project_input(self.rnn_cell, x) if cell_reads_x else None
+                    lstm_inputs = _projected(self.lstm, x, features_first=True) if self.use_mixed else None
+                    cell_inputs = _projected(self.rnn_cell, x) if cell_reads_x else None
                 # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
                 prepared = self.rnn_cell.prepare()
                 lstm_prepared = self.lstm.prepare() if self.use_mixed else None
@@ -187,7 +187,7 @@ class SequenceModel(nn.Module):
             elif mode == "eager":
 
                 def step(u, lstm_u, h, c, ts):
-                    return self._step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
+                    return self.model_step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
 
                 outs, hs, cs = self.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask)
                 h, c = hs[-1], cs[-1]
@@ -238,7 +238,7 @@ class SequenceModel(nn.Module):
             steps = self.__dict__["_compiled_steps"] = stepping.Steps(self)
         return steps
 
-    def _step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared):
+    def model_step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared):
         """One time step of the whole model: (output, h, c); c is None without mixed memory."""
         if self.use_mixed:
             memory_out, c = self.lstm.recurrent_step(lstm_u, h, c, lstm_prepared)
@@ -320,3 +320,8 @@ class SequenceModel(nn.Module):
             )
         return state if batched else state[None]
 
+
+def _projected(cell, x, features_first=False):
+    """``cell.project_input(x)`` of a sequence, in the runtime's kernels where they apply."""
+    y = runtime.project_input(cell.lowered(), x, features_first)
+    return cell.project_input(x) if y is None else y

@@ -1,4 +1,5 @@
-"""Small pieces shared by the cells: activations and initialisers."""
+"""Small pieces shared by the cells: initialisers and argument checks (the activations are
+``ncps_mlx.lowering.BACKBONE_ACTIVATIONS``)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import fastmath
 from ..arguments import check_int  # noqa: F401  (the cells check their sizes with it)
-
-
-def lecun_tanh(x: mx.array) -> mx.array:
-    """LeCun's scaled tanh, 1.7159 * tanh(0.666 x), the reference CfC backbone default."""
-    return 1.7159 * fastmath.tanh(0.666 * x)
-
-
-ACTIVATIONS = {
-    "lecun_tanh": lecun_tanh,
-    "silu": nn.silu,
-    "relu": nn.relu,
-    "tanh": fastmath.tanh,
-    # torch.nn.GELU defaults to the exact erf form; so does mlx.nn.gelu.
-    "gelu": nn.gelu,
-}
-
-
-def get_activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation '{name}'; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
 
 
 def glorot_uniform(shape) -> mx.array:

@@ -20,9 +20,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
-from ._common import check_choice, get_activation, glorot_uniform
+from ..lowering import MODES, CfCLowering, Mode, WiredCfCLowering
+from ..lowering import backbone_activation as backbone_activation_of
+from ._common import check_choice, glorot_uniform
 
-MODES = ("default", "pure", "no_gate")
 FF_ACTIVATIONS = ("tanh", None)
 
 
@@ -66,7 +67,7 @@ class CfCCell(nn.Module):
         self.ff_activation = ff_activation
         self.backbone_layers = int(backbone_layers)
         self.activation_name = backbone_activation
-        self.activation = get_activation(backbone_activation)
+        self.activation = backbone_activation_of(backbone_activation).function
 
         concat = self.input_size + self.hidden_size
         if self.backbone_layers > 0:
@@ -139,6 +140,24 @@ class CfCCell(nn.Module):
         if len(weights) == 1:
             return weights[0], biases[0]
         return mx.concatenate(weights, axis=0), mx.concatenate(biases, axis=0)
+
+    def lowered(self) -> CfCLowering:
+        """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
+        weight, bias = self._first_layer()
+        pure = self.mode == "pure"
+        return CfCLowering(
+            mode=Mode(self.mode),
+            activation=backbone_activation_of(self.activation_name),
+            ff_tanh=self.ff_activation == "tanh",
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            first_weight=weight,
+            first_bias=bias,
+            hidden=tuple((layer.weight, layer.bias) for layer in self.backbone[1:]) if self.backbone_layers else (),
+            heads=self._heads() if self.backbone_layers else None,
+            w_tau=self.w_tau.reshape(-1) if pure else None,
+            A=self.A.reshape(-1) if pure else None,
+        )
 
     def _first_layer(self):
         """The layer that reads [x; h]: the first backbone layer, or the fused heads."""
@@ -431,6 +450,10 @@ class WiredCfCCell(nn.Module):
     @property
     def layers(self):
         return [getattr(self, f"layer_{i}") for i in range(len(self.layer_sizes))]
+
+    def lowered(self) -> WiredCfCLowering:
+        """Each layer's ``CfCCell.lowered()``, the layers' sizes and the output size."""
+        return WiredCfCLowering(tuple(layer.lowered() for layer in self.layers), self.layer_sizes, self.output_size)
 
     @property
     def state_size(self) -> int:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
+from ..lowering import CTGRULowering
 from ._common import check_choice, glorot_uniform
 
 DECAYS = ("ltc", "mozer")
@@ -79,6 +80,15 @@ class CTGRUCell(nn.Module):
     @property
     def output_size(self) -> int:
         return self.units
+
+    def lowered(self) -> CTGRULowering:
+        """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
+        weight, bias = self.input_projection()
+        w_r, w_s, w_q = self.prepare()
+        mozer = self.decay == "mozer"
+        scales = self.__dict__["_time_scales"]
+        return CTGRULowering(self.input_size, self.units, self.M, mozer, self.cell_clip, weight, bias, w_r, w_s, w_q,
+                             tuple(scales["ln_tau"].tolist()), tuple(scales["inv_tau" if mozer else "ltc_decay"].tolist()))  # fmt: skip
 
     def input_projection(self):
         """(weight (2 U M + U, I), bias (2 U M + U,)): the input halves of tau_r, tau_s and

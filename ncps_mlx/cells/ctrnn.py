@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
+from ..lowering import CTRNNLowering
 from ._common import check_int, glorot_uniform
 
 
@@ -63,6 +64,12 @@ class CTRNNCell(nn.Module):
         self.step.bias = mx.zeros((self.units,))
         if self.learn_tau:
             self.tau_raw = mx.array([1.0])
+
+    def lowered(self) -> CTRNNLowering:
+        """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
+        tau = nn.softplus(self.tau_raw).reshape(1) if self.learn_tau else mx.array([self.tau], mx.float32)
+        return CTRNNLowering(self.input_size, self.units, self.step.weight, self.step.bias, tau, self.ode_unfolds,
+                             self.delta_t, self.cell_clip, self.global_feedback)  # fmt: skip
 
     @property
     def state_size(self) -> int:

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
+from ..lowering import LTCLowering
 from ._common import check_int, check_choice
 
 MAPPINGS = ("affine", "linear", None)
@@ -124,6 +125,31 @@ class LTCCell(nn.Module):
     @property
     def sensory_synapse_count(self) -> int:
         return self.wiring.sensory_synapse_count
+
+    def lowered(self) -> LTCLowering:
+        """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
+        affine_in, affine_out = self.input_mapping == "affine", self.output_mapping == "affine"
+        return LTCLowering(
+            state_size=self.state_size,
+            motor_size=self.motor_size,
+            ode_unfolds=self.ode_unfolds,
+            epsilon=self.epsilon,
+            input_w=self.input_w if self.input_mapping in ("affine", "linear") else None,
+            input_b=self.input_b if affine_in else None,
+            sensory_sigma=self.sensory_sigma,
+            sensory_mu=self.sensory_mu,
+            sensory_w=self._positive(self.sensory_w) * self.sensory_sparsity_mask,
+            sensory_erev=self.sensory_erev,
+            sigma=self.sigma,
+            mu=self.mu,
+            w=self._positive(self.w) * self.sparsity_mask,
+            erev=self.erev,
+            cm=self._positive(self.cm),
+            gleak=self._positive(self.gleak),
+            vleak=self.vleak,
+            output_w=self.output_w if self.output_mapping in ("affine", "linear") else None,
+            output_b=self.output_b if affine_out else None,
+        )
 
     def _positive(self, x: mx.array) -> mx.array:
         return nn.softplus(x) if self.implicit_param_constraints else x

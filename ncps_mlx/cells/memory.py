@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import fastmath
+from ..lowering import LSTMLowering
 from ._common import glorot_uniform
 
 MEMORY_CIRCUITS = ("state", "input")
@@ -40,6 +41,10 @@ class LSTMCell(nn.Module):
         self.input_map.weight = glorot_uniform(self.input_map.weight.shape)
         self.input_map.bias = mx.random.uniform(-0.1, 0.1, self.input_map.bias.shape)
         self.recurrent_map.weight = nn.init.orthogonal()(self.recurrent_map.weight)
+
+    def lowered(self) -> LSTMLowering:
+        """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
+        return LSTMLowering(self.input_map.weight, self.input_map.bias, self.recurrent_map.weight, self.forget_gate_bias)
 
     def input_projection(self):
         """(weight (4H, I), bias (4H,)): ``project_input`` is x weight^T + bias."""

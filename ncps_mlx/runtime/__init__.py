@@ -19,7 +19,7 @@ changes the process at import: no environment edits, no symbol interposition; st
 the ``ncps_mlx`` logger.
 
 This package never imports the models, the cells or a reader or writer (``pyproject.toml``'s
-import-linter contracts): it reads the cells it is given by their attributes.
+import-linter contracts): it reads a cell through its public lowering (``ncps_mlx.lowering``).
 """
 
 from __future__ import annotations
@@ -40,37 +40,38 @@ def choice() -> str:
     return value
 
 
-def sequence_kernel(cell, x, h, ts=None, differentiable=False, memory=None):
-    """A cell's whole loop in a CPU kernel: the sequence x (B, T, I) (each kernel projects it as it
-    reads it best), h (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state
-    (B, T, S)); None where no kernel applies (another cell, not float32, not the CPU,
-    ``NCPS_MLX_RUNTIME=mlx``). ``differentiable``: the result carries the kernel's backward pass.
-    ``memory``: mixed memory's "state" circuit, (lstm, memory (B, S)) -> (outputs, states, every
-    step's memory (B, T, S)), where the kernel has it."""
-    kernel = cpu.SEQUENCES.get(type(cell).__name__)
+def sequence_kernel(lowering, x, h, ts=None, memory=None):
+    """A cell's whole loop in a CPU kernel, from the cell's lowering (``cell.lowered()``,
+    ``ncps_mlx.lowering``): the sequence x (B, T, I) (each kernel projects it as it reads it
+    best), h (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state
+    (B, T, S)), differentiable in every input; None where no kernel applies (another cell, not
+    float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``). ``memory``: mixed memory's "state" circuit,
+    (the LSTM's lowering, memory (B, S)) -> (outputs, states, every step's memory (B, T, S)),
+    where the kernel has it."""
+    kernel = cpu.SEQUENCES.get(type(lowering))
     if kernel is None or choice() == "mlx" or (memory is not None and not kernel[2]):
         return None
     if memory is None:
-        return kernel[0](cell, x, h, ts, differentiable)
-    return kernel[0](cell, x, h, ts, differentiable, memory=memory)
+        return kernel[0](lowering, x, h, ts)
+    return kernel[0](lowering, x, h, ts, memory=memory)
 
 
-def project_input(cell, x, features_first=False):
-    """``cell.project_input(x)`` for a sequence x (B, T, I): where the product is affine
-    (``cell.input_projection()``) and a kernel applies, in the kernels' BLAS (``cpu.projection``),
-    else the cell's own. ``features_first``: laid out (T, P, B) in memory (a view), as a kernel
-    that reads it feature-major wants it, whatever the cell's own layout."""
-    if choice() != "mlx" and x.ndim == 3:
-        return cpu.projected(cell, x, features_first)
-    return cell.project_input(x)
+def project_input(lowering, x, features_first=False):
+    """A cell's input projection of a sequence x (B, T, I) in the kernels, from its lowering
+    (``cpu.projection``), or None where they do not apply (the cell's own ``project_input``
+    then). ``features_first``: laid out (T, P, B) in memory (a view), as a kernel that reads it
+    feature-major wants it, whatever the cell's own layout."""
+    if choice() == "mlx" or x.ndim != 3:
+        return None
+    return cpu.input_projection(lowering, x, features_first)
 
 
-def implementation(cell, mixed_memory: bool = False, dtype=None) -> str:
-    """Which implementation runs a model with this cell here, in words (for ``info``);
-    ``dtype``: the model's, when it is not float32."""
+def implementation(lowering, mixed_memory: bool = False, dtype=None) -> str:
+    """Which implementation runs a model with a cell of this lowering here, in words (for
+    ``info``); ``dtype``: the model's, when it is not float32."""
     if dtype is not None and str(dtype) != "mlx.core.float32":
         return f"MLX (compiled steps): the kernels compute in float32, this model in {str(dtype).rpartition('.')[2]}"
-    kernel = cpu.SEQUENCES.get(type(cell).__name__)
+    kernel = cpu.SEQUENCES.get(type(lowering))
     if kernel is None or (mixed_memory and not kernel[2]):
         return "MLX (compiled steps)"
     if choice() == "mlx":

@@ -99,7 +99,7 @@ class Steps:
         def step(*leaves):
             leaves = iter(leaves)
             with self._model_from(fixed, leaves, inline=not differentiated) as (this, prepared, lstm_prepared):
-                out, h, c = this._step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
+                out, h, c = this.model_step(*_unflatten(step_args, leaves), prepared, lstm_prepared)
             return (out, h) if c is None else (out, h, c)
 
         return step
@@ -208,7 +208,7 @@ class Steps:
                     return [_join_rows(outs), h, _join_rows(hs)]
 
                 def step(u, lstm_u, h, c, ts_t):
-                    return this._step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
+                    return this.model_step(u, lstm_u, h, c, ts_t, prepared, lstm_prepared)
 
                 outs, hs, cs = this.time_loop(step, cell_inputs, lstm_inputs, h, c, ts)
             mixed = c is not None
@@ -817,7 +817,7 @@ def _flatten(tree, leaves: list):
     if isinstance(tree, dict):
         return ("dict", tuple((key, _flatten(value, leaves)) for key, value in tree.items()))
     if isinstance(tree, (list, tuple)):
-        return (type(tree).__name__, tuple(_flatten(value, leaves) for value in tree))
+        return ("list" if isinstance(tree, list) else "tuple", tuple(_flatten(value, leaves) for value in tree))
     return ("constant", tree)
 
 

@@ -38,116 +38,24 @@ MLX's path runs, and ``status()`` (``python -m ncps_mlx info``) says why.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import logging
-import os
-import threading
+from ...lowering import CfCLowering, CTGRULowering, CTRNNLowering, LTCLowering, WiredCfCLowering
+from .cfc import cfc_sequence, cfc_states, wired_cfc_sequence, wired_cfc_states
+from .ctgru import ctgru_sequence
+from .ctrnn import ctrnn_sequence
+from .loader import all_float32, applies, by_row, cfc_applies, evaluations, library, status, turned_off
+from .ltc import ltc_sequence, ltc_states
+from .projection import input_projection
 
-import mlx.core as mx
+__all__ = ["SEQUENCES", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
+           "library", "ltc_states", "status", "turned_off", "wired_cfc_states"]  # fmt: skip
 
-from .. import blas
-
-log = logging.getLogger("ncps_mlx")
-
-_LOCK = threading.Lock()
-_LOADED: dict = {}  # "kernels", "status" once tried
-
-
-def _load():
-    try:
-        kernels = importlib.import_module(f"{__name__}._kernels")
-    except ImportError as error:
-        return None, (f"the CPU kernels are not built ({error}); reinstall ncps-mlx where a C++ compiler is "
-                      "available (make setup): the models run on MLX's operations")  # fmt: skip
-    if kernels.mlx_version != mx.__version__:
-        return None, (f"the CPU kernels were built against mlx {kernels.mlx_version}, this is mlx "
-                      f"{mx.__version__}; reinstall ncps-mlx: the models run on MLX's operations")  # fmt: skip
-    try:
-        kernels.probe(mx.array(0.0))
-    except TypeError:
-        return None, ("the CPU kernels were built with a nanobind that does not match this mlx's; reinstall "
-                      "ncps-mlx: the models run on MLX's operations")  # fmt: skip
-    return kernels, f"LTC, CfC, CTRNN and CTGRU time loops run in CPU kernels (MLX primitives built for mlx {kernels.mlx_version})"
-
-
-def library():
-    """The kernels' extension module, or None where they do not apply (``status()`` says why)."""
-    if os.environ.get("NCPS_MLX_RUNTIME", "auto") == "mlx":
-        return None
-    with _LOCK:
-        if "status" not in _LOADED:
-            _LOADED["kernels"], _LOADED["status"] = _load()
-            log.debug("ncps_mlx: %s", _LOADED["status"])
-        return _LOADED["kernels"]
-
-
-def status() -> str:
-    """Whether the kernels are in use, in words."""
-    if os.environ.get("NCPS_MLX_RUNTIME", "auto") == "mlx":
-        return "turned off by NCPS_MLX_RUNTIME=mlx"
-    library()
-    return _LOADED["status"]
-
-
-def evaluations() -> dict:
-    """How often each kernel node (forward and backward passes) has run in this process."""
-    kernels = library()
-    return {} if kernels is None else kernels.evaluations()
-
-
-def applies() -> bool:
-    """Whether the kernels run now: built, on the CPU device, not within ``turned_off()``."""
-    if getattr(_off, "value", False) or mx.default_device() != mx.cpu:
-        return False
-    return library() is not None
-
-
-_off = threading.local()
-
-
-@contextlib.contextmanager
-def turned_off():
-    """Within this block (in this thread) the models run on MLX's operations, as where these do
-    not apply: for comparing the two."""
-    previous = getattr(_off, "value", False)
-    _off.value = True
-    try:
-        yield
-    finally:
-        _off.value = previous
-
-
-def all_float32(*arrays) -> bool:
-    """Whether every array (None skipped) is float32, the kernels' one dtype."""
-    return all(a.dtype == mx.float32 for a in arrays if a is not None)
-
-
-def by_row(timespans, batch: int, steps: int):
-    """None, or timespans (0-d or (B, T, 1)) as a (B, T) array, the batch-major kernels' layout."""
-    if timespans is None:
-        return None
-    return mx.broadcast_to(timespans.reshape(timespans.shape[:2]) if timespans.ndim == 3 else timespans, (batch, steps))
-
-
-def cfc_applies() -> bool:
-    """Whether a CfC runs in the kernel now: ``applies()``, and the kernels' BLAS loads."""
-    return applies() and blas.sgemm_address() is not None
-
-
-from .projection import input_projection, projected  # noqa: E402
-from .ctgru import ctgru_cell_sequence  # noqa: E402
-from .ctrnn import ctrnn_cell_sequence  # noqa: E402
-from .cfc import cfc_cell_sequence, cfc_states, wired_cfc_cell_sequence, wired_cfc_states  # noqa: E402
-from .ltc import ltc_cell_sequence, ltc_states  # noqa: E402
-
-# The kernels by the name of the cell class whose loop they run (this package never imports the
-# cells), whether each applies now (the LTC's needs no BLAS, the others the kernels' own), and
-# whether it runs mixed memory's "state" circuit too (the LTC and the CfCs).
+# The kernels by the type of the lowering whose loop they run, whether each applies now (the
+# LTC's needs no BLAS, the others the kernels' own), and whether it runs mixed memory's "state"
+# circuit too (the LTC and the CfCs).
 SEQUENCES = {
-    "CfCCell": (cfc_cell_sequence, cfc_applies, True),
-    "WiredCfCCell": (wired_cfc_cell_sequence, cfc_applies, True),
-    "LTCCell": (ltc_cell_sequence, applies, True),
-    "CTRNNCell": (ctrnn_cell_sequence, cfc_applies, False),
-    "CTGRUCell": (ctgru_cell_sequence, cfc_applies, False),
+    CfCLowering: (cfc_sequence, cfc_applies, True),
+    WiredCfCLowering: (wired_cfc_sequence, cfc_applies, True),
+    LTCLowering: (ltc_sequence, applies, True),
+    CTRNNLowering: (ctrnn_sequence, cfc_applies, False),
+    CTGRULowering: (ctgru_sequence, cfc_applies, False),
 }

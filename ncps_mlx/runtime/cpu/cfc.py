@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ...lowering import CfCLowering, Mode, WiredCfCLowering
 from .. import blas
-from . import all_float32, by_row, cfc_applies, library
-from .projection import projected
-
-CFC_MODES = {"default": 0, "pure": 1, "no_gate": 2}
-CFC_ACTIVATIONS = {"lecun_tanh": 0, "tanh": 1, "relu": 2, "silu": 3, "gelu": 4}
+from .loader import all_float32, by_row, cfc_applies, library
+from .projection import input_projection
 
 def cfc_states(x, initial, timespans, mode, activation, ff_tanh, input_weight, input_bias, state_weight, hidden,
                head_weight, head_bias, w_tau=None, A=None, memory=None):  # fmt: skip
@@ -31,17 +29,17 @@ def cfc_states(x, initial, timespans, mode, activation, ff_tanh, input_weight, i
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread."""
     batch, steps = x.shape[:2]
-    if timespans is None and mode != "pure":
+    if timespans is None and mode != Mode.PURE:
         head_weight = _fused_gate(head_weight, state_weight.shape[1])
         head_bias = _fused_gate(head_bias, state_weight.shape[1])
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
     arrays = [x, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
-    arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == "pure" else [])
+    arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == Mode.PURE else [])
     if memory is not None:
         lstm_inputs, initial_c, recurrent, forget_bias = memory
         arrays += [lstm_inputs, initial_c, recurrent]
     arrays += [input_weight, input_bias]
-    outputs = library().cfc_sequence(arrays, CFC_MODES[mode], CFC_ACTIVATIONS[activation], bool(ff_tanh), ts is not None,
+    outputs = library().cfc_sequence(arrays, mode.kernel_id, activation.kernel_id, bool(ff_tanh), ts is not None,
                                      len(hidden), memory is not None, 0.0 if memory is None else float(forget_bias),
                                      blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
@@ -70,31 +68,31 @@ def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, memory=N
     rows, as in ``cfc_states`` -> (states, every step's memory (T, S, B))."""
     steps, _, batch = inputs.shape
     sizes = [int(layer[2].shape[1]) for layer in layers]
-    if timespans is None and mode != "pure":
+    if timespans is None and mode != Mode.PURE:
         inputs = _fused_gate(inputs, sizes[0], axis=1)
         layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
                   for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
     arrays = [inputs, initial] + ([] if ts is None else [ts])
     for i, (w, b, state_weight, tau, A) in enumerate(layers):
-        arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == "pure" else [])
+        arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == Mode.PURE else [])
     if memory is not None:
         arrays += list(memory[:3])
-    outputs = library().wired_cfc_sequence(arrays, CFC_MODES[mode], bool(ff_tanh), ts is not None, len(layers),
+    outputs = library().wired_cfc_sequence(arrays, mode.kernel_id, bool(ff_tanh), ts is not None, len(layers),
                                            memory is not None, 0.0 if memory is None else float(memory[3]),
                                            blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
 def _memory_arrays(memory, x):
-    """Mixed memory's (lstm, memory (B, S)) for the sequence x as the kernels take it: (the LSTM's
-    input projection (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate bias); None
-    without."""
+    """Mixed memory's (LSTMLowering, memory (B, S)) for the sequence x as the kernels take it: (the
+    LSTM's input projection (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate
+    bias); None without."""
     if memory is None:
         return None
     lstm, c = memory
-    inputs = projected(lstm, x, features_first=True).transpose(1, 2, 0)  # a view of a (T, 4S, B) array
-    return inputs, c.T, lstm.recurrent_map.weight, lstm.forget_gate_bias
+    inputs = input_projection(lstm, x, features_first=True).transpose(1, 2, 0)  # a view of a (T, 4S, B) array
+    return inputs, c.T, lstm.recurrent_weight, lstm.forget_gate_bias
 
 
 def _batch_major(states, memory):
@@ -112,45 +110,45 @@ def _kernel_applies(*arrays) -> bool:
     return all_float32(*arrays) and cfc_applies()
 
 
-def cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
-    """A ``CfCCell``'s whole loop in the kernel: the sequence x (B, T, I), h (B, H), ts None, 0-d
-    or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H) view of
-    a (T, H, B) array; None where the kernel does not apply: for arrays that are not float32,
-    and where ``cfc_applies()`` is False. ``memory``: (lstm, memory (B, H)), mixed memory's "state"
-    circuit: -> (outputs, states, every step's memory (B, T, H)).
+def _pure(cell: CfCLowering) -> tuple:
+    return (cell.w_tau, cell.A) if cell.mode == Mode.PURE else (None, None)
+
+
+def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None):
+    """A ``CfCCell``'s whole loop in the kernel, from its lowering: the sequence x (B, T, I),
+    h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H)
+    view of a (T, H, B) array; None where the kernel does not apply: for arrays that are not
+    float32, and where ``cfc_applies()`` is False. ``memory``: (LSTMLowering, memory (B, H)),
+    mixed memory's "state" circuit: -> (outputs, states, every step's memory (B, T, H)).
     """
-    weight, bias = cell._first_layer()
-    if not _kernel_applies(x, h, weight, ts, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, cell.first_weight, ts, *(memory[1:] if memory else ())):
         return None
-    state_weight, ff_tanh = weight[:, cell.input_size :], cell.ff_activation == "tanh"
-    pure = (cell.w_tau.reshape(-1), cell.A.reshape(-1)) if cell.mode == "pure" else (None, None)
-    if cell.backbone_layers == 0:  # the heads read [x; h]: a wired CfC of one layer
-        inputs = projected(cell, x).transpose(1, 2, 0)
-        states = wired_cfc_states(inputs, h.T, ts, cell.mode, ff_tanh, [(None, None, state_weight, *pure)],
+    weight, bias = cell.first_weight, cell.first_bias
+    if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
+        inputs = input_projection(cell, x).transpose(1, 2, 0)
+        states = wired_cfc_states(inputs, h.T, ts, cell.mode, cell.ff_tanh, [(None, None, cell.state_weight, *_pure(cell))],
                                   memory=_memory_arrays(memory, x))  # fmt: skip
     else:
-        hidden = [(layer.weight, layer.bias) for layer in cell.backbone[1:]]
-        states = cfc_states(x, h.T, ts, cell.mode, cell.activation_name, ff_tanh, weight[:, : cell.input_size], bias,
-                            state_weight, hidden, *cell._heads(), *pure, memory=_memory_arrays(memory, x))  # fmt: skip
+        states = cfc_states(x, h.T, ts, cell.mode, cell.activation, cell.ff_tanh, weight[:, : cell.input_size], bias,
+                            cell.state_weight, list(cell.hidden), *cell.heads, *_pure(cell),
+                            memory=_memory_arrays(memory, x))  # fmt: skip
     return _batch_major(states, memory)
 
 
-def wired_cfc_cell_sequence(cell, x, h, ts=None, differentiable=False, memory=None):
-    """``cfc_cell_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
+def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None):
+    """``cfc_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
     the kernel does not apply (as there). ``memory``: as there, over the units' state."""
-    first = cell.layer_0
-    if not _kernel_applies(x, h, first.ff1.weight, ts, *(memory[1:] if memory else ())):
+    first = cell.layers[0]
+    if not _kernel_applies(x, h, first.first_weight, ts, *(memory[1:] if memory else ())):
         return None
-    inputs = projected(cell, x)
+    inputs = input_projection(cell, x)
     layers = []
     for i, layer in enumerate(cell.layers):
-        weight, bias = layer._heads()
-        width = layer.input_size
-        pure = (layer.w_tau.reshape(-1), layer.A.reshape(-1)) if layer.mode == "pure" else (None, None)
+        weight, bias, width = layer.first_weight, layer.first_bias, layer.input_size
         inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
-        layers.append(inputs_part + (weight[:, width:],) + pure)
-    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, first.mode, first.ff_activation == "tanh", layers,
+        layers.append(inputs_part + (weight[:, width:],) + _pure(layer))
+    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, cell.ff_tanh, layers,
                               memory=_memory_arrays(memory, x))  # fmt: skip
     start = sum(cell.layer_sizes[:-1])
     memories = None

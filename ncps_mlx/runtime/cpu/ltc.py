@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from . import all_float32, applies, by_row, library
-from .projection import projected
+from ...lowering import LTCLowering
+from .loader import all_float32, applies, by_row, library
+from .projection import input_projection
 
 
 def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_erev, cm, gleak, leak, memory=None):
@@ -29,24 +30,25 @@ def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_ere
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
-def ltc_cell_sequence(cell, x, v, ts=None, differentiable=False, memory=None):
-    """An ``LTCCell``'s whole loop in the kernel, differentiable: the sequence x (B, T, I), v (B, S),
-    ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's state (B, T, S)); None where the
-    kernel does not apply (``applies()``) or the arrays are not float32. Every synapse is
-    computed, masked, as in the dense step. ``memory``: (lstm, memory (B, S)), mixed memory's
-    "state" circuit: -> (outputs, states, every step's memory (B, T, S))."""
+def ltc_sequence(cell: LTCLowering, x, v, ts=None, memory=None):
+    """An ``LTCCell``'s whole loop in the kernel, from its lowering, differentiable: the sequence
+    x (B, T, I), v (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, M), every step's state
+    (B, T, S)); None where the kernel does not apply (``applies()``) or the arrays are not
+    float32. Every synapse is computed, masked, as in the dense step. ``memory``:
+    (LSTMLowering, memory (B, S)), mixed memory's "state" circuit: -> (outputs, states, every
+    step's memory (B, T, S))."""
     if not all_float32(x, v, cell.sigma, cell.mu, cell.w, cell.cm, ts, *(memory[1:] if memory else ())) or not applies():
         return None
-    inputs = projected(cell, x)  # (B, T, 2S): the sensory numerator and denominator terms
-    gleak = cell._positive(cell.gleak)
-    w = cell._positive(cell.w) * cell.sparsity_mask
+    inputs = input_projection(cell, x)  # (B, T, 2S): the sensory numerator and denominator terms
     lstm = None
     if memory is not None:
-        cell_lstm, c = memory
-        lstm = (projected(cell_lstm, x), c, cell_lstm.recurrent_map.weight, cell_lstm.forget_gate_bias)
-    states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, w,
-                        w * cell.erev, cell._positive(cell.cm), gleak, gleak * cell.vleak, memory=lstm)  # fmt: skip
+        lowered_lstm, c = memory
+        lstm = (input_projection(lowered_lstm, x), c, lowered_lstm.recurrent_weight, lowered_lstm.forget_gate_bias)
+    if inputs is None or (lstm is not None and lstm[0] is None):
+        return None
+    states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, cell.w,
+                        cell.w * cell.erev, cell.cm, cell.gleak, cell.gleak * cell.vleak, memory=lstm)  # fmt: skip
     if memory is None:
-        return cell._map_outputs(states), states
+        return cell.map_outputs(states), states
     states, memories = states
-    return cell._map_outputs(states), states, memories
+    return cell.map_outputs(states), states, memories
