@@ -546,6 +546,19 @@ def test_corpus_size():
 # --- faults: a failing write, Ctrl-C and SIGTERM -----------------------------------------------
 
 
+def _says_the_disk_is_full(code, stderr, out):
+    """Exit 2, one line naming the cause, and nothing left in the output's folder."""
+    errors = [line for line in stderr.splitlines() if not line.startswith("[INFO]")]
+    assert code == 2 and errors == [f"ncps-convert: error: writing {out} failed: No space left on device; nothing was written"]
+    assert list(out.parent.iterdir()) == []
+
+
+def _convert_into(folder):
+    out = folder / "out"
+    out.mkdir()
+    return cli.main([str(TORCH / "cfc_default.pt"), "-o", str(out / "m.safetensors"), "--no-verify"]), out / "m.safetensors"
+
+
 def test_a_failing_write_leaves_nothing_and_says_why(tmp_path, monkeypatch, capsys):
     from ncps_mlx import modelfile
 
@@ -554,12 +567,8 @@ def test_a_failing_write_leaves_nothing_and_says_why(tmp_path, monkeypatch, caps
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(modelfile, "save_modules", disk_full)
-    out = tmp_path / "out"
-    out.mkdir()
-    code = cli.main([str(TORCH / "cfc_default.pt"), "-o", str(out / "m.safetensors"), "--no-verify"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[INFO]")]
-    assert code == 2 and errors == [f"ncps-convert: error: writing {out / 'm.safetensors'} failed: No space left on device; nothing was written"]
-    assert list(out.iterdir()) == []
+    code, out = _convert_into(tmp_path)
+    _says_the_disk_is_full(code, capsys.readouterr().err, out)
 
 
 def test_mlx_failing_to_write_a_full_disk_is_said_in_one_line(tmp_path, monkeypatch, capsys):
@@ -575,12 +584,8 @@ def test_mlx_failing_to_write_a_full_disk_is_said_in_one_line(tmp_path, monkeypa
 
     monkeypatch.setattr(mx, "save_safetensors", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 20, 1 << 20, 0))
-    out = tmp_path / "out"
-    out.mkdir()
-    code = cli.main([str(TORCH / "cfc_default.pt"), "-o", str(out / "m.safetensors"), "--no-verify"])
-    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[INFO]")]
-    assert code == 2 and errors == [f"ncps-convert: error: writing {out / 'm.safetensors'} failed: No space left on device; nothing was written"]
-    assert list(out.iterdir()) == []
+    code, out = _convert_into(tmp_path)
+    _says_the_disk_is_full(code, capsys.readouterr().err, out)
 
 
 def test_a_real_full_disk(tmp_path):
@@ -595,9 +600,7 @@ def test_a_real_full_disk(tmp_path):
         out = disk / "m.safetensors"
         result = subprocess.run([sys.executable, "-m", "ncps_mlx.converters.cli", str(TORCH / "cfc_default.pt"), "-o", str(out), "--no-verify"],
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
-        errors = [line for line in result.stderr.splitlines() if not line.startswith("[INFO]")]
-        assert result.returncode == 2 and errors == [f"ncps-convert: error: writing {out} failed: No space left on device; nothing was written"]
-        assert list(disk.iterdir()) == []
+        _says_the_disk_is_full(result.returncode, result.stderr, out)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
 
