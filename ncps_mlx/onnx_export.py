@@ -32,7 +32,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import mlx.nn as nn
 
 from .version import __version__
 from .lowering import CfCLowering, CTGRULowering, CTRNNLowering, LSTMLowering, LTCLowering, Mode, WiredCfCLowering

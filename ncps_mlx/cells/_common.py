@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..arguments import check_int  # noqa: F401  (the cells check their sizes with it)
 
