@@ -88,7 +88,7 @@ def _read(path: Path, config: dict | None) -> Checkpoint:
     if policies:  # mixed precision keeps float32 variables; only the compute was half precision
         source["stored_dtype"] = f"float32 (Keras dtype policy {', '.join(policies)})"
     packages = _packages(model_config)
-    if packages - {"ncps"}:
+    if packages:
         source["written_by"] = ", ".join(sorted(packages))
         source["verified_with"] = "today's ncps.tf classes, which compute the same cells"
     description = Description(
@@ -108,43 +108,30 @@ def _read(path: Path, config: dict | None) -> Checkpoint:
     return Checkpoint(modules={"": description}, source=source)
 
 
-def _policies(value) -> set:
-    """The dtype policies a config names (Keras 3: DTypePolicy objects; tf.keras: Policy)."""
-    found = set()
+def _objects(value):
+    """Every JSON object in a config, depth first."""
     if isinstance(value, dict):
-        if str(value.get("class_name", "")).endswith(("DTypePolicy", "Policy")) and isinstance(value.get("config"), dict):
-            found.add(str(value["config"].get("name")))
+        yield value
         for item in value.values():
-            found |= _policies(item)
+            yield from _objects(item)
     elif isinstance(value, list):
         for item in value:
-            found |= _policies(item)
-    return found
+            yield from _objects(item)
+
+
+def _policies(model_config) -> set:
+    """The dtype policies a config names (Keras 3: DTypePolicy objects; tf.keras: Policy)."""
+    return {str(o["config"].get("name")) for o in _objects(model_config)
+            if str(o.get("class_name", "")).endswith("Policy") and isinstance(o.get("config"), dict)}  # fmt: skip
 
 
 def _packages(model_config) -> set:
-    """The recurrent packages a config names: "ncps", "keras-ncp 2.x" (module kerasncp) or
-    "ncps 0.0.x" (wirings written as matrices)."""
-    found = set()
-
-    def walk(value):
-        if isinstance(value, dict):
-            module = str(value.get("module") or "")
-            if value.get("class_name") == "__numpy__":
-                found.add("matrices")
-            if module.startswith("kerasncp") or str(value.get("class_name", "")).startswith("Custom>"):
-                found.add("keras-ncp 2.x")
-            elif module.startswith("ncps"):
-                found.add("ncps")
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(model_config)
-    if "matrices" in found:
-        found.discard("matrices")
-        if "keras-ncp 2.x" not in found:
-            found = (found - {"ncps"}) | {"ncps 0.0.x"}
-    return found
+    """The older packages a config shows: "keras-ncp 2.x" (its module ``kerasncp``, its registered
+    ``Custom>`` cells) or "ncps 0.0.x" (a wiring's matrices as numpy arrays, which tf.keras writes
+    as ``__numpy__`` objects; ncps 1.0 writes lists)."""
+    objects = list(_objects(model_config))
+    if any(str(o.get("module") or "").startswith("kerasncp") or str(o.get("class_name", "")).startswith("Custom>") for o in objects):
+        return {"keras-ncp 2.x"}
+    if any(isinstance(o.get("adjacency_matrix"), dict) and o["adjacency_matrix"].get("class_name") == "__numpy__" for o in objects):
+        return {"ncps 0.0.x"}
+    return set()
