@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import mlx.core as mx
+import mlx.nn as nn
 
 import ncps_mlx
 from ncps_mlx.converters import readers, verify
@@ -157,3 +158,25 @@ def test_dtype_model_files_of_converted_checkpoints_are_verified_against_float64
 def test_onnx_output_refuses_a_half_precision_dtype(tmp_path):
     result = cli(ROOT.parent / "torch" / "cfc_default.pt", "-o", tmp_path / "m.onnx", "--dtype", "float16")
     assert result.returncode == 2 and "--dtype applies to model files" in result.stderr
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS := {"CfC": MAKERS["CfC"], "LTC": MAKERS["LTC"], "CTGRU": MAKERS["CTGRU"]}))
+def test_bfloat16_through_the_differentiable_pass(kind, monkeypatch):
+    """Where MLX has no C++ compiler every call is traced afresh, and every model call takes
+    runtime.stepping's differentiable pass, whose worker thread copies its inputs (numpy has no
+    bfloat16): forward and gradient of a bfloat16 model there, against the usual path."""
+    from ncps_mlx.runtime import stepping
+
+    model = MODELS[kind]()
+    model.set_dtype(mx.bfloat16)
+    x = mx.random.normal((2, 6, 6)).astype(mx.bfloat16)
+    loss = nn.value_and_grad(model, lambda m, x: mx.sum(m(x)[0].astype(mx.float32) ** 2))
+    expected_y, (expected_loss, expected_grads) = model(x)[0], loss(model, x)
+    mx.eval(expected_y, expected_loss, expected_grads)
+    monkeypatch.setattr(stepping, "under_transformation", lambda leaves: True)
+    y, (value, grads) = model(x)[0], loss(model, x)
+    mx.eval(y, value, grads)
+    assert y.dtype == mx.bfloat16
+    assert np.max(np.abs(np.array(y.astype(mx.float32)) - np.array(expected_y.astype(mx.float32)))) <= 0.05
+    for (key, g), (_, e) in zip(tree_flatten(grads), tree_flatten(expected_grads)):
+        assert g.dtype == mx.bfloat16 and np.all(np.isfinite(np.array(g.astype(mx.float32)))), key
