@@ -139,7 +139,10 @@ class SequenceModel(nn.Module):
         traced = stepping.under_transformation(leaves)
         # Dropout's random draws would be frozen into a compiled graph.
         dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
-        if mask is not None or dropout or (traced and not stepping.can_evaluate(leaves)):
+        # runtime.stepping's worker thread cannot run a bfloat16 backward pass yet ("There is no
+        # Stream(cpu, 0) in current thread"): there the plain loop, with MLX's own gradient.
+        bfloat16_traced = traced and x.dtype == mx.bfloat16
+        if mask is not None or dropout or bfloat16_traced or (traced and not stepping.can_evaluate(leaves)):
             mode = "eager"
         else:
             mode = "differentiable" if traced else "compiled"

@@ -162,9 +162,10 @@ def test_onnx_output_refuses_a_half_precision_dtype(tmp_path):
 
 @pytest.mark.parametrize("kind", sorted(MODELS := {"CfC": MAKERS["CfC"], "LTC": MAKERS["LTC"], "CTGRU": MAKERS["CTGRU"]}))
 def test_bfloat16_through_the_differentiable_pass(kind, monkeypatch):
-    """Where MLX has no C++ compiler every call is traced afresh, and every model call takes
-    runtime.stepping's differentiable pass, whose worker thread copies its inputs (numpy has no
-    bfloat16): forward and gradient of a bfloat16 model there, against the usual path."""
+    """Where MLX has no C++ compiler every call is traced afresh (as under mx.grad), and a
+    bfloat16 model then runs the plain loop with MLX's gradient (runtime.stepping's worker
+    thread cannot run a bfloat16 backward pass): forward and gradient there, against the usual
+    path."""
     from ncps_mlx.runtime import stepping
 
     model = MODELS[kind]()

@@ -700,8 +700,7 @@ class _Worker:
         # Evaluated, then copied: arrays that still belong to the caller's graph (tracers
         # among them) must not be shared with another thread's graph.
         mx.eval(args)
-        args = _map_arrays(_copied, args)
-        mx.eval(args)  # a bfloat16 copy's cast runs here, on this thread's stream
+        args = _map_arrays(lambda a: mx.array(np.asarray(a)), args)
         if self.thread is None:
             self.jobs = queue.Queue()
             self.thread = threading.Thread(target=self._serve, name="ncps-mlx", daemon=True)
@@ -736,14 +735,6 @@ class _Worker:
 
 
 WORKER = _Worker()
-
-
-def _copied(a: mx.array) -> mx.array:
-    """An evaluated array copied into a new one (through numpy, which has no bfloat16: that
-    goes through float32, which holds it exactly)."""
-    if a.dtype == mx.bfloat16:
-        return mx.array(np.asarray(a.astype(mx.float32))).astype(mx.bfloat16)
-    return mx.array(np.asarray(a))
 
 
 def _map_arrays(function, tree):
