@@ -73,8 +73,21 @@ def backbone_activation(name: str) -> BackboneActivation:
     return BACKBONE_ACTIVATIONS[name]
 
 
+class Lowering:
+    """What every lowering has: ``derived``, the runtime's place for what it makes of one."""
+
+    def derived(self, key: str, make: Callable):
+        """``make()``, made once per lowering and kept with it (a lowering never changes): the
+        arrays a kernel takes, derived from the lowering's, made once for every call that runs
+        this lowering (a model keeps its lowering until a parameter changes)."""
+        values = self.__dict__.setdefault("_derived", {})
+        if key not in values:
+            values[key] = make()
+        return values[key]
+
+
 @dataclass(frozen=True)
-class CfCLowering:
+class CfCLowering(Lowering):
     """A ``CfCCell``. ``first_weight`` (P, I + H) and ``first_bias`` (P,): the layer that reads
     [x; h], the first backbone layer, or without a backbone the fused heads. ``hidden``:
     (weight, bias) of backbone layers 2..n. ``heads``: (weight (K, units), bias (K,)), rows ff1,
@@ -107,7 +120,7 @@ class CfCLowering:
 
 
 @dataclass(frozen=True)
-class WiredCfCLowering:
+class WiredCfCLowering(Lowering):
     """A ``WiredCfCCell``: one ``CfCLowering`` per wiring layer (none with a backbone; layer i
     reads layer i - 1's output), the layers' state sizes, and ``output_size`` (the motor neurons
     with ``motor_output``, else the last layer's size)."""
@@ -131,7 +144,7 @@ class WiredCfCLowering:
 
 
 @dataclass(frozen=True)
-class LTCLowering:
+class LTCLowering(Lowering):
     """An ``LTCCell``, its positive parameters constrained (softplus, or as stored) and its
     synapse weights masked: ``w``, ``sensory_w`` (positive, masked); ``cm``, ``gleak`` positive.
     ``input_w``/``input_b``, ``output_w``/``output_b`` as the mappings have them (None where a
@@ -175,7 +188,7 @@ class LTCLowering:
 
 
 @dataclass(frozen=True)
-class LSTMLowering:
+class LSTMLowering(Lowering):
     """Mixed memory's ``LSTMCell``: ``input_weight`` (4H, I), ``input_bias`` (4H,),
     ``recurrent_weight`` (4H, H), ``forget_gate_bias``."""
 
@@ -191,7 +204,7 @@ class LSTMLowering:
 
 
 @dataclass(frozen=True)
-class CTRNNLowering:
+class CTRNNLowering(Lowering):
     """A ``CTRNNCell``: ``weight`` (U, I + U) and ``bias`` (U,) of its one layer, ``tau`` (1,)
     (learned: softplus of its raw value)."""
 
@@ -212,7 +225,7 @@ class CTRNNLowering:
 
 
 @dataclass(frozen=True)
-class CTGRULowering:
+class CTGRULowering(Lowering):
     """A ``CTGRUCell``: the input halves of tau_r, tau_s and detect stacked (``input_weight``
     (2UM + U, I), ``input_bias``), their state halves transposed (``w_r``, ``w_s`` (U, U M),
     ``w_q`` (U, U)), and the time scales as constants: ``ln_tau`` (M,) and ``decay`` (M,), the

@@ -16,6 +16,7 @@ from . import fastmath, runtime
 from .runtime import stepping
 from .cells._common import check_choice, check_int
 from .cells.memory import MEMORY_CIRCUITS, LSTMCell
+from .memo import ParameterMemo
 
 
 class SequenceModel(nn.Module):
@@ -36,7 +37,8 @@ class SequenceModel(nn.Module):
     * ``state``: the final ``h`` (B, S), or ``(h, c)`` with mixed memory.
     * ``mask`` (batched input only): None, or (B, T) booleans (time-first: (T, B)); a False
       step is skipped, as Keras skips a masked step: the state is kept and the output is the
-      previous step's (zeros before the first). A masked call runs the plain loop.
+      previous step's (zeros before the first). A masked call runs each sample's kept steps
+      alone, in the kernels where they apply.
 
     Mixed memory adds ``lstm`` (``ncps_mlx.cells.LSTMCell``); ``memory_circuit`` picks where its
     output goes: "state" (ncps.torch, default) or "input" (ncps.tf/keras MixedMemoryRNN).
@@ -133,12 +135,29 @@ class SequenceModel(nn.Module):
     def _run(self, x, h, c, ts, mask=None):
         """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
         to run the loop (see ``ncps_mlx.runtime.stepping``)."""
+        lowering, lstm_lowering, has_dropout = self._lowered()
+        # Dropout's random draws would be frozen into a compiled graph.
+        dropout = self.training and has_dropout
+        cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
+        kernel = None
+        if not dropout and cell_reads_x:
+            # A cell's whole loop in one kernel node, where one applies (None where not); an
+            # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
+            def run(x, h, c, ts):
+                memory = (lstm_lowering, c) if self.use_mixed else None
+                return runtime.sequence_kernel(lowering, x, h, ts, memory=memory)
+
+            kernel = run(x, h, c, ts) if mask is None else _kept_steps_only(run, x, h, c, ts, mask[..., 0])
+        if kernel is not None:
+            outs, states = kernel[:2]
+            y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
+            c = kernel[2][:, -1] if self.use_mixed else c
+            return (y if self.fc is None else self.fc(y)), h, c
+
         parameters = self.parameters()
         leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
         stepping.flatten(parameters, leaves)
         traced = stepping.under_transformation(leaves)
-        # Dropout's random draws would be frozen into a compiled graph.
-        dropout = self.training and any(isinstance(m, nn.Dropout) for m in self.modules())
         # runtime.stepping's worker thread cannot run a bfloat16 backward pass yet ("There is no
         # Stream(cpu, 0) in current thread"): there the plain loop, with MLX's own gradient.
         bfloat16_traced = traced and x.dtype == mx.bfloat16
@@ -152,27 +171,14 @@ class SequenceModel(nn.Module):
             # steps do: around the custom-gradient sigmoid the LTC's sensory term did not fuse,
             # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
             # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
-            cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
-            kernel = None
-            if mask is None and not dropout and cell_reads_x:
-                # A cell's whole loop in one kernel node, where one applies (None where not); an
-                # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
-                memory = (self.lstm.lowered(), c) if self.use_mixed else None
-                kernel = runtime.sequence_kernel(self.rnn_cell.lowered(), x, h, ts, memory=memory)
-            if kernel is not None:
-                outs, states = kernel[:2]
-                y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
-                c = kernel[2][:, -1] if self.use_mixed else c
-                mode = "native"
-            else:
-                with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
-                    # A (B, T, 4H) view of a feature-major array, as it was when the CfC kernel read
-                    # it: the MLX path computes the numbers it computed.
-                    lstm_inputs = _projected(self.lstm, x, features_first=True) if self.use_mixed else None
-                    cell_inputs = _projected(self.rnn_cell, x) if cell_reads_x else None
-                # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
-                prepared = self.rnn_cell.prepare()
-                lstm_prepared = self.lstm.prepare() if self.use_mixed else None
+            with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
+                # A (B, T, 4H) view of a feature-major array, as it was when the CfC kernel read
+                # it: the MLX path computes the numbers it computed.
+                lstm_inputs = _projected(self.lstm, lstm_lowering, x, features_first=True) if self.use_mixed else None
+                cell_inputs = _projected(self.rnn_cell, lowering, x) if cell_reads_x else None
+            # Loop-invariant weights (masked, fused, transposed, constrained) are made once here.
+            prepared = self.rnn_cell.prepare()
+            lstm_prepared = self.lstm.prepare() if self.use_mixed else None
 
             if mode in ("compiled", "differentiable"):
                 fixed_leaves = []
@@ -235,6 +241,15 @@ class SequenceModel(nn.Module):
             return 1.0
         return ts if ts.ndim < 3 else ts[:, t]
 
+    def _lowered(self) -> tuple:
+        """(the cell's lowering, the LSTM's or None, whether the model has a Dropout), made again
+        only when a parameter or submodule changed (``ncps_mlx.memo``): a call with one step
+        does not re-derive the kernels' weights."""
+        memo = self.__dict__.get("_lowering_memo")
+        if memo is None:
+            memo = self.__dict__["_lowering_memo"] = ParameterMemo(_lowerings)
+        return memo(self)
+
     def _steps(self) -> stepping.Steps:
         steps = self.__dict__.get("_compiled_steps")
         if steps is None:
@@ -255,6 +270,7 @@ class SequenceModel(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_compiled_steps", None)
+        state.pop("_lowering_memo", None)
         return state
 
     def _timespans(self, timespans, batch: int, steps: int, batched: bool):
@@ -324,7 +340,36 @@ class SequenceModel(nn.Module):
         return state if batched else state[None]
 
 
-def _projected(cell, x, features_first=False):
+def _kept_steps_only(run, x, h, c, ts, mask):
+    """A masked loop as ``run(x, h, c, ts)`` (a kernel: -> (outputs, states[, memories]), each
+    (B, T, .), or None) over each sample's kept steps alone, moved to the front; the results
+    spread back so that a masked step keeps the state and repeats the output (zeros before the
+    first kept step), as ``time_loop`` does with ``mask``. mask (B, T) booleans. The steps after
+    a sample's kept ones are run on zeros (timespan 1) and their results never read."""
+    batch, steps = mask.shape
+    t = mx.arange(steps)
+    order = mx.argsort(mx.where(mask, t, t + steps), axis=1)  # each sample's kept steps first, in order
+    kept = mx.cumsum(mask.astype(mx.int32), axis=1)  # (B, T): kept steps up to t
+    real = (t < kept[:, -1:])[..., None]  # (B, T, 1): a kept step at this place of the compacted sequence
+    x = mx.where(real, mx.take_along_axis(x, order[..., None], axis=1), 0)
+    if ts is not None and ts.ndim == 3:
+        ts = mx.where(real, mx.take_along_axis(ts, order[..., None], axis=1), 1)
+    result = run(x, h, c, ts)
+    if result is None:
+        return None
+    last = mx.maximum(kept - 1, 0)[..., None]  # (B, T, 1): the compacted step that step t repeats
+    started = (kept > 0)[..., None]
+    outs = mx.where(started, mx.take_along_axis(result[0], last, axis=1), 0)
+    spread = [mx.where(started, mx.take_along_axis(r, last, axis=1), initial[:, None]) for r, initial in zip(result[1:], (h, c))]
+    return (outs, *spread)
+
+
+def _projected(cell, lowering, x, features_first=False):
     """``cell.project_input(x)`` of a sequence, in the runtime's kernels where they apply."""
-    y = runtime.project_input(cell.lowered(), x, features_first)
+    y = runtime.project_input(lowering, x, features_first)
     return cell.project_input(x) if y is None else y
+
+
+def _lowerings(model: SequenceModel) -> tuple:
+    lstm = model.lstm.lowered() if model.use_mixed else None
+    return model.rnn_cell.lowered(), lstm, any(isinstance(m, nn.Dropout) for m in model.modules())

@@ -9,8 +9,8 @@ against. In order of preference:
   ``mx.vmap`` and ``mx.compile`` (``sequence_kernel``), and the sequence's input projection
   (``project_input``);
 * ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
-* the plain loop, for what neither takes (active dropout, masks, inside ``mx.vmap`` or
-  ``mx.compile`` without a kernel).
+* the plain loop, for what neither takes (active dropout, masks without a kernel, inside
+  ``mx.vmap`` or ``mx.compile`` without a kernel).
 
 ``NCPS_MLX_RUNTIME=mlx`` (read at every model call, so it can be set per run or per block)
 turns the kernels off: MLX's

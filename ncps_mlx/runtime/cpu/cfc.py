@@ -10,39 +10,47 @@ from .. import blas
 from .loader import all_float32, by_row, cfc_applies, library
 from .projection import input_projection
 
-def cfc_states(x, initial, timespans, mode, activation, ff_tanh, input_weight, input_bias, state_weight, hidden,
-               head_weight, head_bias, w_tau=None, A=None, memory=None):  # fmt: skip
+def cfc_states(x, initial, timespans, weights, memory=None):
     """Every step's state of a CfCCell with a backbone, feature-major.
 
-    x (B, T, I), the sequence: the kernel computes the first backbone layer's input half,
-    input_weight (units, I) and input_bias (units,), block by block; initial (H, B); timespans
-    None (1.0 a step), 0-d or (B, T, 1); state_weight (units, H); hidden: (weight
-    (units, units), bias (units,)) of backbone layers 2..n; head_weight (K, units) and head_bias
-    (K,), the heads fused in the order ff1, ff2, time_a, time_b (pure mode: ff1 alone); w_tau, A
-    (H,) in pure mode. -> (T, H, B). With ``memory`` (mixed memory, the "state" circuit: an LSTM
-    before every step whose output replaces the state): (lstm inputs (T, 4H, B), initial memory
-    (H, B), recurrent weight (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
-
-    Without timespans the time gate's two heads are one, time_a + time_b, as in the MLX path:
-    a quarter of the heads' product less.
+    x (B, T, I), the sequence: the kernel computes the first backbone layer's input half
+    block by block; initial (H, B); timespans None (1.0 a step), 0-d or (B, T, 1); weights:
+    ``_backbone_weights``' (the lowering's arrays in the kernel's order). -> (T, H, B). With
+    ``memory`` (mixed memory, the "state" circuit: an LSTM before every step whose output
+    replaces the state): (lstm inputs (T, 4H, B), initial memory (H, B), recurrent weight
+    (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread."""
     batch, steps = x.shape[:2]
-    if timespans is None and mode != Mode.PURE:
-        head_weight = _fused_gate(head_weight, state_weight.shape[1])
-        head_bias = _fused_gate(head_bias, state_weight.shape[1])
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
-    arrays = [x, initial] + ([] if ts is None else [ts]) + [state_weight, head_weight, head_bias]
-    arrays += [a for layer in hidden for a in layer] + ([w_tau, A] if mode == Mode.PURE else [])
+    arrays = [x, initial] + ([] if ts is None else [ts]) + weights.before_memory
     if memory is not None:
         lstm_inputs, initial_c, recurrent, forget_bias = memory
         arrays += [lstm_inputs, initial_c, recurrent]
-    arrays += [input_weight, input_bias]
-    outputs = library().cfc_sequence(arrays, mode.kernel_id, activation.kernel_id, bool(ff_tanh), ts is not None,
-                                     len(hidden), memory is not None, 0.0 if memory is None else float(forget_bias),
-                                     blas.sgemm_address())  # fmt: skip
+    arrays += weights.input_half
+    outputs = library().cfc_sequence(arrays, weights.mode.kernel_id, weights.activation.kernel_id, weights.ff_tanh,
+                                     ts is not None, weights.hidden_layers, memory is not None,
+                                     0.0 if memory is None else float(forget_bias), blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
+
+
+class _BackboneWeights:
+    """A backboned ``CfCLowering``'s arrays as ``cfc.c`` takes them, ``timed`` or not: without
+    timespans the time gate's two heads are one, time_a + time_b, as in the MLX path (a quarter
+    of the heads' product less). ``before_memory``: the state half of the first layer (units,
+    H), the heads (K, units) and (K,) fused in the order ff1, ff2, time_a, time_b (pure mode:
+    ff1 alone), the backbone layers 2..n as (weight, bias), pure mode's w_tau and A (H,);
+    ``input_half``: the first layer's input half (units, I) and bias (units,)."""
+
+    def __init__(self, cell: CfCLowering, timed: bool):
+        head_weight, head_bias = cell.heads
+        if not timed and cell.mode != Mode.PURE:
+            head_weight, head_bias = _fused_gate(head_weight, cell.hidden_size), _fused_gate(head_bias, cell.hidden_size)
+        self.before_memory = [cell.state_weight, head_weight, head_bias] + [a for layer in cell.hidden for a in layer]
+        self.before_memory += [cell.w_tau, cell.A] if cell.mode == Mode.PURE else []
+        self.input_half = [cell.first_weight[:, : cell.input_size], cell.first_bias]
+        self.mode, self.activation, self.ff_tanh, self.hidden_layers = cell.mode, cell.activation, bool(cell.ff_tanh), len(cell.hidden)
 
 
 def _fused_gate(rows, hidden_size, axis=0):
@@ -55,33 +63,52 @@ def _fused_gate(rows, hidden_size, axis=0):
     return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
 
 
-def wired_cfc_states(inputs, initial, timespans, mode, ff_tanh, layers, memory=None):
+def wired_cfc_states(inputs, initial, timespans, weights, memory=None):
     """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
     feature-major.
 
-    inputs (T, K_0, B): layer 0's input product, bias included (``project_input``'s view,
-    transposed back); initial (S, B), the layers' states stacked; timespans None, 0-d or
-    (B, T, 1); layers: per layer (input weight (K, H_prev) and bias (K,), None for layer 0;
-    state weight (K, H); w_tau and A (H,) in pure mode, else None), the heads in the order ff1,
-    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). -> (T, S, B). Without timespans the time
-    gate's two heads are fused, as in ``cfc_states``. ``memory``: mixed memory over the S state
-    rows, as in ``cfc_states`` -> (states, every step's memory (T, S, B))."""
+    inputs (T, K_0, B): layer 0's input product, bias included (``_LayerWeights.project``);
+    initial (S, B), the layers'
+    states stacked; timespans None, 0-d or (B, T, 1); weights: ``_LayerWeights``'. -> (T, S, B).
+    ``memory``: mixed memory over the S state rows, as in ``cfc_states`` -> (states, every step's
+    memory (T, S, B))."""
     steps, _, batch = inputs.shape
-    sizes = [int(layer[2].shape[1]) for layer in layers]
-    if timespans is None and mode != Mode.PURE:
-        inputs = _fused_gate(inputs, sizes[0], axis=1)
-        layers = [(None if w is None else _fused_gate(w, H), None if b is None else _fused_gate(b, H), _fused_gate(s, H), tau, A)
-                  for (w, b, s, tau, A), H in zip(layers, sizes)]  # fmt: skip
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
-    arrays = [inputs, initial] + ([] if ts is None else [ts])
-    for i, (w, b, state_weight, tau, A) in enumerate(layers):
-        arrays += [state_weight] + ([w, b] if i > 0 else []) + ([tau, A] if mode == Mode.PURE else [])
+    arrays = [inputs, initial] + ([] if ts is None else [ts]) + weights.arrays
     if memory is not None:
         arrays += list(memory[:3])
-    outputs = library().wired_cfc_sequence(arrays, mode.kernel_id, bool(ff_tanh), ts is not None, len(layers),
-                                           memory is not None, 0.0 if memory is None else float(memory[3]),
-                                           blas.sgemm_address())  # fmt: skip
+    outputs = library().wired_cfc_sequence(arrays, weights.mode.kernel_id, weights.ff_tanh, ts is not None,
+                                           weights.layers, memory is not None,
+                                           0.0 if memory is None else float(memory[3]), blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
+
+
+class _LayerWeights:
+    """The layers of a wired CfC (or of a CfCCell without a backbone) as ``cfc.c`` takes them,
+    ``timed`` or not. Per layer: its state weight (K, H), for layers after the first its input
+    weight (K, H_prev) and bias (K,), pure mode's w_tau and A (H,); the heads in the order ff1,
+    ff2, time_a, time_b (K = 4H; pure mode ff1 alone). Without timespans (``fused``) the time
+    gate's two heads are one, as in ``_BackboneWeights``."""
+
+    def __init__(self, layers, timed: bool):
+        first = layers[0]
+        self.mode, self.ff_tanh, self.layers = first.mode, bool(first.ff_tanh), len(layers)
+        fused = not timed and self.mode != Mode.PURE
+        fuse = (lambda rows, H: _fused_gate(rows, H)) if fused else (lambda rows, H: rows)
+        width = first.input_size
+        self.input_weight, self.input_bias = fuse(first.first_weight[:, :width], first.hidden_size), fuse(first.first_bias, first.hidden_size)
+        self.arrays = []
+        for i, layer in enumerate(layers):
+            H, width = layer.hidden_size, layer.input_size
+            self.arrays.append(fuse(layer.first_weight[:, width:], H))
+            if i > 0:
+                self.arrays += [fuse(layer.first_weight[:, :width], H), fuse(layer.first_bias, H)]
+            self.arrays += [layer.w_tau, layer.A] if self.mode == Mode.PURE else []
+
+    def project(self, x):
+        """Layer 0's input product of the sequence x (B, T, I), bias included, as the kernel
+        reads it: (T, K_0, B), its heads fused as these weights fuse them."""
+        return library().input_projection(x, self.input_weight, self.input_bias, True, blas.sgemm_address())
 
 
 def _memory_arrays(memory, x):
@@ -110,10 +137,6 @@ def _kernel_applies(*arrays) -> bool:
     return all_float32(*arrays) and cfc_applies()
 
 
-def _pure(cell: CfCLowering) -> tuple:
-    return (cell.w_tau, cell.A) if cell.mode == Mode.PURE else (None, None)
-
-
 def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None):
     """A ``CfCCell``'s whole loop in the kernel, from its lowering: the sequence x (B, T, I),
     h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H)
@@ -123,15 +146,13 @@ def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None):
     """
     if not _kernel_applies(x, h, cell.first_weight, ts, *(memory[1:] if memory else ())):
         return None
-    weight, bias = cell.first_weight, cell.first_bias
+    timed = ts is not None
     if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
-        inputs = input_projection(cell, x).transpose(1, 2, 0)
-        states = wired_cfc_states(inputs, h.T, ts, cell.mode, cell.ff_tanh, [(None, None, cell.state_weight, *_pure(cell))],
-                                  memory=_memory_arrays(memory, x))  # fmt: skip
+        weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights((cell,), timed))
+        states = wired_cfc_states(weights.project(x), h.T, ts, weights, memory=_memory_arrays(memory, x))
     else:
-        states = cfc_states(x, h.T, ts, cell.mode, cell.activation, cell.ff_tanh, weight[:, : cell.input_size], bias,
-                            cell.state_weight, list(cell.hidden), *cell.heads, *_pure(cell),
-                            memory=_memory_arrays(memory, x))  # fmt: skip
+        weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
+        states = cfc_states(x, h.T, ts, weights, memory=_memory_arrays(memory, x))
     return _batch_major(states, memory)
 
 
@@ -139,17 +160,11 @@ def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None):
     """``cfc_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
     the kernel does not apply (as there). ``memory``: as there, over the units' state."""
-    first = cell.layers[0]
-    if not _kernel_applies(x, h, first.first_weight, ts, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, cell.layers[0].first_weight, ts, *(memory[1:] if memory else ())):
         return None
-    inputs = input_projection(cell, x)
-    layers = []
-    for i, layer in enumerate(cell.layers):
-        weight, bias, width = layer.first_weight, layer.first_bias, layer.input_size
-        inputs_part = (None, None) if i == 0 else (weight[:, :width], bias)
-        layers.append(inputs_part + (weight[:, width:],) + _pure(layer))
-    states = wired_cfc_states(inputs.transpose(1, 2, 0), h.T, ts, cell.mode, cell.ff_tanh, layers,
-                              memory=_memory_arrays(memory, x))  # fmt: skip
+    timed = ts is not None
+    weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights(cell.layers, timed))
+    states = wired_cfc_states(weights.project(x), h.T, ts, weights, memory=_memory_arrays(memory, x))
     start = sum(cell.layer_sizes[:-1])
     memories = None
     if memory is not None:

@@ -26,7 +26,7 @@ def ctgru_sequence(cell: CTGRULowering, x, state, ts=None):
     arrays = [inputs, state]
     if timed:
         arrays.append(by_row(ts, batch, steps))
-    arrays += [mx.concatenate([cell.w_r, cell.w_s], axis=1), cell.w_q]
+    arrays += [cell.derived("ctgru.w_rs", lambda: mx.concatenate([cell.w_r, cell.w_s], axis=1)), cell.w_q]
     # The time scales are constants of the configuration, attributes of the node.
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
     outputs, states = library().ctgru_sequence(arrays, cell.M, cell.mozer, clip, list(cell.ln_tau), list(cell.decay), timed,

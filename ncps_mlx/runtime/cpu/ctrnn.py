@@ -23,7 +23,7 @@ def ctrnn_sequence(cell: CTRNNLowering, x, h, ts=None):
     if ts is not None:
         arrays.append(by_row(ts, batch, steps))
     if cell.global_feedback:
-        arrays.append(cell.weight[:, cell.input_size :].T)
+        arrays.append(cell.derived("ctrnn.recurrent", lambda: cell.weight[:, cell.input_size :].T))
     arrays.append(cell.tau)
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
     states = library().ctrnn_sequence(arrays, cell.ode_unfolds, cell.delta_t, clip, ts is not None,

@@ -46,8 +46,9 @@ def ltc_sequence(cell: LTCLowering, x, v, ts=None, memory=None):
         lstm = (input_projection(lowered_lstm, x), c, lowered_lstm.recurrent_weight, lowered_lstm.forget_gate_bias)
     if inputs is None or (lstm is not None and lstm[0] is None):
         return None
-    states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, cell.w,
-                        cell.w * cell.erev, cell.cm, cell.gleak, cell.gleak * cell.vleak, memory=lstm)  # fmt: skip
+    w_erev, leak = cell.derived("ltc.products", lambda: (cell.w * cell.erev, cell.gleak * cell.vleak))
+    states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, cell.w, w_erev, cell.cm,
+                        cell.gleak, leak, memory=lstm)  # fmt: skip
     if memory is None:
         return cell.map_outputs(states), states
     states, memories = states

@@ -18,7 +18,7 @@ def input_projection(lowering, x, features_first=False):
     with ``features_first``: a (B, T, P) view of (T, P, B)), differentiable. None where the
     kernels do not apply or the arrays are not float32."""
     if isinstance(lowering, LTCLowering):
-        arrays = lowering.sensory_synapse_arrays()
+        arrays = lowering.derived("ltc.sensory", lowering.sensory_synapse_arrays)
         if not all_float32(x, *arrays) or not applies():
             return None
         return library().ltc_sensory(lowering.map_input(x), *arrays)

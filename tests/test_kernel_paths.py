@@ -1,0 +1,129 @@
+"""The configurations the kernels took over from the plain loop, against that loop.
+
+Masked sequences run in the CPU kernels (each sample's kept steps moved to the front, the
+results spread back), and a model called one step at a time reuses the lowering it derived
+until a parameter changes. Each is compared with MLX's plain loop (the kernels turned off, the
+mask applied step by step): outputs, final states and the gradients with respect to every
+parameter, x, hx and timespans, to the tolerances of ``test_gradients.py`` (1e-4 of each
+gradient's largest magnitude, which must be non-zero).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+import ncps_mlx
+from ncps_mlx.runtime import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.cfc_applies(), reason=f"the CPU kernels do not apply here: {cpu.status()}")
+
+INPUT, STEPS, BATCH = 4, 9, 4
+CASES = {
+    "cfc": ("CfC", 8, {"backbone_units": 12}),
+    "cfc_no_backbone": ("CfC", 8, {"backbone_layers": 0}),
+    "cfc_wired": ("CfC", ("AutoNCP", (10, 3)), {}),
+    "cfc_mixed": ("CfC", 8, {"backbone_units": 12, "mixed_memory": True}),
+    "ltc": ("LTC", 7, {}),
+    "ltc_wired_mixed": ("LTC", ("AutoNCP", (9, 3)), {"mixed_memory": True}),
+    "ctrnn": ("CTRNN", 8, {}),
+    "ctgru": ("CTGRU", 8, {"decay": "mozer"}),
+}
+
+
+def build(case, seed=0):
+    family, units, kwargs = CASES[case]
+    mx.random.seed(seed)
+    if isinstance(units, tuple):
+        name, args = units
+        units = getattr(ncps_mlx.wirings, name)(*args, seed=seed + 3)
+    model = getattr(ncps_mlx, family)(INPUT, units, **kwargs)
+    rng = np.random.default_rng(seed + 1)
+    perturbed = [(k, v + mx.array(rng.normal(scale=0.3, size=v.shape), v.dtype)) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(tree_unflatten(perturbed))
+    return model
+
+
+def assert_close(name, ours, reference, tolerance=1e-4):
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    assert ours.shape == reference.shape, f"{name}: shape {ours.shape} != {reference.shape}"
+    scale = float(np.max(np.abs(reference)))
+    err = float(np.max(np.abs(ours - reference)))
+    assert scale > 0, f"{name}: the reference is zero, the comparison would be vacuous"
+    assert err <= tolerance * scale, f"{name}: max abs err {err:.3g} vs scale {scale:.3g}"
+
+
+def results(model, inputs, mask, weights, plain):
+    """(outputs, final states, gradients by name) of a weighted sum of outputs and final states."""
+    mixed = model.use_mixed
+    w_out, w_states = weights
+
+    def loss(parameters, x, *rest):
+        model.update(parameters)
+        *states, ts = rest
+        out, final = model(x, tuple(states) if mixed else states[0], ts, mask=mask)
+        finals = final if isinstance(final, tuple) else (final,)
+        return mx.sum(out * w_out) + sum(mx.sum(f * w) for f, w in zip(finals, w_states)), (out, *finals)
+
+    original = model.parameters()
+    before = sum(cpu.evaluations().values())
+    with cpu.turned_off() if plain else _nothing():
+        (_, values), grads = mx.value_and_grad(loss, argnums=tuple(range(len(inputs) + 1)))(model.trainable_parameters(), *inputs)
+        mx.eval(values, grads)
+    ran_kernel = sum(cpu.evaluations().values()) > before
+    model.update(original)
+    named = dict(tree_flatten(grads[0]))
+    named.update({f"d_input{i}": g for i, g in enumerate(grads[1:])})
+    return values, named, ran_kernel
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_masked_sequence_runs_in_the_kernel_as_the_plain_loop(case):
+    model = build(case)
+    rng = np.random.default_rng(11)
+    S = model.state_size
+    x = rng.normal(size=(BATCH, STEPS, INPUT)).astype(np.float32)
+    x[:, 3] = 50.0  # what a masked step holds does not matter: step 3 is masked everywhere
+    hx = [rng.normal(scale=0.5, size=(BATCH, S)).astype(np.float32) for _ in range(2 if model.use_mixed else 1)]
+    ts = rng.uniform(0.3, 2.0, size=(BATCH, STEPS)).astype(np.float32)
+    ts[:, 3] = 7.0
+    keep = rng.random((BATCH, STEPS)) > 0.35
+    keep[:, 3] = False
+    keep[0, :2] = False  # the first steps masked: zeros out, the initial state kept
+    keep[1] = False  # every step masked
+    keep[2] = True
+    keep[2, 3] = False
+    mask = mx.array(keep)
+    out_shape = model(mx.array(x[:1, :1]))[0].shape[2:]
+    w_out = mx.array(rng.normal(size=(BATCH, STEPS, *out_shape)).astype(np.float32))
+    w_states = [mx.array(rng.normal(size=(BATCH, S)).astype(np.float32)) for _ in hx]
+    inputs = [mx.array(a) for a in (x, *hx, ts)]
+
+    (k_values, k_grads, k_ran), (p_values, p_grads, _) = (
+        results(model, inputs, mask, (w_out, w_states), plain) for plain in (False, True)
+    )
+    assert k_ran, "the masked call did not run in a kernel"
+    for name, ours, reference in zip(("outputs", "h", "c"), k_values, p_values):
+        assert_close(name, ours, reference, 1e-5)
+    assert np.all(np.asarray(k_values[0])[1] == 0), "a sample with every step masked outputs zeros"
+    assert set(k_grads) == set(p_grads)
+    for name in sorted(p_grads):
+        if name == "d_input0":  # masked steps get no gradient
+            assert np.all(np.asarray(k_grads[name])[~keep] == 0)
+            assert_close(name, np.asarray(k_grads[name])[keep], np.asarray(p_grads[name])[keep])
+        elif name == f"d_input{len(inputs) - 1}":  # timespans
+            assert_close(name, np.asarray(k_grads[name])[keep], np.asarray(p_grads[name])[keep])
+            assert np.all(np.asarray(k_grads[name])[~keep] == 0)
+        else:
+            assert_close(name, k_grads[name], p_grads[name])
