@@ -38,12 +38,14 @@ def info() -> str:
         "CfC": ncps_mlx.CfC(2, 4),
         "CfC (AutoNCP)": ncps_mlx.CfC(2, ncps_mlx.wirings.AutoNCP(6, 2)),
         "CfC (mixed memory)": ncps_mlx.CfC(2, 4, mixed_memory=True),
+        "CfC (mixed, input)": ncps_mlx.CfC(2, 4, mixed_memory=True, memory_circuit="input"),
         "LTC": ncps_mlx.LTC(2, 4),
+        "LTC (mixed, input)": ncps_mlx.LTC(2, 4, mixed_memory=True, memory_circuit="input"),
         "CTRNN": ncps_mlx.CTRNN(2, 4),
         "CTGRU": ncps_mlx.CTGRU(2, 4),
     }
     for name, model in probes.items():
-        lines.append(f"  {name:<19} {runtime.implementation(model.rnn_cell.lowered(), model.use_mixed)}")
+        lines.append(f"  {name:<19} {runtime.implementation(model.rnn_cell.lowered(), model.use_mixed, memory_circuit=model.memory_circuit)}")
     lowered = probes["CfC"].rnn_cell.lowered()
     lines.append(f"  {'float16/bfloat16':<19} {runtime.implementation(lowered, False, mx.bfloat16)}")
     lines.append("optional:   " + ", ".join(f"{p} {_version(p)}" for p in ("ncps", "torch", "tensorflow", "onnxruntime")))

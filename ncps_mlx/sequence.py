@@ -136,18 +136,18 @@ class SequenceModel(nn.Module):
         """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
         to run the loop (see ``ncps_mlx.runtime.stepping``)."""
         lowering, lstm_lowering, has_dropout = self._lowered()
-        # Dropout's random draws would be frozen into a compiled graph.
-        dropout = self.training and has_dropout
+        # The sequence's dropout masks, drawn here for the kernel and the plain loop alike (drawn
+        # inside a compiled step, they would be frozen into its graph).
+        keep = self.rnn_cell.dropout_keep(x.shape[0], x.shape[1], x.dtype) if self.training and has_dropout else None
         cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
-        kernel = None
-        if not dropout and cell_reads_x:
-            # A cell's whole loop in one kernel node, where one applies (None where not); an
-            # ordinary node of MLX's graph, so also under mx.vmap and mx.compile.
-            def run(x, h, c, ts):
-                memory = (lstm_lowering, c) if self.use_mixed else None
-                return runtime.sequence_kernel(lowering, x, h, ts, memory=memory)
 
-            kernel = run(x, h, c, ts) if mask is None else _kept_steps_only(run, x, h, c, ts, mask[..., 0])
+        # A cell's whole loop in one kernel node, where one applies (None where not); an ordinary
+        # node of MLX's graph, so also under mx.vmap and mx.compile.
+        def run(x, h, c, ts, keep):
+            memory = (lstm_lowering, c) if self.use_mixed else None
+            return runtime.sequence_kernel(lowering, x, h, ts, memory=memory, keep=keep, memory_circuit=self.memory_circuit)
+
+        kernel = run(x, h, c, ts, keep) if mask is None else _kept_steps_only(run, x, h, c, ts, keep, mask[..., 0])
         if kernel is not None:
             outs, states = kernel[:2]
             y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
@@ -161,7 +161,7 @@ class SequenceModel(nn.Module):
         # runtime.stepping's worker thread cannot run a bfloat16 backward pass yet ("There is no
         # Stream(cpu, 0) in current thread"): there the plain loop, with MLX's own gradient.
         bfloat16_traced = traced and x.dtype == mx.bfloat16
-        if mask is not None or dropout or bfloat16_traced or (traced and not stepping.can_evaluate(leaves)):
+        if mask is not None or keep is not None or bfloat16_traced or (traced and not stepping.can_evaluate(leaves)):
             mode = "eager"
         else:
             mode = "differentiable" if traced else "compiled"
@@ -195,10 +195,10 @@ class SequenceModel(nn.Module):
                 y = y if self.return_sequences else y[:, -1]
             elif mode == "eager":
 
-                def step(u, lstm_u, h, c, ts):
-                    return self.model_step(u, lstm_u, h, c, ts, prepared, lstm_prepared)
+                def step(u, lstm_u, h, c, ts, keep=None):
+                    return self.model_step(u, lstm_u, h, c, ts, prepared, lstm_prepared, keep)
 
-                outs, hs, cs = self.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask)
+                outs, hs, cs = self.time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask, keep)
                 h, c = hs[-1], cs[-1]
                 y = mx.stack(outs, axis=1) if self.return_sequences else outs[-1]
         if self.fc is not None:
@@ -206,8 +206,9 @@ class SequenceModel(nn.Module):
         return y, h, c
 
     @staticmethod
-    def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None):
-        """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps.
+    def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None, dropout=None):
+        """Runs ``step(u_t, lstm_u_t, h, c, ts_t) -> (out, h, c)`` over T steps (with
+        ``dropout``, the dropout masks (T, ...), ``step(..., dropout[t])``).
 
         cell_inputs / lstm_inputs: (B, T, P) or None; h, c: (B, S) (c None without mixed memory);
         ts: None (1.0 per step), a 0-d array, or (B, T, 1); mask: None or (B, T, 1) booleans, where
@@ -220,7 +221,7 @@ class SequenceModel(nn.Module):
             ts_t = SequenceModel.timespan_at(ts, t)
             u_t = None if cell_inputs is None else cell_inputs[:, t]
             lstm_u_t = None if lstm_inputs is None else lstm_inputs[:, t]
-            new_out, new_h, new_c = step(u_t, lstm_u_t, h, c, ts_t)
+            new_out, new_h, new_c = step(u_t, lstm_u_t, h, c, ts_t) if dropout is None else step(u_t, lstm_u_t, h, c, ts_t, dropout[t])
             if mask is None:
                 out, h, c = new_out, new_h, new_c
             else:
@@ -256,15 +257,16 @@ class SequenceModel(nn.Module):
             steps = self.__dict__["_compiled_steps"] = stepping.Steps(self)
         return steps
 
-    def model_step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared):
-        """One time step of the whole model: (output, h, c); c is None without mixed memory."""
+    def model_step(self, u, lstm_u, h, c, ts, prepared, lstm_prepared, keep=None):
+        """One time step of the whole model: (output, h, c); c is None without mixed memory;
+        ``keep``: the step's dropout masks (``CfCCell.dropout_keep``)."""
         if self.use_mixed:
             memory_out, c = self.lstm.recurrent_step(lstm_u, h, c, lstm_prepared)
             if self.memory_circuit == "state":
                 h = memory_out
             else:
                 u = self.rnn_cell.project_input(memory_out)
-        out, h = self.rnn_cell.recurrent_step(u, h, ts, prepared)
+        out, h = self.rnn_cell.recurrent_step(u, h, ts, prepared) if keep is None else self.rnn_cell.recurrent_step(u, h, ts, prepared, keep)
         return out, h, c
 
     def __getstate__(self):
@@ -308,14 +310,19 @@ class SequenceModel(nn.Module):
 
     def _initial_state(self, hx, x, batched: bool):
         batch = x.shape[0]
-        # Zeros that depend on x (exactly 0, NaN or not), so that under mx.vmap the initial state
-        # is batched as x is, also a given one that is not: MLX's vmap of addmm fails where only
-        # the addend is batched (a CfC's first step on MLX's path); mx.zeros is a constant.
-        zeros = mx.where(x[:, :1, 0] == 0, 0.0, 0.0)
-        if mx.issubdtype(x.dtype, mx.floating) and zeros.dtype != x.dtype:
-            zeros = zeros.astype(x.dtype)
-        zeros = mx.broadcast_to(zeros, (batch, self.state_size))
+        # Under mx.vmap the initial state must be batched as x is, also a given one that is not:
+        # MLX's vmap of addmm fails where only the addend is batched (a CfC's first step on
+        # MLX's path). A select on a condition read from x does it (either branch is the state).
+        from_x = x[:, :1, 0] == 0
+        dtype = x.dtype if mx.issubdtype(x.dtype, mx.floating) else mx.float32
+
+        def batched_as_x(state):
+            if state.dtype != dtype:  # a state of another dtype: promoted as the sum with zeros of x's
+                state = state + mx.zeros((), dtype)
+            return mx.where(from_x, state, state)
+
         if hx is None:
+            zeros = mx.broadcast_to(mx.where(from_x, mx.array(0, dtype), mx.array(0, dtype)), (batch, self.state_size))
             return zeros, (zeros if self.use_mixed else None)
         if self.use_mixed:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -323,11 +330,11 @@ class SequenceModel(nn.Module):
                     "This model uses mixed_memory, so hx must be a tuple (h, c) of two arrays; "
                     f"got {type(hx).__name__}. Pass hx=(h, c), or hx=None to start from zeros."
                 )
-            h, c = (self._check_state(s, name, batch, batched) + zeros for s, name in zip(hx, ("h", "c")))
+            h, c = (batched_as_x(self._check_state(s, name, batch, batched)) for s, name in zip(hx, ("h", "c")))
             return h, c
         if isinstance(hx, (tuple, list)):
             raise ValueError("hx must be a single array for a model without mixed_memory; got a tuple")
-        return self._check_state(hx, "hx", batch, batched) + zeros, None
+        return batched_as_x(self._check_state(hx, "hx", batch, batched)), None
 
     def _check_state(self, state, name: str, batch: int, batched: bool) -> mx.array:
         state = mx.array(state) if not isinstance(state, mx.array) else state
@@ -340,9 +347,10 @@ class SequenceModel(nn.Module):
         return state if batched else state[None]
 
 
-def _kept_steps_only(run, x, h, c, ts, mask):
-    """A masked loop as ``run(x, h, c, ts)`` (a kernel: -> (outputs, states[, memories]), each
-    (B, T, .), or None) over each sample's kept steps alone, moved to the front; the results
+def _kept_steps_only(run, x, h, c, ts, keep, mask):
+    """A masked loop as ``run(x, h, c, ts, keep)`` (a kernel: -> (outputs, states[, memories]),
+    each (B, T, .), or None; keep: dropout masks (T, ..., B, .) or None) over each sample's kept
+    steps alone, moved to the front; the results
     spread back so that a masked step keeps the state and repeats the output (zeros before the
     first kept step), as ``time_loop`` does with ``mask``. mask (B, T) booleans. The steps after
     a sample's kept ones are run on zeros (timespan 1) and their results never read."""
@@ -354,7 +362,9 @@ def _kept_steps_only(run, x, h, c, ts, mask):
     x = mx.where(real, mx.take_along_axis(x, order[..., None], axis=1), 0)
     if ts is not None and ts.ndim == 3:
         ts = mx.where(real, mx.take_along_axis(ts, order[..., None], axis=1), 1)
-    result = run(x, h, c, ts)
+    if keep is not None:  # each sample's masks move with its steps
+        keep = mx.take_along_axis(keep, order.T.reshape(steps, 1, batch, 1), axis=0)
+    result = run(x, h, c, ts, keep)
     if result is None:
         return None
     last = mx.maximum(kept - 1, 0)[..., None]  # (B, T, 1): the compacted step that step t repeats

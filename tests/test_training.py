@@ -45,7 +45,9 @@ def test_loss_falls(name):
     mx.random.seed(0)
     model = MODELS[name]()
     model.train()
-    optimizer = optim.Adam(learning_rate=0.01)
+    # The dropout CfC's loss at 0.01 is unstable after 15 steps: round-off alone (x scaled by
+    # 1 + 1e-7, on MLX's path) moved its final loss from 0.07 to 0.15; at 0.005 it ends at 0.007.
+    optimizer = optim.Adam(learning_rate=0.005 if name == "cfc" else 0.01)
     x, y = task()
     step = nn.value_and_grad(model, loss_fn)
     first = None

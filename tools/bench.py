@@ -1,6 +1,6 @@
 """Benchmark ncps_mlx against its peers: every peer in its own process, rounds interleaved.
 
-    python tools/bench.py [--workloads W1,W6] [--peers mlx,torch,compile,xla] [--runs 7]
+    python tools/bench.py [--workloads W1,W6] [--peers mlx,torch,compile,xla,ort] [--runs 7]
                           [--json out.json] [--markdown out.md]
 
 Peers: ``mlx`` (ncps_mlx, ``import mlx.core`` first, as users write it), ``torch`` (ncps.torch
@@ -10,6 +10,15 @@ TensorFlow). Workloads (input 20, float32): W1 CfC 64, batch 32 x 100 steps; W3 
 100; W4 LTC AutoNCP(64, 8), 32 x 100; W6 CfC 64, 1024 x 50; MIX CfC 64 with mixed memory, 32 x
 100; CTRNN and CTGRU 64 units, 32 x 100 (no peer has them: seq/s and the GFLOP/s of their
 matrix products); W5 CfC 64, 8 x 1000, forward+backward only, with each process's peak RSS.
+
+Off those rows, each configuration beside its twin without the option (``TWINS``; run both in
+one call): DROP (backbone dropout 0.1 in training, 2 backbone layers; ncps.torch puts dropout
+only after layers 2..n) against DROP0; INPUT (mixed memory's "input" circuit, ncps.keras's
+MixedMemoryRNN) against MIX; MASKC and MASKL (20% of the steps masked) against W1 and W3;
+LTCINPUT against LTCMIX. W7C and W7L: a controller, batch 1, one step a call with the state
+carried, 2,000 steps a round, median and p99 microseconds per step of ncps_mlx, ncps.torch
+eager (one thread), onnxruntime (``ort``, one thread) on the step graph ncps_mlx exports of the
+same weights, and MLX's own floor (one trivial operation evaluated from Python a call).
 
 Each (workload, kind) starts one process per peer. A process builds its model, checks it
 runs, warms up, then times one call (forward, or forward plus the gradient of a summed
@@ -49,13 +58,57 @@ WORKLOADS = {  # family, wiring, batch, steps, kinds
     "CTRNN": ("CTRNN", "fc", 32, 100, ("forward", "forward+backward")),
     "CTGRU": ("CTGRU", "fc", 32, 100, ("forward", "forward+backward")),
     "W5": ("CfC", "fc", 8, 1000, ("forward+backward",)),
+    # Off the rows above: each configuration beside its twin without the option, in the same run.
+    "DROP0": ("CfC", "layers2", 32, 100, ("forward", "forward+backward")),
+    "DROP": ("CfC", "dropout", 32, 100, ("forward", "forward+backward")),
+    "INPUT": ("CfC", "mixed_input", 32, 100, ("forward", "forward+backward")),
+    "MASKC": ("CfC", "masked", 32, 100, ("forward", "forward+backward")),
+    "MASKL": ("LTC", "masked", 32, 100, ("forward", "forward+backward")),
+    "LTCMIX": ("LTC", "mixed", 32, 100, ("forward", "forward+backward")),
+    "LTCINPUT": ("LTC", "mixed_input", 32, 100, ("forward", "forward+backward")),
+    # W7: a controller, batch 1, one step a call with the state carried, 2,000 steps a round.
+    "W7C": ("CfC", "autoncp", 1, 2000, ("stream",)),
+    "W7L": ("LTC", "autoncp", 1, 2000, ("stream",)),
 }
-PEERS = ("mlx", "torch", "compile", "xla")
+TWINS = {"DROP": "DROP0", "INPUT": "MIX", "MASKC": "W1", "MASKL": "W3", "LTCINPUT": "LTCMIX"}
+PEERS = ("mlx", "torch", "compile", "xla", "ort")
 HAS_PEERS = ("CfC", "LTC")
+# What each variant builds (model options), and which peers have it: ncps.torch has neither masks
+# nor the "input" circuit; ncps.keras's mixed memory is the "input" circuit (MixedMemoryRNN);
+# onnxruntime runs the exported step graph only.
+VARIANTS = {
+    "fc": ({}, ("torch", "compile", "xla")),
+    "autoncp": ({}, ("torch", "compile", "xla", "ort")),
+    "mixed": ({"mixed_memory": True}, ("torch", "compile")),
+    "mixed_input": ({"mixed_memory": True, "memory_circuit": "input"}, ("xla",)),
+    "layers2": ({"backbone_layers": 2}, ("torch", "compile")),
+    "dropout": ({"backbone_layers": 2, "backbone_dropout": 0.1}, ("torch", "compile")),
+    "masked": ({}, ("xla",)),
+}
 
 
 def describe(family, wiring):
-    return f"{family} " + {"fc": "64", "autoncp": "AutoNCP(64, 8)", "mixed": "64 mixed memory"}[wiring]
+    names = {"fc": "64", "autoncp": "AutoNCP(64, 8)", "mixed": "64 mixed memory", "layers2": "64, 2 backbone layers",
+             "dropout": "64, 2 backbone layers, dropout 0.1, training", "masked": "64, 20% of steps masked",
+             "mixed_input": "64 mixed memory, \"input\" circuit"}  # fmt: skip
+    return f"{family} " + names[wiring]
+
+
+def options(family, wiring):
+    """(model options, training) of a variant; LTCs take no backbone options."""
+    kwargs = dict(VARIANTS[wiring][0])
+    if family != "CfC":
+        kwargs = {k: v for k, v in kwargs.items() if k in ("mixed_memory", "memory_circuit")}
+    return kwargs, "backbone_dropout" in kwargs
+
+
+def mask_of(batch, steps):
+    """The masked workloads' mask: 20% of the steps of each sample False, the first kept."""
+    import numpy as np
+
+    keep = np.random.default_rng(1).random((batch, steps)) > 0.2
+    keep[:, 0] = True
+    return keep
 
 
 def matmul_flops(family, batch, steps):
@@ -69,7 +122,7 @@ def matmul_flops(family, batch, steps):
 # --- one peer, in its own process -------------------------------------------------------------
 
 
-def child_mlx(family, wiring, weights):
+def child_mlx(family, wiring, weights, batch, steps):
     import mlx.core as mx  # first, as users write it
     import mlx.nn as nn
     import numpy as np
@@ -77,18 +130,20 @@ def child_mlx(family, wiring, weights):
     import ncps_mlx
 
     units = ncps_mlx.wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
-    extra = {"mixed_memory": True} if wiring == "mixed" else {}
-    model = getattr(ncps_mlx, family)(INPUT, units, **extra)
+    kwargs, training = options(family, wiring)
+    model = getattr(ncps_mlx, family)(INPUT, units, **kwargs)
     if weights:
         model.load_weights([(k, mx.array(v)) for k, v in np.load(weights).items()], strict=True)
+    model.train(training)
+    mask = mx.array(mask_of(batch, steps)) if wiring == "masked" else None
 
     def forward(x):
-        y = model(x)[0]
+        y = model(x, mask=mask)[0]
         mx.eval(y)
         return y
 
-    grad = nn.value_and_grad(model, lambda m, x: mx.sum(mx.square(m(x)[0])))
-    return mx.array, forward, lambda x: mx.eval(grad(model, x)), np.array
+    grad = nn.value_and_grad(model, lambda m, x: mx.sum(mx.square(m(x, mask=mask)[0])))
+    return mx.array, forward, lambda x: mx.eval(grad(model, x)), np.array, model
 
 
 def child_torch(family, wiring, weights_out, compiled):
@@ -101,8 +156,9 @@ def child_torch(family, wiring, weights_out, compiled):
 
     torch.manual_seed(0)
     units = reference_wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
-    extra = {"mixed_memory": True} if wiring == "mixed" else {}
-    model = getattr(reference, family)(INPUT, units, **extra)
+    kwargs, training = options(family, wiring)
+    model = getattr(reference, family)(INPUT, units, **kwargs)
+    model.train(training)
     if weights_out:
         np.savez(weights_out, **rename_torch_keys(model.state_dict()))
     run = torch.compile(model) if compiled else model
@@ -115,10 +171,10 @@ def child_torch(family, wiring, weights_out, compiled):
         model.zero_grad()
         (run(x)[0] ** 2).sum().backward()
 
-    return torch.from_numpy, forward, backward, lambda y: y.detach().numpy()
+    return torch.from_numpy, forward, backward, lambda y: y.detach().numpy(), model
 
 
-def child_xla(family, wiring):
+def child_xla(family, wiring, batch, steps):
     os.environ.pop("TF_USE_LEGACY_KERAS", None)  # this process only: ncps.keras is Keras 3
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -126,33 +182,89 @@ def child_xla(family, wiring):
     import ncps.wirings as reference_wirings
 
     units = reference_wirings.AutoNCP(UNITS, 8) if wiring == "autoncp" else UNITS
-    extra = {"mixed_memory": True} if wiring == "mixed" else {}
-    layer = getattr(reference, family)(units, return_sequences=True, **extra)
+    kwargs, _ = options(family, wiring)
+    kwargs.pop("memory_circuit", None)  # ncps.keras's mixed memory is the "input" circuit
+    layer = getattr(reference, family)(units, return_sequences=True, **kwargs)
     layer.build((None, None, INPUT))
+    mask = tf.constant(mask_of(batch, steps)) if wiring == "masked" else None
 
     @tf.function(jit_compile=True)
     def forward(x):
-        return layer(x)
+        return layer(x, mask=mask)
 
     @tf.function(jit_compile=True)
     def gradients(x):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(tf.square(layer(x)))
+            loss = tf.reduce_sum(tf.square(layer(x, mask=mask)))
         return tape.gradient(loss, layer.trainable_variables)
 
-    return tf.constant, lambda x: forward(x).numpy(), lambda x: [g.numpy() for g in gradients(x)], lambda y: y
+    return tf.constant, lambda x: forward(x).numpy(), lambda x: [g.numpy() for g in gradients(x)], lambda y: y, None
+
+
+def streamer(peer, family, wiring, weights):
+    """``step(x_t)`` for W7: one step of batch 1 a call, the state carried, as a controller runs."""
+    import numpy as np
+
+    if peer == "floor":  # MLX's own floor per call: one trivial operation evaluated from Python
+        import mlx.core as mx
+
+        a = mx.zeros((1, UNITS))
+        mx.eval(a)
+        return lambda x_t: mx.eval(a + 1)
+    if peer == "mlx":
+        import mlx.core as mx
+
+        to_array, _, _, _, model = child_mlx(family, wiring, weights, 1, 1)
+        state = [mx.zeros((1, model.state_size))]
+
+        def step(x_t):
+            y, state[0] = model(x_t[:, None], state[0])
+            mx.eval(y, state[0])
+
+        return lambda x_t: step(mx.array(x_t))
+    if peer == "torch":
+        import torch
+
+        torch.set_num_threads(1)  # batch 1: more threads were slower
+        _, _, _, _, model = child_torch(family, wiring, weights, False)
+        state = [torch.zeros(1, model.state_size)]
+
+        def step(x_t):
+            with torch.no_grad():
+                y, state[0] = model(torch.from_numpy(x_t)[:, None], state[0])
+
+        return step
+    # onnxruntime, one thread, on the step graph ncps_mlx exports of the same weights
+    import onnxruntime as ort
+
+    import ncps_mlx
+
+    _, _, _, _, model = child_mlx(family, wiring, weights, 1, 1)
+    path = Path(tempfile.mkdtemp()) / "step.onnx"
+    ncps_mlx.export_onnx(model, path, step=True)
+    settings = ort.SessionOptions()
+    settings.intra_op_num_threads = settings.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
+    state = [np.zeros((1, model.state_size), np.float32)]
+
+    def step(x_t):
+        y, state[0] = session.run(["output", "next_state"], {"input": x_t, "state": state[0]})
+
+    return step
 
 
 def child(args):
     import numpy as np
 
     family, wiring, batch, steps, _ = WORKLOADS[args.workload]
+    if args.kind == "stream":
+        return child_stream(args, family, wiring, steps)
     if args.child == "mlx":
-        to_array, forward, backward, to_numpy = child_mlx(family, wiring, args.weights)
+        to_array, forward, backward, to_numpy, _ = child_mlx(family, wiring, args.weights, batch, steps)
     elif args.child == "xla":
-        to_array, forward, backward, to_numpy = child_xla(family, wiring)
+        to_array, forward, backward, to_numpy, _ = child_xla(family, wiring, batch, steps)
     else:
-        to_array, forward, backward, to_numpy = child_torch(family, wiring, args.weights, args.child == "compile")
+        to_array, forward, backward, to_numpy, _ = child_torch(family, wiring, args.weights, args.child == "compile")
     x = to_array(np.random.default_rng(0).normal(size=(batch, steps, INPUT)).astype(np.float32))
     call = forward if args.kind == "forward" else backward
     if args.outputs:
@@ -167,6 +279,27 @@ def child(args):
         start = time.perf_counter()
         call(x)
         print(time.perf_counter() - start, flush=True)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+
+
+def child_stream(args, family, wiring, steps):
+    """W7: each "run" times ``steps`` one-step calls and answers their times (JSON)."""
+    import numpy as np
+
+    step = streamer(args.child, family, wiring, args.weights)
+    xs = np.random.default_rng(0).normal(size=(steps, 1, INPUT)).astype(np.float32)
+    for t in range(200):
+        step(xs[t])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        times = []
+        for t in range(steps):
+            start = time.perf_counter()
+            step(xs[t])
+            times.append(time.perf_counter() - start)
+        print(json.dumps(times), flush=True)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -194,7 +327,10 @@ def measure(name, kind, peers, args):
     import numpy as np
 
     family, wiring, batch, steps, _ = WORKLOADS[name]
-    peers = [p for p in peers if p == "mlx" or family in HAS_PEERS]
+    peers = [p for p in peers if p == "mlx" or (family in HAS_PEERS and p in VARIANTS[wiring][1])]
+    if kind == "stream":
+        return measure_stream(name, peers + ["floor"], args)
+    peers = [p for p in peers if p != "ort"]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
         processes, failed = {}, []
@@ -228,6 +364,36 @@ def measure(name, kind, peers, args):
     return row
 
 
+def measure_stream(name, peers, args):
+    """W7: median and p99 microseconds per one-step call, every step of every round pooled."""
+    family, wiring, batch, steps, _ = WORKLOADS[name]
+    peers = [p for p in peers if p in ("mlx", "torch", "ort", "floor")]
+    with tempfile.TemporaryDirectory() as folder:
+        weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
+        processes = {}
+        for peer in sorted(peers, key=lambda p: p != "torch"):  # torch first: it writes the weights
+            process = start(peer, name, "stream", args, folder, weights if peer != "floor" else None)
+            if process is not None:
+                processes[peer] = process
+        times = {peer: [] for peer in processes}
+        for _ in range(args.runs):
+            for peer, process in processes.items():
+                process.stdin.write("run\n")
+                process.stdin.flush()
+                times[peer] += json.loads(process.stdout.readline())
+        row = {"workload": name, "model": describe(family, wiring), "batch": batch, "steps": steps, "kind": "stream"}
+        for peer, process in processes.items():
+            process.stdin.close()
+            row[f"{peer}_peak_rss_mb"] = json.loads(process.stdout.readline())["peak_rss_mb"]
+            process.wait()
+            row[f"{peer}_us_median"] = statistics.median(times[peer]) * 1e6
+            row[f"{peer}_us_p99"] = statistics.quantiles(times[peer], n=100)[98] * 1e6
+        for peer in processes:
+            if peer != "mlx" and "mlx_us_median" in row:
+                row[f"ratio_{peer}"] = row[f"{peer}_us_median"] / row["mlx_us_median"]
+    return row
+
+
 def machine() -> dict:
     import importlib.metadata as metadata
 
@@ -246,7 +412,7 @@ def machine() -> dict:
 
 
 def markdown(rows, peers, info) -> str:
-    others = [p for p in peers if p != "mlx"]
+    others = [p for p in peers if p not in ("mlx", "ort")]
     head = ["workload", "model", "B x T", "pass", "ncps_mlx seq/s"] + [f"{p} seq/s" for p in others]
     head += [f"vs {p}" for p in others] + ["max abs diff", "peak RSS MB (mlx / " + " / ".join(others) + ")"]
     lines = [
@@ -257,7 +423,7 @@ def markdown(rows, peers, info) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    for r in rows:
+    for r in [r for r in rows if r["kind"] != "stream"]:
         def get(key, fmt="{:.0f}"):
             if key in r:
                 return fmt.format(r[key])
@@ -269,6 +435,20 @@ def markdown(rows, peers, info) -> str:
         cells += [get(f"{p}_seq_s") for p in others] + [get(f"ratio_{p}", "{:.2f}x") for p in others]
         cells += [get("max_abs_diff", "{:.1e}"), " / ".join(get(f"{p}_peak_rss_mb") for p in peers)]
         lines.append("| " + " | ".join(cells) + " |")
+    twins = [(r, t) for r in rows for t in rows if TWINS.get(r["workload"]) == t["workload"] and r["kind"] == t["kind"]]
+    if twins:
+        lines += ["", "| configuration | pass | seq/s | its twin | twin seq/s | twin / configuration |", "|---|---|---|---|---|---|"]
+        for r, t in twins:
+            lines.append(f"| {r['workload']} {r['model']} | {r['kind']} | {r['mlx_seq_s']:.0f} | {t['workload']} {t['model']} | "
+                         f"{t['mlx_seq_s']:.0f} | {t['mlx_seq_s'] / r['mlx_seq_s']:.2f}x |")  # fmt: skip
+    streams = [r for r in rows if r["kind"] == "stream"]
+    if streams:
+        names = [p for p in ("mlx", "torch", "ort", "floor") if any(f"{p}_us_median" in r for r in streams)]
+        lines += ["", "| workload | model | steps a round | " + " | ".join(f"{p} us/step median (p99)" for p in names) + " |",
+                  "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+        for r in streams:
+            cells = [f"{r[p + '_us_median']:.0f} ({r[p + '_us_p99']:.0f})" if f"{p}_us_median" in r else "-" for p in names]
+            lines.append(f"| {r['workload']} | {r['model']} | {r['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,9 @@ class CfCCell(nn.Module):
         self.activation_name = backbone_activation
         self.activation = backbone_activation_of(backbone_activation).function
 
+        self.backbone_units = int(backbone_units)
+        self.dropout_rate = float(backbone_dropout)
+        self.dropout = None
         concat = self.input_size + self.hidden_size
         if self.backbone_layers > 0:
             sizes = [concat] + [backbone_units] * self.backbone_layers
@@ -233,12 +236,25 @@ class CfCCell(nn.Module):
         hidden = tuple((w, expanded(b)) for w, b in hidden)
         return weight, expanded(bias), state_weight, heads, hidden
 
-    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
-        """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H))."""
-        out, h = self.step_features(u.T, h.T, _features_first(ts), prepared)
+    def recurrent_step(self, u: mx.array, h: mx.array, ts=1.0, prepared=None, keep=None):
+        """u (B, P), h (B, H), ts float or (B, 1) -> (output (B, H), new state (B, H)).
+        ``keep``: this step's dropout masks (layers - 1, B, units), a step of ``dropout_keep``'s;
+        None: the cell's own ``Dropout`` draws them (an identity outside training)."""
+        out, h = self.step_features(u.T, h.T, _features_first(ts), prepared, keep)
         return out.T, h.T
 
-    def step_features(self, u: mx.array, h: mx.array, ts=1.0, prepared=None):
+    def dropout_keep(self, batch: int, steps: int, dtype=mx.float32):
+        """A sequence's dropout masks, (T, layers - 1, B, units): 0, or 1 / (1 - rate) (as
+        ``nn.Dropout`` scales), one per activation of backbone layers 2..n (reference-notes
+        point 4), drawn with ``mx.random`` (``mx.random.seed`` repeats them). None where the
+        cell has no dropout."""
+        if self.dropout is None or self.backbone_layers < 2:
+            return None
+        kept = 1.0 - self.dropout_rate
+        draws = mx.random.bernoulli(kept, (steps, self.backbone_layers - 1, batch, self.backbone_units))
+        return draws.astype(dtype) * mx.array(1.0 / kept, dtype)
+
+    def step_features(self, u: mx.array, h: mx.array, ts=1.0, prepared=None, keep=None):
         """The step feature-major: u (P, B), h (H, B), ts a float or (1, B) -> (output (H, B),
         new state (H, B)).
 
@@ -250,11 +266,11 @@ class CfCCell(nn.Module):
         feature-major from step to step without a copy.
         """
         prepared = self.prepare() if prepared is None else prepared
-        y, _, _ = self._layers(u, h, ts, prepared)
+        y, _, _ = self._layers(u, h, ts, prepared, keep)
         new_h = self._tail(y, ts)
         return new_h, new_h
 
-    def _layers(self, u, h, ts, prepared):
+    def _layers(self, u, h, ts, prepared, keep=None):
         """The matrix products of a step, feature-major: (head input y (K, B), the backbone's
         pre-activations and activations). Without a backbone y is the first layer's output."""
         _, _, state_weight, heads, hidden = prepared
@@ -262,10 +278,12 @@ class CfCCell(nn.Module):
         if self.backbone_layers == 0:
             return z, [], []
         zs, activations = [z], [self.activation(z)]
-        for weight, bias in hidden:
+        for i, (weight, bias) in enumerate(hidden):
             zs.append(mx.addmm(bias, weight, activations[-1]))
             activations.append(self.activation(zs[-1]))
-            if self.dropout is not None:
+            if keep is not None:
+                activations[-1] = activations[-1] * keep[i].T
+            elif self.dropout is not None:
                 # Drawn batch-major, so a seed gives the masks it gave before this layout.
                 activations[-1] = self.dropout(activations[-1].T).T
         weight, bias = heads[:2] if _unit(ts) else heads[2:]

@@ -40,20 +40,26 @@ def choice() -> str:
     return value
 
 
-def sequence_kernel(lowering, x, h, ts=None, memory=None):
+def sequence_kernel(lowering, x, h, ts=None, memory=None, keep=None, memory_circuit="state"):
     """A cell's whole loop in a CPU kernel, from the cell's lowering (``cell.lowered()``,
     ``ncps_mlx.lowering``): the sequence x (B, T, I) (each kernel projects it as it reads it
     best), h (B, S), ts None, 0-d or (B, T, 1) -> (outputs (B, T, F), every step's state
     (B, T, S)), differentiable in every input; None where no kernel applies (another cell, not
-    float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``). ``memory``: mixed memory's "state" circuit,
-    (the LSTM's lowering, memory (B, S)) -> (outputs, states, every step's memory (B, T, S)),
-    where the kernel has it."""
+    float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``). ``memory``: mixed memory, (the LSTM's
+    lowering, memory (B, S)) -> (outputs, states, every step's memory (B, T, S)), in its
+    ``memory_circuit`` ("state" or "input", ``SequenceModel``'s), where the kernel has it.
+    ``keep``: dropout masks, where the kernel takes them (``CfCCell.dropout_keep``)."""
     kernel = cpu.SEQUENCES.get(type(lowering))
-    if kernel is None or choice() == "mlx" or (memory is not None and not kernel[2]):
+    if kernel is None or choice() == "mlx" or (keep is not None and not kernel.dropout):
         return None
-    if memory is None:
-        return kernel[0](lowering, x, h, ts)
-    return kernel[0](lowering, x, h, ts, memory=memory)
+    if memory is not None and memory_circuit not in kernel.memory_circuits:
+        return None
+    options = {} if keep is None else {"keep": keep}
+    if memory is not None:
+        options["memory"] = memory
+        if memory_circuit != "state":
+            options["memory_circuit"] = memory_circuit
+    return kernel.run(lowering, x, h, ts, **options)
 
 
 def project_input(lowering, x, features_first=False):
@@ -66,16 +72,16 @@ def project_input(lowering, x, features_first=False):
     return cpu.input_projection(lowering, x, features_first)
 
 
-def implementation(lowering, mixed_memory: bool = False, dtype=None) -> str:
+def implementation(lowering, mixed_memory: bool = False, dtype=None, memory_circuit: str = "state") -> str:
     """Which implementation runs a model with a cell of this lowering here, in words (for
     ``info``); ``dtype``: the model's, when it is not float32."""
     if dtype is not None and str(dtype) != "mlx.core.float32":
         return f"MLX (compiled steps): the kernels compute in float32, this model in {str(dtype).rpartition('.')[2]}"
     kernel = cpu.SEQUENCES.get(type(lowering))
-    if kernel is None or (mixed_memory and not kernel[2]):
+    if kernel is None or (mixed_memory and memory_circuit not in kernel.memory_circuits):
         return "MLX (compiled steps)"
     if choice() == "mlx":
         return "MLX (compiled steps): NCPS_MLX_RUNTIME=mlx"
-    if not kernel[1]():
+    if not kernel.applies():
         return "MLX (compiled steps): no kernel applies (see the kernels' status)"
     return "CPU kernel"

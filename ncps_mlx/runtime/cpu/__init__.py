@@ -38,6 +38,8 @@ MLX's path runs, and ``status()`` (``python -m ncps_mlx info``) says why.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 from ...lowering import CfCLowering, CTGRULowering, CTRNNLowering, LTCLowering, WiredCfCLowering
 from .cfc import cfc_sequence, cfc_states, wired_cfc_sequence, wired_cfc_states
 from .ctgru import ctgru_sequence
@@ -46,16 +48,25 @@ from .loader import all_float32, applies, by_row, cfc_applies, evaluations, libr
 from .ltc import ltc_sequence, ltc_states
 from .projection import input_projection
 
-__all__ = ["SEQUENCES", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
+__all__ = ["SEQUENCES", "Kernel", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
            "library", "ltc_states", "status", "turned_off", "wired_cfc_states"]  # fmt: skip
 
-# The kernels by the type of the lowering whose loop they run, whether each applies now (the
-# LTC's needs no BLAS, the others the kernels' own), and whether it runs mixed memory's "state"
-# circuit too (the LTC and the CfCs).
+class Kernel(NamedTuple):
+    """A loop's kernel: ``run(lowering, x, h, ts, **options)``; whether it ``applies`` now (the
+    LTC's needs no BLAS, the others the kernels' own); the mixed-memory circuits it runs; whether
+    it takes dropout masks (a CfC's backbone)."""
+
+    run: Callable
+    applies: Callable
+    memory_circuits: tuple
+    dropout: bool
+
+
+# The kernels by the type of the lowering whose loop they run.
 SEQUENCES = {
-    CfCLowering: (cfc_sequence, cfc_applies, True),
-    WiredCfCLowering: (wired_cfc_sequence, cfc_applies, True),
-    LTCLowering: (ltc_sequence, applies, True),
-    CTRNNLowering: (ctrnn_sequence, cfc_applies, False),
-    CTGRULowering: (ctgru_sequence, cfc_applies, False),
+    CfCLowering: Kernel(cfc_sequence, cfc_applies, ("state", "input"), True),
+    WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state",), False),
+    LTCLowering: Kernel(ltc_sequence, applies, ("state",), False),
+    CTRNNLowering: Kernel(ctrnn_sequence, cfc_applies, (), False),
+    CTGRULowering: Kernel(ctgru_sequence, cfc_applies, (), False),
 }

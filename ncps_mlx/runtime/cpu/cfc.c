@@ -45,6 +45,17 @@ static void fill_rows(float *out, const float *bias, int n, int r) {
         for (int c = 0; c < r; ++c) out[(int64_t)k * r + c] = bias[k];
 }
 
+/* Dropout after backbone layer l + 2 at step t, on columns [first, first + R): keep's (U, B) slice. */
+static const float *kept_rows(const cfc_args *a, int t, int l) {
+    return a->keep + ((int64_t)t * (a->layers - 1) + l) * a->units * a->batch;
+}
+
+/* x (U, R) times the columns [first, first + R) of keep (U, B). */
+static void drop(const float *keep, int U, int B, int first, int R, float *x) {
+    for (int u = 0; u < U; ++u)
+        for (int c = 0; c < R; ++c) x[(int64_t)u * R + c] *= keep[(int64_t)u * B + first + c];
+}
+
 /* One state row of the gated modes: ff1, ff2 the heads after their activation. */
 static void gated_row(int no_gate, const float *restrict ff1, const float *restrict ff2, const float *restrict ta,
                       const float *restrict tb, const float *restrict ts, float *restrict out, int R) {
@@ -162,21 +173,28 @@ static void lstm_step_vjp(const lstm_args *l, sgemm_fn sgemm, const cfc_memory *
 }
 
 /* Columns [first, last) of every step's state, states (T, H, B), from initial (H, B).
- * scratch: (H + 2 units + K) (last - first) floats, with mixed memory 5 H (last - first) more. */
+ * scratch: (H + 2 units + K) (last - first) floats, with mixed memory 5 H (last - first) more, in
+ * the "input" circuit 6 H. */
 void cfc_forward(const cfc_args *a, const float *initial, float *states, const cfc_memory *m, int first, int last,
                  float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, R = last - first, K = a->heads, L = a->layers;
     float *h = scratch, *z = h + (int64_t)H * R, *spare = z + (int64_t)U * R, *g = spare + (int64_t)U * R;
-    float *c = g + (int64_t)K * R, *gates = c + (int64_t)H * R;
+    float *c = g + (int64_t)K * R, *gates = c + (int64_t)H * R, *lstm_out = gates + 4 * (int64_t)H * R;
     copy_columns(h, (float *)initial, H, R, B, first, 1);
     if (a->lstm.inputs) copy_columns(c, (float *)m->initial_c, H, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
-        if (a->lstm.inputs) {
-            lstm_step(&a->lstm, a->sgemm, H, B, t, first, R, h, c, gates);
+        if (a->lstm.inputs) { /* the "state" circuit: the LSTM's output replaces h */
+            if (a->input_circuit) memcpy(lstm_out, h, (int64_t)H * R * sizeof(float));
+            lstm_step(&a->lstm, a->sgemm, H, B, t, first, R, a->input_circuit ? lstm_out : h, c, gates);
             copy_columns(c, m->memory + (int64_t)t * H * B, H, R, B, first, 0);
         }
-        first_layer_input(a, t, first, R, z);
+        if (a->input_circuit) {
+            fill_rows(z, a->input_bias, U, R);
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->input_weight, H, lstm_out, R, 1.0f, z, R);
+        } else {
+            first_layer_input(a, t, first, R, z);
+        }
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, h, R, 1.0f, z, R);
         activate(a->activation, z, (int64_t)U * R);
         float *x = z, *y = spare;
@@ -184,6 +202,7 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
             fill_rows(y, a->hidden_biases[l], U, R);
             a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l], U, x, R, 1.0f, y, R);
             activate(a->activation, y, (int64_t)U * R);
+            if (a->keep) drop(kept_rows(a, t, l), U, B, first, R, y);
             float *swap = x; x = y; y = swap;
         }
         fill_rows(g, a->head_bias, K, R);
@@ -333,12 +352,14 @@ static void add_row_sums(const float *m, float *out, int n, int r) {
  * layer), d_head_weight (K, units), d_head_bias (K,): this caller's own buffers; with mixed
  * memory m's gradients too. Each step is recomputed from its previous state.
  * scratch: (2 H + (2 L + 1) units + 2 K + 1) (last - first) floats, L = backbone layers, with
- * mixed memory 8 H (last - first) more. */
+ * mixed memory 8 H (last - first) more, with dropout (L - 1) units (last - first) more after that,
+ * in the "input" circuit H (last - first) more after those; d_keep (as keep) written for these
+ * columns. */
 void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_x,
                   float *d_input_weight, float *d_input_bias, float *d_initial, float *d_timespans, float *d_state_weight,
                   float *const *d_hidden_weights, float *const *d_hidden_biases, float *d_head_weight,
-                  float *d_head_bias, float *d_w_tau, float *d_A, const cfc_memory *m, int first, int last,
-                  float *scratch) {
+                  float *d_head_bias, float *d_w_tau, float *d_A, float *d_keep, const cfc_memory *m, int first,
+                  int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
     const int B = a->batch, H = a->hidden, U = a->units, L = a->layers, R = last - first, K = a->heads;
     const int fused = K == 3 * H, no_gate = a->mode == NO_GATE;
@@ -350,6 +371,13 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
     float *g = da + (int64_t)U * R, *dy = g + (int64_t)K * R, *d_ts = dy + (int64_t)K * R;
     /* mixed memory: the LSTM's input state, memory in and out, gates, the memory's cotangent */
     float *h_in = d_ts + R, *c_in = h_in + n, *c_out = c_in + n, *gates = c_out + n, *carried_c = gates + 4 * n;
+    /* with dropout: layers 2..n's activations after it (the next layer's input); the others' is act's */
+    float *dropped = a->lstm.inputs ? carried_c + n : h_in;
+    /* the "input" circuit: the LSTM output's cotangent */
+    float *d_lstm_out = dropped + (a->keep ? (int64_t)(L - 1) * U * R : 0);
+    /* what the first layer's state half reads: the previous state, or the LSTM's output over it */
+    const float *state_in = a->input_circuit ? h_in : previous;
+#define LAYER_OUTPUT(l) ((a->keep && (l) > 0) ? dropped + (int64_t)((l) - 1) * U * R : act + (int64_t)(l) * U * R)
     for (int i = 0; i < H * R; ++i) carried[i] = 0.0f;
     if (a->lstm.inputs)
         for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
@@ -361,19 +389,28 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         copy_columns(previous, (float *)source, H, R, B, first, 1);
         if (a->lstm.inputs) /* the LSTM again: its output is the CfC step's previous state */
             lstm_step_again(&a->lstm, a->sgemm, m, H, B, t, first, R, previous, h_in, c_in, c_out, gates);
-        first_layer_input(a, t, first, R, z);
-        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, previous, R, 1.0f, z, R);
+        if (a->input_circuit) { /* previous is the LSTM's output, h_in the previous state */
+            fill_rows(z, a->input_bias, U, R);
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->input_weight, H, previous, R, 1.0f, z, R);
+        } else {
+            first_layer_input(a, t, first, R, z);
+        }
+        a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, H, 1.0f, a->state_weight, H, state_in, R, 1.0f, z, R);
         for (int l = 0; l < L; ++l) {
             float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
             if (l > 0) {
                 fill_rows(zl, a->hidden_biases[l - 1], U, R);
-                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, al - (int64_t)U * R, R,
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, LAYER_OUTPUT(l - 1), R,
                          1.0f, zl, R);
             }
             memcpy(al, zl, (int64_t)U * R * sizeof(float));
             activate(a->activation, al, (int64_t)U * R);
+            if (a->keep && l > 0) {
+                memcpy(LAYER_OUTPUT(l), al, (int64_t)U * R * sizeof(float));
+                drop(kept_rows(a, t, l - 1), U, B, first, R, LAYER_OUTPUT(l));
+            }
         }
-        const float *last_act = act + (int64_t)(L - 1) * U * R;
+        const float *last_act = LAYER_OUTPUT(L - 1);
         fill_rows(g, a->head_bias, K, R);
         a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, U, 1.0f, a->head_weight, U, last_act, R, 1.0f, g, R);
 
@@ -399,10 +436,19 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, U, R, K, 1.0f, a->head_weight, U, dy, R, 0.0f, da, R);
         for (int l = L - 1; l >= 0; --l) {
             float *zl = z + (int64_t)l * U * R, *al = act + (int64_t)l * U * R;
+            if (a->keep && l > 0) { /* da is the dropped activation's cotangent: keep's, then the activation's */
+                const float *keep = kept_rows(a, t, l - 1);
+                float *d_kept = d_keep + ((int64_t)t * (L - 1) + l - 1) * U * B;
+                for (int u = 0; u < U; ++u)
+                    for (int c = 0; c < R; ++c) {
+                        d_kept[(int64_t)u * B + first + c] = da[(int64_t)u * R + c] * al[(int64_t)u * R + c];
+                        da[(int64_t)u * R + c] *= keep[(int64_t)u * B + first + c];
+                    }
+            }
             activation_derivative(a->activation, zl, al, zl, (int64_t)U * R); /* zl now d act / d z */
             for (int64_t i = 0; i < (int64_t)U * R; ++i) zl[i] *= da[i];       /* zl now d z */
             if (l > 0) {
-                const float *below = al - (int64_t)U * R;
+                const float *below = LAYER_OUTPUT(l - 1);
                 a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, U, R, 1.0f, zl, R, below, R, 1.0f, d_hidden_weights[l - 1], U);
                 add_row_sums(zl, d_hidden_biases[l - 1], U, R);
                 a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, U, R, U, 1.0f, a->hidden_weights[l - 1], U, zl, R, 0.0f, da, R);
@@ -411,6 +457,15 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
         /* z is the first layer's d pre-activation: into x's rows of this step, and W_x, b */
         const int I = a->input_size;
         add_row_sums(z, d_input_bias, U, R);
+        if (a->input_circuit) { /* through the first layer's input half to the LSTM, and to h_in */
+            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, previous, R, 1.0f, d_input_weight, H);
+            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, U, H, R, 1.0f, z, R, h_in, R, 1.0f, d_state_weight, H);
+            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->input_weight, H, z, R, 0.0f, d_lstm_out, R);
+            a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, U, 1.0f, a->state_weight, H, z, R, 0.0f, carried, R);
+            lstm_step_vjp(&a->lstm, a->sgemm, m, H, B, t, first, R, gates, c_in, c_out, h_in, d_lstm_out, carried_c);
+            for (int64_t i = 0; i < n; ++i) carried[i] += d_lstm_out[i];
+            continue;
+        }
         if (I > 0) {
             const int64_t row = ((int64_t)first * a->steps + t) * I;
             a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, U, I, R, 1.0f, z, R, a->x + row, a->steps * I, 1.0f, d_input_weight, I);
@@ -425,6 +480,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
     if (a->lstm.inputs)
         for (int j = 0; j < H; ++j)
             memcpy(m->d_initial_c + (int64_t)j * B + first, carried_c + (int64_t)j * R, R * sizeof(float));
+#undef LAYER_OUTPUT
 }
 
 /* Gradients of wired_cfc_forward for columns [first, last), given its

@@ -10,7 +10,7 @@ from .. import blas
 from .loader import all_float32, by_row, cfc_applies, library
 from .projection import input_projection
 
-def cfc_states(x, initial, timespans, weights, memory=None):
+def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_circuit=False):
     """Every step's state of a CfCCell with a backbone, feature-major.
 
     x (B, T, I), the sequence: the kernel computes the first backbone layer's input half
@@ -18,20 +18,25 @@ def cfc_states(x, initial, timespans, weights, memory=None):
     ``_backbone_weights``' (the lowering's arrays in the kernel's order). -> (T, H, B). With
     ``memory`` (mixed memory, the "state" circuit: an LSTM before every step whose output
     replaces the state): (lstm inputs (T, 4H, B), initial memory (H, B), recurrent weight
-    (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)).
+    (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)). ``keep``: dropout,
+    (T, layers - 1, units, B), each backbone layer's activation after the first times its entry.
+    ``input_circuit``: mixed memory's "input" circuit, the LSTM's output is the first layer's
+    input (``weights.input_half`` reads it), the state is left alone; x is not read.
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
     one BLAS thread."""
     batch, steps = x.shape[:2]
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
+    x = x[..., :0] if input_circuit else x  # its shape only: the LSTM's input projection has read it
     arrays = [x, initial] + ([] if ts is None else [ts]) + weights.before_memory
     if memory is not None:
         lstm_inputs, initial_c, recurrent, forget_bias = memory
         arrays += [lstm_inputs, initial_c, recurrent]
-    arrays += weights.input_half
+    arrays += weights.input_half + ([] if keep is None else [keep])
     outputs = library().cfc_sequence(arrays, weights.mode.kernel_id, weights.activation.kernel_id, weights.ff_tanh,
                                      ts is not None, weights.hidden_layers, memory is not None,
-                                     0.0 if memory is None else float(forget_bias), blas.sgemm_address())  # fmt: skip
+                                     0.0 if memory is None else float(forget_bias), keep is not None,
+                                     bool(input_circuit), blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
@@ -137,22 +142,29 @@ def _kernel_applies(*arrays) -> bool:
     return all_float32(*arrays) and cfc_applies()
 
 
-def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None):
+def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memory_circuit="state"):
     """A ``CfCCell``'s whole loop in the kernel, from its lowering: the sequence x (B, T, I),
     h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both the same (B, T, H)
     view of a (T, H, B) array; None where the kernel does not apply: for arrays that are not
     float32, and where ``cfc_applies()`` is False. ``memory``: (LSTMLowering, memory (B, H)),
     mixed memory's "state" circuit: -> (outputs, states, every step's memory (B, T, H)).
+    ``memory_circuit`` "input": mixed memory's other circuit (the LSTM's output is the cell's
+    input), with a backbone. ``keep``: dropout masks (T, layers - 1, B, units), as
+    ``CfCCell.dropout_keep`` draws them.
     """
-    if not _kernel_applies(x, h, cell.first_weight, ts, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, cell.first_weight, ts, keep, *(memory[1:] if memory else ())):
         return None
     timed = ts is not None
+    input_circuit = memory is not None and memory_circuit == "input"
+    if input_circuit and cell.heads is None:
+        return None  # the wired kernel runs the "state" circuit only
     if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
         weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights((cell,), timed))
         states = wired_cfc_states(weights.project(x), h.T, ts, weights, memory=_memory_arrays(memory, x))
     else:
         weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
-        states = cfc_states(x, h.T, ts, weights, memory=_memory_arrays(memory, x))
+        keep = None if keep is None else keep.transpose(0, 1, 3, 2)  # (T, layers - 1, units, B), as the kernel reads it
+        states = cfc_states(x, h.T, ts, weights, memory=_memory_arrays(memory, x), keep=keep, input_circuit=input_circuit)
     return _batch_major(states, memory)
 
 

@@ -53,6 +53,10 @@ typedef struct {
     const float *w_tau, *A;             /* (H,), pure mode */
     lstm_args lstm;
     sgemm_fn sgemm;
+    const float *keep; /* (T, layers - 1, units, B), or NULL: dropout after backbone layers 2..n, each
+                        * activation times its entry (0, or 1 / (1 - rate)) */
+    int32_t input_circuit; /* mixed memory's "input" circuit: the LSTM's output is the first layer's
+                            * input (input_weight (units, H)), the state is left alone; x is unread */
 } cfc_args;
 
 typedef struct {
@@ -125,8 +129,8 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
                  float *scratch);
 void cfc_backward(const cfc_args *a, const float *initial, const float *states, const float *d_states, float *d_x,
                   float *d_input_weight, float *d_input_bias, float *d_initial, float *d_timespans, float *d_state_weight, float *const *d_hidden_weights, float *const *d_hidden_biases,
-                  float *d_head_weight, float *d_head_bias, float *d_w_tau, float *d_A, const cfc_memory *m, int first,
-                  int last, float *scratch);
+                  float *d_head_weight, float *d_head_bias, float *d_w_tau, float *d_A, float *d_keep,
+                  const cfc_memory *m, int first, int last, float *scratch);
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, const cfc_memory *m, int first,
                        int last, float *scratch);
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,

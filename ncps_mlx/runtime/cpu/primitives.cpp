@@ -49,7 +49,7 @@ namespace {
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed, mixed memory}; CfC {mode, activation, ff_tanh,
-// timed, hidden layers, mixed memory}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
+// timed, hidden layers, mixed memory, dropout, input circuit}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
 // {unfolds, timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}.
 // floats: LTC {epsilon, [forget bias]}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M),
 // decay or 1 / tau (M)}; CfC and Wired {forget bias} with mixed memory.
@@ -92,6 +92,9 @@ struct Spec {
     if (loop == Loop::CfC) return p + 3 + 2 * ints[4] + 2 * pure();
     return p + 3 * ints[3] - 2 + 2 * ints[3] * pure();
   }
+  // A CfC's dropout masks (T, hidden layers, units, B), after the first layer's input weight and bias.
+  bool dropout() const { return loop == Loop::CfC && ints[6] != 0; }
+  int keep_index() const { return memory_index() + 3 * mixed() + 2; }
   // The inputs that carry the batch, and on which axis: LTC's are batch-major (B, T, ...), the
   // CfCs' feature-major (..., B). The rest (parameters) have none.
   int batch_axis(int input) const {
@@ -101,6 +104,7 @@ struct Spec {
       if (input == c) return loop == Loop::LTC ? 0 : 2;
       if (input == c + 1) return loop == Loop::LTC ? 0 : 1;
     }
+    if (dropout() && input == keep_index()) return 3;
     if (input >= 2 + int(timed())) return -1;
     if (batch_major() || (loop == Loop::CfC && input == 0)) return 0;  // a CfC's x is (B, T, I)
     return input == 0 ? 2 : 1;
@@ -269,9 +273,9 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
              spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
              lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
-             reinterpret_cast<sgemm_fn>(spec.sgemm)};
-  const int n = f + 2;  // the forward node's inputs
-  const size_t extra = mixed ? 5 * size_t(H) : 0;
+             reinterpret_cast<sgemm_fn>(spec.sgemm), spec.dropout() ? ptr(in[f + 2]) : nullptr, spec.ints[7]};
+  const int n = f + 2 + spec.dropout();  // the forward node's inputs
+  const size_t extra = mixed ? (spec.ints[7] ? 6 : 5) * size_t(H) : 0;
   if (!spec.backward) {
     cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
@@ -290,7 +294,8 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0)) * (last - first));
+    Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0) +
+                           (spec.dropout() ? size_t(L - 1) * U : 0) + (spec.ints[7] ? size_t(H) : 0)) * (last - first));
     // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent], input weight, input bias
     auto g = grads.of_part(part);
     std::vector<float*> d_weights, d_biases;
@@ -302,8 +307,8 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
     if (mixed) own.d_recurrent = g[g.size() - 3];
     cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), g[g.size() - 2], g.back(), ptr(out[1]),
                  timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2],
-                 spec.pure() ? g[q - p] : nullptr, spec.pure() ? g[q - p + 1] : nullptr, mixed ? &own : nullptr, first,
-                 last, scratch.data());
+                 spec.pure() ? g[q - p] : nullptr, spec.pure() ? g[q - p + 1] : nullptr,
+                 spec.dropout() ? ptr(out[f + 2]) : nullptr, mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
 }
@@ -623,7 +628,9 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
   for (auto& a : inputs) {
     require(a.dtype() == mx::float32, "the CPU kernels take float32 arrays");
-    a = mx::contiguous(a, false, stream);
+    // An evaluated row-contiguous array (a weight, kept between calls) is read as it is: a
+    // Contiguous node for each would be a scheduled task of every call.
+    if (!(a.is_available() && a.flags().row_contiguous)) a = mx::contiguous(a, false, stream);
   }
   const int timed = spec.timed(), p = 2 + timed;
   require(inputs.size() > size_t(p), "too few arrays");
@@ -642,6 +649,9 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   } else if (spec.loop == Loop::CfC) {
     require(x.ndim() == 3, "CfC: x (B, T, I)");
     const int B = x.shape(0), T = x.shape(1), H = inputs[p].shape(1);
+    require(!spec.dropout() || (int(inputs.size()) == spec.keep_index() + 1 &&
+                                inputs.back().shape() == mx::Shape{T, spec.ints[4], inputs[p].shape(0), B}),
+            "CfC: dropout masks (T, hidden layers, units, B) last");
     shapes.push_back({T, H, B});
     if (spec.mixed()) shapes.push_back({T, H, B});
   } else if (spec.loop == Loop::Sensory) {
@@ -698,13 +708,14 @@ NB_MODULE(_kernels, m) {
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
-         bool mixed, float forget_bias, uintptr_t sgemm) {
-        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, mixed},
+         bool mixed, float forget_bias, bool dropout, bool input_circuit, uintptr_t sgemm) {
+        require(!input_circuit || mixed, "the input circuit is mixed memory's");
+        return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, mixed, dropout, input_circuit},
                              mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
                         std::move(arrays));
       },
       "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "mixed"_a,
-      "forget_bias"_a, "sgemm"_a);
+      "forget_bias"_a, "dropout"_a, "input_circuit"_a, "sgemm"_a);
   m.def(
       "wired_cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, bool mixed, float forget_bias,
