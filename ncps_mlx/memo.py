@@ -11,6 +11,7 @@ as inputs, the parameters are other arrays as well, so the derivation is traced 
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import mlx.core as mx
@@ -27,12 +28,14 @@ class ParameterMemo:
         self.containers: list = []  # (container, key, the child it held): the tree's structure
         self.places: list = []  # (container, key) of every array
         self.arrays: tuple = ()
+        self.children: tuple = ()
         self.value = None
 
     def __call__(self, module: nn.Module):
         if not self._unchanged(module):
             self._walk(module)
             self.arrays = tuple(container[key] for container, key in self.places)
+            self.children = tuple(child for _, _, child in self.containers[1:])
             self.value = self.derive(module)
         return self.value
 
@@ -40,11 +43,11 @@ class ParameterMemo:
         if not self.containers or self.containers[0][2] is not module:
             return False
         try:
-            return all(container[key] is child for container, key, child in self.containers[1:]) and all(
-                container[key] is array for (container, key), array in zip(self.places, self.arrays)
-            )
+            children = [container[key] for container, key, _ in self.containers[1:]]
+            arrays = [container[key] for container, key in self.places]
         except (KeyError, IndexError):  # a submodule or a list entry taken out
             return False
+        return all(map(operator.is_, children, self.children)) and all(map(operator.is_, arrays, self.arrays))
 
     def _walk(self, module):
         self.containers, self.places = [(None, None, module)], []

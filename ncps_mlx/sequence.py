@@ -150,10 +150,11 @@ class SequenceModel(nn.Module):
         kernel = run(x, h, c, ts, keep) if mask is None else _kept_steps_only(run, x, h, c, ts, keep, mask[..., 0])
         if kernel is not None:
             outs, states = kernel[:2]
-            y, h = (outs if self.return_sequences else outs[:, -1]), states[:, -1]
-            c = kernel[2][:, -1] if self.use_mixed else c
+            y, h = (outs if self.return_sequences else _last(outs)), _last(states)
+            c = _last(kernel[2]) if self.use_mixed else c
             return (y if self.fc is None else self.fc(y)), h, c
 
+        h, c = _batched_as(x, h), _batched_as(x, c)
         parameters = self.parameters()
         leaves = [x, h] + ([] if c is None else [c]) + ([] if ts is None else [ts])
         stepping.flatten(parameters, leaves)
@@ -309,20 +310,11 @@ class SequenceModel(nn.Module):
         return mx.broadcast_to(ts, (batch, steps))[..., None]
 
     def _initial_state(self, hx, x, batched: bool):
+        """(h, c) as given (checked), or zeros of x's dtype; c None without mixed memory."""
         batch = x.shape[0]
-        # Under mx.vmap the initial state must be batched as x is, also a given one that is not:
-        # MLX's vmap of addmm fails where only the addend is batched (a CfC's first step on
-        # MLX's path). A select on a condition read from x does it (either branch is the state).
-        from_x = x[:, :1, 0] == 0
-        dtype = x.dtype if mx.issubdtype(x.dtype, mx.floating) else mx.float32
-
-        def batched_as_x(state):
-            if state.dtype != dtype:  # a state of another dtype: promoted as the sum with zeros of x's
-                state = state + mx.zeros((), dtype)
-            return mx.where(from_x, state, state)
-
         if hx is None:
-            zeros = mx.broadcast_to(mx.where(from_x, mx.array(0, dtype), mx.array(0, dtype)), (batch, self.state_size))
+            dtype = x.dtype if mx.issubdtype(x.dtype, mx.floating) else mx.float32
+            zeros = mx.zeros((batch, self.state_size), dtype)
             return zeros, (zeros if self.use_mixed else None)
         if self.use_mixed:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
@@ -330,11 +322,11 @@ class SequenceModel(nn.Module):
                     "This model uses mixed_memory, so hx must be a tuple (h, c) of two arrays; "
                     f"got {type(hx).__name__}. Pass hx=(h, c), or hx=None to start from zeros."
                 )
-            h, c = (batched_as_x(self._check_state(s, name, batch, batched)) for s, name in zip(hx, ("h", "c")))
+            h, c = (self._check_state(s, name, batch, batched) for s, name in zip(hx, ("h", "c")))
             return h, c
         if isinstance(hx, (tuple, list)):
             raise ValueError("hx must be a single array for a model without mixed_memory; got a tuple")
-        return batched_as_x(self._check_state(hx, "hx", batch, batched)), None
+        return self._check_state(hx, "hx", batch, batched), None
 
     def _check_state(self, state, name: str, batch: int, batched: bool) -> mx.array:
         state = mx.array(state) if not isinstance(state, mx.array) else state
@@ -345,6 +337,23 @@ class SequenceModel(nn.Module):
                 f"({'(batch, state_size)' if batched else '(state_size,) for unbatched input'})"
             )
         return state if batched else state[None]
+
+
+def _last(sequence):
+    """The last step of (B, T, F): (B, F); one reshape for one step (a controller's call)."""
+    return sequence.reshape(sequence.shape[0], -1) if sequence.shape[1] == 1 else sequence[:, -1]
+
+
+def _batched_as(x, state):
+    """The initial state for MLX's path: batched under mx.vmap as x is, also a given one that is
+    not (MLX's vmap of addmm fails where only the addend is batched: a CfC's first step), in x's
+    floating dtype as a sum would promote it. A select on a condition read from x does it
+    (either branch is the state, NaN or not). The kernels' nodes batch what vmap gives them."""
+    if state is None:
+        return None
+    if mx.issubdtype(x.dtype, mx.floating) and state.dtype != x.dtype:
+        state = state + mx.zeros((), x.dtype)
+    return mx.where(x[:, :1, 0] == 0, state, state)
 
 
 def _kept_steps_only(run, x, h, c, ts, keep, mask):

@@ -179,18 +179,21 @@ def test_kernels_not_used_where_they_do_not_apply(kernel_calls):
     model = ncps_mlx.LTC(5, 8)
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")(x))
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input", backbone_layers=0)(x))
+    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True, memory_circuit="input")(x))
     # No loop ran in a kernel (the mixed-memory models' input projections do).
     assert {kernel_calls[name] for name in ("forward", "cfc_states", "wired_cfc_states")} == {0}
     mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))  # the "state" circuit, with and without a backbone
     mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
     mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
-    assert kernel_calls["cfc_states"] == 1 and kernel_calls["wired_cfc_states"] == 2
+    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")(x))  # with a backbone: the kernel's
+    assert kernel_calls["cfc_states"] == 2 and kernel_calls["wired_cfc_states"] == 2
     mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True)(x))
-    assert kernel_calls["forward"] == 1
+    mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True, memory_circuit="input")(x))  # both circuits
+    assert kernel_calls["forward"] == 2
     with mx.stream(mx.cpu):  # the default stream, named: still the kernel's
         mx.eval(ncps_mlx.LTC(5, 8)(x))
-    assert kernel_calls["forward"] == 2
+    assert kernel_calls["forward"] == 3
 
 
 @applies

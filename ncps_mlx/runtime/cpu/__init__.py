@@ -66,7 +66,7 @@ class Kernel(NamedTuple):
 SEQUENCES = {
     CfCLowering: Kernel(cfc_sequence, cfc_applies, ("state", "input"), True),
     WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state",), False),
-    LTCLowering: Kernel(ltc_sequence, applies, ("state",), False),
+    LTCLowering: Kernel(ltc_sequence, applies, ("state", "input"), False),
     CTRNNLowering: Kernel(ctrnn_sequence, cfc_applies, (), False),
     CTGRULowering: Kernel(ctgru_sequence, cfc_applies, (), False),
 }

@@ -7,17 +7,17 @@ import mlx.core as mx
 
 from ...lowering import CfCLowering, Mode, WiredCfCLowering
 from .. import blas
-from .loader import all_float32, by_row, cfc_applies, library
+from .loader import all_float32, by_row, cfc_applies, loaded
 from .projection import input_projection
 
 def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_circuit=False):
     """Every step's state of a CfCCell with a backbone, feature-major.
 
     x (B, T, I), the sequence: the kernel computes the first backbone layer's input half
-    block by block; initial (H, B); timespans None (1.0 a step), 0-d or (B, T, 1); weights:
+    block by block; initial (B, H); timespans None (1.0 a step), 0-d or (B, T, 1); weights:
     ``_backbone_weights``' (the lowering's arrays in the kernel's order). -> (T, H, B). With
     ``memory`` (mixed memory, the "state" circuit: an LSTM before every step whose output
-    replaces the state): (lstm inputs (T, 4H, B), initial memory (H, B), recurrent weight
+    replaces the state): (lstm inputs (T, 4H, B), initial memory (B, H), recurrent weight
     (4H, H), forget-gate bias) -> (states, every step's memory (T, H, B)). ``keep``: dropout,
     (T, layers - 1, units, B), each backbone layer's activation after the first times its entry.
     ``input_circuit``: mixed memory's "input" circuit, the LSTM's output is the first layer's
@@ -33,7 +33,7 @@ def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_cir
         lstm_inputs, initial_c, recurrent, forget_bias = memory
         arrays += [lstm_inputs, initial_c, recurrent]
     arrays += weights.input_half + ([] if keep is None else [keep])
-    outputs = library().cfc_sequence(arrays, weights.mode.kernel_id, weights.activation.kernel_id, weights.ff_tanh,
+    outputs = loaded().cfc_sequence(arrays, weights.mode.kernel_id, weights.activation.kernel_id, weights.ff_tanh,
                                      ts is not None, weights.hidden_layers, memory is not None,
                                      0.0 if memory is None else float(forget_bias), keep is not None,
                                      bool(input_circuit), blas.sgemm_address())  # fmt: skip
@@ -73,7 +73,7 @@ def wired_cfc_states(inputs, initial, timespans, weights, memory=None):
     feature-major.
 
     inputs (T, K_0, B): layer 0's input product, bias included (``_LayerWeights.project``);
-    initial (S, B), the layers'
+    initial (B, S), the layers'
     states stacked; timespans None, 0-d or (B, T, 1); weights: ``_LayerWeights``'. -> (T, S, B).
     ``memory``: mixed memory over the S state rows, as in ``cfc_states`` -> (states, every step's
     memory (T, S, B))."""
@@ -82,7 +82,7 @@ def wired_cfc_states(inputs, initial, timespans, weights, memory=None):
     arrays = [inputs, initial] + ([] if ts is None else [ts]) + weights.arrays
     if memory is not None:
         arrays += list(memory[:3])
-    outputs = library().wired_cfc_sequence(arrays, weights.mode.kernel_id, weights.ff_tanh, ts is not None,
+    outputs = loaded().wired_cfc_sequence(arrays, weights.mode.kernel_id, weights.ff_tanh, ts is not None,
                                            weights.layers, memory is not None,
                                            0.0 if memory is None else float(memory[3]), blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
@@ -113,18 +113,18 @@ class _LayerWeights:
     def project(self, x):
         """Layer 0's input product of the sequence x (B, T, I), bias included, as the kernel
         reads it: (T, K_0, B), its heads fused as these weights fuse them."""
-        return library().input_projection(x, self.input_weight, self.input_bias, True, blas.sgemm_address())
+        return loaded().input_projection(x, self.input_weight, self.input_bias, True, blas.sgemm_address())
 
 
 def _memory_arrays(memory, x):
     """Mixed memory's (LSTMLowering, memory (B, S)) for the sequence x as the kernels take it: (the
-    LSTM's input projection (T, 4S, B), memory (S, B), recurrent weight (4S, S), forget-gate
+    LSTM's input projection (T, 4S, B), memory (B, S), recurrent weight (4S, S), forget-gate
     bias); None without."""
     if memory is None:
         return None
     lstm, c = memory
     inputs = input_projection(lstm, x, features_first=True).transpose(1, 2, 0)  # a view of a (T, 4S, B) array
-    return inputs, c.T, lstm.recurrent_weight, lstm.forget_gate_bias
+    return inputs, c, lstm.recurrent_weight, lstm.forget_gate_bias
 
 
 def _batch_major(states, memory):
@@ -160,11 +160,11 @@ def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memor
         return None  # the wired kernel runs the "state" circuit only
     if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
         weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights((cell,), timed))
-        states = wired_cfc_states(weights.project(x), h.T, ts, weights, memory=_memory_arrays(memory, x))
+        states = wired_cfc_states(weights.project(x), h, ts, weights, memory=_memory_arrays(memory, x))
     else:
         weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
         keep = None if keep is None else keep.transpose(0, 1, 3, 2)  # (T, layers - 1, units, B), as the kernel reads it
-        states = cfc_states(x, h.T, ts, weights, memory=_memory_arrays(memory, x), keep=keep, input_circuit=input_circuit)
+        states = cfc_states(x, h, ts, weights, memory=_memory_arrays(memory, x), keep=keep, input_circuit=input_circuit)
     return _batch_major(states, memory)
 
 
@@ -176,7 +176,7 @@ def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None):
         return None
     timed = ts is not None
     weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights(cell.layers, timed))
-    states = wired_cfc_states(weights.project(x), h.T, ts, weights, memory=_memory_arrays(memory, x))
+    states = wired_cfc_states(weights.project(x), h, ts, weights, memory=_memory_arrays(memory, x))
     start = sum(cell.layer_sizes[:-1])
     memories = None
     if memory is not None:

@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from ...lowering import CTGRULowering
 from .. import blas
-from .loader import all_float32, by_row, cfc_applies, library
+from .loader import all_float32, by_row, cfc_applies, loaded
 from .projection import input_projection
 
 
@@ -29,6 +29,6 @@ def ctgru_sequence(cell: CTGRULowering, x, state, ts=None):
     arrays += [cell.derived("ctgru.w_rs", lambda: mx.concatenate([cell.w_r, cell.w_s], axis=1)), cell.w_q]
     # The time scales are constants of the configuration, attributes of the node.
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
-    outputs, states = library().ctgru_sequence(arrays, cell.M, cell.mozer, clip, list(cell.ln_tau), list(cell.decay), timed,
+    outputs, states = loaded().ctgru_sequence(arrays, cell.M, cell.mozer, clip, list(cell.ln_tau), list(cell.decay), timed,
                                                blas.sgemm_address())  # fmt: skip
     return outputs, states

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...lowering import CTRNNLowering
 from .. import blas
-from .loader import all_float32, by_row, cfc_applies, library
+from .loader import all_float32, by_row, cfc_applies, loaded
 from .projection import input_projection
 
 
@@ -26,6 +26,6 @@ def ctrnn_sequence(cell: CTRNNLowering, x, h, ts=None):
         arrays.append(cell.derived("ctrnn.recurrent", lambda: cell.weight[:, cell.input_size :].T))
     arrays.append(cell.tau)
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
-    states = library().ctrnn_sequence(arrays, cell.ode_unfolds, cell.delta_t, clip, ts is not None,
+    states = loaded().ctrnn_sequence(arrays, cell.ode_unfolds, cell.delta_t, clip, ts is not None,
                                       cell.global_feedback, blas.sgemm_address())  # fmt: skip
     return states, states

@@ -23,6 +23,11 @@ typedef struct {
     const float *lstm_inputs;             /* (B, T, 4S) */
     const float *lstm_recurrent_t;        /* (S, 4S): the recurrent weight, transposed */
     float forget_bias;
+    /* Mixed memory's "input" circuit: the LSTM's output, mapped (x in_w + in_b, (S,)), is the
+     * cell's input through these sensory synapses ((S, S) each), computed each step; inputs is
+     * unread and the state is left alone. */
+    int32_t input_circuit;
+    const float *s_sigma, *s_mu, *s_w_erev, *s_w, *in_w, *in_b;
 } ltc_args;
 
 /* Mixed memory ("state" circuit), or inputs NULL: before each step an LSTM over the whole state
@@ -102,6 +107,7 @@ typedef struct {
     float *memory;
     const float *d_memory;
     float *d_inputs, *d_initial_c, *d_recurrent_t;
+    float *d_s_sigma, *d_s_mu, *d_s_w_erev, *d_s_w, *d_in_w, *d_in_b; /* the "input" circuit's */
 } ltc_memory;
 
 void ltc_forward(const ltc_args *a, const float *initial, float *states, const ltc_memory *m, int first, int last,

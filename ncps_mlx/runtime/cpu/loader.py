@@ -40,6 +40,15 @@ def library():
     """The kernels' extension module, or None where they do not apply (``status()`` says why)."""
     if os.environ.get("NCPS_MLX_RUNTIME", "auto") == "mlx":
         return None
+    return loaded()
+
+
+def loaded():
+    """The kernels' extension module if it loads, whatever ``NCPS_MLX_RUNTIME`` says: for the
+    kernels' own calls, made after ``applies()`` said yes."""
+    kernels = _LOADED.get("kernels")
+    if kernels is not None:
+        return kernels
     with _LOCK:
         if "status" not in _LOADED:
             _LOADED["kernels"], _LOADED["status"] = _load()

@@ -76,26 +76,36 @@ static void lstm_row(const ltc_args *a, int b, int t, const float *h_in, const f
     }
 }
 
+/* The "input" circuit's sensory sums of step t: the LSTM's output m (S) mapped into mapped (S),
+ * then u (2 S): the numerator terms, then the denominator's. */
+static void sensory_of_memory(const ltc_args *a, const float *m, float *mapped, float *u) {
+    const int S = a->units;
+    for (int i = 0; i < S; ++i) mapped[i] = m[i] * a->in_w[i] + a->in_b[i];
+    synapse_sums(S, S, mapped, a->s_sigma, a->s_mu, a->s_w_erev, a->s_w, u, u + S);
+}
+
 /* Row b's forward pass from initial (B, S): every unfold's input state, then the last state, into
  * trail ((T U + 1) S floats) if not NULL; every step's state into states (B, T, S) if not NULL.
  * With mixed memory the LSTM's output is each step's first unfold input, the state it read goes
  * to h_in (T S floats) if not NULL and every step's memory to m->memory. work: 5 S floats, with
- * mixed memory 5 S more. */
+ * mixed memory 5 S more, in the "input" circuit 9 S more (there the LSTM's output is the
+ * sensory synapses' input and the state is left alone). */
 static void row_forward(const ltc_args *a, const ltc_memory *m, int b, const float *initial, float *trail,
                         float *h_in, float *states, float *work) {
     const int S = a->units, T = a->steps, U = a->unfolds;
     float *cm_t = work, *numerator = work + S, *denominator = work + 2 * S, *ping = work + 3 * S, *pong = work + 4 * S;
-    float *c = work + 5 * S, *z = work + 6 * S;
+    float *c = work + 5 * S, *z = work + 6 * S, *lstm_out = work + 10 * S, *mapped = work + 11 * S, *sensory = work + 12 * S;
     float *v = trail ? trail : ping;
     memcpy(v, initial + (int64_t)b * S, S * sizeof(float));
     if (a->lstm_inputs) memcpy(c, m->initial_c + (int64_t)b * S, S * sizeof(float));
     for (int t = 0; t < T; ++t) {
         if (a->lstm_inputs) {
             if (h_in) memcpy(h_in + (int64_t)t * S, v, S * sizeof(float));
-            lstm_row(a, b, t, v, c, c, v, z);
+            lstm_row(a, b, t, v, c, c, a->input_circuit ? lstm_out : v, z);
             if (m->memory) memcpy(m->memory + ((int64_t)b * T + t) * S, c, S * sizeof(float));
+            if (a->input_circuit) sensory_of_memory(a, lstm_out, mapped, sensory);
         }
-        const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
+        const float *u = a->input_circuit ? sensory : a->inputs + ((int64_t)b * T + t) * 2 * S;
         const float step = timespan(a, b, t) / (float)U;
         for (int j = 0; j < S; ++j) cm_t[j] = a->cm[j] / step;
         for (int k = 0; k < U; ++k) {
@@ -179,7 +189,8 @@ static float synapse_gradients(int S, float vi, const float *restrict sigma, con
  * d_inputs (B, T, 2S), d_initial (B, S) and d_timespans (B, T) (if timespans) written for these
  * rows; the parameters' (S, S) and (S,) gradients added into d_sigma ... d_leak (this caller's
  * own buffers, summed by the caller); with mixed memory m's too (its memory the forward pass's).
- * scratch: (T U + 1) S + 9 S floats, with mixed memory (T + 9) S more. */
+ * scratch: (T U + 1) S + 9 S floats, with mixed memory (T + 9) S more, in the "input" circuit
+ * 8 S more after those (and d_inputs unused: the circuit's parameters' gradients go to m's). */
 void ltc_backward(const ltc_args *a, const float *initial, const float *d_states, float *d_inputs,
                   float *d_initial, float *d_timespans, float *d_sigma, float *d_mu, float *d_w,
                   float *d_w_erev, float *d_cm, float *d_gleak, float *d_leak, const ltc_memory *m, int first,
@@ -194,6 +205,10 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
     /* mixed memory: the memory's cotangent, the gates and theirs (4S each); row_forward's work is
      * cm_t's 9 rows and the first of these (10 S), all free until g is set */
     float *carried_c = cm_t + 9 * S, *z = carried_c + S, *dz = z + 4 * S;
+    /* the "input" circuit: the step's LSTM output, its mapping, the sensory sums and their
+     * cotangents, the memory after the step, the mapping's cotangent */
+    float *lstm_out = dz + 4 * S, *mapped = lstm_out + S, *sensory = mapped + S, *d_sensory = sensory + 2 * S;
+    float *c_after = d_sensory + 2 * S, *d_mapped = c_after + S;
     for (int b = first; b < last; ++b) {
         ltc_memory recompute = {0};
         if (a->lstm_inputs) recompute.initial_c = m->initial_c;
@@ -204,6 +219,13 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
         for (int t = T - 1; t >= 0; --t) {
             const float *u = a->inputs + ((int64_t)b * T + t) * 2 * S;
             float *du = d_inputs + ((int64_t)b * T + t) * 2 * S;
+            if (a->input_circuit) { /* the step's LSTM output and sensory sums again */
+                const float *c_in = t == 0 ? m->initial_c + (int64_t)b * S : m->memory + ((int64_t)b * T + t - 1) * S;
+                lstm_row(a, b, t, h_in + (int64_t)t * S, c_in, c_after, lstm_out, z);
+                sensory_of_memory(a, lstm_out, mapped, sensory);
+                u = sensory;
+                du = d_sensory;
+            }
             const float ts = timespan(a, b, t), step = ts / (float)U;
             const float *ds = d_states + ((int64_t)b * T + t) * S;
             for (int j = 0; j < S; ++j) {
@@ -242,7 +264,21 @@ void ltc_backward(const ltc_args *a, const float *initial, const float *d_states
                 d_ts -= d_cm_t[j] * cm_t[j];
             }
             if (d_timespans) d_timespans[(int64_t)b * T + t] = d_ts / ts;
-            if (a->lstm_inputs) /* g is the LSTM output's cotangent: through the LSTM to the state it read */
+            if (a->input_circuit) { /* du: through the sensory synapses and the mapping to the LSTM */
+                for (int i = 0; i < S; ++i) {
+                    const int64_t row = (int64_t)i * S;
+                    d_mapped[i] = synapse_gradients(S, mapped[i], a->s_sigma + row, a->s_mu + row, a->s_w + row,
+                                                    a->s_w_erev + row, du, du + S, m->d_s_sigma + row, m->d_s_mu + row,
+                                                    m->d_s_w + row, m->d_s_w_erev + row, along);
+                    m->d_in_w[i] += d_mapped[i] * lstm_out[i];
+                    m->d_in_b[i] += d_mapped[i];
+                    d_mapped[i] *= a->in_w[i];
+                }
+                /* d_mapped becomes the previous state's cotangent through the LSTM; g already holds
+                 * the state's own */
+                lstm_row_vjp(a, m, b, t, h_in + (int64_t)t * S, d_mapped, carried_c, z, dz);
+                for (int j = 0; j < S; ++j) g[j] += d_mapped[j];
+            } else if (a->lstm_inputs) /* g is the LSTM output's cotangent: through the LSTM to the state it read */
                 lstm_row_vjp(a, m, b, t, h_in + (int64_t)t * S, g, carried_c, z, dz);
         }
         memcpy(d_initial + (int64_t)b * S, g, S * sizeof(float));

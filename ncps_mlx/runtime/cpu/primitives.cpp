@@ -48,7 +48,7 @@ namespace {
 // work that MLX ran as (B, T, I, S) tensors.
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
-// What a node computes. ints, by loop: LTC {unfolds, timed, mixed memory}; CfC {mode, activation, ff_tanh,
+// What a node computes. ints, by loop: LTC {unfolds, timed, mixed memory, input circuit}; CfC {mode, activation, ff_tanh,
 // timed, hidden layers, mixed memory, dropout, input circuit}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
 // {unfolds, timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}.
 // floats: LTC {epsilon, [forget bias]}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M),
@@ -102,11 +102,12 @@ struct Spec {
     if (mixed()) {  // the LSTM's inputs (T, 4H, B) and initial memory (H, B); an LTC's batch-major
       const int c = memory_index();
       if (input == c) return loop == Loop::LTC ? 0 : 2;
-      if (input == c + 1) return loop == Loop::LTC ? 0 : 1;
+      if (input == c + 1) return 0;  // initial memory (B, S)
     }
     if (dropout() && input == keep_index()) return 3;
     if (input >= 2 + int(timed())) return -1;
     if (batch_major() || (loop == Loop::CfC && input == 0)) return 0;  // a CfC's x is (B, T, I)
+    if (input == 1) return 0;  // the initial state (B, S)
     return input == 0 ? 2 : 1;
   }
 };
@@ -223,15 +224,22 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const int B = in[0].shape(0), T = in[0].shape(1), S = in[p].shape(0);
   const bool mixed = spec.mixed();
   const int c = p + 7;                // mixed memory's lstm inputs, initial memory, recurrent weight (transposed)
-  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
+  const bool input_circuit = spec.ints[3] != 0;
+  const int q = c + 3;                // the "input" circuit's sensory sigma, mu, w erev, w, in_w, in_b
+  const int n = c + (mixed ? 3 : 0) + (input_circuit ? 6 : 0);  // the forward node's inputs
   ltc_args a{B, T, S, spec.ints[0], spec.floats[0], ptr(in[p]), ptr(in[p + 1]), ptr(in[p + 2]), ptr(in[p + 3]),
              ptr(in[p + 4]), ptr(in[p + 5]), ptr(in[p + 6]), ptr(in[0]), timed ? ptr(in[2]) : nullptr,
-             mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[1] : 0.0f};
+             mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[1] : 0.0f,
+             input_circuit};
+  if (input_circuit) {
+    a.s_sigma = ptr(in[q]), a.s_mu = ptr(in[q + 1]), a.s_w_erev = ptr(in[q + 2]), a.s_w = ptr(in[q + 3]);
+    a.in_w = ptr(in[q + 4]), a.in_b = ptr(in[q + 5]);
+  }
   if (!spec.backward) {
     float* states = ptr(out[0]);
     ltc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
-      Scratch scratch(part, (mixed ? 10 : 5) * size_t(S));
+      Scratch scratch(part, (input_circuit ? 14 : mixed ? 10 : 5) * size_t(S));
       ltc_forward(&a, ptr(in[1]), states, &memory, first, last, scratch.data());
     });
     return;
@@ -240,18 +248,39 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const mx::array& d_states = in[n];
   std::vector<size_t> summed = range(p, c);
   if (mixed) summed.push_back(c + 2);
+  if (input_circuit)
+    for (int i = 0; i < 6; ++i) summed.push_back(q + i);
   ParameterGradients grads(out, summed);
   ltc_memory memory{};
   if (mixed) memory = ltc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[n + 1])), ptr(in[n + 2]), ptr(out[c]), ptr(out[c + 1]), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9 + (mixed ? size_t(T) + 9 : 0)) * S);
+    Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9 + (mixed ? size_t(T) + 9 : 0) + (input_circuit ? 8 : 0)) * S);
     auto g = grads.of_part(part);
     ltc_memory own = memory;
-    if (mixed) own.d_recurrent_t = g.back();
+    if (mixed) own.d_recurrent_t = g[7];
+    if (input_circuit) {
+      own.d_s_sigma = g[8], own.d_s_mu = g[9], own.d_s_w_erev = g[10], own.d_s_w = g[11];
+      own.d_in_w = g[12], own.d_in_b = g[13];
+    }
     ltc_backward(&a, ptr(in[1]), ptr(d_states), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr, g[0], g[1],
                  g[2], g[3], g[4], g[5], g[6], mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
+}
+
+// The CfC loops keep states feature-major (S, B); their nodes take the initial state and memory
+// batch-major (B, S), as the models hold them (no transpose node a call): transposed here, and
+// their gradients back.
+std::vector<float> transposed(const float* from, int rows, int cols) {
+  std::vector<float> to(size_t(rows) * cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) to[size_t(c) * rows + r] = from[size_t(r) * cols + c];
+  return to;
+}
+std::vector<float> feature_major(const mx::array& a) { return transposed(ptr(a), a.shape(0), a.shape(1)); }
+void batch_major_into(const std::vector<float>& from, mx::array& to) {
+  auto t = transposed(from.data(), to.shape(1), to.shape(0));
+  std::memcpy(to.data<float>(), t.data(), t.size() * sizeof(float));
 }
 
 void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
@@ -276,11 +305,13 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              reinterpret_cast<sgemm_fn>(spec.sgemm), spec.dropout() ? ptr(in[f + 2]) : nullptr, spec.ints[7]};
   const int n = f + 2 + spec.dropout();  // the forward node's inputs
   const size_t extra = mixed ? (spec.ints[7] ? 6 : 5) * size_t(H) : 0;
+  const auto initial = feature_major(in[1]);
+  const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
-    cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
+    cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
       Scratch scratch(part, (H + 2 * U + K + extra) * (last - first));
-      cfc_forward(&a, ptr(in[1]), ptr(out[0]), &memory, first, last, scratch.data());
+      cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
     return;
   }
@@ -291,8 +322,9 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   summed.push_back(f);
   summed.push_back(f + 1);
   ParameterGradients grads(out, summed);
+  std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
-  if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
+  if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
   over_batch(B, [&](int part, int first, int last) {
     Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0) +
                            (spec.dropout() ? size_t(L - 1) * U : 0) + (spec.ints[7] ? size_t(H) : 0)) * (last - first));
@@ -305,12 +337,14 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
     }
     cfc_memory own = memory;
     if (mixed) own.d_recurrent = g[g.size() - 3];
-    cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), g[g.size() - 2], g.back(), ptr(out[1]),
+    cfc_backward(&a, initial.data(), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), g[g.size() - 2], g.back(), d_initial.data(),
                  timed ? ptr(out[2]) : nullptr, g[0], d_weights.data(), d_biases.data(), g[1], g[2],
                  spec.pure() ? g[q - p] : nullptr, spec.pure() ? g[q - p + 1] : nullptr,
                  spec.dropout() ? ptr(out[f + 2]) : nullptr, mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
+  batch_major_into(d_initial, out[1]);
+  if (mixed) batch_major_into(d_initial_c, out[c + 1]);
 }
 
 void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
@@ -348,11 +382,13 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
                reinterpret_cast<sgemm_fn>(spec.sgemm)};
   const size_t extra = mixed ? 5 * size_t(S) : 0;
+  const auto initial = feature_major(in[1]);
+  const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
-    cfc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
+    cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
     over_batch(B, [&](int part, int first, int last) {
       Scratch scratch(part, (S + max_k + extra) * (last - first));
-      wired_cfc_forward(&a, ptr(in[1]), ptr(out[0]), &memory, first, last, scratch.data());
+      wired_cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
     return;
   }
@@ -361,8 +397,9 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   std::vector<size_t> summed = range(p, c);
   if (mixed) summed.push_back(c + 2);
   ParameterGradients grads(out, summed);
+  std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
-  if (mixed) memory = cfc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), ptr(out[c + 1]), nullptr};
+  if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
   over_batch(B, [&](int part, int first, int last) {
     Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? 8 * size_t(S) : 0)) * (last - first));
     auto g = grads.of_part(part);
@@ -378,11 +415,13 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
       d_w_tau.push_back(pure ? at[1 + own] : nullptr);
       d_A.push_back(pure ? at[2 + own] : nullptr);
     }
-    wired_cfc_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
+    wired_cfc_backward(&a, initial.data(), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), d_initial.data(),
                        timed ? ptr(out[2]) : nullptr, d_input_weights.data(), d_biases.data(), d_state_weights.data(),
                        d_w_tau.data(), d_A.data(), mixed ? &own : nullptr, first, last, scratch.data());
   });
   grads.sum();
+  batch_major_into(d_initial, out[1]);
+  if (mixed) batch_major_into(d_initial_c, out[c + 1]);
 }
 
 void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
@@ -630,7 +669,9 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     require(a.dtype() == mx::float32, "the CPU kernels take float32 arrays");
     // An evaluated row-contiguous array (a weight, kept between calls) is read as it is: a
     // Contiguous node for each would be a scheduled task of every call.
-    if (!(a.is_available() && a.flags().row_contiguous)) a = mx::contiguous(a, false, stream);
+    // So is an output of these kernels' own nodes (each a fresh row-contiguous array).
+    const bool ours = a.has_primitive() && dynamic_cast<const SequenceKernel*>(&a.primitive()) != nullptr;
+    if (!ours && !(a.is_available() && a.flags().row_contiguous)) a = mx::contiguous(a, false, stream);
   }
   const int timed = spec.timed(), p = 2 + timed;
   require(inputs.size() > size_t(p), "too few arrays");
@@ -642,8 +683,8 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     size_t n = inputs.size() - (one ? 1 : l == Loop::CTGRU ? 3 : 2) - 2 * spec.mixed();
     for (size_t i = 0; i < n; ++i) shapes.push_back(inputs[i].shape());
   } else if (spec.loop == Loop::LTC) {
-    require(x.ndim() == 3 && inputs.size() == size_t(p + 7 + 3 * spec.mixed()),
-            "LTC: inputs (B, T, 2S) and 9 or 10 arrays, with mixed memory 3 more");
+    require(x.ndim() == 3 && inputs.size() == size_t(p + 7 + 3 * spec.mixed() + 6 * (spec.ints[3] != 0)),
+            "LTC: inputs (B, T, 2S) and 9 or 10 arrays, with mixed memory 3 more, in its input circuit 6 more");
     shapes.push_back({x.shape(0), x.shape(1), inputs[p].shape(0)});
     if (spec.mixed()) shapes.push_back(shapes.back());
   } else if (spec.loop == Loop::CfC) {
@@ -675,8 +716,9 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     require(x.ndim() == 3 && inputs.size() == size_t(p + 1 + spec.ints[2]), "CTRNN: inputs (B, T, U) and 3 to 5 arrays");
     shapes.push_back(x.shape());
   } else {
-    require(x.ndim() == 3 && inputs[1].ndim() == 2, "wired CfC: inputs (T, K, B), initial (S, B)");
-    shapes.push_back({x.shape(0), inputs[1].shape(0), x.shape(2)});
+    require(x.ndim() == 3 && inputs[1].ndim() == 2 && inputs[1].shape(0) == x.shape(2),
+            "wired CfC: inputs (T, K, B), initial (B, S)");
+    shapes.push_back({x.shape(0), inputs[1].shape(1), x.shape(2)});
     if (spec.mixed()) shapes.push_back(shapes.back());
   }
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
@@ -701,10 +743,13 @@ NB_MODULE(_kernels, m) {
   });
   m.def(
       "ltc_sequence",
-      [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed, bool mixed, float forget_bias) {
-        return sequence(Spec{Loop::LTC, false, {unfolds, timed, mixed}, {epsilon, forget_bias}, 0}, std::move(arrays));
+      [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed, bool mixed, float forget_bias,
+         bool input_circuit) {
+        require(!input_circuit || mixed, "the input circuit is mixed memory's");
+        return sequence(Spec{Loop::LTC, false, {unfolds, timed, mixed, input_circuit}, {epsilon, forget_bias}, 0},
+                        std::move(arrays));
       },
-      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a, "mixed"_a, "forget_bias"_a);
+      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a);
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...lowering import LTCLowering
 from .. import blas
-from .loader import all_float32, applies, cfc_applies, library
+from .loader import all_float32, applies, cfc_applies, loaded
 
 
 def input_projection(lowering, x, features_first=False):
@@ -21,12 +21,12 @@ def input_projection(lowering, x, features_first=False):
         arrays = lowering.derived("ltc.sensory", lowering.sensory_synapse_arrays)
         if not all_float32(x, *arrays) or not applies():
             return None
-        return library().ltc_sensory(lowering.map_input(x), *arrays)
+        return loaded().ltc_sensory(lowering.map_input(x), *arrays)
     if not cfc_applies():
         return None
     weight, bias = lowering.input_projection()
     if not all_float32(x, weight, bias):
         return None
     features_first = features_first or lowering.features_first
-    y = library().input_projection(x, weight, bias, features_first, blas.sgemm_address())
+    y = loaded().input_projection(x, weight, bias, features_first, blas.sgemm_address())
     return y.transpose(2, 0, 1) if features_first else y
