@@ -179,15 +179,16 @@ def test_kernels_not_used_where_they_do_not_apply(kernel_calls):
     model = ncps_mlx.LTC(5, 8)
     model.set_dtype(mx.float16)
     mx.eval(model(x.astype(mx.float16)))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input", backbone_layers=0)(x))
-    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True, memory_circuit="input")(x))
-    # No loop ran in a kernel (the mixed-memory models' input projections do).
+    half_cfc = ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")
+    half_cfc.set_dtype(mx.float16)
+    mx.eval(half_cfc(x.astype(mx.float16)))
+    # No loop ran in a kernel.
     assert {kernel_calls[name] for name in ("forward", "cfc_states", "wired_cfc_states")} == {0}
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True)(x))  # the "state" circuit, with and without a backbone
-    mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True)(x))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0)(x))
-    mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit="input")(x))  # with a backbone: the kernel's
-    assert kernel_calls["cfc_states"] == 2 and kernel_calls["wired_cfc_states"] == 2
+    for circuit in ("state", "input"):  # with and without a backbone
+        mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, memory_circuit=circuit)(x))
+        mx.eval(ncps_mlx.CfC(5, wirings.AutoNCP(10, 3, seed=1), mixed_memory=True, memory_circuit=circuit)(x))
+        mx.eval(ncps_mlx.CfC(5, 8, mixed_memory=True, backbone_layers=0, memory_circuit=circuit)(x))
+    assert kernel_calls["cfc_states"] == 2 and kernel_calls["wired_cfc_states"] == 4
     mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True)(x))
     mx.eval(ncps_mlx.LTC(5, 8, mixed_memory=True, memory_circuit="input")(x))  # both circuits
     assert kernel_calls["forward"] == 2

@@ -65,7 +65,7 @@ class Kernel(NamedTuple):
 # The kernels by the type of the lowering whose loop they run.
 SEQUENCES = {
     CfCLowering: Kernel(cfc_sequence, cfc_applies, ("state", "input"), True),
-    WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state",), False),
+    WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state", "input"), False),
     LTCLowering: Kernel(ltc_sequence, applies, ("state", "input"), False),
     CTRNNLowering: Kernel(ctrnn_sequence, cfc_applies, (), False),
     CTGRULowering: Kernel(ctgru_sequence, cfc_applies, (), False),

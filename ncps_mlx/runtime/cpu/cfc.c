@@ -217,7 +217,7 @@ void cfc_forward(const cfc_args *a, const float *initial, float *states, const c
 
 /* Columns [first, last) of every step's state, states (T, S, B) with S the layers' sizes summed,
  * from initial (S, B); with mixed memory m's every step's memory too. scratch: (S + max K_l)
- * (last - first) floats, with mixed memory 5 S (last - first) more. */
+ * (last - first) floats, with mixed memory 5 S (last - first) more, in the "input" circuit 6 S. */
 void wired_cfc_forward(const wired_args *a, const float *initial, float *states, const cfc_memory *m, int first,
                        int last, float *scratch) {
     if (last <= first) return; /* an empty batch: nothing to do (a BLAS rejects empty products) */
@@ -228,18 +228,23 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
         widest = a->heads[l] > widest ? a->heads[l] : widest;
     }
     float *h = scratch, *g = h + (int64_t)S * R, *c = g + (int64_t)widest * R, *gates = c + (int64_t)S * R;
+    float *lstm_out = gates + 4 * (int64_t)S * R;
     for (int j = 0; j < S; ++j) memcpy(h + (int64_t)j * R, initial + (int64_t)j * B + first, R * sizeof(float));
     if (a->lstm.inputs) copy_columns(c, (float *)m->initial_c, S, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
-        if (a->lstm.inputs) {
-            lstm_step(&a->lstm, a->sgemm, S, B, t, first, R, h, c, gates);
+        if (a->lstm.inputs) { /* the "state" circuit: the LSTM's output replaces h */
+            if (a->input_circuit) memcpy(lstm_out, h, (int64_t)S * R * sizeof(float));
+            lstm_step(&a->lstm, a->sgemm, S, B, t, first, R, a->input_circuit ? lstm_out : h, c, gates);
             copy_columns(c, m->memory + (int64_t)t * S * B, S, R, B, first, 0);
         }
         const float *ts = a->timespans ? a->timespans + (int64_t)t * B + first : NULL;
         float *state = h, *previous = NULL;
         for (int l = 0; l < a->layers; ++l) {
             const int H = a->sizes[l], K = a->heads[l];
-            if (l == 0) {
+            if (l == 0 && a->input_circuit) {
+                fill_rows(g, a->biases[0], K, R);
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, S, 1.0f, a->input_weights[0], S, lstm_out, R, 1.0f, g, R);
+            } else if (l == 0) {
                 const float *u = a->inputs + (int64_t)t * K * B + first;
                 for (int k = 0; k < K; ++k) memcpy(g + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
             } else {
@@ -489,7 +494,7 @@ void cfc_backward(const cfc_args *a, const float *initial, const float *states, 
  * gradients added into d_input_weights, d_biases (layers 1.., as input_weights and biases) and
  * d_state_weights: this caller's own buffers. Each step's head outputs are recomputed from the
  * states; with mixed memory m's gradients too. scratch: (4 S + sum K_l + max K_l + 1) (last - first)
- * floats, with mixed memory 8 S (last - first) more. */
+ * floats, with mixed memory 8 S (last - first) more, in the "input" circuit 9 S. */
 void wired_cfc_backward(const wired_args *a, const float *initial, const float *states, const float *d_states,
                         float *d_inputs, float *d_initial, float *d_timespans, float *const *d_input_weights,
                         float *const *d_biases, float *const *d_state_weights, float *const *d_w_tau,
@@ -508,6 +513,10 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
     /* mixed memory: the LSTM's input state, memory in and out, gates, the memory's cotangent */
     const int64_t n = (int64_t)S * R;
     float *h_in = d_ts + R, *c_in = h_in + n, *c_out = c_in + n, *gates = c_out + n, *carried_c = gates + 4 * n;
+    /* the "input" circuit: the LSTM output's cotangent; the layers' previous state is h_in, and
+     * previous the LSTM's output */
+    float *d_lstm_out = carried_c + n;
+    const float *layers_in = a->input_circuit ? h_in : previous;
     for (int64_t i = 0; i < n; ++i) carried[i] = 0.0f;
     if (a->lstm.inputs)
         for (int64_t i = 0; i < n; ++i) carried_c[i] = 0.0f;
@@ -526,7 +535,10 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
         for (int l = 0; l < L; ++l) {
             const int H = a->sizes[l], K = a->heads[l];
             float *gl = g + head_offset * R;
-            if (l == 0) {
+            if (l == 0 && a->input_circuit) {
+                fill_rows(gl, a->biases[0], K, R);
+                a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, S, 1.0f, a->input_weights[0], S, previous, R, 1.0f, gl, R);
+            } else if (l == 0) {
                 copy_columns(gl, (float *)a->inputs + (int64_t)t * K * B, K, R, B, first, 1);
             } else {
                 const int P = a->sizes[l - 1];
@@ -534,7 +546,7 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
                 a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, P, 1.0f, a->input_weights[l], P, current + (offset - P) * R, R,
                          1.0f, gl, R);
             }
-            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, H, 1.0f, a->state_weights[l], H, previous + offset * R, R, 1.0f, gl, R);
+            a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, H, 1.0f, a->state_weights[l], H, layers_in + offset * R, R, 1.0f, gl, R);
             offset += H;
             head_offset += K;
         }
@@ -554,9 +566,13 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
                                   gl + (int64_t)(2 * H + j) * R, fused ? NULL : gl + (int64_t)(3 * H + j) * R, ts,
                                   dh + (int64_t)j * R, NULL, dy + (int64_t)j * R, dy + (int64_t)(H + j) * R,
                                   dy + (int64_t)(2 * H + j) * R, fused ? NULL : dy + (int64_t)(3 * H + j) * R, d_ts, R);
-            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, H, R, 1.0f, dy, R, previous + offset * R, R, 1.0f, d_state_weights[l], H);
+            a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, H, R, 1.0f, dy, R, layers_in + offset * R, R, 1.0f, d_state_weights[l], H);
             a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, H, R, K, 1.0f, a->state_weights[l], H, dy, R, 0.0f, carried + offset * R, R);
-            if (l == 0) {
+            if (l == 0 && a->input_circuit) { /* layer 0's input is the LSTM's output, previous */
+                a->sgemm(ROW_MAJOR, NO_TRANS, TRANS, K, S, R, 1.0f, dy, R, previous, R, 1.0f, d_input_weights[0], S);
+                add_row_sums(dy, d_biases[0], K, R);
+                a->sgemm(ROW_MAJOR, TRANS, NO_TRANS, S, R, K, 1.0f, a->input_weights[0], S, dy, R, 0.0f, d_lstm_out, R);
+            } else if (l == 0) {
                 copy_columns(dy, d_inputs + (int64_t)t * K * B, K, R, B, first, 0);
             } else {
                 const int P = a->sizes[l - 1];
@@ -567,7 +583,10 @@ void wired_cfc_backward(const wired_args *a, const float *initial, const float *
             }
         }
         if (d_timespans) memcpy(d_timespans + (int64_t)t * B + first, d_ts, R * sizeof(float));
-        if (a->lstm.inputs) /* carried is the LSTM output's cotangent: through the LSTM to h_in */
+        if (a->input_circuit) { /* carried is h_in's own cotangent; the LSTM's path to it is added */
+            lstm_step_vjp(&a->lstm, a->sgemm, m, S, B, t, first, R, gates, c_in, c_out, h_in, d_lstm_out, carried_c);
+            for (int64_t i = 0; i < n; ++i) carried[i] += d_lstm_out[i];
+        } else if (a->lstm.inputs) /* carried is the LSTM output's cotangent: through the LSTM to h_in */
             lstm_step_vjp(&a->lstm, a->sgemm, m, S, B, t, first, R, gates, c_in, c_out, h_in, carried, carried_c);
     }
     copy_columns(carried, d_initial, S, R, B, first, 0);

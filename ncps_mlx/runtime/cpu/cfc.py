@@ -68,7 +68,7 @@ def _fused_gate(rows, hidden_size, axis=0):
     return mx.concatenate([part(0, 2 * H), part(2 * H, 3 * H) + part(3 * H, 4 * H)], axis=axis)
 
 
-def wired_cfc_states(inputs, initial, timespans, weights, memory=None):
+def wired_cfc_states(inputs, initial, timespans, weights, memory=None, input_circuit=False):
     """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
     feature-major.
 
@@ -76,15 +76,18 @@ def wired_cfc_states(inputs, initial, timespans, weights, memory=None):
     initial (B, S), the layers'
     states stacked; timespans None, 0-d or (B, T, 1); weights: ``_LayerWeights``'. -> (T, S, B).
     ``memory``: mixed memory over the S state rows, as in ``cfc_states`` -> (states, every step's
-    memory (T, S, B))."""
+    memory (T, S, B)). ``input_circuit``: its "input" circuit, layer 0's input is the LSTM's
+    output through ``weights``' layer-0 input weight (K_0, S); then ``inputs`` is (T, 0, B)."""
     steps, _, batch = inputs.shape
     ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
     arrays = [inputs, initial] + ([] if ts is None else [ts]) + weights.arrays
     if memory is not None:
         arrays += list(memory[:3])
+    if input_circuit:
+        arrays += [weights.input_weight, weights.input_bias]
     outputs = loaded().wired_cfc_sequence(arrays, weights.mode.kernel_id, weights.ff_tanh, ts is not None,
-                                           weights.layers, memory is not None,
-                                           0.0 if memory is None else float(memory[3]), blas.sgemm_address())  # fmt: skip
+                                          weights.layers, memory is not None, 0.0 if memory is None else float(memory[3]),
+                                          bool(input_circuit), blas.sgemm_address())  # fmt: skip
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
@@ -114,6 +117,12 @@ class _LayerWeights:
         """Layer 0's input product of the sequence x (B, T, I), bias included, as the kernel
         reads it: (T, K_0, B), its heads fused as these weights fuse them."""
         return loaded().input_projection(x, self.input_weight, self.input_bias, True, blas.sgemm_address())
+
+
+def _no_inputs(x):
+    """(T, 0, B): the wired kernel's layer-0 inputs where it makes them itself (the "input"
+    circuit), for their shape."""
+    return mx.zeros((x.shape[1], 0, x.shape[0]), x.dtype)
 
 
 def _memory_arrays(memory, x):
@@ -156,11 +165,10 @@ def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memor
         return None
     timed = ts is not None
     input_circuit = memory is not None and memory_circuit == "input"
-    if input_circuit and cell.heads is None:
-        return None  # the wired kernel runs the "state" circuit only
     if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
         weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights((cell,), timed))
-        states = wired_cfc_states(weights.project(x), h, ts, weights, memory=_memory_arrays(memory, x))
+        inputs = _no_inputs(x) if input_circuit else weights.project(x)
+        states = wired_cfc_states(inputs, h, ts, weights, memory=_memory_arrays(memory, x), input_circuit=input_circuit)
     else:
         weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
         keep = None if keep is None else keep.transpose(0, 1, 3, 2)  # (T, layers - 1, units, B), as the kernel reads it
@@ -168,15 +176,18 @@ def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memor
     return _batch_major(states, memory)
 
 
-def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None):
+def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None, memory_circuit="state"):
     """``cfc_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
-    the kernel does not apply (as there). ``memory``: as there, over the units' state."""
+    the kernel does not apply (as there). ``memory``, ``memory_circuit``: as there, over the
+    units' state."""
     if not _kernel_applies(x, h, cell.layers[0].first_weight, ts, *(memory[1:] if memory else ())):
         return None
     timed = ts is not None
+    input_circuit = memory is not None and memory_circuit == "input"
     weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights(cell.layers, timed))
-    states = wired_cfc_states(weights.project(x), h, ts, weights, memory=_memory_arrays(memory, x))
+    inputs = _no_inputs(x) if input_circuit else weights.project(x)
+    states = wired_cfc_states(inputs, h, ts, weights, memory=_memory_arrays(memory, x), input_circuit=input_circuit)
     start = sum(cell.layer_sizes[:-1])
     memories = None
     if memory is not None:

@@ -76,6 +76,8 @@ typedef struct {
     const float *const *w_tau, *const *A; /* per layer (H_l,), pure mode */
     lstm_args lstm;                       /* over the S rows of all layers' states */
     sgemm_fn sgemm;
+    int32_t input_circuit; /* mixed memory's "input" circuit: layer 0's input is the LSTM's output
+                            * through input_weights[0] (K_0, S) and biases[0]; inputs is unread */
 } wired_args;
 
 typedef struct {

@@ -49,7 +49,7 @@ namespace {
 enum class Loop : int { LTC = 0, CfC = 1, Wired = 2, CTRNN = 3, CTGRU = 4, Projection = 5, Sensory = 6 };
 
 // What a node computes. ints, by loop: LTC {unfolds, timed, mixed memory, input circuit}; CfC {mode, activation, ff_tanh,
-// timed, hidden layers, mixed memory, dropout, input circuit}; Wired {mode, ff_tanh, timed, layers, mixed memory}; CTRNN
+// timed, hidden layers, mixed memory, dropout, input circuit}; Wired {mode, ff_tanh, timed, layers, mixed memory, input circuit}; CTRNN
 // {unfolds, timed, global feedback}; CTGRU {timed, mozer, M}; Projection {features first}.
 // floats: LTC {epsilon, [forget bias]}; CTRNN {delta_t, clip (0: none)}; CTGRU {clip, ln tau (M),
 // decay or 1 / tau (M)}; CfC and Wired {forget bias} with mixed memory.
@@ -367,9 +367,11 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
     A.push_back(pure ? ptr(in[k + 1]) : nullptr);
     k += pure ? 2 : 0;
   }
-  const bool mixed = spec.mixed();
-  const int c = k;                    // mixed memory's lstm inputs, initial memory, recurrent weight
-  const int n = c + (mixed ? 3 : 0);  // the forward node's inputs
+  const bool mixed = spec.mixed(), input_circuit = spec.ints[5] != 0;
+  const int c = k;  // mixed memory's lstm inputs, initial memory, recurrent weight
+  const int q = c + 3;  // the "input" circuit's layer-0 input weight (K_0, S) and bias
+  if (input_circuit) input_weights[0] = ptr(in[q]), biases[0] = ptr(in[q + 1]);
+  const int n = c + (mixed ? 3 : 0) + (input_circuit ? 2 : 0);  // the forward node's inputs
   int S = 0, sum_k = 0, max_k = 0;
   for (int l = 0; l < layers; ++l) {
     S += sizes[l];
@@ -380,8 +382,8 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                timed ? ptr(in[2]) : nullptr, input_weights.data(), biases.data(), state_weights.data(), w_tau.data(),
                A.data(),
                lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
-               reinterpret_cast<sgemm_fn>(spec.sgemm)};
-  const size_t extra = mixed ? 5 * size_t(S) : 0;
+               reinterpret_cast<sgemm_fn>(spec.sgemm), input_circuit};
+  const size_t extra = mixed ? (input_circuit ? 6 : 5) * size_t(S) : 0;
   const auto initial = feature_major(in[1]);
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
@@ -396,15 +398,16 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   const int m = n + 2;
   std::vector<size_t> summed = range(p, c);
   if (mixed) summed.push_back(c + 2);
+  if (input_circuit) summed.push_back(q), summed.push_back(q + 1);
   ParameterGradients grads(out, summed);
   std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
   over_batch(B, [&](int part, int first, int last) {
-    Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? 8 * size_t(S) : 0)) * (last - first));
+    Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? (input_circuit ? 9 : 8) * size_t(S) : 0)) * (last - first));
     auto g = grads.of_part(part);
     cfc_memory own = memory;
-    if (mixed) own.d_recurrent = g.back();
+    if (mixed) own.d_recurrent = g[c - p];
     std::vector<float*> d_input_weights, d_biases, d_state_weights, d_w_tau, d_A;
     for (int l = 0; l < layers; ++l) {
       float** at = g.data() + (index[l] - p);  // state weight, [input weight, bias], [w_tau, A]
@@ -415,6 +418,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
       d_w_tau.push_back(pure ? at[1 + own] : nullptr);
       d_A.push_back(pure ? at[2 + own] : nullptr);
     }
+    if (input_circuit) d_input_weights[0] = g[c - p + 1], d_biases[0] = g[c - p + 2];
     wired_cfc_backward(&a, initial.data(), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), d_initial.data(),
                        timed ? ptr(out[2]) : nullptr, d_input_weights.data(), d_biases.data(), d_state_weights.data(),
                        d_w_tau.data(), d_A.data(), mixed ? &own : nullptr, first, last, scratch.data());
@@ -764,12 +768,13 @@ NB_MODULE(_kernels, m) {
   m.def(
       "wired_cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, bool mixed, float forget_bias,
-         uintptr_t sgemm) {
-        return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers, mixed},
+         bool input_circuit, uintptr_t sgemm) {
+        require(!input_circuit || mixed, "the input circuit is mixed memory's");
+        return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers, mixed, input_circuit},
                              mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
                         std::move(arrays));
       },
-      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "mixed"_a, "forget_bias"_a, "sgemm"_a);
+      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a, "sgemm"_a);
   m.def(
       "ctrnn_sequence",
       [](std::vector<mx::array> arrays, int unfolds, float delta_t, float clip, bool timed, bool feedback,
