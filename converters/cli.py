@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model file's weights in this dtype (default float32); ncps_mlx.load builds the model in it. "
         f"A half-precision file is verified against the source's float64 run within {HALF_PRECISION_ULPS}x "
         "that dtype's epsilon times the output's scale (at least 1)",
-    )  # fmt: skip
+    )
     convert.add_argument(
         "--module", metavar="NAME", help="with several ncps modules in SRC: the one to export to ONNX (a model file keeps all)"
     )
@@ -86,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx-inputs", type=_onnx_inputs, metavar="NAMES",
         help="ONNX: make these graph inputs (comma-separated: initial_state, initial_memory, timespans); "
         "by default the graph takes `input` alone",
-    )  # fmt: skip
+    )
     convert.add_argument(
         "--onnx-step", action="store_true",
         help="ONNX: export one step for streaming (input, state[, memory][, timespan] -> output, next_state[, next_memory])",
-    )  # fmt: skip
+    )
     common(convert)
 
     inspect = sub.add_parser("inspect", help="print what SRC holds and what had to be assumed")

@@ -137,7 +137,7 @@ def _check_entry(path, name, info) -> None:
     offsets = info.get("data_offsets") if isinstance(info, dict) else None
     shape = info.get("shape") if isinstance(info, dict) else None
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]):  # fmt: skip
+            and offsets[0] <= offsets[1]):
         raise ConversionError(f"{path}: corrupt safetensors file (tensor {name}: data_offsets {offsets!r} are not two ordered byte offsets)")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise ConversionError(f"{path}: corrupt safetensors file (tensor {name}: shape {shape!r} is not a list of sizes)")

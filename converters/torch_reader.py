@@ -16,9 +16,8 @@ an ``nn.Sequential`` that numbers activations and dropouts too (``backbone.0``, 
 ...), ours is a list of Linear layers (``backbone.0``, ``backbone.1``, ...).
 
 What the keys and shapes tell (family, sizes, backbone, pure mode, projection, mixed memory,
-wiring masks, LTC mappings) is inferred; the rest comes from the user's config or the
-reference defaults (shared/docs/reference-notes.md, "What a torch state_dict does and does
-not tell you").
+wiring masks, LTC mappings) is inferred; the rest (activations, the mode where no key shows
+it, the ODE unfolds, timing options) comes from the user's config or the reference defaults.
 """
 
 from __future__ import annotations

@@ -94,9 +94,9 @@ def _number(value) -> str:
 def rule_text(atol, dtype="float32") -> str:
     if dtype != "float32":
         return (f"within {HALF_PRECISION_ULPS} x {dtype}'s epsilon ({EPSILON[dtype]:.1e}) x max(1, |output|) "
-                f"or atol {atol:g} of the float64 reference")  # fmt: skip
+                f"or atol {atol:g} of the float64 reference")
     return (f"within atol {atol:g} or {REFERENCE_ERROR_MULTIPLE:g}x the reference's own float32 error, "
-            "both against the reference run in float64")  # fmt: skip
+            "both against the reference run in float64")
 
 
 def cases(description: Description | None = None, unbatched: bool = True):
@@ -145,7 +145,7 @@ def make_inputs(config, case_list, state_size, seed=0):
 
 
 def compare(config, reference, reference_name, target, target_name, case_list, *, state_size, atol, seed=0,
-            progress=None, exact=None, dtype="float32"):  # fmt: skip
+            progress=None, exact=None, dtype="float32"):
     """Run two implementations on the same random inputs; one Check per tensor and case.
 
     ``reference`` and ``target`` take a list of (x, hx, timespans) and return, per input, a
@@ -413,7 +413,7 @@ def onnx_runner(session, path):
         # Every graph input is required: where a case has none, the defaults the model uses.
         defaults = {"initial_state": np.zeros((size, state_size), np.float32),
                     "initial_memory": np.zeros((size, state_size), np.float32),
-                    "timespans": np.ones((size, steps) if batch_axis == 0 else (steps, size), np.float32)}  # fmt: skip
+                    "timespans": np.ones((size, steps) if batch_axis == 0 else (steps, size), np.float32)}
         for name, value in (("initial_state", h), ("initial_memory", c), ("timespans", ts)):
             if name in input_names:
                 feeds[name] = defaults[name] if value is None else np.asarray(value, np.float32)

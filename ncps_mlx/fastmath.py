@@ -54,8 +54,7 @@ Q = (1.0, 0.46783941984176636, 0.026192206889390945, 0.0003423633170314133, 8.59
 
 def _estrin(c, s, s2, s4):
     # Estrin's scheme, not Horner's: the graph is 4 operations deep instead of 8, and
-    # mx.compile cuts fused kernels by depth, so a whole tanh fits in fewer of them (CfC at
-    # batch 8: 78 -> 50 us a step).
+    # mx.compile cuts fused kernels by depth, so a whole tanh fits in fewer of them.
     return (c[0] + c[1] * s) + s2 * (c[2] + c[3] * s) + c[4] * s4
 
 
@@ -76,9 +75,8 @@ def clip(x: mx.array) -> mx.array:
 
 
 # Below this many elements a tanh is one fused loop clipped with ``mx.clip``: scalar, but one
-# kernel where the vectorised form takes two and a boundary, and at these sizes a kernel
-# launch costs more than the arithmetic (a wired CfC, layers of 8 to 40 neurons at batch 32:
-# 88 -> 78 us a step).
+# kernel where the vectorised form takes two, and at these sizes a kernel launch costs more
+# than the arithmetic.
 SMALL = 2048
 
 
@@ -96,9 +94,8 @@ def _tanh_large(x: mx.array) -> mx.array:
 
 
 def _rational(x: mx.array) -> mx.array:
-    # The floor keeps s**4 a normal float: for |x| < 2e-5 it would be subnormal, which x86
-    # computes ~100x slower (a decaying state made a step 2.5x slower). P and Q change by
-    # 3e-10 relative there, far below float32's resolution.
+    # The floor keeps s**4 a normal float (x86 computes subnormals ~100x slower); P and Q
+    # change by 3e-10 relative there, far below float32's resolution.
     s = x * x + 1e-9
     s2 = s * s
     s4 = s2 * s2
@@ -117,8 +114,7 @@ def _with_gradient(function, derivative_from_output):
     """``function`` compiled, with the gradient written in terms of its own output.
 
     Compiled for each shape, not shapeless: called on its own (a cell's single step, eager
-    use), the shapeless sigmoid took 0.36 ms on (32, 64, 64) and 0.56 ms on (1024, 192), the
-    one compiled for the shape 0.085 and 0.11."""
+    use), the shapeless form was several times slower."""
     compiled = mx.compile(function)
 
     @mx.custom_function

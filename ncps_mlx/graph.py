@@ -150,4 +150,4 @@ def _chain_of(stack: dict) -> dict:
     names = ["output"] + [f"state_{i}" for i in range(count - 1)]
     outputs = [{"name": name, "ref": [len(layers) - 1, j]} for j, name in enumerate(names)]
     return {"class": "Graph", "inputs": [{"name": "input", "shape": [None, None], "dtype": "float32"}], "layers": layers,
-            "calls": calls, "outputs": outputs}  # fmt: skip
+            "calls": calls, "outputs": outputs}

@@ -471,7 +471,7 @@ class RNN(nn.Module):
 
     def get_config(self) -> dict:
         return {"type": "RNN", "model": self.model.get_config(), "return_state": self.return_state,
-                "go_backwards": self.go_backwards, "zero_output_for_mask": self.zero_output_for_mask}  # fmt: skip
+                "go_backwards": self.go_backwards, "zero_output_for_mask": self.zero_output_for_mask}
 
 
 class Bidirectional(nn.Module):
@@ -482,7 +482,7 @@ class Bidirectional(nn.Module):
     MERGE_MODES = ("concat", "sum", "mul", "ave")
 
     def __init__(self, forward, backward, merge_mode: str = "concat", return_state: bool = False,
-                 zero_output_for_mask: bool = False):  # fmt: skip
+                 zero_output_for_mask: bool = False):
         super().__init__()
         if merge_mode not in self.MERGE_MODES:
             raise ValueError(f"Bidirectional merge_mode must be one of {self.MERGE_MODES}, got {merge_mode!r}")
@@ -522,7 +522,7 @@ SIMPLE_LAYERS = {
     for cls in (Dense, Activation, ReLU, LeakyReLU, ELU, Softmax, Identity, Rescaling, Flatten, Reshape, Permute, RepeatVector,
                 Normalization, BatchNormalization, LayerNormalization, Embedding, Masking, Conv, Pooling, GlobalPooling,
                 Merge)
-}  # fmt: skip
+}
 MERGES = (Merge,)
 ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
 

@@ -396,7 +396,7 @@ def _activation(g, name, x):
     if name in (None, "linear"):
         return x
     simple = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softplus": "Softplus", "softsign": "Softsign",
-              "elu": "Elu", "selu": "Selu", "exponential": "Exp"}  # fmt: skip
+              "elu": "Elu", "selu": "Selu", "exponential": "Exp"}
     if name in simple:
         return g.op(simple[name], x)
     if name == "softmax":

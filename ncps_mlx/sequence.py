@@ -169,9 +169,7 @@ class SequenceModel(nn.Module):
 
         with fastmath.exact_functions(mode == "eager"):
             # Compiled, a projection that is not differentiated takes the bare rational, as the
-            # steps do: around the custom-gradient sigmoid the LTC's sensory term did not fuse,
-            # and its (B, T, I, S) activation was made (16 MB at batch 32 x 100); where MLX's
-            # buffer cache held none to reuse, that came as fresh pages (7 -> 34 ms).
+            # steps do: around the custom-gradient sigmoid the LTC's sensory term did not fuse.
             with fastmath.inline_functions() if mode == "compiled" else contextlib.nullcontext():
                 # A (B, T, 4H) view of a feature-major array, as it was when the CfC kernel read
                 # it: the MLX path computes the numbers it computed.

@@ -348,7 +348,7 @@ class NCP(Wiring):
     ):
         for name, value in (("inter_neurons", inter_neurons), ("command_neurons", command_neurons),
                             ("motor_neurons", motor_neurons), ("sensory_fanout", sensory_fanout),
-                            ("inter_fanout", inter_fanout), ("motor_fanin", motor_fanin)):  # fmt: skip
+                            ("inter_fanout", inter_fanout), ("motor_fanin", motor_fanin)):
             check_int(name, value)
         check_int("recurrent_command_synapses", recurrent_command_synapses, 0)
         super().__init__(inter_neurons + command_neurons + motor_neurons)

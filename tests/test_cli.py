@@ -165,7 +165,7 @@ def _bad_inputs(tmp_path):
         "contradicting config", "wrong class in config", "missing config file", "pickled module",
         "bad output suffix", "unknown option",
     ],
-)  # fmt: skip
+)
 def test_unusable_input(case, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     args, message = _bad_inputs(tmp_path)[case]

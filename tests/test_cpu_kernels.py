@@ -34,7 +34,7 @@ def kernel_calls():
              "wired_cfc_states": "WiredCfCSequence", "cfc_backward": "CfCSequenceVJP",
              "wired_backward": "WiredCfCSequenceVJP", "ctrnn": "CTRNNSequence", "ctrnn_backward": "CTRNNSequenceVJP",
              "ctgru": "CTGRUSequence", "ctgru_backward": "CTGRUSequenceVJP", "projection": "InputProjection",
-             "projection_backward": "InputProjectionVJP", "sensory": "LTCSensory", "sensory_backward": "LTCSensoryVJP"}  # fmt: skip
+             "projection_backward": "InputProjectionVJP", "sensory": "LTCSensory", "sensory_backward": "LTCSensoryVJP"}
     before = cpu.evaluations()
 
     class Calls(dict):
@@ -285,7 +285,7 @@ def perturbed_cfc(units, seed=0, **kwargs):
         layer.ff_activation = ff_activation
     rng = np.random.default_rng(seed)
     moved = [(name, value * (1 + rng.normal(scale=0.3, size=value.shape).astype(np.float32)))
-             for name, value in tree_flatten(model.trainable_parameters())]  # fmt: skip
+             for name, value in tree_flatten(model.trainable_parameters())]
     model.update(tree_unflatten(moved))
     return model
 
@@ -353,7 +353,7 @@ def test_cfc_kernels_where_they_apply(kernel_calls):
 
 GRADIENT_CFC_CASES = ["default", "no_gate", "pure", "two_layers_silu", "relu_raw_heads", "gelu", "tanh_units_13",
                       "no_backbone", "no_backbone_pure", "wired_autoncp", "wired_ncp_no_gate", "wired_random_pure",
-                      "wired_autoncp_raw_heads"]  # fmt: skip
+                      "wired_autoncp_raw_heads"]
 
 
 @applies
@@ -393,7 +393,7 @@ MIXED_CASES = {
     "ltc_fc16": lambda: perturbed_ltc(16, mixed_memory=True),
     "ltc_ncp_unconstrained": lambda: perturbed_ltc(wirings.NCP(6, 5, 3, 3, 3, 4, 2, seed=7), mixed_memory=True,
                                                    implicit_param_constraints=False, ode_unfolds=3),
-}  # fmt: skip
+}
 
 
 @applies
@@ -488,7 +488,7 @@ print(float(mx.sum(y)))
 
 def run_python(tmp_path, preamble="", **env):
     done = subprocess.run([sys.executable, "-c", SUBPROCESS.format(preamble=preamble)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})  # fmt: skip
+                          timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines(), done.stderr
 
@@ -586,7 +586,7 @@ def test_the_kernels_do_not_depend_on_the_import_order():
     found = {}
     for name, imports in (("mlx first", "import mlx.core as mx\nimport ncps_mlx"), ("ncps_mlx first", "import ncps_mlx\nimport mlx.core as mx")):
         done = subprocess.run([sys.executable, "-c", IMPORT_ORDER_PROBE.format(imports=imports)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+                              capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         found[name] = json.loads(done.stdout.strip().splitlines()[-1])
     for name, result in found.items():

@@ -1,4 +1,4 @@
-"""The ncps.tf/keras flavour options (reference-notes points 0, 3, 5), checked numerically.
+"""The ncps.tf/keras flavour options (reference-notes points 0, 3, 4, 5), checked numerically.
 
 Each oracle is ncps.torch rewired into the other flavour's circuit from its own parts, so the
 comparison is against reference code, not against a re-statement of ours.
@@ -114,3 +114,21 @@ def test_motor_output_with_projection():
     assert sliced.fc.weight.shape == (3, 4)
     x = mx.array(make_inputs(batch=2))
     assert model(x)[0].shape == sliced(x)[0].shape == (2, STEPS, 3)
+
+
+def test_backbone_dropout_after_layers_2_to_n():
+    """Reference-notes point 4: ncps.torch puts the backbone's dropout after layers 2..n only, so
+    one backbone layer has none; with more, training draws fresh masks each call (one for each
+    of layers 2..n) and inference has none."""
+    x = mx.random.normal((4, 6, 3))
+    single = ncps_mlx.CfC(3, 8, backbone_units=16, backbone_layers=1, backbone_dropout=0.5)
+    single.train()
+    assert single.rnn_cell.dropout_keep(4, 6) is None
+    assert float(mx.max(mx.abs(single(x)[0] - single(x)[0]))) == 0.0
+    double = ncps_mlx.CfC(3, 8, backbone_units=16, backbone_layers=3, backbone_dropout=0.5)
+    double.train()
+    keep = double.rnn_cell.dropout_keep(4, 6)
+    assert keep.shape == (6, 2, 4, 16) and set(np.unique(np.array(keep)).tolist()) == {0.0, 2.0}
+    assert float(mx.max(mx.abs(double(x)[0] - double(x)[0]))) > 0.0
+    double.eval()
+    assert float(mx.max(mx.abs(double(x)[0] - double(x)[0]))) == 0.0

@@ -66,7 +66,7 @@ def test_readers_survive_damage(name, tmp_path):
     target = tmp_path / f"damaged{FORMATS[name]().suffix}"
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(
         cut=st.one_of(st.none(), st.integers(0, len(original) - 1)),
         flips=st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(1, 255)), max_size=8),

@@ -295,7 +295,7 @@ def test_with_every_switch_off():
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "B3 and default and not switch"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert " passed" in done.stdout and "failed" not in done.stdout
 
@@ -319,7 +319,7 @@ def test_a_mask_skips_steps_forward_and_backward(family):
     grad = mx.grad(lambda x, ts: loss(model, x, ts, mx.array(keep)), argnums=(0, 1))
     d_x, d_ts = (np.array(g) for g in grad(mx.array(x), mx.array(ts)))
     d_x_short, d_ts_short = (np.array(g) for g in mx.grad(lambda x, ts: loss(model, x, ts), argnums=(0, 1))(
-        mx.array(x[:, kept]), mx.array(ts[:, kept])))  # fmt: skip
+        mx.array(x[:, kept]), mx.array(ts[:, kept])))
     assert np.max(np.abs(d_x[:, kept] - d_x_short)) <= 1e-5 and np.all(d_x[:, ~keep[0]] == 0)
     assert np.max(np.abs(d_ts[:, kept] - d_ts_short)) <= 1e-5 and np.abs(d_ts_short).max() > 0
     out, state = model(mx.array(x), timespans=mx.array(ts), mask=mx.array(keep))

@@ -312,7 +312,7 @@ def _lambda(config):
     keras_layers(config)[-1].update(
         {"class_name": "Lambda", "module": "keras.layers",
          "config": {"name": "x", "function": {"class_name": "__lambda__", "config": {"code": "4wEAAAAA", "defaults": None, "closure": None}}}}
-    )  # fmt: skip
+    )
 
 
 def _os_system(config):
@@ -361,11 +361,11 @@ case("keras: NaN weights", "NaN or Inf")(
             lambda n, d: _h5_with_nan(d) if n == "model.weights.h5" else d,
         )
     )
-)  # fmt: skip
+)
 case("keras graph: output of an unknown layer", "is not made by any of its layers")(
     convert(lambda t: keras_config_edit(GRAPHS / "two_inputs_two_heads.keras", t / "out.keras",
                                         lambda c: c["config"].update(output_layers=[["nowhere", 0, 0]])))
-)  # fmt: skip
+)
 case("keras graph: a cycle", "read tensors no layer makes")(
     convert(lambda t: keras_config_edit(GRAPHS / "two_inputs_two_heads.keras", t / "cycle.keras", _cycle))
 )
@@ -523,7 +523,7 @@ API_CASES = {
         lambda: ncps_mlx.load_weights(ncps_mlx.LTC(4, 5), TORCH / "cfc_default.safetensors"), ValueError, "does not fit LTC"
     ),
     "load(module=unknown)": (lambda: ncps_mlx.load(ncps_mlx.save(ncps_mlx.CfC(4, 8), "/tmp/ncps_mlx_hostile.safetensors"), module="x"),
-                             ValueError, "has no ncps module 'x'; it holds one unnamed module"),  # fmt: skip
+                             ValueError, "has no ncps module 'x'; it holds one unnamed module"),
     "export_onnx bad input": (lambda: ncps_mlx.export_onnx(ncps_mlx.CfC(4, 8), "/tmp/x.onnx", inputs=["h0"]), ValueError, "unknown ONNX input"),
 }
 
@@ -599,7 +599,7 @@ def test_a_real_full_disk(tmp_path):
     try:
         out = disk / "m.safetensors"
         result = subprocess.run([sys.executable, "-m", "ncps_mlx.converters.cli", str(TORCH / "cfc_default.pt"), "-o", str(out), "--no-verify"],
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+                                capture_output=True, text=True, timeout=300)
         _says_the_disk_is_full(result.returncode, result.stderr, out)
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
@@ -632,7 +632,7 @@ def test_a_signal_mid_conversion_leaves_no_file(signal_name, code, tmp_path):
     # SIGINT ignored, and Python then keeps it ignored in the child (the conversion completed).
     process = subprocess.Popen([str(exe), str(GRAPHS / "bidirectional.keras"), "-o", str(out / "m.safetensors")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(p.name.startswith(".") for p in out.iterdir()) and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)

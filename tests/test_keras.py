@@ -269,7 +269,7 @@ def test_every_fixture_against_keras_reloading_it(npz, keras_reloading_every_fix
     report = compare(
         description.config, lambda inputs: keras_results, "keras", mlx_runner(description.build()), "mlx", case_list,
         state_size=0, atol=TOL,
-    )  # fmt: skip
+    )
     assert report.passed, report.table()
     assert len(report.checks) >= len(case_list)
 

@@ -55,7 +55,7 @@ live = pytest.mark.skipif(not has_tensorflow(), reason="needs TensorFlow and ncp
 def test_fixture_coverage():
     names = {p.stem for p in FIXTURES}
     assert {"two_inputs_two_heads", "tf_two_inputs_two_heads", "timedistributed_conv_cfc", "bidirectional",
-            "fixed_length", "tf_fixed_length", "encoder_decoder", "masked_padding", "embedding_mask_zero"} <= names  # fmt: skip
+            "fixed_length", "tf_fixed_length", "encoder_decoder", "masked_padding", "embedding_mask_zero"} <= names
     for name in ("masked_padding", "embedding_mask_zero"):  # padded: sample 1 ends in a padded step
         assert np.all(np.load(ROOT / f"{name}.npz")["x_0"][1, -1] == 0)
 
@@ -106,7 +106,7 @@ def _edited_masked(tmp_path) -> Path:
     ltc = next(e for e in layers if e["class_name"] == "LTC")
     flatten = {"module": "keras.layers", "class_name": "Flatten", "config": {"name": "flat", "data_format": "channels_last"},
                "name": "flat", "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
-                   "shape": [None, None, 12], "dtype": "float32", "keras_history": [norm["name"], 0, 0]}}], "kwargs": {}}]}  # fmt: skip
+                   "shape": [None, None, 12], "dtype": "float32", "keras_history": [norm["name"], 0, 0]}}], "kwargs": {}}]}
     ltc["inbound_nodes"][0]["args"][0]["config"]["keras_history"] = ["flat", 0, 0]
     layers.insert(layers.index(ltc), flatten)
     path = tmp_path / "flat.keras"

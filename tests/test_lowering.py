@@ -37,7 +37,7 @@ def test_the_runtime_and_the_exporter_read_no_private_member():
 
 def _is_type_name(node) -> bool:
     return (isinstance(node, ast.Attribute) and node.attr == "__name__" and isinstance(node.value, ast.Call)
-            and ast.unparse(node.value.func) == "type")  # fmt: skip
+            and ast.unparse(node.value.func) == "type")
 
 
 def test_nothing_is_looked_up_by_class_name():
@@ -87,7 +87,7 @@ def test_each_enumeration_is_defined_once_and_the_kernels_agree():
 
     assert cfc.MODES is lowering.MODES
     defined = [path for path in (ROOT / "ncps_mlx").rglob("*.py")
-               if re.search(r'^\w*MODES\w* = [\(\{\[]\s*"default"', path.read_text(), flags=re.M)]  # fmt: skip
+               if re.search(r'^\w*MODES\w* = [\(\{\[]\s*"default"', path.read_text(), flags=re.M)]
     assert defined == []  # lowering.MODES is derived from the enum, not written out again
 
 

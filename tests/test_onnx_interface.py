@@ -59,7 +59,7 @@ def test_bundled_fixture_exports_three_ways(pt, tmp_path):
     layout = ["batch", "time"] if model.batch_first else ["time", "batch"]
     shapes = {i.name: i.shape for i in session.get_inputs()}
     assert shapes == {"input": [*layout, model.input_size], "initial_state": ["batch", model.state_size],
-                      "timespans": layout, **({"initial_memory": ["batch", model.state_size]} if mixed else {})}  # fmt: skip
+                      "timespans": layout, **({"initial_memory": ["batch", model.state_size]} if mixed else {})}
     checked(description, fed, want_timespans=True, want_state=True)
 
     step = ncps_mlx.export_onnx(model, tmp_path / "step.onnx", step=True, inputs=["timespans"])

@@ -94,7 +94,7 @@ def test_info_says_when_mx_compile_cannot_keep_its_traces(tmp_path):
     runs = {}
     for name, path in (("no compiler", str(empty)), ("as installed", os.environ["PATH"])):
         done = subprocess.run([sys.executable, "-m", "ncps_mlx", "info"], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PATH": path})  # fmt: skip
+                              env={**os.environ, "PATH": path})
         assert done.returncode == 0, done.stderr
         runs[name] = next(line for line in done.stdout.splitlines() if line.startswith("mx.compile"))
     assert "traces every call" in runs["no compiler"]

@@ -187,7 +187,7 @@ def test_sparse_sensory_projection_matches_the_dense_term(mapping, monkeypatch):
     cell = LTC(7, AutoNCP(16, 3, seed=2), input_mapping=mapping).rnn_cell
     assert cell._sensory_synapses() is not None
     cell.update({name: mx.random.uniform(-1.0, 1.0, value.shape) for name, value in cell.parameters().items()
-                 if name in ("input_w", "input_b", "sensory_mu", "sensory_erev")})  # fmt: skip
+                 if name in ("input_w", "input_b", "sensory_mu", "sensory_erev")})
     x = mx.random.normal((4, 5, 7))
     weights = mx.random.normal((4, 5, 2 * cell.state_size))
 
@@ -216,7 +216,7 @@ def test_vmap_on_mlx_path_matches_one_slice_at_a_time(name, monkeypatch):
     mx.random.seed(3)
     make = {"cfc": lambda: CfC(5, 8), "cfc_no_backbone": lambda: CfC(5, 8, backbone_layers=0),
             "cfc_wired": lambda: CfC(5, wirings.AutoNCP(10, 3, seed=1)), "cfc_mixed": lambda: CfC(5, 8, mixed_memory=True),
-            "ltc": lambda: LTC(5, 6), "ctrnn": lambda: CTRNN(5, 6), "ctgru": lambda: CTGRU(5, 4, M=3)}[name]  # fmt: skip
+            "ltc": lambda: LTC(5, 6), "ctrnn": lambda: CTRNN(5, 6), "ctgru": lambda: CTGRU(5, 4, M=3)}[name]
     model = make()
     x = mx.random.normal((3, 2, 7, 5))
     vmapped = mx.vmap(lambda a: model(a)[0])(x)

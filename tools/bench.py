@@ -90,7 +90,7 @@ VARIANTS = {
 def describe(family, wiring):
     names = {"fc": "64", "autoncp": "AutoNCP(64, 8)", "mixed": "64 mixed memory", "layers2": "64, 2 backbone layers",
              "dropout": "64, 2 backbone layers, dropout 0.1, training", "masked": "64, 20% of steps masked",
-             "mixed_input": "64 mixed memory, \"input\" circuit"}  # fmt: skip
+             "mixed_input": "64 mixed memory, \"input\" circuit"}
     return f"{family} " + names[wiring]
 
 
@@ -308,7 +308,7 @@ def child_stream(args, family, wiring, steps):
 
 def start(peer, name, kind, args, folder, weights):
     command = [sys.executable, __file__, "--child", peer, "--workload", name, "--kind", kind,
-               "--warmup", str(args.warmup), "--settle", str(args.settle)]  # fmt: skip
+               "--warmup", str(args.warmup), "--settle", str(args.settle)]
     if weights:
         command += ["--weights", weights]
     if kind == "forward":
@@ -318,7 +318,7 @@ def start(peer, name, kind, args, folder, weights):
     if ready != "ready":  # e.g. torch.compile cannot compile W5 here (a RecursionError in Inductor)
         process.kill()
         print(f"[bench] {peer} on {name} {kind} did not start (its stderr is above): its cells say so", file=sys.stderr,
-              flush=True)  # fmt: skip
+              flush=True)
         return None
     return process
 
@@ -408,7 +408,7 @@ def machine() -> dict:
         "platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
         **{p: version(p) for p in ("mlx", "torch", "tensorflow", "keras", "ncps")},
         "commit": commit.stdout.strip() or "unknown",
-    }  # fmt: skip
+    }
 
 
 def markdown(rows, peers, info) -> str:
@@ -440,12 +440,12 @@ def markdown(rows, peers, info) -> str:
         lines += ["", "| configuration | pass | seq/s | its twin | twin seq/s | twin / configuration |", "|---|---|---|---|---|---|"]
         for r, t in twins:
             lines.append(f"| {r['workload']} {r['model']} | {r['kind']} | {r['mlx_seq_s']:.0f} | {t['workload']} {t['model']} | "
-                         f"{t['mlx_seq_s']:.0f} | {t['mlx_seq_s'] / r['mlx_seq_s']:.2f}x |")  # fmt: skip
+                         f"{t['mlx_seq_s']:.0f} | {t['mlx_seq_s'] / r['mlx_seq_s']:.2f}x |")
     streams = [r for r in rows if r["kind"] == "stream"]
     if streams:
         names = [p for p in ("mlx", "torch", "ort", "floor") if any(f"{p}_us_median" in r for r in streams)]
         lines += ["", "| workload | model | steps a round | " + " | ".join(f"{p} us/step median (p99)" for p in names) + " |",
-                  "|---|---|---|" + "---|" * len(names)]  # fmt: skip
+                  "|---|---|---|" + "---|" * len(names)]
         for r in streams:
             cells = [f"{r[p + '_us_median']:.0f} ({r[p + '_us_p99']:.0f})" if f"{p}_us_median" in r else "-" for p in names]
             lines.append(f"| {r['workload']} | {r['model']} | {r['steps']} | " + " | ".join(cells) + " |")

@@ -64,7 +64,7 @@ def normalized():
 
 
 NCP_ARGS = dict(inter_neurons=4, command_neurons=3, motor_neurons=2, sensory_fanout=2, inter_fanout=2,
-                recurrent_command_synapses=2, motor_fanin=2, seed=3)  # fmt: skip
+                recurrent_command_synapses=2, motor_fanin=2, seed=3)
 
 # name: (builder, --config or None, formats) ; formats: "full" (model file) or "weights" (+ config)
 VARIANTS = {
@@ -89,13 +89,13 @@ if FLAVOUR == "keras":
         "ltc_fc_weights_only": (lambda: seq(LTC(5, return_sequences=True), layers.Dense(2)), "to_json"),
         # An NCP's config loses its seed and Keras keeps no masks: the wiring comes from --config.
         "ltc_ncp_mixed": (lambda: seq(LTC(nw.NCP(**NCP_ARGS), mixed_memory=True, return_sequences=True, name="ltc_ncp")), {"wirings": {"ltc_ncp": {"class": "NCP", **NCP_ARGS}}}),
-    })  # fmt: skip
+    })
 else:
     # tf.keras cannot save a wired CfC as a model (WiredCfCCell.get_config fails, reference-notes
     # point 9): its weights-only .h5 converts with the model described in --config.
     wired_config = {"class_name": "Sequential", "config": {"layers": [
         {"class_name": "CfC", "config": {"units": {"class": "AutoNCP", "units": 10, "output_size": 3}, "return_sequences": True}},
-    ]}}  # fmt: skip
+    ]}}
     wired_pure_config = json.loads(json.dumps(wired_config).replace('"return_sequences": true', '"return_sequences": false, "mode": "pure"'))
     wired_no_gate_config = json.loads(json.dumps(wired_config).replace('"return_sequences": true', '"return_sequences": true, "mode": "no_gate"'))
     VARIANTS.update({
@@ -106,7 +106,7 @@ else:
         # TensorFlow SavedModel directories (model.save(folder, save_format="tf")).
         "cfc_mixed_dense_savedmodel": (lambda: seq(CfC(8, mixed_memory=True, backbone_units=16, return_sequences=True), layers.Dense(2)), "savedmodel"),
         "ltc_autoncp_savedmodel": (lambda: seq(LTC(nw.AutoNCP(10, 3))), "savedmodel"),
-    })  # fmt: skip
+    })
 
 
 def main():

@@ -59,7 +59,7 @@ def main():
             site = SITES / flavour
             if not site.exists():
                 subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
-                                PACKAGES[flavour]], check=True)  # fmt: skip
+                                PACKAGES[flavour]], check=True)
         subprocess.run([sys.executable, __file__, flavour], env=env, check=True)
 
 
@@ -104,7 +104,7 @@ def kerasncp(keras, perturb):
 
     def ltc_model():
         return keras.Sequential([keras.Input((None, 4)), keras.layers.RNN(LTCCell(wirings.NCP(*NCP_ARGS, seed=3)), return_sequences=True),
-                                 keras.layers.Dense(2)])  # fmt: skip
+                                 keras.layers.Dense(2)])
 
     keras.utils.set_random_seed(10)
     published_json = json.loads(ltc_model().to_json())  # layers rnn, dense; the weights' model: rnn_1, dense_1
@@ -128,9 +128,9 @@ def kerasncp(keras, perturb):
     inter, command, motor, sensory_fanout, inter_fanout, recurrent, motor_fanin = NCP_ARGS
     wiring = {"class": "NCP", "inter_neurons": inter, "command_neurons": command, "motor_neurons": motor,
               "sensory_fanout": sensory_fanout, "inter_fanout": inter_fanout, "recurrent_command_synapses": recurrent,
-              "motor_fanin": motor_fanin, "seed": 5}  # fmt: skip
+              "motor_fanin": motor_fanin, "seed": 5}
     hand_written = {"class_name": "Sequential", "config": {"layers": [
-        {"class_name": "CfC", "config": {"name": "rnn", "units": wiring, "mode": "default", "return_sequences": True}}]}}  # fmt: skip
+        {"class_name": "CfC", "config": {"name": "rnn", "units": wiring, "mode": "default", "return_sequences": True}}]}}
     save("kerasncp_rnn_wired_cfc_ncp", m, x, hand_written, reference_max_abs=gap)
 
 
@@ -152,7 +152,7 @@ def tf(keras, perturb):
         layers.TimeDistributed(layers.GlobalAveragePooling2D()),
         CfC(8, backbone_units=16, return_sequences=True),
         layers.Dense(2),
-    ])  # fmt: skip
+    ])
     perturb(m, 20)
     m.save(OUT / "tf_cnn_trunk_cfc.h5")
     save("tf_cnn_trunk_cfc", m, frames)
@@ -169,7 +169,7 @@ def keras3(keras, perturb):
     seq = nk.LTC(nw.AutoNCP(8, 5, seed=2), return_sequences=True)(seq)
     last = nk.LTC(5, mixed_memory=True)(seq)
     m = keras.Model(sensors, [layers.Dense(2, name="steer")(last), layers.Dense(1, activation="sigmoid", name="speed")(last),
-                              layers.TimeDistributed(layers.Dense(3), name="per_step")(seq)])  # fmt: skip
+                              layers.TimeDistributed(layers.Dense(3), name="per_step")(seq)])
     perturb(m, 30)
     m.save(OUT / "keras3_three_ltcs_heads.h5")
     save("keras3_three_ltcs_heads", m, inputs(30, 4))
@@ -181,7 +181,7 @@ def keras3(keras, perturb):
         layers.Conv1D(6, 3, padding="causal", activation=layers.LeakyReLU(0.4)),
         nk.CfC(nw.AutoNCP(10, 3, seed=4), mixed_memory=True, return_sequences=True),
         layers.Dense(2),
-    ])  # fmt: skip
+    ])
     perturb(m, 31, scale=0.5)
     m.save_weights(OUT / "keras3_conv1d_leaky_mixed_wired_cfc.weights.h5")
     save("keras3_conv1d_leaky_mixed_wired_cfc", m, inputs(31, 4), json.loads(m.to_json()))

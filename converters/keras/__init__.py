@@ -93,7 +93,7 @@ def _read(path: Path, config: dict | None) -> Checkpoint:
         source["verified_with"] = "today's ncps.tf classes, which compute the same cells"
     description = Description(
         config={"class": "Graph", "inputs": graph["inputs"], "layers": specs, "calls": graph["calls"],
-                "outputs": outputs(graph, specs)},  # fmt: skip
+                "outputs": outputs(graph, specs)},
         arrays=arrays,
         source={
             **source,
@@ -122,7 +122,7 @@ def _objects(value):
 def _policies(model_config) -> set:
     """The dtype policies a config names (Keras 3: DTypePolicy objects; tf.keras: Policy)."""
     return {str(o["config"].get("name")) for o in _objects(model_config)
-            if str(o.get("class_name", "")).endswith("Policy") and isinstance(o.get("config"), dict)}  # fmt: skip
+            if str(o.get("class_name", "")).endswith("Policy") and isinstance(o.get("config"), dict)}
 
 
 def _packages(model_config) -> set:

@@ -11,10 +11,10 @@ from .registry import CONVERTERS, KerasLayer, class_of, converts
 
 # Identity at inference.
 IDENTITY_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
-                   "GaussianDropout", "AlphaDropout", "ActivityRegularization")  # fmt: skip
+                   "GaussianDropout", "AlphaDropout", "ActivityRegularization")
 MERGE_LAYERS = ("Concatenate", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 POOLING_LAYERS = ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D",
-                  "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D")  # fmt: skip
+                  "GlobalAveragePooling2D", "GlobalMaxPooling1D", "GlobalMaxPooling2D")
 # Layers that may stand as another layer's activation (Conv1D(activation=LeakyReLU(0.4))).
 ACTIVATION_LAYERS = ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax")
 
@@ -95,7 +95,7 @@ def dense(layer):
     values = layer.weights.named(["kernel", "bias"] if use_bias else ["kernel"])
     kernel = values["kernel"]
     spec = {"type": "Dense", "in_features": int(kernel.shape[0]), "units": int(kernel.shape[1]),
-            "activation": activation(layer.config.get("activation"), layer.where), "use_bias": use_bias}  # fmt: skip
+            "activation": activation(layer.config.get("activation"), layer.where), "use_bias": use_bias}
     arrays = {"linear.weight": kernel.T}
     if use_bias:
         arrays["linear.bias"] = values["bias"]
@@ -238,7 +238,7 @@ def relu(layer):
     cfg = layer.config
     max_value = cfg.get("max_value")
     return {"type": "ReLU", "max_value": None if max_value is None else float(max_value),
-            "negative_slope": float(cfg.get("negative_slope", 0.0)), "threshold": float(cfg.get("threshold", 0.0))}, {}  # fmt: skip
+            "negative_slope": float(cfg.get("negative_slope", 0.0)), "threshold": float(cfg.get("threshold", 0.0))}, {}
 
 
 @converts("LeakyReLU")

@@ -26,7 +26,7 @@ from .registry import KerasLayer, class_of, converts
 NCPS_LAYERS = ("CfC", "LTC")
 # A Keras RNN's cell -> the ncps layer it is; keras-ncp 2.x spells CfC "Cfc".
 CELLS = {"LTCCell": "LTC", "CfCCell": "CfC", "CfcCell": "CfC", "WiredCfCCell": "CfC", "WiredCfcCell": "CfC",
-         "MixedMemoryRNN": None}  # fmt: skip
+         "MixedMemoryRNN": None}
 WIRED_CELLS = ("WiredCfCCell", "WiredCfcCell")
 
 
@@ -90,7 +90,7 @@ WIRING_KEYS = {
     "units", "output_dim", "erev_init_seed", "self_connections", "sparsity_level", "random_seed", "output_size",
     "seed", "inter_neurons", "command_neurons", "motor_neurons", "sensory_fanout", "inter_fanout",
     "recurrent_command_synapses", "motor_fanin", "adjacency_matrix", "sensory_adjacency_matrix", "input_dim",
-}  # fmt: skip
+}
 
 
 def _options(kind: str, cfg: dict) -> dict:

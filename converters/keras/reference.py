@@ -106,7 +106,7 @@ def worker_main():
     if jobs[0].get("float64"):
         keras.backend.set_floatx("float64")
         (keras.config.set_dtype_policy if hasattr(keras, "config") and hasattr(keras.config, "set_dtype_policy")
-         else keras.mixed_precision.set_global_policy)("float64")  # fmt: skip
+         else keras.mixed_precision.set_global_policy)("float64")
     for job in jobs:
         if not job.get("float64"):
             _run_job(job, keras, flavour)

@@ -31,7 +31,7 @@ def topology(model_config: dict) -> dict:
         declared = [e for e in entries if e["class_name"] == "InputLayer"] or layers[:1]
         calls = [{"layer": i, "inputs": [["input", 0] if i == 0 else [i - 1, 0]]} for i in range(len(layers))]
         return {"inputs": [{"name": "input", **_declared_input(declared[0].get("config", {}))}], "layers": layers,
-                "calls": calls, "outputs": None}  # fmt: skip
+                "calls": calls, "outputs": None}
     names = [entry_name(e) for e in layers]
     mask_sources = {n for n, e in zip(names, layers) if e["class_name"] in ("NotEqual", "Any", "Masking", "Embedding")}
     input_names = [ref[0] for ref in _refs(config.get("input_layers", []))]

@@ -180,10 +180,9 @@ class CfCCell(nn.Module):
         """(..., I) -> (..., P): the input half of the first layer, bias included.
 
         A sequence (B, T, I) gives (B, T, P) laid out feature-major, a transposed view of
-        (T, P, B), so that each step's input is contiguous for ``step_features`` (at batch
-        1024 a strided one cost a fifth of the step). The bias is added after the product:
-        ``mx.addmm`` would first copy it, broadcast, into the (T, P, B) output with MLX's
-        general strided copy (batch 512 x 50: 2.8 ms, against 1.8 for this)."""
+        (T, P, B), so that each step's input is contiguous for ``step_features``. The bias is
+        added after the product: ``mx.addmm`` would first copy it, broadcast, into the output
+        with MLX's slower general strided copy."""
         weight, bias = self._first_layer()
         weight = weight[:, : self.input_size]
         if x.ndim == 3:
@@ -224,8 +223,7 @@ class CfCCell(nn.Module):
         """``prepare()``'s output with the biases of its products contiguous (features, batch)
         arrays, made once for a loop that is not differentiated (``ncps_mlx.runtime.stepping``). Given
         a (K, 1) bias, ``mx.addmm`` copies it, broadcast, into its output at every step with
-        MLX's general strided copy (heads at batch 512: 156 us a product, 132 with the bias
-        made once)."""
+        MLX's general strided copy."""
 
         def expanded(bias):
             return mx.contiguous(mx.broadcast_to(bias, (bias.shape[0], batch)))
@@ -260,8 +258,7 @@ class CfCCell(nn.Module):
 
         The heads are then row blocks of one matrix product, so every elementwise operation
         reads whole contiguous rows. MLX vectorises a compiled loop only over contiguous
-        inputs; batch-major, the heads are column slices read with strides, in scalar loops
-        (at batch 1024 a CfC step's evaluation went from 1.47 to 0.96 ms this way).
+        inputs; batch-major, the heads are column slices read with strides, in scalar loops.
         ``recurrent_step`` and the sequence loop pass transposed views, so the state stays
         feature-major from step to step without a copy.
         """

@@ -1,6 +1,6 @@
 """The continuous-time GRU of the LTC paper's code (``ctrnn_model.CTGRU``, after Mozer et al. 2017).
 
-Specification: shared/docs/ctrnn-ctgru.md sections 2 and 4. Each of U units keeps M traces
+Specification: the LTC paper's CT-GRU code (README, "Options"). Each of U units keeps M traces
 with time scales tau_i = 10^(i/2); the state is the (U, M) trace matrix stored flat,
 unit-major (index u * M + i).
 """
@@ -68,7 +68,7 @@ class CTGRUCell(nn.Module):
         ltc_decay = np.zeros(self.M)
         ltc_decay[1:] = np.exp(-1.0 / ln_tau[1:])
         scales = {"ln_tau": ln_tau.astype(np.float32), "inv_tau": (1.0 / tau_table).astype(np.float32),
-                  "ltc_decay": ltc_decay.astype(np.float32)}  # fmt: skip
+                  "ltc_decay": ltc_decay.astype(np.float32)}
         self.__dict__["_time_scales"] = scales
         for name, value in scales.items():
             self.__dict__[f"_{name}"] = mx.array(value)
@@ -88,7 +88,7 @@ class CTGRUCell(nn.Module):
         mozer = self.decay == "mozer"
         scales = self.__dict__["_time_scales"]
         return CTGRULowering(self.input_size, self.units, self.M, mozer, self.cell_clip, weight, bias, w_r, w_s, w_q,
-                             tuple(scales["ln_tau"].tolist()), tuple(scales["inv_tau" if mozer else "ltc_decay"].tolist()))  # fmt: skip
+                             tuple(scales["ln_tau"].tolist()), tuple(scales["inv_tau" if mozer else "ltc_decay"].tolist()))
 
     def input_projection(self):
         """(weight (2 U M + U, I), bias (2 U M + U,)): the input halves of tau_r, tau_s and

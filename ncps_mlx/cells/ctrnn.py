@@ -1,6 +1,6 @@
 """The continuous-time RNN of the LTC paper's code (``ctrnn_model.CTRNN``).
 
-Specification: shared/docs/ctrnn-ctgru.md sections 1 and 4. Explicit Euler, ``ode_unfolds``
+Specification: the LTC paper's CTRNN code (README, "Options"). Explicit Euler, ``ode_unfolds``
 sub-steps of ``delta_t * ts`` each, input held constant over the step:
 ``h <- h + eps * (tanh(W [x; h] + b) - h / tau)``. At ts = 1 this is the TF1 code exactly.
 """
@@ -69,7 +69,7 @@ class CTRNNCell(nn.Module):
         """What the kernels and the ONNX exporter read of this cell (``ncps_mlx.lowering``)."""
         tau = nn.softplus(self.tau_raw).reshape(1) if self.learn_tau else mx.array([self.tau], mx.float32)
         return CTRNNLowering(self.input_size, self.units, self.step.weight, self.step.bias, tau, self.ode_unfolds,
-                             self.delta_t, self.cell_clip, self.global_feedback)  # fmt: skip
+                             self.delta_t, self.cell_clip, self.global_feedback)
 
     @property
     def state_size(self) -> int:

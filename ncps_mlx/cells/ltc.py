@@ -83,7 +83,7 @@ class LTCCell(nn.Module):
             "gleak": (S,), "vleak": (S,), "cm": (S,),
             "sigma": (S, S), "mu": (S, S), "w": (S, S),
             "sensory_sigma": (I, S), "sensory_mu": (I, S), "sensory_w": (I, S),
-        }  # fmt: skip
+        }
         for name, shape in shapes.items():
             low, high = INIT_RANGES[name]
             setattr(self, name, mx.random.uniform(low, high, shape))
@@ -163,7 +163,7 @@ class LTCCell(nn.Module):
     def map_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., I): the input mapping (scale, shift) the sensory synapses read."""
         return _mapped(x, self.input_w if self.input_mapping in ("affine", "linear") else None,
-                       self.input_b if self.input_mapping == "affine" else None)  # fmt: skip
+                       self.input_b if self.input_mapping == "affine" else None)
 
     def sensory_synapse_arrays(self):
         """(sigma, mu, w * erev, w), each (I, S), w the masked, constrained sensory weights:
@@ -174,16 +174,11 @@ class LTCCell(nn.Module):
     def project_input(self, x: mx.array) -> mx.array:
         """(..., I) -> (..., 2S): the sensory synapses' numerator and denominator terms.
 
-        They depend on the input only, so they are computed once per sequence rather than
-        once per step, in a compiled function whose elementwise operations fuse. Dense, that is
-        one (..., I, S) tensor (W3, batch 32 x 100: 90 ms as separate operations, 8 compiled).
-        With at most ``SPARSE_DENSITY`` of the I x S sensory synapses present (AutoNCP(64, 8)
-        keeps 340 of 1280), only the existing ones, as the sparse step does: their sigmoid's
-        argument from one matrix product, their currents summed into their neurons with
-        another (AutoNCP(64, 8) at batch 32 x 100: forward 58 -> 48 ms, forward+backward
-        280-300 -> 255-260). The (I, S) weights are made outside the compiled function:
-        inside, MLX would fuse their softplus into the big loop and evaluate it for every
-        element (67 ms).
+        They depend on the input only, so they are computed once per sequence, in a compiled
+        function whose elementwise operations fuse: dense, one (..., I, S) tensor; with at most
+        ``SPARSE_DENSITY`` of the sensory synapses present, only the existing ones, as the
+        sparse step does. The (I, S) weights are made outside the compiled function, where MLX
+        would evaluate their softplus for every element of the big tensor.
         """
         mapping = [self.input_w] if self.input_mapping in ("affine", "linear") else []
         mapping += [self.input_b] if self.input_mapping == "affine" else []
@@ -195,7 +190,7 @@ class LTCCell(nn.Module):
             return terms(x, self.sensory_sigma, self.sensory_mu, w * self.sensory_erev, w, *mapping)
         presynaptic = synapses[0]
         sigma, mu, _, to_post = _existing(synapses, self.sensory_sigma, self.sensory_mu, positive_w, self.sensory_erev,
-                                          self.sensory_sparsity_mask)  # fmt: skip
+                                          self.sensory_sparsity_mask)
         terms = _sparse_sensory_terms(fastmath.mode())
         return terms(x, presynaptic * sigma, -(sigma * mu), to_post, *mapping)
 
@@ -207,10 +202,9 @@ class LTCCell(nn.Module):
         """(presynaptic selection, flat index (N,), postsynaptic one-hot (N, S)) of the N
         existing synapses, or None when the wiring is dense enough for the dense step. The
         selection is a one-hot (S, N) matrix, multiplied by v to gather the presynaptic
-        potentials (exactly: one nonzero product per column); at batch 32 with 488 synapses MLX's
-        gather took 44 us an unfold, the product 18. Past 2**22 entries it is the index
-        (N,) instead, for ``mx.take``. Made once from the wiring (the masks are frozen copies of
-        it) and kept as constants."""
+        potentials (exactly: one nonzero product per column; faster than MLX's gather). Past
+        2**22 entries it is the index (N,) instead, for ``mx.take``. Made once from the wiring
+        (the masks are frozen copies of it) and kept as constants."""
         dtype = self.sigma.dtype  # the selections in the model's dtype (float16/bfloat16 stay so)
         if self.__dict__.get("_synapse_index", (None,))[0] != str(dtype):
             self.__dict__["_synapse_index"] = (str(dtype), _sparse_index(self.wiring.adjacency_matrix, self.SPARSE_DENSITY, dtype))
@@ -225,19 +219,15 @@ class LTCCell(nn.Module):
             self.__dict__["_sensory_synapse_index"] = (str(dtype), index if index is not None and index[0].ndim == 2 else None)
         return self.__dict__["_sensory_synapse_index"][1]
 
-    # One step per compiled call (``ncps_mlx.runtime.stepping``): compiled eight at a time, the
-    # unfolds of consecutive steps fuse worse, at batch 32 W4 ran at 211 seq/s instead of 371
-    # and W3 at 127 instead of 167.
+    # One step per compiled call (``ncps_mlx.runtime.stepping``): the unfolds of consecutive
+    # steps compiled together fuse worse.
     steps_per_call = 1
 
     @property
     def backward_rows(self) -> int:
         """Batch x time rows per vjp call when the sequence loop computes gradients
-        (``ncps_mlx.runtime.stepping``): each row holds an activation per synapse, so fewer rows than
-        for other cells. Dense LTC (64 units) forward+backward at batch 32: 36 seq/s with one
-        vjp per step, 22 with 512 rows a call. The sparse step's one-hot products take more
-        rows well: AutoNCP(64, 8) (488 synapses) at batch 32 x 100, 134 rows a call 323-328 ms,
-        512 rows 302-304, 1024 296-305."""
+        (``ncps_mlx.runtime.stepping``): each row holds an activation per synapse, so fewer rows
+        than for other cells; the sparse step's one-hot products take more rows well."""
         synapses = self._synapses()
         if synapses is None:
             return max(1, 65536 // self.state_size**2)
@@ -257,7 +247,7 @@ class LTCCell(nn.Module):
         else:
             presynaptic = synapses[0]
             sigma, mu, w, to_post = _existing(synapses, self.sigma, self.mu, self._positive(self.w), self.erev,
-                                              self.sparsity_mask)  # fmt: skip
+                                              self.sparsity_mask)
             if presynaptic.ndim == 2:
                 # sigma (v - mu) as one product, v @ (selection * sigma) - sigma mu: the
                 # sigmoid's argument then arrives contiguous, and its loops vectorise (with sigma

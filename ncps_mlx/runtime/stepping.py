@@ -105,10 +105,8 @@ class Steps:
         return step
 
     # Steps per compiled call of a forward pass, unless the cell says otherwise
-    # (``steps_per_call``): what a call costs besides its kernels (slicing, flattening the
-    # arguments, building the call's graph: ~12 us) is then paid once a chunk. CfC at batch 8,
-    # us a step, by chunk size 1 / 4 / 8 / 32: 58 / 45 / 42 / 44; wired CfC at batch 32 slows
-    # beyond 8 (112 / 107 / 110 / 142).
+    # (``steps_per_call``): a call's own cost (slicing, flattening, building its graph) is paid
+    # once a chunk; beyond 8 a wired CfC's chunks slowed.
     CHUNK = 8
 
     def chunk(self) -> int:
@@ -131,7 +129,7 @@ class Steps:
             # state and its output (CfC at batch 8: 14 dispatched operations a step, not 18).
             ts = _features_timespans(ts)
             y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs.transpose(1, 2, 0), None, h.T, None, ts,
-                                        every_state, features_first=True)  # fmt: skip
+                                        every_state, features_first=True)
             h = states[0].transpose(2, 0, 1) if every_state else h.T
             return y.transpose(2, 0, 1), h, None
         y, h, states = self._chunks(fixed, fixed_leaves, cell_inputs, lstm_inputs, h, c, ts, every_state)
@@ -183,8 +181,8 @@ class Steps:
 
         states = (joined(hs), joined(cs) if c is not None else None) if every_state else c
         if features_first and not every_state:
-            # One concatenation of every step's output, where joining each chunk's and then
-            # the chunks copied the outputs twice (CfC at batch 1024 x 50: 13 MB).
+            # One concatenation of every step's output: joining each chunk's and then the
+            # chunks copied them twice.
             return _join_rows(ys), h, states
         return joined(ys), h, states
 
@@ -237,13 +235,9 @@ class Steps:
         build = lambda: self._build_sequence(fixed, sequence_args, index, len(unique), features_first)  # noqa: E731
         this_pass = (key, tuple(leaf.shape for leaf in unique))
         if self.last_pass != this_pass:
-            # MLX's buffer cache (on the CPU 32 MiB by default) stops taking buffers once it is
-            # full and keeps those that filled it. Full of another batch size's, every temporary
-            # of this pass went back to the system and returned as fresh pages: the dense LTC's
-            # forward+backward at batch 32 after a forward pass in halves took 1100-1300 ms
-            # instead of 630, with 314k page faults instead of 9k. After a pass like this one the
-            # cache holds what the next needs, so it is kept (cleared at every pass, the dense
-            # LTC's passes took as long, each with 9k page faults instead of 4).
+            # MLX's buffer cache keeps the buffers that filled it: full of another shape's, every
+            # temporary of this pass would come back as fresh pages. Cleared when the shapes
+            # change, kept while they do not.
             mx.clear_cache()
             self.last_pass = this_pass
         return self._cached(key, build)(*unique)
@@ -302,9 +296,7 @@ class Steps:
         matrix products and elementwise products a step, with no step recomputed, and the
         weight gradients are matrix products over blocks of ``GRADIENT_COLUMNS`` batch x time
         columns. Both passes run ``chunk()`` steps per compiled call (``_residual_steps``,
-        ``_reverse_steps``): one call a step cost CfC at batch 8 x 1000 ~20 us of Python each,
-        ~50 ms of a ~200 ms forward+backward; at batch 1024 x 50, 8 steps a call and one were
-        within the noise (medians 155 and 165 ms over 5 alternating runs)."""
+        ``_reverse_steps``), so that a long sequence does not pay a call's Python cost a step."""
 
         def forward(*leaves):
             fixed_leaves, (cell_inputs, _, h, _, ts) = split(leaves)
@@ -391,7 +383,7 @@ class Steps:
 
     # Residuals of forward passes whose backward pass has not run yet, by token: they stay
     # on the worker thread, where they were made (passing them through the custom function's
-    # outputs would copy them in and out of it: 100 MB, 0.1 s, for CfC at batch 1024 x 50).
+    # outputs would copy them in and out of it).
     # A forward pass that is never differentiated leaves its residuals; beyond KEEP the oldest
     # go, and a backward pass that finds its residuals gone runs its forward pass again.
     KEEP = 4

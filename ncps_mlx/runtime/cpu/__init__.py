@@ -12,8 +12,8 @@ These kernels run a whole sequence in one node of MLX's graph:
   product of the kernels' own OpenBLAS (``runtime.blas``) on a block of batch columns: forward
   and backward for every CfC in every mode (wired, or with or without a backbone), also with
   mixed memory's "state" circuit. With a backbone the kernel reads the sequence
-  x itself and makes the first layer's input half block by block: a whole (T, units, B)
-  projection beforehand, and its gradient, were 52 MB of fresh pages a call at batch 1024.
+  x itself and makes the first layer's input half block by block (a whole (T, units, B)
+  projection beforehand, and its gradient, were fresh pages every call at large batches).
 * ``ctrnn.c``, ``ctgru.c``: the CTRNN's and the CTGRU's loops, batch-major, their products in
   the same BLAS; each step recomputed in the backward pass.
 * ``InputProjection`` (``primitives.cpp``): a sequence's affine input projection, one product
@@ -49,7 +49,7 @@ from .ltc import ltc_sequence, ltc_states
 from .projection import input_projection
 
 __all__ = ["SEQUENCES", "Kernel", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
-           "library", "ltc_states", "status", "turned_off", "wired_cfc_states"]  # fmt: skip
+           "library", "ltc_states", "status", "turned_off", "wired_cfc_states"]
 
 class Kernel(NamedTuple):
     """A loop's kernel: ``run(lowering, x, h, ts, **options)``; whether it ``applies`` now (the

@@ -36,7 +36,7 @@ def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_cir
     outputs = loaded().cfc_sequence(arrays, weights.mode.kernel_id, weights.activation.kernel_id, weights.ff_tanh,
                                      ts is not None, weights.hidden_layers, memory is not None,
                                      0.0 if memory is None else float(forget_bias), keep is not None,
-                                     bool(input_circuit), blas.sgemm_address())  # fmt: skip
+                                     bool(input_circuit), blas.sgemm_address())
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
@@ -87,7 +87,7 @@ def wired_cfc_states(inputs, initial, timespans, weights, memory=None, input_cir
         arrays += [weights.input_weight, weights.input_bias]
     outputs = loaded().wired_cfc_sequence(arrays, weights.mode.kernel_id, weights.ff_tanh, ts is not None,
                                           weights.layers, memory is not None, 0.0 if memory is None else float(memory[3]),
-                                          bool(input_circuit), blas.sgemm_address())  # fmt: skip
+                                          bool(input_circuit), blas.sgemm_address())
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 

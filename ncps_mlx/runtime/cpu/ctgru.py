@@ -30,5 +30,5 @@ def ctgru_sequence(cell: CTGRULowering, x, state, ts=None):
     # The time scales are constants of the configuration, attributes of the node.
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
     outputs, states = loaded().ctgru_sequence(arrays, cell.M, cell.mozer, clip, list(cell.ln_tau), list(cell.decay), timed,
-                                               blas.sgemm_address())  # fmt: skip
+                                               blas.sgemm_address())
     return outputs, states

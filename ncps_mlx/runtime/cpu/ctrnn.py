@@ -27,5 +27,5 @@ def ctrnn_sequence(cell: CTRNNLowering, x, h, ts=None):
     arrays.append(cell.tau)
     clip = 0.0 if cell.cell_clip is None else float(cell.cell_clip)
     states = loaded().ctrnn_sequence(arrays, cell.ode_unfolds, cell.delta_t, clip, ts is not None,
-                                      cell.global_feedback, blas.sgemm_address())  # fmt: skip
+                                      cell.global_feedback, blas.sgemm_address())
     return states, states

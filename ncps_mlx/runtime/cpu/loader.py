@@ -24,15 +24,15 @@ def _load():
         kernels = importlib.import_module(f"{__package__}._kernels")
     except ImportError as error:
         return None, (f"the CPU kernels are not built ({error}); reinstall ncps-mlx where a C++ compiler is "
-                      "available (make setup): the models run on MLX's operations")  # fmt: skip
+                      "available (make setup): the models run on MLX's operations")
     if kernels.mlx_version != mx.__version__:
         return None, (f"the CPU kernels were built against mlx {kernels.mlx_version}, this is mlx "
-                      f"{mx.__version__}; reinstall ncps-mlx: the models run on MLX's operations")  # fmt: skip
+                      f"{mx.__version__}; reinstall ncps-mlx: the models run on MLX's operations")
     try:
         kernels.probe(mx.array(0.0))
     except TypeError:
         return None, ("the CPU kernels were built with a nanobind that does not match this mlx's; reinstall "
-                      "ncps-mlx: the models run on MLX's operations")  # fmt: skip
+                      "ncps-mlx: the models run on MLX's operations")
     return kernels, f"LTC, CfC, CTRNN and CTGRU time loops run in CPU kernels (MLX primitives built for mlx {kernels.mlx_version})"
 
 

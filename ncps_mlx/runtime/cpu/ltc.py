@@ -10,7 +10,7 @@ from .projection import input_projection
 
 
 def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_erev, cm, gleak, leak, memory=None,
-               sensory=None):  # fmt: skip
+               sensory=None):
     """Every step's state of an LTC, differentiable in every input.
 
     inputs (B, T, 2S): the sensory numerator and denominator terms (``LTCCell.project_input``);
@@ -33,7 +33,7 @@ def ltc_states(inputs, initial, timespans, unfolds, epsilon, sigma, mu, w, w_ere
     forget_bias = 0.0 if memory is None else float(memory[3])
     arrays += [] if sensory is None else list(sensory)
     outputs = loaded().ltc_sequence(arrays, int(unfolds), float(epsilon), timespans is not None, memory is not None,
-                                    forget_bias, sensory is not None)  # fmt: skip
+                                    forget_bias, sensory is not None)
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
@@ -61,7 +61,7 @@ def ltc_sequence(cell: LTCLowering, x, v, ts=None, memory=None, memory_circuit="
         return None
     w_erev, leak = cell.derived("ltc.products", lambda: (cell.w * cell.erev, cell.gleak * cell.vleak))
     states = ltc_states(inputs, v, ts, cell.ode_unfolds, cell.epsilon, cell.sigma, cell.mu, cell.w, w_erev, cell.cm,
-                        cell.gleak, leak, memory=lstm, sensory=sensory)  # fmt: skip
+                        cell.gleak, leak, memory=lstm, sensory=sensory)
     if memory is None:
         return cell.map_outputs(states), states
     states, memories = states
