@@ -138,7 +138,10 @@ class SequenceModel(nn.Module):
         lowering, lstm_lowering, has_dropout = self._lowered()
         # The sequence's dropout masks, drawn here for the kernel and the plain loop alike (drawn
         # inside a compiled step, they would be frozen into its graph).
-        keep = self.rnn_cell.dropout_keep(x.shape[0], x.shape[1], x.dtype) if self.training and has_dropout else None
+        keep = None
+        if self.training and has_dropout:
+            draw = runtime.dropout_masks if x.dtype == mx.float32 and runtime.dropout_masks_apply() else None
+            keep = self.rnn_cell.dropout_keep(x.shape[0], x.shape[1], x.dtype, draw)
         cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
 
         # A cell's whole loop in one kernel node, where one applies (None where not); an ordinary

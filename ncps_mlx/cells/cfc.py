@@ -241,16 +241,19 @@ class CfCCell(nn.Module):
         out, h = self.step_features(u.T, h.T, _features_first(ts), prepared, keep)
         return out.T, h.T
 
-    def dropout_keep(self, batch: int, steps: int, dtype=mx.float32):
+    def dropout_keep(self, batch: int, steps: int, dtype=mx.float32, draw=None):
         """A sequence's dropout masks, (T, layers - 1, B, units): 0, or 1 / (1 - rate) (as
         ``nn.Dropout`` scales), one per activation of backbone layers 2..n (reference-notes
-        point 4), drawn with ``mx.random`` (``mx.random.seed`` repeats them). None where the
-        cell has no dropout."""
+        point 4), drawn with ``mx.random`` (``mx.random.seed`` repeats them), or by
+        ``draw(shape, kept) -> masks`` (the kernels' faster generator, keyed by ``mx.random``).
+        None where the cell has no dropout."""
         if self.dropout is None or self.backbone_layers < 2:
             return None
         kept = 1.0 - self.dropout_rate
-        draws = mx.random.bernoulli(kept, (steps, self.backbone_layers - 1, batch, self.backbone_units))
-        return draws.astype(dtype) * mx.array(1.0 / kept, dtype)
+        shape = (steps, self.backbone_layers - 1, batch, self.backbone_units)
+        if draw is not None:
+            return draw(shape, kept)
+        return mx.random.bernoulli(kept, shape).astype(dtype) * mx.array(1.0 / kept, dtype)
 
     def step_features(self, u: mx.array, h: mx.array, ts=1.0, prepared=None, keep=None):
         """The step feature-major: u (P, B), h (H, B), ts a float or (1, B) -> (output (H, B),

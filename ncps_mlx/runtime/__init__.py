@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 
+import mlx.core as mx
+
 from . import blas, cpu, stepping
 
 CHOICES = ("auto", "mlx")
@@ -60,6 +62,20 @@ def sequence_kernel(lowering, x, h, ts=None, memory=None, keep=None, memory_circ
         if memory_circuit != "state":
             options["memory_circuit"] = memory_circuit
     return kernel.run(lowering, x, h, ts, **options)
+
+
+def dropout_masks_apply() -> bool:
+    """Whether ``dropout_masks`` draws here: the kernels are built and the device is the CPU,
+    also within ``cpu.turned_off()`` (the plain loop then draws the kernels' masks, so that the
+    two paths compare), not with ``NCPS_MLX_RUNTIME=mlx``."""
+    return choice() != "mlx" and mx.default_device() == mx.cpu and cpu.loaded() is not None
+
+
+def dropout_masks(shape, kept: float):
+    """Dropout masks of ``shape``, float32: 0, or 1 / kept with probability ``kept``, drawn in
+    the kernels from a key drawn with ``mx.random`` (``mx.random.seed`` repeats them)."""
+    key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+    return cpu.loaded().dropout_masks(key, list(shape), float(kept))
 
 
 def project_input(lowering, x, features_first=False):

@@ -44,12 +44,12 @@ from ...lowering import CfCLowering, CTGRULowering, CTRNNLowering, LTCLowering, 
 from .cfc import cfc_sequence, cfc_states, wired_cfc_sequence, wired_cfc_states
 from .ctgru import ctgru_sequence
 from .ctrnn import ctrnn_sequence
-from .loader import all_float32, applies, by_row, cfc_applies, evaluations, library, status, turned_off
+from .loader import all_float32, applies, by_row, cfc_applies, evaluations, library, loaded, status, turned_off
 from .ltc import ltc_sequence, ltc_states
 from .projection import input_projection
 
 __all__ = ["SEQUENCES", "Kernel", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
-           "library", "ltc_states", "status", "turned_off", "wired_cfc_states"]
+           "library", "loaded", "ltc_states", "status", "turned_off", "wired_cfc_states"]
 
 class Kernel(NamedTuple):
     """A loop's kernel: ``run(lowering, x, h, ts, **options)``; whether it ``applies`` now (the

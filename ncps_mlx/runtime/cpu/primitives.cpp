@@ -729,6 +729,55 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
   return mx::array::make_arrays(shapes, dtypes, std::make_shared<SequenceKernel>(stream, spec), inputs);
 }
 
+// Dropout masks for a CfC's backbone: each element 0, or 1 / kept with probability kept, from a
+// counter-based hash (splitmix64) of a 64-bit key and the element's index, so that one key (drawn
+// with mx.random, which mx.random.seed repeats) gives one set of masks. MLX's bernoulli cost
+// more than a training forward pass's loop here.
+class DropoutMasks : public mx::Primitive {
+ public:
+  DropoutMasks(mx::Stream stream, float kept) : mx::Primitive(stream), kept_(kept) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(inputs[0]);
+    encoder.set_output_array(out);
+    encoder.dispatch([key = inputs[0], out = out, kept = kept_]() mutable {
+      const uint32_t* k = key.data<uint32_t>();
+      const uint64_t seed = (uint64_t(k[0]) << 32) | k[1];
+      const uint64_t threshold = uint64_t(double(kept) * double(1 << 24));  // 24-bit uniforms, exact in float32
+      const float scale = 1.0f / kept;
+      float* masks = out.data<float>();
+      for (size_t i = 0; i < out.size(); ++i) {
+        uint64_t z = seed + (uint64_t(i) + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        masks[i] = (z >> 40) < threshold ? scale : 0.0f;
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[ncps_mlx] the CPU kernels run on the CPU device only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>&, const std::vector<int>&,
+                             const std::vector<mx::array>&) override {
+    throw std::invalid_argument("[ncps_mlx] dropout masks have no gradient with respect to their key");
+  }
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(const std::vector<mx::array>&,
+                                                           const std::vector<int>&) override {
+    throw std::invalid_argument("[ncps_mlx] dropout masks are drawn once a call, outside mx.vmap");
+  }
+  const char* name() const override { return "DropoutMasks"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return kept_ == static_cast<const DropoutMasks&>(other).kept_;
+  }
+
+ private:
+  float kept_;
+};
+
 using Host = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 }  // namespace
@@ -799,6 +848,16 @@ NB_MODULE(_kernels, m) {
         return sequence(Spec{Loop::Projection, false, {features_first}, {}, sgemm}, {x, weight, bias})[0];
       },
       "x"_a, "weight"_a, "bias"_a, "features_first"_a, "sgemm"_a);
+  m.def(
+      "dropout_masks",
+      [](mx::array key, std::vector<int> shape, float kept) {
+        require(key.dtype() == mx::uint32 && key.size() == 2, "dropout masks: a key of two uint32");
+        require(kept > 0.0f && kept <= 1.0f, "dropout masks: kept in (0, 1]");
+        auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
+        return mx::array(mx::Shape(shape.begin(), shape.end()), mx::float32,
+                         std::make_shared<DropoutMasks>(stream, kept), {mx::contiguous(key, false, stream)});
+      },
+      "key"_a, "shape"_a, "kept"_a);
   m.def(
       "ltc_sensory",
       [](mx::array x, mx::array sigma, mx::array mu, mx::array w_erev, mx::array w) {
