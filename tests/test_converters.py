@@ -158,7 +158,7 @@ def test_live_matrix(case, tmp_path):
     import torch
     import ncps.torch as ncps_torch
 
-    from conftest import perturb_
+    from helpers import perturb_
 
     family, wiring, kwargs = MATRIX[case]
     kwargs = {k: v for k, v in kwargs.items() if not (k == "proj_size" and v is None)}

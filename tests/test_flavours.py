@@ -14,7 +14,7 @@ import mlx.core as mx
 import ncps_mlx
 
 pytest.importorskip("torch")
-from conftest import load_torch_weights, max_abs_diff, perturb_, to_mlx, torch
+from helpers import load_torch_weights, max_abs_diff, perturb_, to_mlx, torch
 from test_parity_torch import INPUT, STEPS, TOL, build, make_inputs, run_pair, assert_parity
 
 ncps_torch = pytest.importorskip("ncps.torch")

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 import ncps_mlx
 
 pytest.importorskip("torch")
-from conftest import load_torch_weights, perturb_, torch  # noqa: E402
+from helpers import load_torch_weights, perturb_, torch  # noqa: E402
 
 ncps_torch = pytest.importorskip("ncps.torch")
 ncps_wirings = pytest.importorskip("ncps.wirings")

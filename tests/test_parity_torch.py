@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 import ncps_mlx
 
 pytest.importorskip("torch")
-from conftest import load_torch_weights, max_abs_diff, perturb_, to_mlx, to_np, to_torch, torch
+from helpers import load_torch_weights, max_abs_diff, perturb_, to_mlx, to_np, to_torch, torch
 
 ncps_torch = pytest.importorskip("ncps.torch")
 ncps_wirings = pytest.importorskip("ncps.wirings")
