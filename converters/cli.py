@@ -223,13 +223,13 @@ def _refuse_nonfinite(checkpoint, args) -> None:
 
 
 def _write_model_file(checkpoint, models, path, args):
-    from ncps_mlx import modelfile
+    from . import modelfile
 
     modelfile.save_modules(models, path, source=checkpoint.source, other=checkpoint.other, dtype=args.dtype)
 
 
 def _write_onnx(checkpoint, models, path, args):
-    from ncps_mlx.onnx_export import export_onnx
+    from .onnx_export import export_onnx
 
     (model,) = models.values()
     try:

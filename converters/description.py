@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ncps_mlx import modelfile, wirings
+from ncps_mlx import wirings
+
+from . import modelfile
 from ncps_mlx.models import MODEL_CLASSES, model_from_config
 
 from .errors import ConversionError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncps_mlx import modelfile
+from . import modelfile
 
 from . import formats
 from .description import Checkpoint, ConversionError, Description, sha256_of

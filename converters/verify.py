@@ -482,7 +482,7 @@ def _model_summary(config) -> str:
 def verify_output(description: Description, path, *, atol=DEFAULT_ATOL, require_source=True, progress=None, model=None):
     """Reports comparing a written file (model file or ONNX) with the source, and an ONNX file
     also with the MLX model converted from the same source."""
-    from ncps_mlx import modelfile
+    from . import modelfile
 
     path = Path(path)
     model = model if model is not None else description.build()

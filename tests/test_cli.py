@@ -31,7 +31,7 @@ def test_convert_verify_and_load(tmp_path):
     assert "[INFO] Wrote" in result.stderr
     model = ncps_mlx.load(out)
     assert type(model.wiring).__name__ == "AutoNCP"
-    meta = ncps_mlx.modelfile.read_metadata(out)
+    meta = ncps_mlx.converters.modelfile.read_metadata(out)
     assert meta["source"]["framework"] == "torch" and len(meta["source"]["sha256"]) == 64
 
     again = cli(FIXTURES / "cfc_autoncp.pt", "-o", out)

@@ -234,7 +234,7 @@ def test_save_load_round_trip_is_exact(kind, tmp_path):
 
 def test_model_file_metadata(tmp_path):
     path = ncps_mlx.save(ncps_mlx.CfC(4, 8), tmp_path / "m.safetensors", source={"framework": "torch", "sha256": "ab"})
-    meta = ncps_mlx.modelfile.read_metadata(path)
+    meta = ncps_mlx.converters.modelfile.read_metadata(path)
     assert meta["format"] == "ncps_mlx" and meta["format_version"] == "2"
     assert meta["ncps_mlx_version"] == ncps_mlx.__version__
     assert meta["source"] == {"framework": "torch", "sha256": "ab"}

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 import ncps_mlx  # noqa: E402
 from ncps_mlx.converters import readers  # noqa: E402
 from ncps_mlx.converters.description import ConversionError  # noqa: E402
-from ncps_mlx.modelfile import ModelFileError  # noqa: E402
+from ncps_mlx.converters.modelfile import ModelFileError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures"
 EXAMPLES = int(os.environ.get("NCPS_MLX_FUZZ_EXAMPLES", "40"))

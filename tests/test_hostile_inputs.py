@@ -560,7 +560,7 @@ def _convert_into(folder):
 
 
 def test_a_failing_write_leaves_nothing_and_says_why(tmp_path, monkeypatch, capsys):
-    from ncps_mlx import modelfile
+    from ncps_mlx.converters import modelfile
 
     def disk_full(models, path, **kwargs):
         Path(path).write_bytes(b"half a model file")

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 import ncps_mlx
-from ncps_mlx import lowering, onnx_export, runtime
+from ncps_mlx import lowering, runtime
+from ncps_mlx.converters import onnx_export
 
 ROOT = Path(__file__).resolve().parents[1]
-READERS_OF_CELLS = sorted((ROOT / "ncps_mlx" / "runtime").rglob("*.py")) + [ROOT / "ncps_mlx" / "onnx_export.py"]
+READERS_OF_CELLS = sorted((ROOT / "ncps_mlx" / "runtime").rglob("*.py")) + [ROOT / "converters" / "onnx_export.py"]
 
 
 def _trees():

@@ -161,17 +161,17 @@ def test_step_export_streams_the_sequence(name, tmp_path):
 def test_bad_onnx_inputs_are_refused():
     model = perturbed("cfc")
     with pytest.raises(ValueError, match=r"unknown ONNX input\(s\) \['initial_memory'\].*choose from \['initial_state', 'timespans'\]"):
-        ncps_mlx.onnx_export.build_onnx(model, inputs=["initial_memory"])
+        ncps_mlx.converters.onnx_export.build_onnx(model, inputs=["initial_memory"])
     with pytest.raises(ValueError, match="inputs= may only add 'timespans'"):
-        ncps_mlx.onnx_export.build_onnx(model, inputs=["initial_state"], step=True)
+        ncps_mlx.converters.onnx_export.build_onnx(model, inputs=["initial_state"], step=True)
 
 
 @pytest.mark.parametrize("name", ["cfc_wired_autoncp_mixed_proj", "ltc_ncp", "ctgru"])
 def test_graph_structure_and_metadata(name):
     model = perturbed(name)
-    proto = ncps_mlx.onnx_export.build_onnx(model, inputs=["timespans", "initial_state"])
+    proto = ncps_mlx.converters.onnx_export.build_onnx(model, inputs=["timespans", "initial_state"])
     onnx.checker.check_model(proto, full_check=True)
-    assert proto.opset_import[0].version == ncps_mlx.onnx_export.OPSET == 17
+    assert proto.opset_import[0].version == ncps_mlx.converters.onnx_export.OPSET == 17
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("Scan") == 1 and "Loop" not in ops
     props = {p.key: p.value for p in proto.metadata_props}

@@ -121,7 +121,7 @@ def test_half_precision_model_files_load_and_run_within_their_dtype_tolerance(ki
     weights = [(k, v * (1.0 + 0.3 * mx.random.normal(v.shape))) for k, v in tree_flatten(model.trainable_parameters())]
     model.load_weights(weights, strict=False)
     path = ncps_mlx.save(model, tmp_path / "half.safetensors", dtype=dtype)
-    assert ncps_mlx.modelfile.read_metadata(path)["dtype"] == dtype
+    assert ncps_mlx.converters.modelfile.read_metadata(path)["dtype"] == dtype
     loaded = ncps_mlx.load(path)
     assert all(v.dtype == getattr(mx, dtype) for _, v in tree_flatten(loaded.trainable_parameters()))
     x = mx.random.normal((3, 32, 6))

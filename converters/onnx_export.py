@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .version import __version__
-from .lowering import CfCLowering, CTGRULowering, CTRNNLowering, LSTMLowering, LTCLowering, Mode, WiredCfCLowering
+from ncps_mlx.version import __version__
+from ncps_mlx.lowering import CfCLowering, CTGRULowering, CTRNNLowering, LSTMLowering, LTCLowering, Mode, WiredCfCLowering
 
 OPSET = 17
 IR_VERSION = 8
@@ -390,7 +390,7 @@ def _one_step(g, model, x, h, c, ts):
 
 def _activation(g, name, x):
     if isinstance(name, dict):  # an activation layer's spec
-        from .layers import layer_from_config
+        from ncps_mlx.layers import layer_from_config
 
         return _plain_layer(g, layer_from_config(name), x)
     if name in (None, "linear"):
@@ -441,7 +441,7 @@ def _channels_first(g, x, op_type, weights=(), **attrs):
 
 
 def _conv(g, layer, x):
-    from .layers import Conv, Pooling
+    from ncps_mlx.layers import Conv, Pooling
 
     args = layer.get_config()
     if isinstance(layer, Pooling):
@@ -465,7 +465,7 @@ def _conv(g, layer, x):
 
 def _layer(g, layer, inputs):
     """Nodes for one call of a graph layer; returns its output value names."""
-    from . import layers as L
+    from ncps_mlx import layers as L
 
     if getattr(layer, "makes_mask", False):
         raise ValueError("a graph with Keras masks (Masking, Embedding(mask_zero=True)) does not export to ONNX")
@@ -508,7 +508,7 @@ def _layer(g, layer, inputs):
 
 
 def _plain_layer(g, layer, x):
-    from . import layers as L
+    from ncps_mlx import layers as L
 
     args = layer.get_config()
     if isinstance(layer, L.Dense):
@@ -601,7 +601,7 @@ def _graph(g, graph):
     per Keras input and one output per Keras output, named after them."""
     from onnx import TensorProto, helper
 
-    from .graph import Graph
+    from ncps_mlx.graph import Graph
 
     assert isinstance(graph, Graph)
     dtypes = {"int32": TensorProto.INT32, "int64": TensorProto.INT64}
@@ -645,7 +645,7 @@ def build_onnx(model, inputs=(), step: bool = False):
         from onnx import helper
     except ImportError:
         raise ImportError("ONNX export needs the onnx package: pip install 'ncps-mlx[onnx]'") from None
-    from .graph import Graph
+    from ncps_mlx.graph import Graph
 
     g = _Graph()
     if isinstance(model, Graph):

@@ -29,8 +29,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import configs
-from .version import __version__
+from ncps_mlx import configs
+from ncps_mlx.version import __version__
 
 FORMAT = "ncps_mlx"
 FORMAT_VERSION = "2"

@@ -81,7 +81,7 @@ def checkpoint_tensors(path) -> dict:
     try:
         modelfile.read_metadata(path)
     except modelfile.ModelFileError:
-        from .converters import readers  # a reference checkpoint: read it as ncps-convert does
+        from . import readers  # a reference checkpoint: read it as ncps-convert does
 
         checkpoint = readers.read(path)
         tensors = dict(checkpoint.other)
