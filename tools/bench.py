@@ -11,8 +11,8 @@ TensorFlow). Workloads (input 20, float32): W1 CfC 64, batch 32 x 100 steps; W3 
 100; CTRNN and CTGRU 64 units, 32 x 100 (no peer has them: seq/s and the GFLOP/s of their
 matrix products); W5 CfC 64, 8 x 1000, forward+backward only, with each process's peak RSS.
 
-Off those rows, each configuration beside its twin without the option (``TWINS``; run both in
-one call): DROP (backbone dropout 0.1 in training, 2 backbone layers; ncps.torch puts dropout
+Off those rows, each configuration beside its twin without the option (``TWINS``), the twin's
+ncps_mlx in its own process in the same interleaved rounds: DROP (backbone dropout 0.1 in training, 2 backbone layers; ncps.torch puts dropout
 only after layers 2..n) against DROP0; INPUT (mixed memory's "input" circuit, ncps.keras's
 MixedMemoryRNN) against MIX; MASKC and MASKL (20% of the steps masked) against W1 and W3;
 LTCINPUT against LTCMIX. W7C and W7L: a controller, batch 1, one step a call with the state
@@ -306,12 +306,12 @@ def child_stream(args, family, wiring, steps):
 # --- the parent -------------------------------------------------------------------------------
 
 
-def start(peer, name, kind, args, folder, weights):
+def start(peer, name, kind, args, folder, weights, outputs=True):
     command = [sys.executable, __file__, "--child", peer, "--workload", name, "--kind", kind,
                "--warmup", str(args.warmup), "--settle", str(args.settle)]
     if weights:
         command += ["--weights", weights]
-    if kind == "forward":
+    if kind == "forward" and outputs:
         command += ["--outputs", str(Path(folder) / f"{peer}.npy")]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     ready = process.stdout.readline().strip()
@@ -340,6 +340,10 @@ def measure(name, kind, peers, args):
                 failed.append(peer)
             else:
                 processes[peer] = process
+        if name in TWINS:  # the twin without the option, ncps_mlx, in the same interleaved rounds
+            twin = start("mlx", TWINS[name], kind, args, folder, None, outputs=False)
+            if twin is not None:
+                processes["twin"] = twin
         times = {peer: [] for peer in processes}
         for _ in range(args.runs):
             for peer, process in processes.items():
@@ -352,13 +356,16 @@ def measure(name, kind, peers, args):
             process.stdin.close()
             row[f"{peer}_peak_rss_mb"] = json.loads(process.stdout.readline())["peak_rss_mb"]
             process.wait()
-            row[f"{peer}_seq_s"] = batch / statistics.median(times[peer])
+            twin_batch = WORKLOADS[TWINS[name]][2] if peer == "twin" else batch
+            row[f"{peer}_seq_s"] = twin_batch / statistics.median(times[peer])
         if kind == "forward" and "torch" in processes and "mlx" in processes and not options(family, wiring)[1]:
             mlx_y, torch_y = (np.load(Path(folder) / f"{p}.npy") for p in ("mlx", "torch"))
             row["max_abs_diff"] = float(np.max(np.abs(mlx_y - torch_y)))
     for peer in processes:
-        if peer != "mlx" and "mlx_seq_s" in row:
+        if peer not in ("mlx", "twin") and "mlx_seq_s" in row:
             row[f"ratio_{peer}"] = row["mlx_seq_s"] / row[f"{peer}_seq_s"]
+    if "twin_seq_s" in row and "mlx_seq_s" in row:
+        row["twin_over_configuration"] = row["twin_seq_s"] / row["mlx_seq_s"]
     if family not in HAS_PEERS and kind == "forward":
         row["mlx_gflop_s"] = matmul_flops(family, batch, steps) * row["mlx_seq_s"] / batch / 1e9
     return row
@@ -435,12 +442,14 @@ def markdown(rows, peers, info) -> str:
         cells += [get(f"{p}_seq_s") for p in others] + [get(f"ratio_{p}", "{:.2f}x") for p in others]
         cells += [get("max_abs_diff", "{:.1e}"), " / ".join(get(f"{p}_peak_rss_mb") for p in peers)]
         lines.append("| " + " | ".join(cells) + " |")
-    twins = [(r, t) for r in rows for t in rows if TWINS.get(r["workload"]) == t["workload"] and r["kind"] == t["kind"]]
+    twins = [r for r in rows if "twin_over_configuration" in r]
     if twins:
-        lines += ["", "| configuration | pass | seq/s | its twin | twin seq/s | twin / configuration |", "|---|---|---|---|---|---|"]
-        for r, t in twins:
-            lines.append(f"| {r['workload']} {r['model']} | {r['kind']} | {r['mlx_seq_s']:.0f} | {t['workload']} {t['model']} | "
-                         f"{t['mlx_seq_s']:.0f} | {t['mlx_seq_s'] / r['mlx_seq_s']:.2f}x |")
+        lines += ["", "Each configuration and its twin (ncps_mlx both) in the same interleaved rounds:", "",
+                  "| configuration | pass | seq/s | its twin | twin seq/s | twin / configuration |", "|---|---|---|---|---|---|"]
+        for r in twins:
+            t = TWINS[r["workload"]]
+            lines.append(f"| {r['workload']} {r['model']} | {r['kind']} | {r['mlx_seq_s']:.0f} | {t} {describe(*WORKLOADS[t][:2])} | "
+                         f"{r['twin_seq_s']:.0f} | {r['twin_over_configuration']:.2f}x |")
     streams = [r for r in rows if r["kind"] == "stream"]
     if streams:
         names = [p for p in ("mlx", "torch", "ort", "floor") if any(f"{p}_us_median" in r for r in streams)]
