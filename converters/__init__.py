@@ -5,5 +5,5 @@ Installed as ``ncps_mlx.converters``.
 The source lives in the repository's top-level ``converters/`` folder; ``pyproject.toml``
 maps it into the ``ncps_mlx`` package, so import it as ``import ncps_mlx.converters``.
 ``ncps_mlx.save``, ``load``, ``load_modules``, ``save_modules``, ``load_weights`` and
-``export_onnx`` are re-exported from here on first use.
+``export_onnx`` are imported from here by ``ncps_mlx``.
 """

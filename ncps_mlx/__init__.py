@@ -14,21 +14,10 @@ from .sequence import SequenceModel
 from .graph import Graph
 from .version import __version__
 
-# The model file, ONNX export and weight loading live with the readers (ncps_mlx.converters);
-# imported on first use, so that importing the models imports no format.
-_FORMATS = {
-    "save": "modelfile", "load": "modelfile", "load_modules": "modelfile", "save_modules": "modelfile",
-    "ModelFileError": "modelfile", "export_onnx": "onnx_export", "load_weights": "port",
-}
-
-
-def __getattr__(name):
-    if name in _FORMATS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.converters.{_FORMATS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# The model file, ONNX export and weight loading live with the readers (ncps_mlx.converters).
+from .converters.modelfile import ModelFileError, load, load_modules, save, save_modules
+from .converters.onnx_export import export_onnx
+from .converters.port import load_weights
 
 # Status goes to this logger; a library adds no handler of its own beyond the null one.
 logging.getLogger("ncps_mlx").addHandler(logging.NullHandler())
