@@ -97,10 +97,13 @@ class SequenceModel(nn.Module):
                 f"or unbatched (time, features); got {x.ndim}-D input of shape {tuple(x.shape)}"
             )
         batched = x.ndim == 3
+        # One step (a controller's call) runs at once where it can (runtime.at_once): the views
+        # below, computed copies where their arrays are computed.
+        at_once = x.shape[0 if not batched or not self.batch_first else 1] == 1 and runtime.at_once()
         if not batched:
-            x = x[None]
+            x = runtime.reshaped(x, (1, *x.shape)) if at_once else x[None]
         elif not self.batch_first:
-            x = x.swapaxes(0, 1)
+            x = runtime.reshaped(x, (x.shape[1], 1, x.shape[2])) if at_once else x.swapaxes(0, 1)
         batch, steps, features = x.shape
         if features != self.input_size:
             raise ValueError(
@@ -109,16 +112,17 @@ class SequenceModel(nn.Module):
         if steps == 0:
             raise ValueError("Input sequence is empty (0 time steps)")
 
-        ts = self._timespans(timespans, batch, steps, batched)
+        ts = self._timespans(timespans, batch, steps, batched, at_once)
         if ts is not None and mx.issubdtype(x.dtype, mx.floating) and ts.dtype != x.dtype:
             ts = ts.astype(x.dtype)  # a float16/bfloat16 input keeps its dtype through the time gate
-        h, c = self._initial_state(hx, x, batched)
-        y, h, c = self._run(x, h, c, ts, self._mask(mask, batch, steps, batched))
+        h, c = self._initial_state(hx, x, batched, at_once)
+        mask = self._mask(mask, batch, steps, batched)
+        y, h, c = self._run(x, h, c, ts, mask, at_once and mask is None)
         if not batched:
-            y, h = y[0], h[0]
-            c = c[0] if c is not None else None
+            y, h = (runtime.reshaped(a, a.shape[1:]) if at_once else a[0] for a in (y, h))
+            c = None if c is None else runtime.reshaped(c, c.shape[1:]) if at_once else c[0]
         elif self.return_sequences and not self.batch_first:
-            y = y.swapaxes(0, 1)
+            y = runtime.reshaped(y, (1, *y.shape[::2])) if at_once else y.swapaxes(0, 1)
         return y, ((h, c) if self.use_mixed else h)
 
     def _mask(self, mask, batch: int, steps: int, batched: bool):
@@ -132,9 +136,10 @@ class SequenceModel(nn.Module):
         mask = mask if self.batch_first else mask.T
         return mask.astype(mx.bool_)[..., None]
 
-    def _run(self, x, h, c, ts, mask=None):
+    def _run(self, x, h, c, ts, mask=None, at_once=False):
         """x (B, T, I), h and c (B, S), ts None or (B, T, 1) or 0-d -> (y, h, c); picks how
-        to run the loop (see ``ncps_mlx.runtime.stepping``)."""
+        to run the loop (see ``ncps_mlx.runtime.stepping``). ``at_once``: a one-step call, run
+        at once where the kernels can (``runtime.at_once``)."""
         lowering, lstm_lowering, has_dropout = self._lowered()
         # The sequence's dropout masks, drawn here for the kernel and the plain loop alike (drawn
         # inside a compiled step, they would be frozen into its graph).
@@ -143,6 +148,14 @@ class SequenceModel(nn.Module):
             draw = runtime.dropout_masks if x.dtype == mx.float32 and runtime.dropout_masks_apply() else None
             keep = self.rnn_cell.dropout_keep(x.shape[0], x.shape[1], x.dtype, draw)
         cell_reads_x = not (self.use_mixed and self.memory_circuit == "input")
+
+        if at_once and keep is None:  # a one-step call, computed now where its arrays are
+            done = runtime.step_at_once(lowering, x, h, ts, memory=(lstm_lowering, c) if self.use_mixed else None,
+                                        memory_circuit=self.memory_circuit)
+            if done is not None:
+                outs, h, memory = done
+                y = outs if self.return_sequences else runtime.last_step(outs, now=True)
+                return self._projected_output(y, at_once=True), h, (memory if self.use_mixed else c)
 
         # A cell's whole loop in one kernel node, where one applies (None where not); an ordinary
         # node of MLX's graph, so also under mx.vmap and mx.compile.
@@ -153,9 +166,9 @@ class SequenceModel(nn.Module):
         kernel = run(x, h, c, ts, keep) if mask is None else _kept_steps_only(run, x, h, c, ts, keep, mask[..., 0])
         if kernel is not None:
             outs, states = kernel[:2]
-            y, h = (outs if self.return_sequences else _last(outs)), _last(states)
-            c = _last(kernel[2]) if self.use_mixed else c
-            return (y if self.fc is None else self.fc(y)), h, c
+            y, h = (outs if self.return_sequences else runtime.last_step(outs)), runtime.last_step(states)
+            c = runtime.last_step(kernel[2]) if self.use_mixed else c
+            return self._projected_output(y), h, c
 
         h, c = _batched_as(x, h), _batched_as(x, c)
         parameters = self.parameters()
@@ -206,6 +219,13 @@ class SequenceModel(nn.Module):
         if self.fc is not None:
             y = self.fc(y)
         return y, h, c
+
+    def _projected_output(self, y, at_once=False):
+        """``fc(y)`` (``proj_size``), at once where y was computed at once (a one-step call)."""
+        if self.fc is None:
+            return y
+        projected = runtime.linear_at_once(y, self.fc.weight, self.fc.bias) if at_once and "bias" in self.fc else None
+        return self.fc(y) if projected is None else projected
 
     @staticmethod
     def time_loop(step, cell_inputs, lstm_inputs, h, c, ts, mask=None, dropout=None):
@@ -277,14 +297,14 @@ class SequenceModel(nn.Module):
         state.pop("_lowering_memo", None)
         return state
 
-    def _timespans(self, timespans, batch: int, steps: int, batched: bool):
-        """None, a 0-d array, or (B, T, 1)."""
+    def _timespans(self, timespans, batch: int, steps: int, batched: bool, at_once: bool = False):
+        """None, a 0-d array, or (B, T, 1); computed at once where ``at_once`` and they are."""
         if timespans is None:
             return None
         if isinstance(timespans, (int, float)):
             return mx.array(float(timespans))
         ts = mx.array(timespans) if not isinstance(timespans, mx.array) else timespans
-        ts = ts.astype(mx.float32) if not mx.issubdtype(ts.dtype, mx.floating) else ts
+        ts = given = ts.astype(mx.float32) if not mx.issubdtype(ts.dtype, mx.floating) else ts
         if ts.ndim == 0:
             return ts
         shape = tuple(ts.shape)
@@ -293,7 +313,7 @@ class SequenceModel(nn.Module):
                 ts = ts[:, 0]
             if ts.ndim != 1 or ts.shape[0] != steps:
                 raise ValueError(f"timespans for unbatched input must have shape ({steps},) or ({steps}, 1); got {shape}")
-            return ts.reshape(1, steps, 1)
+            return runtime.reshaped(given, (1, 1, 1)) if at_once else ts.reshape(1, steps, 1)
         if ts.ndim == 3:
             if shape[2] != 1:
                 raise ValueError(f"3-D timespans must have a last axis of size 1; got shape {shape}")
@@ -308,10 +328,13 @@ class SequenceModel(nn.Module):
                 f"timespans of shape {shape} do not match the input: expected {expected}, optionally with a "
                 "trailing axis of 1 (a batch axis of 1 broadcasts)"
             )
+        if at_once and given.size == batch:  # a one-step call's, in (B, 1, 1) order already
+            return runtime.reshaped(given, (batch, 1, 1))
         return mx.broadcast_to(ts, (batch, steps))[..., None]
 
-    def _initial_state(self, hx, x, batched: bool):
-        """(h, c) as given (checked), or zeros of x's dtype; c None without mixed memory."""
+    def _initial_state(self, hx, x, batched: bool, at_once: bool = False):
+        """(h, c) as given (checked), or zeros of x's dtype; c None without mixed memory;
+        computed at once where ``at_once`` and they are."""
         batch = x.shape[0]
         if hx is None:
             dtype = x.dtype if mx.issubdtype(x.dtype, mx.floating) else mx.float32
@@ -323,13 +346,13 @@ class SequenceModel(nn.Module):
                     "This model uses mixed_memory, so hx must be a tuple (h, c) of two arrays; "
                     f"got {type(hx).__name__}. Pass hx=(h, c), or hx=None to start from zeros."
                 )
-            h, c = (self._check_state(s, name, batch, batched) for s, name in zip(hx, ("h", "c")))
+            h, c = (self._check_state(s, name, batch, batched, at_once) for s, name in zip(hx, ("h", "c")))
             return h, c
         if isinstance(hx, (tuple, list)):
             raise ValueError("hx must be a single array for a model without mixed_memory; got a tuple")
-        return self._check_state(hx, "hx", batch, batched), None
+        return self._check_state(hx, "hx", batch, batched, at_once), None
 
-    def _check_state(self, state, name: str, batch: int, batched: bool) -> mx.array:
+    def _check_state(self, state, name: str, batch: int, batched: bool, at_once: bool = False) -> mx.array:
         state = mx.array(state) if not isinstance(state, mx.array) else state
         expected = (batch, self.state_size) if batched else (self.state_size,)
         if tuple(state.shape) != expected:
@@ -337,12 +360,9 @@ class SequenceModel(nn.Module):
                 f"Initial state {name} has shape {tuple(state.shape)}; expected {expected} "
                 f"({'(batch, state_size)' if batched else '(state_size,) for unbatched input'})"
             )
-        return state if batched else state[None]
-
-
-def _last(sequence):
-    """The last step of (B, T, F): (B, F); one reshape for one step (a controller's call)."""
-    return sequence.reshape(sequence.shape[0], -1) if sequence.shape[1] == 1 else sequence[:, -1]
+        if batched:
+            return state
+        return runtime.reshaped(state, (1, *state.shape)) if at_once else state[None]
 
 
 def _batched_as(x, state):

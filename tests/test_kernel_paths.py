@@ -174,14 +174,21 @@ def test_one_step_calls_follow_the_plain_loop_across_parameter_updates(case):
     initial = [mx.array(rng.normal(scale=0.5, size=(1, model.state_size)).astype(np.float32)) for _ in range(2)]
     hx = tuple(initial) if model.use_mixed else initial[0]
 
+    # Computed one-step inputs, as a controller has them: after the first call with new
+    # parameters (which derives their kernel weights) the calls run at once.
+    x_steps = [mx.array(np.array(x[:, t : t + 1])) for t in range(x.shape[1])]
+    ts_steps = [mx.array(np.array(ts[:, t : t + 1])) for t in range(x.shape[1])]
+
     def stepwise(model):
-        state, outs = hx, []
+        state, outs, at_once = hx, [], 0
         before = loops_run()
-        for t in range(x.shape[1]):
-            out, state = model(x[:, t : t + 1], state, ts[:, t : t + 1])
+        for x_t, ts_t in zip(x_steps, ts_steps):
+            out, state = model(x_t, state, ts_t)
+            at_once += ready(out, *states_of(state, model.use_mixed))
             mx.eval(out, state)  # as a controller acts on each step's output
             outs.append(out)
         assert loops_run() > before, "the steps did not run in a kernel"
+        assert at_once >= len(x_steps) - 1, "the calls after the first did not run at once"
         return mx.concatenate(outs, axis=1), state
 
     def check(model):
@@ -208,3 +215,162 @@ def test_one_step_calls_follow_the_plain_loop_across_parameter_updates(case):
     name, value = max(tree_flatten(model.trainable_parameters()), key=lambda kv: kv[1].size)
     model.update(tree_unflatten([(name, value * 1.5)]))  # one parameter alone
     check(model)
+
+
+def ready(*arrays) -> bool:
+    """Whether every array is computed already (a call at once returns computed arrays)."""
+    return cpu.loaded().ready([a for a in arrays if a is not None])
+
+
+def states_of(state, mixed):
+    return list(state) if mixed else [state]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_step_calls_run_at_once_as_the_plain_loop(case):
+    """A controller's loop with computed inputs: each call runs at once on the calling thread
+    (its results come back computed, no graph node to schedule), through the loop kernel, and
+    the steps follow the plain loop over the whole sequence."""
+    model = build(case)
+    model.eval()  # a dropout model as a controller runs it
+    rng = np.random.default_rng(5)
+    steps = 5
+    x = rng.normal(size=(2, steps, INPUT)).astype(np.float32)
+    ts = rng.uniform(0.5, 1.5, size=(2, steps)).astype(np.float32)
+    initial = [mx.array(rng.normal(scale=0.5, size=(2, model.state_size)).astype(np.float32)) for _ in range(2)]
+    hx = tuple(initial) if model.use_mixed else initial[0]
+    mx.eval(model.parameters())
+    warm = model(mx.array(x[:, :1]), hx, mx.array(ts[:, :1]))  # derives (and computes) the kernels' weights
+    mx.eval(warm)
+    state, outs = hx, []
+    for t in range(steps):
+        before = loops_run()
+        out, state = model(mx.array(x[:, t : t + 1]), state, mx.array(ts[:, t : t + 1]))
+        assert ready(out, *states_of(state, model.use_mixed)), "the one-step call did not run at once"
+        assert loops_run() == before + 1, "the step did not run in the loop kernel"
+        outs.append(out)
+    ref_out, ref_state = plain_loop(model, mx.array(x), hx, mx.array(ts)[..., None])
+    assert_close("outputs", mx.concatenate(outs, axis=1), ref_out, 1e-5)
+    for ours, reference in zip(states_of(state, model.use_mixed), states_of(ref_state, model.use_mixed)):
+        assert_close("state", ours, reference, 1e-5)
+
+
+STYLES = {
+    "batched": lambda x, h, ts: ((mx.array(x), h), {}),
+    "unbatched": lambda x, h, ts: ((mx.array(x[0]), tuple(s[0] for s in h) if isinstance(h, tuple) else h[0]), {}),
+    "float timespan": lambda x, h, ts: ((mx.array(x), h), {"timespans": 0.7}),
+    "(B, 1) timespans": lambda x, h, ts: ((mx.array(x), h), {"timespans": mx.array(ts)}),
+    "(B, 1, 1) timespans": lambda x, h, ts: ((mx.array(x), h), {"timespans": mx.array(ts[..., None])}),
+}
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("case, options", [("cfc", {}), ("cfc_wired", {"return_sequences": False}),
+                                           ("cfc_no_backbone", {"proj_size": 3}), ("ltc", {}),
+                                           ("ltc_mixed_input", {"return_sequences": False}), ("ctrnn", {})])
+def test_one_step_call_styles_run_at_once(case, options, style):
+    """Every way of calling one step with computed inputs runs at once (unbatched, time-first,
+    each form of timespans, ``return_sequences=False``, an output projection) and gives what MLX's
+    plain loop gives for that step, shaped as that loop shapes it."""
+    family, units, kwargs = CASES[case]
+    if isinstance(units, tuple):
+        units = getattr(ncps_mlx.wirings, units[0])(*units[1], seed=3)
+    mx.random.seed(0)
+    model = getattr(ncps_mlx, family)(INPUT, units, **kwargs, **options)
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(1, 1, INPUT)).astype(np.float32)
+    ts = rng.uniform(0.5, 1.5, size=(1, 1)).astype(np.float32)
+    h = mx.array(rng.normal(scale=0.5, size=(1, model.state_size)).astype(np.float32))
+    hx = (h, h * 0.5) if model.use_mixed else h
+    mx.eval(hx)
+    args, kw = STYLES[style](x, hx, ts)
+    mx.eval(model(*args, **kw))  # derives the kernels' weights
+    out, state = model(*args, **kw)
+    assert ready(out, *states_of(state, model.use_mixed)), "the one-step call did not run at once"
+    with cpu.turned_off():
+        ref_out, ref_state = model(*args, **kw, mask=None)
+    assert out.shape == ref_out.shape
+    assert_close("outputs", out, ref_out, 1e-5)
+    for ours, reference in zip(states_of(state, model.use_mixed), states_of(ref_state, model.use_mixed)):
+        assert ours.shape == reference.shape
+        assert_close("state", ours, reference, 1e-5)
+
+
+def test_one_step_time_first_runs_at_once():
+    model = build("cfc_wired")
+    time_first = ncps_mlx.CfC(INPUT, model.rnn_cell.wiring, batch_first=False) if hasattr(model.rnn_cell, "wiring") else None
+    if time_first is None:
+        pytest.skip("the wired cell does not expose its wiring")
+    time_first.update(model.parameters())
+    x = mx.array(np.random.default_rng(1).normal(size=(1, 3, INPUT)).astype(np.float32))  # (T = 1, B = 3, I)
+    h = mx.zeros((3, model.state_size))
+    mx.eval(x, h, time_first.parameters())
+    mx.eval(time_first(x, h))
+    out, state = time_first(x, h)
+    assert ready(out, state) and out.shape == (1, 3, time_first.output_size)
+    ref_out, ref_state = model(x.swapaxes(0, 1), h)
+    assert_close("outputs", out.swapaxes(0, 1), ref_out, 1e-6)
+    assert_close("state", state, ref_state, 1e-6)
+
+
+@pytest.mark.parametrize("case", ["cfc_wired", "cfc_mixed_input", "ltc_wired_mixed", "ctgru"])
+def test_one_step_gradients_with_computed_inputs(case):
+    """A one-step call with computed inputs under mx.value_and_grad: traced, so it is not run at
+    once but as a node of the graph; the gradients of every parameter, x, hx and timespans
+    follow the plain loop's (none is zero)."""
+    model = build(case)
+    rng = np.random.default_rng(4)
+    S = model.state_size
+    x = mx.array(rng.normal(size=(BATCH, 1, INPUT)).astype(np.float32))
+    hx = [mx.array(rng.normal(scale=0.5, size=(BATCH, S)).astype(np.float32)) for _ in range(2 if model.use_mixed else 1)]
+    ts = mx.array(rng.uniform(0.3, 2.0, size=(BATCH, 1)).astype(np.float32))
+    out_shape = model(x[:1])[0].shape[2:]
+    weights = (mx.array(rng.normal(size=(BATCH, 1, *out_shape)).astype(np.float32)),
+               [mx.array(rng.normal(size=(BATCH, S)).astype(np.float32)) for _ in hx])
+    mx.eval(x, hx, ts, weights, model.parameters())
+    (k_values, k_grads, k_ran), (p_values, p_grads, _) = (
+        results(model, [x, *hx, ts], None, weights, plain) for plain in (False, True))
+    assert k_ran
+    for name, ours, reference in zip(("outputs", "h", "c"), k_values, p_values):
+        assert_close(name, ours, reference, 1e-5)
+    assert set(k_grads) == set(p_grads)
+    for name in sorted(p_grads):
+        assert_close(name, k_grads[name], p_grads[name])
+
+
+def test_one_step_calls_under_compile_and_vmap_and_lazy_inputs():
+    """Traced inputs (mx.compile, mx.vmap) and inputs not yet computed take the graph, with the
+    same numbers."""
+    model = build("cfc_wired")
+    rng = np.random.default_rng(6)
+    x = mx.array(rng.normal(size=(2, 1, INPUT)).astype(np.float32))
+    h = mx.array(rng.normal(size=(2, model.state_size)).astype(np.float32))
+    mx.eval(x, h, model.parameters())
+    mx.eval(model(x, h))
+    expected = model(x, h)
+    assert ready(*expected)
+    compiled = mx.compile(lambda x, h: model(x, h))(x, h)
+    mapped = mx.vmap(lambda x, h: model(x[None], h[None]), in_axes=(0, 0))(x, h)
+    lazy = model(x * 1.0, h)
+    assert not ready(*lazy), "a call on an input not yet computed builds the graph"
+    for got in (compiled, lazy, tuple(a.reshape(e.shape) for a, e in zip(mapped, expected))):
+        for g, e in zip(got, expected):
+            assert_close("one step", g, e, 1e-6)
+
+
+def test_one_step_calls_not_at_once_with_the_kernels_turned_off(monkeypatch):
+    model = build("ltc")
+    x = mx.array(np.random.default_rng(2).normal(size=(1, 1, INPUT)).astype(np.float32))
+    h = mx.zeros((1, model.state_size))
+    mx.eval(x, h, model.parameters())
+    expected = model(x, h)
+    mx.eval(expected)
+    before = cpu.evaluations()
+    monkeypatch.setenv("NCPS_MLX_RUNTIME", "mlx")
+    out, state = model(x, h)
+    assert not ready(out, state)
+    mx.eval(out, state)
+    monkeypatch.delenv("NCPS_MLX_RUNTIME")
+    assert cpu.evaluations() == before, "NCPS_MLX_RUNTIME=mlx ran a kernel"
+    assert_close("outputs", out, expected[0], 1e-5)

@@ -217,11 +217,11 @@ def streamer(peer, family, wiring, weights):
         to_array, _, _, _, model = child_mlx(family, wiring, weights, 1, 1)
         state = [mx.zeros((1, model.state_size))]
 
-        def step(x_t):
-            y, state[0] = model(x_t[:, None], state[0])
+        def step(x_t):  # x_t (1, I): the observation as one step, (1, 1, I)
+            y, state[0] = model(mx.array(x_t[:, None]), state[0])
             mx.eval(y, state[0])
 
-        return lambda x_t: step(mx.array(x_t))
+        return step
     if peer == "torch":
         import torch
 

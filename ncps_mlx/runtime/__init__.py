@@ -50,7 +50,8 @@ def sequence_kernel(lowering, x, h, ts=None, memory=None, keep=None, memory_circ
     float32, not the CPU, ``NCPS_MLX_RUNTIME=mlx``). ``memory``: mixed memory, (the LSTM's
     lowering, memory (B, S)) -> (outputs, states, every step's memory (B, T, S)), in its
     ``memory_circuit`` ("state" or "input", ``SequenceModel``'s), where the kernel has it.
-    ``keep``: dropout masks, where the kernel takes them (``CfCCell.dropout_keep``)."""
+    ``keep``: dropout masks, where the kernel takes them (``CfCCell.dropout_keep``). A one-step
+    call runs at once with ``step_at_once``."""
     kernel = cpu.SEQUENCES.get(type(lowering))
     if kernel is None or choice() == "mlx" or (keep is not None and not kernel.dropout):
         return None
@@ -62,6 +63,48 @@ def sequence_kernel(lowering, x, h, ts=None, memory=None, keep=None, memory_circ
         if memory_circuit != "state":
             options["memory_circuit"] = memory_circuit
     return kernel.run(lowering, x, h, ts, **options)
+
+
+def at_once() -> bool:
+    """Whether a one-step call may run at once here, on the calling thread (``cpu/now.py``): the
+    kernels and their BLAS apply (so not with ``NCPS_MLX_RUNTIME=mlx``). Then ``step_at_once``
+    and the helpers below compute what they can at once."""
+    return cpu.cfc_applies()
+
+
+def step_at_once(lowering, x, h, ts=None, memory=None, memory_circuit="state"):
+    """A one-step call (x (B, 1, I)) of a cell's loop at once, on this thread, where every array
+    is computed (``cpu/now.py``): -> (outputs (B, 1, F), state (B, S), memory (B, S) or None),
+    each computed; None where it cannot (then ``sequence_kernel``). ``memory``, ``memory_circuit``
+    as there; for calls where ``at_once()`` said yes."""
+    kernel = cpu.SEQUENCES.get(type(lowering))
+    if kernel is None or (memory is not None and memory_circuit not in kernel.memory_circuits):
+        return None
+    if memory is None:
+        return kernel.step(lowering, x, h, ts)
+    return kernel.step(lowering, x, h, ts, memory=memory, memory_circuit=memory_circuit)
+
+
+def last_step(sequence, now=False):
+    """The last step of a (B, T, F) sequence, (B, F): computed at once where ``now`` and the
+    sequence is, else a reshape (T = 1) or a slice."""
+    ready = cpu.now.features(sequence, False, 0, sequence.shape[2], keep_time=False) if now else None
+    if ready is not None:
+        return ready
+    return sequence.reshape(sequence.shape[0], -1) if sequence.shape[1] == 1 else sequence[:, -1]
+
+
+def reshaped(a, shape):
+    """a (its values already in the order of ``shape``) as ``shape``, computed at once where a
+    is (for ``at_once()`` calls), else MLX's reshape."""
+    ready = cpu.now.filled(a, shape)
+    return a.reshape(shape) if ready is None else ready
+
+
+def linear_at_once(y, weight, bias):
+    """y (B, T, F) or (B, F) times W^T plus b, computed at once where every array is (a one-step
+    call's output projection, for ``at_once()`` calls); None where one is not."""
+    return cpu.now.linear(y, weight, bias)
 
 
 def dropout_masks_apply() -> bool:

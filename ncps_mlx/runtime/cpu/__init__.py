@@ -41,32 +41,35 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from ...lowering import CfCLowering, CTGRULowering, CTRNNLowering, LTCLowering, WiredCfCLowering
-from .cfc import cfc_sequence, cfc_states, wired_cfc_sequence, wired_cfc_states
+from .cfc import cfc_sequence, cfc_states, cfc_step, wired_cfc_sequence, wired_cfc_states
 from .ctgru import ctgru_sequence
 from .ctrnn import ctrnn_sequence
 from .loader import all_float32, applies, by_row, cfc_applies, evaluations, library, loaded, status, turned_off
 from .ltc import ltc_sequence, ltc_states
 from .projection import input_projection
+from . import now
 
 __all__ = ["SEQUENCES", "Kernel", "all_float32", "applies", "by_row", "cfc_applies", "cfc_states", "evaluations", "input_projection",
-           "library", "loaded", "ltc_states", "status", "turned_off", "wired_cfc_states"]
+           "library", "loaded", "ltc_states", "now", "status", "turned_off", "wired_cfc_states"]
 
 class Kernel(NamedTuple):
     """A loop's kernel: ``run(lowering, x, h, ts, **options)``; whether it ``applies`` now (the
     LTC's needs no BLAS, the others the kernels' own); the mixed-memory circuits it runs; whether
-    it takes dropout masks (a CfC's backbone)."""
+    it takes dropout masks (a CfC's backbone); ``step(lowering, x, h, ts, **options)``, a
+    one-step call at once (``now.py``)."""
 
     run: Callable
     applies: Callable
     memory_circuits: tuple
     dropout: bool
+    step: Callable
 
 
 # The kernels by the type of the lowering whose loop they run.
 SEQUENCES = {
-    CfCLowering: Kernel(cfc_sequence, cfc_applies, ("state", "input"), True),
-    WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state", "input"), False),
-    LTCLowering: Kernel(ltc_sequence, applies, ("state", "input"), False),
-    CTRNNLowering: Kernel(ctrnn_sequence, cfc_applies, (), False),
-    CTGRULowering: Kernel(ctgru_sequence, cfc_applies, (), False),
+    CfCLowering: Kernel(cfc_sequence, cfc_applies, ("state", "input"), True, cfc_step),
+    WiredCfCLowering: Kernel(wired_cfc_sequence, cfc_applies, ("state", "input"), False, cfc_step),
+    LTCLowering: Kernel(ltc_sequence, applies, ("state", "input"), False, now.step_of(ltc_sequence)),
+    CTRNNLowering: Kernel(ctrnn_sequence, cfc_applies, (), False, now.step_of(ctrnn_sequence)),
+    CTGRULowering: Kernel(ctgru_sequence, cfc_applies, (), False, now.step_of(ctgru_sequence)),
 }

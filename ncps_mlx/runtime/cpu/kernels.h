@@ -154,6 +154,11 @@ void ctgru_forward(const ctgru_args *a, const float *initial, float *outputs, fl
 void ctgru_backward(const ctgru_args *a, const float *initial, const float *states, const float *d_outputs,
                     const float *d_states, float *d_inputs, float *d_initial, float *d_timespans, float *d_w_rs,
                     float *d_w_q, int first, int last, float *scratch);
+/* matvec.c: an sgemm that computes products with one column itself and passes the rest to the
+ * BLAS given to set_blas. */
+void set_blas(sgemm_fn sgemm);
+void small_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc);
 void tanh_array(const float *x, float *y, int64_t n);
 void sigmoid_array(const float *x, float *y, int64_t n);
 

@@ -72,19 +72,23 @@ def evaluations() -> dict:
 
 def applies() -> bool:
     """Whether the kernels run now: built, on the CPU device, not within ``turned_off()``."""
-    if getattr(_off, "value", False) or mx.default_device() != mx.cpu:
+    if _off.value or mx.default_device() != mx.cpu:
         return False
     return library() is not None
 
 
-_off = threading.local()
+class _Off(threading.local):
+    value = False  # in every thread until turned_off() sets its own
+
+
+_off = _Off()
 
 
 @contextlib.contextmanager
 def turned_off():
     """Within this block (in this thread) the models run on MLX's operations, as where these do
     not apply: for comparing the two."""
-    previous = getattr(_off, "value", False)
+    previous = _off.value
     _off.value = True
     try:
         yield

@@ -26,6 +26,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -131,7 +132,7 @@ int cores() {
 // empty batch.
 template <class F>
 void over_batch(int batch, F&& call) {
-  int parts = batch == 0 ? 1 : std::min(batch, cores());
+  int parts = batch <= 1 ? 1 : std::min(batch, cores());  // cores() is a system call: not for one row
   std::vector<std::thread> workers;
   for (int p = 1; p < parts; ++p)
     workers.emplace_back(call, p, int(int64_t(batch) * p / parts), int(int64_t(batch) * (p + 1) / parts));
@@ -217,6 +218,12 @@ class Scratch {
 };
 
 const float* ptr(const mx::array& a) { return a.data<float>(); }
+
+// The kernels' sgemm: products with one column in matvec.c, the rest in the BLAS spec names.
+sgemm_fn products(const Spec& spec) {
+  set_blas(reinterpret_cast<sgemm_fn>(spec.sgemm));
+  return small_sgemm;
+}
 float* ptr(mx::array& a) { return a.data<float>(); }
 
 void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
@@ -302,7 +309,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              ptr(in[p]), weights.data(), biases.data(), ptr(in[p + 1]), ptr(in[p + 2]),
              spec.pure() ? ptr(in[q]) : nullptr, spec.pure() ? ptr(in[q + 1]) : nullptr,
              lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
-             reinterpret_cast<sgemm_fn>(spec.sgemm), spec.dropout() ? ptr(in[f + 2]) : nullptr, spec.ints[7]};
+             products(spec), spec.dropout() ? ptr(in[f + 2]) : nullptr, spec.ints[7]};
   const int n = f + 2 + spec.dropout();  // the forward node's inputs
   const size_t extra = mixed ? (spec.ints[7] ? 6 : 5) * size_t(H) : 0;
   const auto initial = feature_major(in[1]);
@@ -382,7 +389,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                timed ? ptr(in[2]) : nullptr, input_weights.data(), biases.data(), state_weights.data(), w_tau.data(),
                A.data(),
                lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
-               reinterpret_cast<sgemm_fn>(spec.sgemm), input_circuit};
+               products(spec), input_circuit};
   const size_t extra = mixed ? (input_circuit ? 6 : 5) * size_t(S) : 0;
   const auto initial = feature_major(in[1]);
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
@@ -432,7 +439,7 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   const int timed = spec.timed(), p = 2 + timed, feedback = spec.ints[2];
   const int B = in[0].shape(0), T = in[0].shape(1), U = in[0].shape(2), K = spec.ints[0];
   ctrnn_args a{B, T, U, K, spec.floats[0], spec.floats[1], ptr(in[0]), timed ? ptr(in[2]) : nullptr,
-               feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), reinterpret_cast<sgemm_fn>(spec.sgemm)};
+               feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), products(spec)};
   const int n = p + feedback + 1;
   if (!spec.backward) {
     over_batch(B, [&](int part, int first, int last) {
@@ -457,7 +464,7 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   const int B = in[0].shape(0), T = in[0].shape(1), U = in[p + 1].shape(0);
   ctgru_args a{B, T, U, M, spec.ints[1], spec.floats[0], spec.floats.data() + 1, spec.floats.data() + 1 + M,
                ptr(in[0]), timed ? ptr(in[2]) : nullptr, ptr(in[p]), ptr(in[p + 1]),
-               reinterpret_cast<sgemm_fn>(spec.sgemm)};
+               products(spec)};
   const size_t UM = size_t(U) * M;
   if (!spec.backward) {
     over_batch(B, [&](int part, int first, int last) {
@@ -485,7 +492,7 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const int B = in[0].shape(0), T = in[0].shape(1), I = in[0].shape(2), P = in[1].shape(0);
   const bool features_first = spec.ints[0];
-  auto sgemm = reinterpret_cast<sgemm_fn>(spec.sgemm);
+  auto sgemm = products(spec);
   const float *x = ptr(in[0]), *w = ptr(in[1]), *bias = ptr(in[2]);
   const int count = features_first ? T : B * T;
   if (!spec.backward) {
@@ -553,7 +560,21 @@ void sensory_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::
   grads.sum();
 }
 
-std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs);
+// What a node of spec computes, from its inputs into its (allocated) outputs.
+void run(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  ++evaluations[spec.backward][int(spec.loop)];
+  switch (spec.loop) {
+    case Loop::LTC: return ltc_eval(spec, in, out);
+    case Loop::CfC: return cfc_eval(spec, in, out);
+    case Loop::Wired: return wired_eval(spec, in, out);
+    case Loop::CTRNN: return ctrnn_eval(spec, in, out);
+    case Loop::CTGRU: return ctgru_eval(spec, in, out);
+    case Loop::Projection: return projection_eval(spec, in, out);
+    case Loop::Sensory: return sensory_eval(spec, in, out);
+  }
+}
+
+std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs, bool now = false);
 
 class SequenceKernel : public mx::Primitive {
  public:
@@ -564,18 +585,7 @@ class SequenceKernel : public mx::Primitive {
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (auto& i : inputs) encoder.set_input_array(i);
     for (auto& o : outputs) encoder.set_output_array(o);
-    encoder.dispatch([spec = spec_, in = inputs, out = outputs]() mutable {
-      ++evaluations[spec.backward][int(spec.loop)];
-      switch (spec.loop) {
-        case Loop::LTC: return ltc_eval(spec, in, out);
-        case Loop::CfC: return cfc_eval(spec, in, out);
-        case Loop::Wired: return wired_eval(spec, in, out);
-        case Loop::CTRNN: return ctrnn_eval(spec, in, out);
-        case Loop::CTGRU: return ctgru_eval(spec, in, out);
-        case Loop::Projection: return projection_eval(spec, in, out);
-        case Loop::Sensory: return sensory_eval(spec, in, out);
-      }
-    });
+    encoder.dispatch([spec = spec_, in = inputs, out = outputs]() mutable { run(spec, in, out); });
   }
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -666,11 +676,52 @@ void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument("[ncps_mlx] " + message);
 }
 
-// The node for spec over inputs, made row-contiguous float32 on the CPU: -> its outputs.
-std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs) {
+// Whether arrays can be read now, on the calling thread: each computed float32, and none a tracer
+// of mx.grad, mx.vmap or mx.compile (those need a node in their graph).
+bool ready(const std::vector<mx::array>& arrays) {
+  for (auto& a : arrays)
+    if (!a.is_available() || a.is_tracer() || a.dtype() != mx::float32) return false;
+  return true;
+}
+
+mx::array allocated(const mx::Shape& shape) {
+  size_t n = 1;
+  for (auto d : shape) n *= size_t(d);
+  return mx::array(mx::allocator::malloc(n * sizeof(float)), shape, mx::float32);
+}
+
+// A ready() array row-contiguous: itself, or copied now (a strided view, e.g. of a NumPy slice).
+mx::array contiguous_now(const mx::array& a) {
+  if (a.flags().row_contiguous) return a;
+  mx::array out = allocated(a.shape());
+  const float* from = a.data<float>();
+  float* to = out.data<float>();
+  const int n = a.ndim();
+  for (size_t i = 0; i < out.size(); ++i) {
+    int64_t offset = 0;
+    size_t rest = i;
+    for (int d = n - 1; d >= 0; --d) {
+      offset += int64_t(rest % a.shape(d)) * a.strides()[d];
+      rest /= a.shape(d);
+    }
+    to[i] = from[offset];
+  }
+  return out;
+}
+
+// The node for spec over inputs, made row-contiguous float32 on the CPU: -> its outputs. With
+// now and every input ready(), no node: the outputs computed at once on this thread, as the node
+// would compute them (a one-step call's graph costs MLX's scheduling a node, several times the
+// kernel's work).
+std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs, bool now) {
   auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
+  const bool at_once = now && ready(inputs);
   for (auto& a : inputs) {
     require(a.dtype() == mx::float32, "the CPU kernels take float32 arrays");
+    if (at_once) {
+      a = contiguous_now(a);
+      continue;
+    }
     // An evaluated row-contiguous array (a weight, kept between calls) is read as it is: a
     // Contiguous node for each would be a scheduled task of every call.
     // So is an output of these kernels' own nodes (each a fresh row-contiguous array).
@@ -725,6 +776,12 @@ std::vector<mx::array> sequence(const Spec& spec, std::vector<mx::array> inputs)
     shapes.push_back({x.shape(0), inputs[1].shape(1), x.shape(2)});
     if (spec.mixed()) shapes.push_back(shapes.back());
   }
+  if (at_once) {
+    std::vector<mx::array> outputs;
+    for (auto& shape : shapes) outputs.push_back(allocated(shape));
+    run(spec, inputs, outputs);
+    return outputs;
+  }
   std::vector<mx::Dtype> dtypes(shapes.size(), mx::float32);
   return mx::array::make_arrays(shapes, dtypes, std::make_shared<SequenceKernel>(stream, spec), inputs);
 }
@@ -778,6 +835,57 @@ class DropoutMasks : public mx::Primitive {
   float kept_;
 };
 
+// A one-step call's results as the model returns them, computed now from ready() arrays (an MLX
+// slice, transpose or reshape would each be a node to schedule): features [start, stop) of a
+// (T, S, B) (feature_major) or (B, T, S) array, as (B, T, n), or the last step's (B, n) without
+// keep_time; each feature times scale and plus shift where given (an LTC's mapping: two
+// roundings, as MLX's x * w + b). None where an array is not ready().
+std::optional<mx::array> features_now(const mx::array& a, bool feature_major, int start, int stop, bool keep_time,
+                                      std::optional<mx::array> scale, std::optional<mx::array> shift) {
+  std::vector<mx::array> arrays{a};
+  if (scale) arrays.push_back(*scale);
+  if (shift) arrays.push_back(*shift);
+  if (!ready(arrays)) return std::nullopt;
+  require(a.ndim() == 3 && 0 <= start && start <= stop && stop <= a.shape(feature_major ? 1 : 2),
+          "features_now: a (T, S, B) or (B, T, S) array and a range of its S features");
+  const int n = stop - start;
+  require((!scale || scale->size() == size_t(n)) && (!shift || shift->size() == size_t(n)),
+          "features_now: scale and shift of one entry per feature");
+  const int T = a.shape(feature_major ? 0 : 1), B = a.shape(feature_major ? 2 : 0), S = a.shape(feature_major ? 1 : 2);
+  const int first = keep_time ? 0 : T - 1, steps = T - first;
+  mx::array out = allocated(keep_time ? mx::Shape{B, T, n} : mx::Shape{B, n});
+  const mx::array values = contiguous_now(a);
+  const float *v = ptr(values), *w = scale ? ptr(*scale) : nullptr, *c = shift ? ptr(*shift) : nullptr;
+  float* o = out.data<float>();
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < steps; ++t)
+      for (int j = 0; j < n; ++j) {
+        const int k = start + j;
+        float x = feature_major ? v[(int64_t(first + t) * S + k) * B + b] : v[(int64_t(b) * T + first + t) * S + k];
+        if (w) x = x * w[j];
+        if (c) x = x + c[j];
+        o[(int64_t(b) * steps + t) * n + j] = x;
+      }
+  return out;
+}
+
+// a as a ready array of shape: one value filled, or as many values copied in order (any ready a
+// for an empty shape); None where a is not ready() or has another count.
+std::optional<mx::array> filled_now(const mx::array& a, std::vector<int> shape) {
+  if (!ready({a})) return std::nullopt;
+  mx::array out = allocated(mx::Shape(shape.begin(), shape.end()));
+  if (out.size() == 0)
+    return out;
+  const mx::array values = contiguous_now(a);
+  if (a.size() == 1)
+    std::fill(out.data<float>(), out.data<float>() + out.size(), ptr(values)[0]);
+  else if (a.size() == out.size())
+    std::copy(ptr(values), ptr(values) + a.size(), out.data<float>());
+  else
+    return std::nullopt;
+  return out;
+}
+
 using Host = nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 }  // namespace
@@ -797,57 +905,57 @@ NB_MODULE(_kernels, m) {
   m.def(
       "ltc_sequence",
       [](std::vector<mx::array> arrays, int unfolds, float epsilon, bool timed, bool mixed, float forget_bias,
-         bool input_circuit) {
+         bool input_circuit, bool now) {
         require(!input_circuit || mixed, "the input circuit is mixed memory's");
         return sequence(Spec{Loop::LTC, false, {unfolds, timed, mixed, input_circuit}, {epsilon, forget_bias}, 0},
-                        std::move(arrays));
+                        std::move(arrays), now);
       },
-      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a);
+      "arrays"_a, "unfolds"_a, "epsilon"_a, "timed"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a, "now"_a = false);
   m.def(
       "cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, int activation, bool ff_tanh, bool timed, int hidden_layers,
-         bool mixed, float forget_bias, bool dropout, bool input_circuit, uintptr_t sgemm) {
+         bool mixed, float forget_bias, bool dropout, bool input_circuit, uintptr_t sgemm, bool now) {
         require(!input_circuit || mixed, "the input circuit is mixed memory's");
         return sequence(Spec{Loop::CfC, false, {mode, activation, ff_tanh, timed, hidden_layers, mixed, dropout, input_circuit},
                              mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
-                        std::move(arrays));
+                        std::move(arrays), now);
       },
       "arrays"_a, "mode"_a, "activation"_a, "ff_tanh"_a, "timed"_a, "hidden_layers"_a, "mixed"_a,
-      "forget_bias"_a, "dropout"_a, "input_circuit"_a, "sgemm"_a);
+      "forget_bias"_a, "dropout"_a, "input_circuit"_a, "sgemm"_a, "now"_a = false);
   m.def(
       "wired_cfc_sequence",
       [](std::vector<mx::array> arrays, int mode, bool ff_tanh, bool timed, int layers, bool mixed, float forget_bias,
-         bool input_circuit, uintptr_t sgemm) {
+         bool input_circuit, uintptr_t sgemm, bool now) {
         require(!input_circuit || mixed, "the input circuit is mixed memory's");
         return sequence(Spec{Loop::Wired, false, {mode, ff_tanh, timed, layers, mixed, input_circuit},
                              mixed ? std::vector<float>{forget_bias} : std::vector<float>{}, sgemm},
-                        std::move(arrays));
+                        std::move(arrays), now);
       },
-      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a, "sgemm"_a);
+      "arrays"_a, "mode"_a, "ff_tanh"_a, "timed"_a, "layers"_a, "mixed"_a, "forget_bias"_a, "input_circuit"_a, "sgemm"_a, "now"_a = false);
   m.def(
       "ctrnn_sequence",
       [](std::vector<mx::array> arrays, int unfolds, float delta_t, float clip, bool timed, bool feedback,
-         uintptr_t sgemm) {
+         uintptr_t sgemm, bool now) {
         return sequence(Spec{Loop::CTRNN, false, {unfolds, timed, feedback}, {delta_t, clip}, sgemm},
-                        std::move(arrays))[0];
+                        std::move(arrays), now)[0];
       },
-      "arrays"_a, "unfolds"_a, "delta_t"_a, "clip"_a, "timed"_a, "feedback"_a, "sgemm"_a);
+      "arrays"_a, "unfolds"_a, "delta_t"_a, "clip"_a, "timed"_a, "feedback"_a, "sgemm"_a, "now"_a = false);
   m.def(
       "ctgru_sequence",
       [](std::vector<mx::array> arrays, int scales, bool mozer, float clip, std::vector<float> ln_tau,
-         std::vector<float> decay, bool timed, uintptr_t sgemm) {
+         std::vector<float> decay, bool timed, uintptr_t sgemm, bool now) {
         std::vector<float> floats{clip};
         floats.insert(floats.end(), ln_tau.begin(), ln_tau.end());
         floats.insert(floats.end(), decay.begin(), decay.end());
-        return sequence(Spec{Loop::CTGRU, false, {timed, mozer, scales}, floats, sgemm}, std::move(arrays));
+        return sequence(Spec{Loop::CTGRU, false, {timed, mozer, scales}, floats, sgemm}, std::move(arrays), now);
       },
-      "arrays"_a, "scales"_a, "mozer"_a, "clip"_a, "ln_tau"_a, "decay"_a, "timed"_a, "sgemm"_a);
+      "arrays"_a, "scales"_a, "mozer"_a, "clip"_a, "ln_tau"_a, "decay"_a, "timed"_a, "sgemm"_a, "now"_a = false);
   m.def(
       "input_projection",
-      [](mx::array x, mx::array weight, mx::array bias, bool features_first, uintptr_t sgemm) {
-        return sequence(Spec{Loop::Projection, false, {features_first}, {}, sgemm}, {x, weight, bias})[0];
+      [](mx::array x, mx::array weight, mx::array bias, bool features_first, uintptr_t sgemm, bool now) {
+        return sequence(Spec{Loop::Projection, false, {features_first}, {}, sgemm}, {x, weight, bias}, now)[0];
       },
-      "x"_a, "weight"_a, "bias"_a, "features_first"_a, "sgemm"_a);
+      "x"_a, "weight"_a, "bias"_a, "features_first"_a, "sgemm"_a, "now"_a = false);
   m.def(
       "dropout_masks",
       [](mx::array key, std::vector<int> shape, float kept) {
@@ -860,10 +968,14 @@ NB_MODULE(_kernels, m) {
       "key"_a, "shape"_a, "kept"_a);
   m.def(
       "ltc_sensory",
-      [](mx::array x, mx::array sigma, mx::array mu, mx::array w_erev, mx::array w) {
-        return sequence(Spec{Loop::Sensory, false, {}, {}, 0}, {x, sigma, mu, w_erev, w})[0];
+      [](mx::array x, mx::array sigma, mx::array mu, mx::array w_erev, mx::array w, bool now) {
+        return sequence(Spec{Loop::Sensory, false, {}, {}, 0}, {x, sigma, mu, w_erev, w}, now)[0];
       },
-      "x"_a, "sigma"_a, "mu"_a, "w_erev"_a, "w"_a);
+      "x"_a, "sigma"_a, "mu"_a, "w_erev"_a, "w"_a, "now"_a = false);
+  m.def("ready", &ready, "arrays"_a);
+  m.def("features_now", &features_now, "a"_a, "feature_major"_a, "start"_a, "stop"_a, "keep_time"_a,
+        "scale"_a = nb::none(), "shift"_a = nb::none());
+  m.def("filled_now", &filled_now, "a"_a, "shape"_a);
   // rational.h's functions as the kernels compute them, for the tests' sweep over the float range.
   m.def("tanh_array", [](Host x, Host y) { tanh_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
   m.def("sigmoid_array", [](Host x, Host y) { sigmoid_array(x.data(), y.data(), std::min(x.shape(0), y.shape(0))); });
