@@ -340,8 +340,8 @@ def test_one_step_gradients_with_computed_inputs(case):
 
 
 def test_one_step_calls_under_compile_and_vmap_and_lazy_inputs():
-    """Traced inputs (mx.compile, mx.vmap) and inputs not yet computed take the graph, with the
-    same numbers."""
+    """Traced inputs (mx.compile, mx.vmap) take the graph; an input not yet computed is evaluated
+    first and the step runs at once; the same numbers."""
     model = build("cfc_wired")
     rng = np.random.default_rng(6)
     x = mx.array(rng.normal(size=(2, 1, INPUT)).astype(np.float32))
@@ -352,8 +352,8 @@ def test_one_step_calls_under_compile_and_vmap_and_lazy_inputs():
     assert ready(*expected)
     compiled = mx.compile(lambda x, h: model(x, h))(x, h)
     mapped = mx.vmap(lambda x, h: model(x[None], h[None]), in_axes=(0, 0))(x, h)
-    lazy = model(x * 1.0, h)
-    assert not ready(*lazy), "a call on an input not yet computed builds the graph"
+    lazy = model(x * 1.0, h * 1.0)
+    assert ready(*lazy), "a call on inputs not yet computed did not evaluate them and run at once"
     for got in (compiled, lazy, tuple(a.reshape(e.shape) for a, e in zip(mapped, expected))):
         for g, e in zip(got, expected):
             assert_close("one step", g, e, 1e-6)

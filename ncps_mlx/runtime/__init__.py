@@ -143,4 +143,4 @@ def implementation(lowering, mixed_memory: bool = False, dtype=None, memory_circ
         return "MLX (compiled steps): NCPS_MLX_RUNTIME=mlx"
     if not kernel.applies():
         return "MLX (compiled steps): no kernel applies (see the kernels' status)"
-    return "CPU kernel"
+    return "CPU kernel; one-step calls at once" if at_once() else "CPU kernel"

@@ -244,15 +244,16 @@ def cfc_step(cell, x, h, ts=None, memory=None, memory_circuit="state"):
     ``cfc_sequence`` takes it -> (outputs (B, 1, F), state (B, S), memory (B, S) or None), each
     computed; None where an array is not ready (then ``cfc_sequence`` runs it). For calls where
     ``runtime.at_once()`` said yes: the arguments as ``cfc_sequence`` makes them, without its
-    views and checks (a controller's call costs mostly such Python)."""
+    views and checks (a controller's call costs mostly such Python). Given arrays and weights
+    not yet computed are evaluated first (``settle``: outside any transformation)."""
     kernels = loaded()
-    if x.shape[1] != 1 or not kernels.ready([x, h] if ts is None and memory is None else
-                                            [a for a in (x, h, ts, memory and memory[1]) if a is not None]):
-        return None
     timed, input_circuit = ts is not None, memory is not None and memory_circuit == "input"
+    weights = cell.derived(_STEP_WEIGHTS[timed], lambda: _step_weights(cell, timed))
+    given = [x, h] if ts is None and memory is None else [a for a in (x, h, ts, memory and memory[1]) if a is not None]
+    if x.shape[1] != 1 or not kernels.settle(given + weights.kernel_arrays):
+        return None
     column = kernels.filled_now(ts, [1, x.shape[0]]) if timed else None  # (T, B) of one step
     lstm = None if memory is None else _memory_arrays(memory, x, True)
-    weights = cell.derived(_STEP_WEIGHTS[timed], lambda: _step_weights(cell, timed))
     if weights.wired:
         inputs = _no_inputs(x, True) if input_circuit else weights.project(x, True)
         outputs = weights.run(inputs, h, column, lstm, input_circuit, True)
@@ -271,7 +272,8 @@ _STEP_WEIGHTS = {False: "cfc.step weights timed=False", True: "cfc.step weights 
 
 def _step_weights(cell, timed: bool):
     """``cfc_sequence``'s weights for the cell, with what ``cfc_step`` reads of them: ``wired``
-    (the wired loop), the state's ``size`` and the outputs' ``output_range``."""
+    (the wired loop), the state's ``size``, the outputs' ``output_range`` and every array the
+    kernel reads (``kernel_arrays``)."""
     if isinstance(cell, WiredCfCLowering) or cell.heads is None:
         layers = cell.layers if isinstance(cell, WiredCfCLowering) else (cell,)
         weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights(layers, timed))
@@ -282,4 +284,6 @@ def _step_weights(cell, timed: bool):
         weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
         weights.wired, weights.size = False, cell.hidden_size
         weights.output_range = (0, cell.hidden_size)
+    weights.kernel_arrays = ([weights.input_weight, weights.input_bias] + weights.arrays if weights.wired
+                             else weights.before_memory + weights.input_half)
     return weights

@@ -42,12 +42,13 @@ def linear(y, weight, bias):
 def step_of(sequence):
     """A kernel's one-step call at once from its ``sequence(lowering, x, h, ts, ..., now=True)``
     (-> (outputs, states[, memories]), (B, T, .) each): -> (outputs (B, 1, F), state (B, S),
-    memory (B, S) or None), computed; None where they are not."""
+    memory (B, S) or None), computed; None where they are not. Given arrays not yet computed are
+    evaluated first (``settle``: outside any transformation)."""
 
     def step(lowering, x, h, ts=None, **options):
         memory = options.get("memory")
         given = [x, h] + [a for a in (ts, None if memory is None else memory[1]) if a is not None]
-        if x.shape[1] != 1 or not loaded().ready(given):
+        if x.shape[1] != 1 or not loaded().settle(given):
             return None
         result = sequence(lowering, x, h, ts, now=True, **options)
         if result is None or not loaded().ready(list(result)):

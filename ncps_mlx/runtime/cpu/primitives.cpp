@@ -34,6 +34,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "mlx/transforms.h"
 
 #include "kernels.h"
 
@@ -690,6 +691,23 @@ mx::array allocated(const mx::Shape& shape) {
   return mx::array(mx::allocator::malloc(n * sizeof(float)), shape, mx::float32);
 }
 
+// Whether arrays can be made ready() here: those not yet computed are evaluated (one scheduled
+// graph), unless one is a tracer (a transformation's graph must keep it) or MLX refuses.
+bool settle(const std::vector<mx::array>& arrays) {
+  std::vector<mx::array> pending;
+  for (auto& a : arrays) {
+    if (a.is_tracer() || a.dtype() != mx::float32) return false;
+    if (!a.is_available()) pending.push_back(a);
+  }
+  if (pending.empty()) return true;
+  try {
+    mx::eval(pending);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+
 // A ready() array row-contiguous: itself, or copied now (a strided view, e.g. of a NumPy slice).
 mx::array contiguous_now(const mx::array& a) {
   if (a.flags().row_contiguous) return a;
@@ -973,6 +991,7 @@ NB_MODULE(_kernels, m) {
       },
       "x"_a, "sigma"_a, "mu"_a, "w_erev"_a, "w"_a, "now"_a = false);
   m.def("ready", &ready, "arrays"_a);
+  m.def("settle", &settle, "arrays"_a);
   m.def("features_now", &features_now, "a"_a, "feature_major"_a, "start"_a, "stop"_a, "keep_time"_a,
         "scale"_a = nb::none(), "shift"_a = nb::none());
   m.def("filled_now", &filled_now, "a"_a, "shape"_a);
