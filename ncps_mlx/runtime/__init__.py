@@ -7,7 +7,9 @@ against. In order of preference:
 * ``cpu``: a cell's whole loop in one CPU kernel, an MLX primitive built at install time (the
   LTC's, the CfC's, the CTRNN's and the CTGRU's, on Linux), forward and backward, also under
   ``mx.vmap`` and ``mx.compile`` (``sequence_kernel``), and the sequence's input projection
-  (``project_input``);
+  (``project_input``); a one-step call whose arrays are computed and not traced runs at once on
+  the calling thread, no graph node (``step_at_once``: a controller's call, where MLX's
+  scheduling of a node cost more than the step);
 * ``stepping``: MLX's own operations, in compiled steps, with a compiled backward pass;
 * the plain loop, for what neither takes (active dropout, masks without a kernel, inside
   ``mx.vmap`` or ``mx.compile`` without a kernel).

@@ -18,6 +18,12 @@ These kernels run a whole sequence in one node of MLX's graph:
   the same BLAS; each step recomputed in the backward pass.
 * ``InputProjection`` (``primitives.cpp``): a sequence's affine input projection, one product
   in that BLAS instead of MLX's (``projection.py``).
+* ``now.py``: a one-step call at once. Every entry point takes ``now``: where every input is
+  computed and none is a tracer, the node's function runs on the calling thread and returns
+  computed arrays (the same function, so the same numbers); ``cfc_step`` and ``now.step_of``
+  make a model's one-step results that way.
+* ``matvec.c``: the kernels' products with one column (batch 1), a vectorised dot per row; the
+  BLAS's setup cost more than such a product.
 
 ``primitives.cpp`` makes them MLX primitives (MLX's ``examples/extensions`` way): each loop a
 node with ``eval_cpu``, a ``vjp`` for every input (parameters, inputs, initial state,

@@ -99,6 +99,10 @@ static void tail(int mode, int ff_tanh, int H, int K, const float *w_tau, const 
 
 /* rows (n, R) out to the columns [first, first + R) of dest (n, B), or back (to_block). */
 static void copy_columns(float *block, float *wide, int n, int R, int B, int first, int to_block) {
+    if (R == B) { /* the whole batch: one block (a row at a time was a call per float at batch 1) */
+        memcpy(to_block ? block : wide, to_block ? wide : block, (int64_t)n * R * sizeof(float));
+        return;
+    }
     for (int k = 0; k < n; ++k) {
         float *a = block + (int64_t)k * R, *b = wide + (int64_t)k * B + first;
         memcpy(to_block ? a : b, to_block ? b : a, R * sizeof(float));
@@ -229,7 +233,7 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
     }
     float *h = scratch, *g = h + (int64_t)S * R, *c = g + (int64_t)widest * R, *gates = c + (int64_t)S * R;
     float *lstm_out = gates + 4 * (int64_t)S * R;
-    for (int j = 0; j < S; ++j) memcpy(h + (int64_t)j * R, initial + (int64_t)j * B + first, R * sizeof(float));
+    copy_columns(h, (float *)initial, S, R, B, first, 1);
     if (a->lstm.inputs) copy_columns(c, (float *)m->initial_c, S, R, B, first, 1);
     for (int t = 0; t < a->steps; ++t) {
         if (a->lstm.inputs) { /* the "state" circuit: the LSTM's output replaces h */
@@ -246,7 +250,7 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
                 a->sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, K, R, S, 1.0f, a->input_weights[0], S, lstm_out, R, 1.0f, g, R);
             } else if (l == 0) {
                 const float *u = a->inputs + (int64_t)t * K * B + first;
-                for (int k = 0; k < K; ++k) memcpy(g + (int64_t)k * R, u + (int64_t)k * B, R * sizeof(float));
+                copy_columns(g, (float *)u, K, R, B, 0, 1);
             } else {
                 const int P = a->sizes[l - 1];
                 fill_rows(g, a->biases[l], K, R);
@@ -259,7 +263,7 @@ void wired_cfc_forward(const wired_args *a, const float *initial, float *states,
             state += (int64_t)H * R;
         }
         float *out = states + (int64_t)t * S * B + first;
-        for (int j = 0; j < S; ++j) memcpy(out + (int64_t)j * B, h + (int64_t)j * R, R * sizeof(float));
+        copy_columns(h, out, S, R, B, 0, 0);
     }
 }
 
