@@ -129,11 +129,13 @@ int cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// call(part, first, last) over the batch in one contiguous range per core; one empty range for an
-// empty batch.
+// call(part, first, last) over the batch in one contiguous range per core; one range where the
+// batch's work is small (fewer than 64 rows times steps: starting and joining a thread cost more,
+// ~0.5 ms on the 2-core VM this was measured on, than a one-step call at batch 2 to 8).
 template <class F>
-void over_batch(int batch, F&& call) {
-  int parts = batch <= 1 ? 1 : std::min(batch, cores());  // cores() is a system call: not for one row
+void over_batch(int batch, int steps, F&& call) {
+  const bool small = batch <= 1 || int64_t(batch) * steps < 64;  // cores() is a system call: not then
+  int parts = small ? 1 : std::min(batch, cores());
   std::vector<std::thread> workers;
   for (int p = 1; p < parts; ++p)
     workers.emplace_back(call, p, int(int64_t(batch) * p / parts), int(int64_t(batch) * (p + 1) / parts));
@@ -246,7 +248,7 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   if (!spec.backward) {
     float* states = ptr(out[0]);
     ltc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, [&](int part, int first, int last) {
+    over_batch(B, T, [&](int part, int first, int last) {
       Scratch scratch(part, (input_circuit ? 14 : mixed ? 10 : 5) * size_t(S));
       ltc_forward(&a, ptr(in[1]), states, &memory, first, last, scratch.data());
     });
@@ -261,7 +263,7 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   ParameterGradients grads(out, summed);
   ltc_memory memory{};
   if (mixed) memory = ltc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[n + 1])), ptr(in[n + 2]), ptr(out[c]), ptr(out[c + 1]), nullptr};
-  over_batch(B, [&](int part, int first, int last) {
+  over_batch(B, T, [&](int part, int first, int last) {
     Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9 + (mixed ? size_t(T) + 9 : 0) + (input_circuit ? 8 : 0)) * S);
     auto g = grads.of_part(part);
     ltc_memory own = memory;
@@ -317,7 +319,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
     cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, [&](int part, int first, int last) {
+    over_batch(B, T, [&](int part, int first, int last) {
       Scratch scratch(part, (H + 2 * U + K + extra) * (last - first));
       cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
@@ -333,7 +335,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
-  over_batch(B, [&](int part, int first, int last) {
+  over_batch(B, T, [&](int part, int first, int last) {
     Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0) +
                            (spec.dropout() ? size_t(L - 1) * U : 0) + (spec.ints[7] ? size_t(H) : 0)) * (last - first));
     // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent], input weight, input bias
@@ -396,7 +398,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
     cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, [&](int part, int first, int last) {
+    over_batch(B, T, [&](int part, int first, int last) {
       Scratch scratch(part, (S + max_k + extra) * (last - first));
       wired_cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
@@ -411,7 +413,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
-  over_batch(B, [&](int part, int first, int last) {
+  over_batch(B, T, [&](int part, int first, int last) {
     Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? (input_circuit ? 9 : 8) * size_t(S) : 0)) * (last - first));
     auto g = grads.of_part(part);
     cfc_memory own = memory;
@@ -443,7 +445,7 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), products(spec)};
   const int n = p + feedback + 1;
   if (!spec.backward) {
-    over_batch(B, [&](int part, int first, int last) {
+    over_batch(B, T, [&](int part, int first, int last) {
       Scratch scratch(part, 3 * size_t(U) * (last - first));
       ctrnn_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
     });
@@ -451,7 +453,7 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   }
   ParameterGradients grads(out, p);
   float d_recurrent_unused = 0.0f;
-  over_batch(B, [&](int part, int first, int last) {
+  over_batch(B, T, [&](int part, int first, int last) {
     Scratch scratch(part, size_t(3 * K + 5) * U * (last - first));
     auto g = grads.of_part(part);
     ctrnn_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr,
@@ -468,7 +470,7 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                products(spec)};
   const size_t UM = size_t(U) * M;
   if (!spec.backward) {
-    over_batch(B, [&](int part, int first, int last) {
+    over_batch(B, T, [&](int part, int first, int last) {
       Scratch scratch(part, (7 * UM + 3 * U) * (last - first));
       ctgru_forward(&a, ptr(in[1]), ptr(out[0]), ptr(out[1]), first, last, scratch.data());
     });
@@ -476,7 +478,7 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   }
   const int n = p + 2;  // then states, d states, d outputs
   ParameterGradients grads(out, p);
-  over_batch(B, [&](int part, int first, int last) {
+  over_batch(B, T, [&](int part, int first, int last) {
     Scratch scratch(part, (10 * UM + 6 * U) * (last - first));
     auto g = grads.of_part(part);
     ctgru_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 2]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
@@ -498,7 +500,7 @@ void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<m
   const int count = features_first ? T : B * T;
   if (!spec.backward) {
     float* y = ptr(out[0]);
-    over_batch(count, [&](int, int first, int last) {
+    over_batch(count, 1, [&](int, int first, int last) {
       if (last <= first) return;
       if (features_first) {
         for (int t = first; t < last; ++t) {
@@ -517,7 +519,7 @@ void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<m
   const float* dy = ptr(in[3]);
   float* dx = ptr(out[0]);
   ParameterGradients grads(out, 1);
-  over_batch(count, [&](int part, int first, int last) {
+  over_batch(count, 1, [&](int part, int first, int last) {
     if (last <= first) return;
     auto g = grads.of_part(part);  // d weight (P, I), d bias (P,)
     if (features_first) {
@@ -548,11 +550,11 @@ void sensory_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::
   const int I = in[0].shape(2), S = in[1].shape(1), rows = in[0].shape(0) * in[0].shape(1);
   const float *x = ptr(in[0]), *sigma = ptr(in[1]), *mu = ptr(in[2]), *w_erev = ptr(in[3]), *w = ptr(in[4]);
   if (!spec.backward) {
-    over_batch(rows, [&](int, int first, int last) { ltc_sensory_forward(I, S, x, sigma, mu, w_erev, w, ptr(out[0]), first, last); });
+    over_batch(rows, 1, [&](int, int first, int last) { ltc_sensory_forward(I, S, x, sigma, mu, w_erev, w, ptr(out[0]), first, last); });
     return;
   }
   ParameterGradients grads(out, 1);
-  over_batch(rows, [&](int part, int first, int last) {
+  over_batch(rows, 1, [&](int part, int first, int last) {
     std::vector<float> along(S);
     auto g = grads.of_part(part);  // d sigma, d mu, d w erev, d w
     ltc_sensory_backward(I, S, x, sigma, mu, w_erev, w, ptr(in[5]), ptr(out[0]), g[0], g[1], g[2], g[3], first, last,
