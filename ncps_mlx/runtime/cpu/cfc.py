@@ -11,7 +11,7 @@ from . import now as at_once
 from .loader import all_float32, by_row, cfc_applies, loaded
 from .projection import features_first_projection
 
-def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_circuit=False, now=False):
+def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_circuit=False):
     """Every step's state of a CfCCell with a backbone, feature-major.
 
     x (B, T, I), the sequence: the kernel computes the first backbone layer's input half
@@ -25,24 +25,15 @@ def cfc_states(x, initial, timespans, weights, memory=None, keep=None, input_cir
     input (``weights.input_half`` reads it), the state is left alone; x is not read.
 
     The batch's columns are split over the cores, each block a sequence of matrix products on
-    one BLAS thread. ``now``: computed at once where every array is ready (``now.py``)."""
+    one BLAS thread."""
     batch, steps = x.shape[:2]
-    ts = _by_column(timespans, batch, steps, now)
-    x = _no_features(x, now) if input_circuit else x  # its shape only: the LSTM's input projection has read it
-    outputs = weights.run(x, initial, ts, memory, keep, input_circuit, now)
+    ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
+    x = _no_features(x) if input_circuit else x  # its shape only: the LSTM's input projection has read it
+    outputs = weights.run(x, initial, ts, memory, keep, input_circuit, False)
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
-def _by_column(timespans, batch: int, steps: int, now: bool):
-    """None, or timespans (0-d or (B, T, 1)) as the CfC kernels' (T, B); computed at once where
-    ``now`` and one of T and B is 1 (then it is (B, T)'s order)."""
-    if timespans is None:
-        return None
-    ready = at_once.filled(timespans, (steps, batch)) if now and (timespans.size == 1 or 1 in (batch, steps)) else None
-    return by_row(timespans, batch, steps).T if ready is None else ready
-
-
-def _no_features(x, now: bool):
+def _no_features(x, now: bool = False):
     """x (B, T, I) as (B, T, 0), its shape only (the kernel reads no x)."""
     empty = at_once.filled(x, (x.shape[0], x.shape[1], 0)) if now else None
     return x[..., :0] if empty is None else empty
@@ -91,7 +82,7 @@ def _contiguous(arrays):
     return [None if a is None else mx.contiguous(a) for a in arrays]
 
 
-def wired_cfc_states(inputs, initial, timespans, weights, memory=None, input_circuit=False, now=False):
+def wired_cfc_states(inputs, initial, timespans, weights, memory=None, input_circuit=False):
     """Every step's state of a wired CfC (or a CfCCell without a backbone: one layer),
     feature-major.
 
@@ -100,11 +91,10 @@ def wired_cfc_states(inputs, initial, timespans, weights, memory=None, input_cir
     states stacked; timespans None, 0-d or (B, T, 1); weights: ``_LayerWeights``'. -> (T, S, B).
     ``memory``: mixed memory over the S state rows, as in ``cfc_states`` -> (states, every step's
     memory (T, S, B)). ``input_circuit``: its "input" circuit, layer 0's input is the LSTM's
-    output through ``weights``' layer-0 input weight (K_0, S); then ``inputs`` is (T, 0, B).
-    ``now``: as in ``cfc_states``."""
+    output through ``weights``' layer-0 input weight (K_0, S); then ``inputs`` is (T, 0, B)."""
     steps, _, batch = inputs.shape
-    ts = _by_column(timespans, batch, steps, now)
-    outputs = weights.run(inputs, initial, ts, memory, input_circuit, now)
+    ts = None if timespans is None else by_row(timespans, batch, steps).T  # (T, B), the CfC kernels' layout
+    outputs = weights.run(inputs, initial, ts, memory, input_circuit, False)
     return outputs[0] if memory is None else (outputs[0], outputs[-1])
 
 
@@ -170,31 +160,20 @@ def _memory_arrays(memory, x, now=False):
     return features_first_projection(lstm, x, now), c, recurrent, lstm.forget_gate_bias
 
 
-def _batch_major(states, memory, now, start=0, stop=None):
-    """(outputs (features [start, stop)), states[, memories]) as (B, T, .) of the kernels'
-    (T, ., B) results: views, or computed at once (``now``) where the results are."""
+def _batch_major(states, memory, start=0, stop=None):
+    """(outputs (features [start, stop)), states[, memories]) as (B, T, .) views of the
+    kernels' (T, ., B) results."""
     states, memories = (states, None) if memory is None else states
-    stop = states.shape[1] if stop is None else stop
-    whole = (0, states.shape[1]) == (start, stop)
-    ready = None
-    if now:
-        ready = [at_once.features(states, True, start, stop)]  # None where the loop was not run at once
-        ready.append(ready[0] if whole else at_once.features(states, True, 0, states.shape[1]))
-        if memories is not None:
-            ready.append(at_once.features(memories, True, 0, memories.shape[1]))
-    if ready is None or any(r is None for r in ready):
-        ready = [states[:, start:stop].transpose(2, 0, 1), states.transpose(2, 0, 1)]
-        ready += [] if memories is None else [memories.transpose(2, 0, 1)]
-    return tuple(ready)
+    views = [states[:, start:stop].transpose(2, 0, 1), states.transpose(2, 0, 1)]
+    return tuple(views + ([] if memories is None else [memories.transpose(2, 0, 1)]))
 
 
-def _kernel_applies(now, *arrays) -> bool:
-    """Whether the CfC kernels run this loop: float32 arrays (None skipped), the kernels applying
-    here (a ``now`` call's caller checked)."""
-    return all_float32(*arrays) and (now or cfc_applies())
+def _kernel_applies(*arrays) -> bool:
+    """Whether the CfC kernels run this loop: float32 arrays (None skipped), the kernels applying here."""
+    return all_float32(*arrays) and cfc_applies()
 
 
-def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memory_circuit="state", now=False):
+def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memory_circuit="state"):
     """A ``CfCCell``'s whole loop in the kernel, from its lowering: the sequence x (B, T, I),
     h (B, H), ts None, 0-d or (B, T, 1) -> (outputs, every step's state), both (B, T, H) (views
     of a (T, H, B) array); None where the kernel does not apply: for arrays that are not
@@ -202,40 +181,38 @@ def cfc_sequence(cell: CfCLowering, x, h, ts=None, memory=None, keep=None, memor
     mixed memory's "state" circuit: -> (outputs, states, every step's memory (B, T, H)).
     ``memory_circuit`` "input": mixed memory's other circuit (the LSTM's output is the cell's
     input), with a backbone. ``keep``: dropout masks (T, layers - 1, B, units), as
-    ``CfCCell.dropout_keep`` draws them. ``now``: computed at once where every array is ready
-    (``now.py``), for a one-step call.
+    ``CfCCell.dropout_keep`` draws them. A one-step call at once: ``cfc_step``.
     """
-    if not _kernel_applies(now, x, h, cell.first_weight, ts, keep, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, cell.first_weight, ts, keep, *(memory[1:] if memory else ())):
         return None
     timed = ts is not None
     input_circuit = memory is not None and memory_circuit == "input"
-    memory_arrays = _memory_arrays(memory, x, now)
+    memory_arrays = _memory_arrays(memory, x)
     if cell.heads is None:  # the heads read [x; h]: a wired CfC of one layer
         weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights((cell,), timed))
-        inputs = _no_inputs(x, now) if input_circuit else weights.project(x, now)
-        states = wired_cfc_states(inputs, h, ts, weights, memory=memory_arrays, input_circuit=input_circuit, now=now)
+        inputs = _no_inputs(x) if input_circuit else weights.project(x)
+        states = wired_cfc_states(inputs, h, ts, weights, memory=memory_arrays, input_circuit=input_circuit)
     else:
         weights = cell.derived(f"cfc.backbone timed={timed}", lambda: _BackboneWeights(cell, timed))
         keep = None if keep is None else keep.transpose(0, 1, 3, 2)  # (T, layers - 1, units, B), as the kernel reads it
-        states = cfc_states(x, h, ts, weights, memory=memory_arrays, keep=keep, input_circuit=input_circuit, now=now)
-    return _batch_major(states, memory, now)
+        states = cfc_states(x, h, ts, weights, memory=memory_arrays, keep=keep, input_circuit=input_circuit)
+    return _batch_major(states, memory)
 
 
-def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None, memory_circuit="state", now=False):
+def wired_cfc_sequence(cell: WiredCfCLowering, x, h, ts=None, memory=None, memory_circuit="state"):
     """``cfc_sequence`` for a ``WiredCfCCell``: x (B, T, I), h (B, units) -> (outputs
     (B, T, F), every step's state (B, T, units)), views of one (T, units, B) array; None where
-    the kernel does not apply (as there). ``memory``, ``memory_circuit``, ``now``: as there,
+    the kernel does not apply (as there). ``memory``, ``memory_circuit``: as there,
     over the units' state."""
-    if not _kernel_applies(now, x, h, cell.layers[0].first_weight, ts, *(memory[1:] if memory else ())):
+    if not _kernel_applies(x, h, cell.layers[0].first_weight, ts, *(memory[1:] if memory else ())):
         return None
     timed = ts is not None
     input_circuit = memory is not None and memory_circuit == "input"
     weights = cell.derived(f"cfc.layers timed={timed}", lambda: _LayerWeights(cell.layers, timed))
-    inputs = _no_inputs(x, now) if input_circuit else weights.project(x, now)
-    states = wired_cfc_states(inputs, h, ts, weights, memory=_memory_arrays(memory, x, now), input_circuit=input_circuit,
-                              now=now)
+    inputs = _no_inputs(x) if input_circuit else weights.project(x)
+    states = wired_cfc_states(inputs, h, ts, weights, memory=_memory_arrays(memory, x), input_circuit=input_circuit)
     start = sum(cell.layer_sizes[:-1])
-    return _batch_major(states, memory, now, start, start + cell.output_size)
+    return _batch_major(states, memory, start, start + cell.output_size)
 
 
 def cfc_step(cell, x, h, ts=None, memory=None, memory_circuit="state"):
