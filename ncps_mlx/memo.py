@@ -25,46 +25,44 @@ class ParameterMemo:
 
     def __init__(self, derive: Callable):
         self.derive = derive
-        self.containers: list = []  # (container, key, the child it held): the tree's structure
-        self.places: list = []  # (container, key) of every array
-        self.arrays: tuple = ()
-        self.children: tuple = ()
+        self.module = None
+        # Every place under the module (each public submodule, list, dict and array) as three
+        # parallel tuples, what holds it, its key and what it held, so that the check runs in C
+        # (map): one call a step costs microseconds for each Python loop.
+        self.held_by: tuple = ()
+        self.keys: tuple = ()
+        self.values: tuple = ()
         self.value = None
 
     def __call__(self, module: nn.Module):
         if not self._unchanged(module):
-            self._walk(module)
-            self.arrays = tuple(container[key] for container, key in self.places)
-            self.children = tuple(child for _, _, child in self.containers[1:])
-            # Every place (a submodule's, then an array's) as three parallel tuples, so that the
-            # check below runs in C: one call a step costs microseconds for each Python loop.
-            places = [(c, k) for c, k, _ in self.containers[1:]] + self.places
-            self._held_by = tuple(c for c, _ in places)
-            self._keys = tuple(k for _, k in places)
-            self._values = self.children + self.arrays
+            places = self._walk(module)
+            self.module = module
+            self.held_by, self.keys, self.values = (tuple(p[i] for p in places) for i in range(3))
             self.value = self.derive(module)
         return self.value
 
     def _unchanged(self, module) -> bool:
-        if not self.containers or self.containers[0][2] is not module:
+        if self.module is not module:
             return False
         try:
-            return all(map(operator.is_, map(operator.getitem, self._held_by, self._keys), self._values))
+            return all(map(operator.is_, map(operator.getitem, self.held_by, self.keys), self.values))
         except (KeyError, IndexError):  # a submodule or a list entry taken out
             return False
 
-    def _walk(self, module):
-        self.containers, self.places = [(None, None, module)], []
+    @staticmethod
+    def _walk(module) -> list:
+        places = []
 
         def visit(container):
             items = container.items() if isinstance(container, dict) else enumerate(container)
             for key, value in items:
                 if isinstance(key, str) and key.startswith("_"):
                     continue
-                if isinstance(value, mx.array):
-                    self.places.append((container, key))
-                elif isinstance(value, (dict, list, tuple)):
-                    self.containers.append((container, key, value))
-                    visit(value)
+                if isinstance(value, (mx.array, dict, list, tuple)):
+                    places.append((container, key, value))
+                    if not isinstance(value, mx.array):
+                        visit(value)
 
         visit(module)
+        return places
