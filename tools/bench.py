@@ -18,7 +18,10 @@ MixedMemoryRNN) against MIX; MASKC and MASKL (20% of the steps masked) against W
 LTCINPUT against LTCMIX. W7C and W7L: a controller, batch 1, one step a call with the state
 carried, 2,000 steps a round, median and p99 microseconds per step of ncps_mlx, ncps.torch
 eager (one thread), onnxruntime (``ort``, one thread) on the step graph ncps_mlx exports of the
-same weights, and MLX's own floor (one trivial operation evaluated from Python a call).
+same weights, MLX's own floor (one trivial operation evaluated from Python a call) and the
+machine's (``work``: a fixed job of no MLX, twelve NumPy (64, 84) matrix-vector products a call,
+about a step's length: its p99 over its median is what the machine's interruptions alone give a
+job of that length).
 
 Each (workload, kind) starts one process per peer. A process builds its model, checks it
 runs, warms up, then times one call (forward, or forward plus the gradient of a summed
@@ -211,6 +214,15 @@ def streamer(peer, family, wiring, weights):
         a = mx.zeros((1, UNITS))
         mx.eval(a)
         return lambda x_t: mx.eval(a + 1)
+    if peer == "work":  # the machine's own tail: a fixed job of about a step's length, no MLX
+        rng = np.random.default_rng(0)
+        matrix, vector = rng.normal(size=(64, 84)).astype(np.float32), rng.normal(size=84).astype(np.float32)
+
+        def step(x_t):
+            for _ in range(12):
+                matrix @ vector
+
+        return step
     if peer == "mlx":
         import mlx.core as mx
 
@@ -329,7 +341,7 @@ def measure(name, kind, peers, args):
     family, wiring, batch, steps, _ = WORKLOADS[name]
     peers = [p for p in peers if p == "mlx" or (family in HAS_PEERS and p in VARIANTS[wiring][1])]
     if kind == "stream":
-        return measure_stream(name, peers + ["floor"], args)
+        return measure_stream(name, peers + ["floor", "work"], args)
     peers = [p for p in peers if p != "ort"]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
@@ -374,12 +386,12 @@ def measure(name, kind, peers, args):
 def measure_stream(name, peers, args):
     """W7: median and p99 microseconds per one-step call, every step of every round pooled."""
     family, wiring, batch, steps, _ = WORKLOADS[name]
-    peers = [p for p in peers if p in ("mlx", "torch", "ort", "floor")]
+    peers = [p for p in peers if p in ("mlx", "torch", "ort", "floor", "work")]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
         processes = {}
         for peer in sorted(peers, key=lambda p: p != "torch"):  # torch first: it writes the weights
-            process = start(peer, name, "stream", args, folder, weights if peer != "floor" else None)
+            process = start(peer, name, "stream", args, folder, weights if peer not in ("floor", "work") else None)
             if process is not None:
                 processes[peer] = process
         times = {peer: [] for peer in processes}
@@ -452,11 +464,12 @@ def markdown(rows, peers, info) -> str:
                          f"{r['twin_seq_s']:.0f} | {r['twin_over_configuration']:.2f}x |")
     streams = [r for r in rows if r["kind"] == "stream"]
     if streams:
-        names = [p for p in ("mlx", "torch", "ort", "floor") if any(f"{p}_us_median" in r for r in streams)]
-        lines += ["", "| workload | model | steps a round | " + " | ".join(f"{p} us/step median (p99)" for p in names) + " |",
+        names = [p for p in ("mlx", "torch", "ort", "floor", "work") if any(f"{p}_us_median" in r for r in streams)]
+        lines += ["", "| workload | model | steps a round | " + " | ".join(f"{p} us/step median (p99, p99/median)" for p in names) + " |",
                   "|---|---|---|" + "---|" * len(names)]
         for r in streams:
-            cells = [f"{r[p + '_us_median']:.0f} ({r[p + '_us_p99']:.0f})" if f"{p}_us_median" in r else "-" for p in names]
+            cells = [f"{r[p + '_us_median']:.0f} ({r[p + '_us_p99']:.0f}, {r[p + '_us_p99'] / r[p + '_us_median']:.1f}x)"
+                     if f"{p}_us_median" in r else "-" for p in names]
             lines.append(f"| {r['workload']} | {r['model']} | {r['steps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
