@@ -670,3 +670,83 @@ def test_ltc_sensory_synapses_kernel(name, kernel_calls):
         if key.startswith("sensory") or key.startswith("input"):
             scale = float(mx.max(mx.abs(g_mlx)))
             assert scale > 0 and max_diff(g, g_mlx) <= 1e-5 * max(1.0, scale), key
+
+
+# Models and sizes whose batches the kernels split over the cores (a batch's estimated work past
+# the split threshold, primitives.cpp's over_batch): forward and backward passes.
+SPLIT = {
+    "ltc": (lambda: perturbed_ltc(32), 4, 30, 5),
+    "ltc_sensory": (lambda: ncps_mlx.LTC(20, 64), 4, 80, 20),
+    "cfc": (lambda: ncps_mlx.CfC(20, 64), 4, 100, 20),
+    "wired_cfc": (lambda: ncps_mlx.CfC(20, wirings.AutoNCP(64, 8)), 8, 100, 20),
+    "ctrnn": (lambda: ncps_mlx.CTRNN(20, 64), 8, 60, 20),
+    "ctgru": (lambda: ncps_mlx.CTGRU(20, 64), 8, 60, 20),
+}
+
+
+@applies
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the kernels split no batch")
+@pytest.mark.parametrize("name", sorted(SPLIT))
+def test_split_batches_equal_mlx_path(name, kernel_calls):
+    """Where a batch's work is large enough to split over the cores, the parts run on the kept
+    workers: outputs and the gradients of every parameter, x and hx as the MLX path's."""
+    make, batch, steps, features = SPLIT[name]
+    mx.random.seed(5)
+    model = make()
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.normal(size=(batch, steps, features)).astype(np.float32))
+    hx = mx.array(rng.normal(scale=0.5, size=(batch, model.state_size)).astype(np.float32))
+
+    def loss(model, x, hx):
+        y, h = model(x, hx)
+        return mx.mean(mx.square(y)) + mx.mean(mx.square(h))
+
+    def outputs_and_gradients():
+        y, h = model(x, hx)
+        _, grads = nn.value_and_grad(model, loss)(model, x, hx)
+        inputs = mx.grad(lambda x, hx: loss(model, x, hx), argnums=(0, 1))(x, hx)
+        return {"y": y, "h": h, "x": inputs[0], "hx": inputs[1], **dict(tree_flatten(grads))}
+
+    before = cpu.loaded().splits()
+    got, expected = both_paths(outputs_and_gradients)
+    assert cpu.loaded().splits()["workers"] >= before["workers"] + 2  # a forward and a backward pass split at least
+    for key in expected:
+        if key.endswith("sparsity_mask"):
+            continue
+        scale = float(np.max(np.abs(np.array(expected[key]))))
+        assert scale > 0, f"{key}: zero, the comparison would be vacuous"
+        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+
+
+@applies
+def test_small_batches_are_not_split_and_a_forked_child_splits(tmp_path):
+    """A one-step call at batch 64 of a small model runs on the calling thread (starting threads
+    for it cost several times its work); a child forked after the workers started runs its split
+    batches and ends. Its calls run at once: MLX's scheduler does not
+    survive a fork."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        """
+import os, sys
+import mlx.core as mx, numpy as np, ncps_mlx
+from ncps_mlx.runtime import cpu
+kernels = cpu.loaded()
+small = ncps_mlx.CfC(4, 4)
+x = mx.array(np.ones((64, 1, 4), np.float32)); mx.eval(small(x))
+assert kernels.splits() == {"workers": 0, "caller": 0}, kernels.splits()
+big = ncps_mlx.LTC(20, 64)  # one step at batch 64: split, and run at once (MLX's own threads are not forked)
+x = mx.array(np.random.default_rng(0).normal(size=(64, 1, 20)).astype(np.float32))
+h = mx.zeros((64, 64))
+mx.eval(x, h, big.parameters())
+expected = np.array(big(x, h)[0])
+assert kernels.splits()["workers"] >= 1, kernels.splits()
+pid = os.fork()
+if pid == 0:
+    ok = np.array_equal(np.array(big(x, h)[0]), expected) and kernels.splits()["workers"] >= 2
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -13,10 +13,13 @@
 // rows (LTC) or columns (CfC) per core the process may run on, each on its own thread.
 
 #include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -129,18 +132,101 @@ int cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// call(part, first, last) over the batch in one contiguous range per core; one range where the
-// batch's work is small (fewer than 64 rows times steps: starting and joining a thread cost more,
-// ~0.5 ms on the 2-core VM this was measured on, than a one-step call at batch 2 to 8).
+// Worker threads kept for the life of the process: a split batch wakes them. Starting and
+// joining a thread a call cost 0.1 to 1.5 ms on the 2-core VM this was measured on, more than the
+// work of a small batch (a one-step call at batch 64 ran 5 to 15 times slower split than not).
+class Workers {
+ public:
+  static Workers& shared() {
+    static Workers* workers = new Workers();  // never destroyed: its threads are detached
+    return *workers;
+  }
+  // Runs task(part) for every part in [0, parts): part 0 and any part no worker took on the
+  // calling thread. False, having run nothing, where another call has the workers now.
+  bool run(int parts, const std::function<void(int)>& task) {
+    std::unique_lock<std::mutex> use(use_, std::try_to_lock);
+    if (!use) return false;
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      if (pid_ != getpid()) pid_ = getpid(), started_ = 0;  // a forked child has none of its parent's threads
+      for (; started_ < parts - 1; ++started_) std::thread(&Workers::serve, this).detach();
+      task_ = &task, parts_ = parts, next_ = 1, running_ = 0, ++generation_;
+    }
+    wake_.notify_all();
+    task(0);
+    std::unique_lock<std::mutex> lock(m_);
+    for (int part; (part = claim()) > 0;) {  // parts no worker has woken for yet
+      lock.unlock();
+      task(part);
+      lock.lock();
+      --running_;
+    }
+    done_.wait(lock, [&] { return running_ == 0; });
+    task_ = nullptr, parts_ = 0;
+    return true;
+  }
+
+ private:
+  int claim() {  // under m_: the next part not yet taken, or 0
+    if (next_ >= parts_) return 0;
+    ++running_;
+    return next_++;
+  }
+  void serve() {
+    std::unique_lock<std::mutex> lock(m_);
+    for (uint64_t seen = 0;; seen = generation_) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      for (int part; (part = claim()) > 0;) {
+        const auto* task = task_;  // fixed until running_ is back to 0
+        lock.unlock();
+        (*task)(part);
+        lock.lock();
+        if (--running_ == 0) done_.notify_one();
+      }
+    }
+  }
+  std::mutex use_, m_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* task_ = nullptr;
+  uint64_t generation_ = 0;
+  int parts_ = 0, next_ = 0, running_ = 0, started_ = 0;
+  pid_t pid_ = 0;
+};
+
+// Batches split over the cores, on the workers and (where another call had them) on the caller.
+std::atomic<long> splits[2];
+
+// Roughly how long a batch row of a node takes, for deciding a split: ns per multiply-add of the
+// kernels' products (~10 GFLOP/s a core here), per synapse of an LTC's unfold (a sigmoid and its sums).
+constexpr double NS_PER_PRODUCT = 0.1, NS_PER_SYNAPSE = 1.0, BACKWARD = 3.0;
+// A batch is split only where its work is at least this long: waking the workers and waiting for
+// them costs tens of microseconds, and the parameters' gradients of each part are summed after.
+// Measured on the 2-core VM: an LTC's elementwise loop gained from ~0.8 ms (1.35x at batch 32,
+// one step); the products' loops, whose products get fewer columns a call split, from ~1.3 ms
+// (1.13x at batch 1024, one step; 0.7 to 0.9x at batch 16 x 16 steps and 256 x 1).
+constexpr double SPLIT_SYNAPSES_NS = 400e3, SPLIT_PRODUCTS_NS = 1e6;
+
+double elements(const std::vector<mx::array>& in, size_t first, size_t last) {
+  double n = 0;
+  for (size_t i = first; i < last && i < in.size(); ++i) n += double(in[i].size());
+  return n;
+}
+
+// call(part, first, last) over the batch in one contiguous range per core, the parts on the
+// kept workers (the same ranges whoever runs them, so the same sums); one range where the batch's
+// work (batch times row_ns) is under split_ns.
 template <class F>
-void over_batch(int batch, int steps, F&& call) {
-  const bool small = batch <= 1 || int64_t(batch) * steps < 64;  // cores() is a system call: not then
-  int parts = small ? 1 : std::min(batch, cores());
-  std::vector<std::thread> workers;
-  for (int p = 1; p < parts; ++p)
-    workers.emplace_back(call, p, int(int64_t(batch) * p / parts), int(int64_t(batch) * (p + 1) / parts));
-  call(0, 0, int(int64_t(batch) / parts));
-  for (auto& w : workers) w.join();
+void over_batch(int batch, double row_ns, double split_ns, F&& call) {
+  const bool small = batch <= 1 || batch * row_ns < split_ns;  // cores() is a system call: not then
+  const int parts = small ? 1 : std::min(batch, cores());
+  if (parts == 1) return call(0, 0, batch);
+  const std::function<void(int)> task = [&](int p) {
+    call(p, int(int64_t(batch) * p / parts), int(int64_t(batch) * (p + 1) / parts));
+  };
+  const bool on_workers = Workers::shared().run(parts, task);
+  if (!on_workers)
+    for (int p = 0; p < parts; ++p) task(p);
+  ++splits[on_workers ? 0 : 1];
 }
 
 std::vector<size_t> range(size_t first, size_t last) {
@@ -245,10 +331,12 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
     a.s_sigma = ptr(in[q]), a.s_mu = ptr(in[q + 1]), a.s_w_erev = ptr(in[q + 2]), a.s_w = ptr(in[q + 3]);
     a.in_w = ptr(in[q + 4]), a.in_b = ptr(in[q + 5]);
   }
+  const double row_ns =
+      T * (spec.ints[0] * double(S) * S * NS_PER_SYNAPSE + (mixed ? elements(in, c + 2, c + 3) * NS_PER_PRODUCT : 0));
   if (!spec.backward) {
     float* states = ptr(out[0]);
     ltc_memory memory{mixed ? ptr(in[c + 1]) : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, T, [&](int part, int first, int last) {
+    over_batch(B, row_ns, SPLIT_SYNAPSES_NS, [&](int part, int first, int last) {
       Scratch scratch(part, (input_circuit ? 14 : mixed ? 10 : 5) * size_t(S));
       ltc_forward(&a, ptr(in[1]), states, &memory, first, last, scratch.data());
     });
@@ -263,7 +351,7 @@ void ltc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   ParameterGradients grads(out, summed);
   ltc_memory memory{};
   if (mixed) memory = ltc_memory{ptr(in[c + 1]), const_cast<float*>(ptr(in[n + 1])), ptr(in[n + 2]), ptr(out[c]), ptr(out[c + 1]), nullptr};
-  over_batch(B, T, [&](int part, int first, int last) {
+  over_batch(B, BACKWARD * row_ns, SPLIT_SYNAPSES_NS, [&](int part, int first, int last) {
     Scratch scratch(part, (size_t(T) * spec.ints[0] + 1 + 9 + (mixed ? size_t(T) + 9 : 0) + (input_circuit ? 8 : 0)) * S);
     auto g = grads.of_part(part);
     ltc_memory own = memory;
@@ -315,11 +403,13 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
              products(spec), spec.dropout() ? ptr(in[f + 2]) : nullptr, spec.ints[7]};
   const int n = f + 2 + spec.dropout();  // the forward node's inputs
   const size_t extra = mixed ? (spec.ints[7] ? 6 : 5) * size_t(H) : 0;
+  const double row_ns = T * NS_PER_PRODUCT * (elements(in, p, p + 3 + 2 * n_hidden) + elements(in, f, f + 1) +
+                                              (mixed ? elements(in, c + 2, c + 3) : 0));
   const auto initial = feature_major(in[1]);
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
     cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, T, [&](int part, int first, int last) {
+    over_batch(B, row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
       Scratch scratch(part, (H + 2 * U + K + extra) * (last - first));
       cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
@@ -335,7 +425,7 @@ void cfc_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::arra
   std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
-  over_batch(B, T, [&](int part, int first, int last) {
+  over_batch(B, BACKWARD * row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
     Scratch scratch(part, (2 * H + (2 * L + 1) * U + 2 * K + 1 + (mixed ? 8 * size_t(H) : 0) +
                            (spec.dropout() ? size_t(L - 1) * U : 0) + (spec.ints[7] ? size_t(H) : 0)) * (last - first));
     // state weight, head weight, head bias, per hidden layer w, b, [lstm recurrent], input weight, input bias
@@ -394,11 +484,13 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                lstm_args{mixed ? ptr(in[c]) : nullptr, mixed ? ptr(in[c + 2]) : nullptr, mixed ? spec.floats[0] : 0.0f},
                products(spec), input_circuit};
   const size_t extra = mixed ? (input_circuit ? 6 : 5) * size_t(S) : 0;
+  const double row_ns = T * NS_PER_PRODUCT * (elements(in, p, c) + (mixed ? elements(in, c + 2, c + 3) : 0) +
+                                              (input_circuit ? elements(in, q, q + 1) : 0));
   const auto initial = feature_major(in[1]);
   const auto initial_c = mixed ? feature_major(in[c + 1]) : std::vector<float>();
   if (!spec.backward) {
     cfc_memory memory{mixed ? initial_c.data() : nullptr, mixed ? ptr(out.back()) : nullptr};
-    over_batch(B, T, [&](int part, int first, int last) {
+    over_batch(B, row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
       Scratch scratch(part, (S + max_k + extra) * (last - first));
       wired_cfc_forward(&a, initial.data(), ptr(out[0]), &memory, first, last, scratch.data());
     });
@@ -413,7 +505,7 @@ void wired_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   std::vector<float> d_initial(in[1].size()), d_initial_c(mixed ? in[c + 1].size() : 0);
   cfc_memory memory{};
   if (mixed) memory = cfc_memory{initial_c.data(), const_cast<float*>(ptr(in[m])), ptr(in[m + 1]), ptr(out[c]), d_initial_c.data(), nullptr};
-  over_batch(B, T, [&](int part, int first, int last) {
+  over_batch(B, BACKWARD * row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
     Scratch scratch(part, (4 * S + sum_k + max_k + 1 + (mixed ? (input_circuit ? 9 : 8) * size_t(S) : 0)) * (last - first));
     auto g = grads.of_part(part);
     cfc_memory own = memory;
@@ -444,8 +536,9 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   ctrnn_args a{B, T, U, K, spec.floats[0], spec.floats[1], ptr(in[0]), timed ? ptr(in[2]) : nullptr,
                feedback ? ptr(in[p]) : nullptr, ptr(in[p + feedback]), products(spec)};
   const int n = p + feedback + 1;
+  const double row_ns = T * K * elements(in, p, n) * NS_PER_PRODUCT;
   if (!spec.backward) {
-    over_batch(B, T, [&](int part, int first, int last) {
+    over_batch(B, row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
       Scratch scratch(part, 3 * size_t(U) * (last - first));
       ctrnn_forward(&a, ptr(in[1]), ptr(out[0]), first, last, scratch.data());
     });
@@ -453,7 +546,7 @@ void ctrnn_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   }
   ParameterGradients grads(out, p);
   float d_recurrent_unused = 0.0f;
-  over_batch(B, T, [&](int part, int first, int last) {
+  over_batch(B, BACKWARD * row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
     Scratch scratch(part, size_t(3 * K + 5) * U * (last - first));
     auto g = grads.of_part(part);
     ctrnn_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]), timed ? ptr(out[2]) : nullptr,
@@ -469,8 +562,9 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
                ptr(in[0]), timed ? ptr(in[2]) : nullptr, ptr(in[p]), ptr(in[p + 1]),
                products(spec)};
   const size_t UM = size_t(U) * M;
+  const double row_ns = T * elements(in, p, p + 2) * NS_PER_PRODUCT;
   if (!spec.backward) {
-    over_batch(B, T, [&](int part, int first, int last) {
+    over_batch(B, row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
       Scratch scratch(part, (7 * UM + 3 * U) * (last - first));
       ctgru_forward(&a, ptr(in[1]), ptr(out[0]), ptr(out[1]), first, last, scratch.data());
     });
@@ -478,7 +572,7 @@ void ctgru_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::ar
   }
   const int n = p + 2;  // then states, d states, d outputs
   ParameterGradients grads(out, p);
-  over_batch(B, T, [&](int part, int first, int last) {
+  over_batch(B, BACKWARD * row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
     Scratch scratch(part, (10 * UM + 6 * U) * (last - first));
     auto g = grads.of_part(part);
     ctgru_backward(&a, ptr(in[1]), ptr(in[n]), ptr(in[n + 2]), ptr(in[n + 1]), ptr(out[0]), ptr(out[1]),
@@ -498,9 +592,10 @@ void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<m
   auto sgemm = products(spec);
   const float *x = ptr(in[0]), *w = ptr(in[1]), *bias = ptr(in[2]);
   const int count = features_first ? T : B * T;
+  const double row_ns = double(P) * I * (features_first ? B : 1) * NS_PER_PRODUCT;
   if (!spec.backward) {
     float* y = ptr(out[0]);
-    over_batch(count, 1, [&](int, int first, int last) {
+    over_batch(count, row_ns, SPLIT_PRODUCTS_NS, [&](int, int first, int last) {
       if (last <= first) return;
       if (features_first) {
         for (int t = first; t < last; ++t) {
@@ -519,7 +614,7 @@ void projection_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<m
   const float* dy = ptr(in[3]);
   float* dx = ptr(out[0]);
   ParameterGradients grads(out, 1);
-  over_batch(count, 1, [&](int part, int first, int last) {
+  over_batch(count, BACKWARD * row_ns, SPLIT_PRODUCTS_NS, [&](int part, int first, int last) {
     if (last <= first) return;
     auto g = grads.of_part(part);  // d weight (P, I), d bias (P,)
     if (features_first) {
@@ -550,11 +645,11 @@ void sensory_eval(const Spec& spec, std::vector<mx::array>& in, std::vector<mx::
   const int I = in[0].shape(2), S = in[1].shape(1), rows = in[0].shape(0) * in[0].shape(1);
   const float *x = ptr(in[0]), *sigma = ptr(in[1]), *mu = ptr(in[2]), *w_erev = ptr(in[3]), *w = ptr(in[4]);
   if (!spec.backward) {
-    over_batch(rows, 1, [&](int, int first, int last) { ltc_sensory_forward(I, S, x, sigma, mu, w_erev, w, ptr(out[0]), first, last); });
+    over_batch(rows, I * S * NS_PER_SYNAPSE, SPLIT_SYNAPSES_NS, [&](int, int first, int last) { ltc_sensory_forward(I, S, x, sigma, mu, w_erev, w, ptr(out[0]), first, last); });
     return;
   }
   ParameterGradients grads(out, 1);
-  over_batch(rows, 1, [&](int part, int first, int last) {
+  over_batch(rows, BACKWARD * I * S * NS_PER_SYNAPSE, SPLIT_SYNAPSES_NS, [&](int part, int first, int last) {
     std::vector<float> along(S);
     auto g = grads.of_part(part);  // d sigma, d mu, d w erev, d w
     ltc_sensory_backward(I, S, x, sigma, mu, w_erev, w, ptr(in[5]), ptr(out[0]), g[0], g[1], g[2], g[3], first, last,
@@ -916,6 +1011,9 @@ NB_MODULE(_kernels, m) {
   // Whether this build and the running mlx agree on what an array is (nanobind's ABI): a
   // mismatch raises TypeError here, where the status can say so, not in a model.
   m.def("probe", [](const mx::array& a) { return a.size(); });
+  m.def("splits", []() {
+    return std::map<std::string, long>{{"workers", splits[0].load()}, {"caller", splits[1].load()}};
+  });
   m.def("evaluations", []() {
     std::map<std::string, long> counts;
     for (int b = 0; b < 2; ++b)
