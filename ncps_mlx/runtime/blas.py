@@ -64,6 +64,8 @@ def _load():
 def sgemm_address():
     """The address of the kernels' ``cblas_sgemm`` (loaded on first call), or None where there is
     none; ``status()`` says why."""
+    if "status" in _LOADED:  # set after "sgemm": read without the lock on every kernel call
+        return _LOADED["sgemm"]
     with _LOCK:
         if "status" not in _LOADED:
             _LOADED["sgemm"], _LOADED["status"] = _load()
