@@ -84,6 +84,17 @@ def max_diff(a, b):
     return float(np.max(np.abs(np.array(a) - np.array(b))))
 
 
+def assert_match(got: dict, expected: dict):
+    """Every array of the MLX path's (sparsity masks aside) nonzero, and the kernels' within 1e-5
+    of its scale."""
+    for key in expected:
+        if key.endswith("sparsity_mask"):
+            continue
+        scale = float(np.max(np.abs(np.array(expected[key]))))
+        assert scale > 0, f"{key}: zero, the comparison would be vacuous"
+        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+
+
 @applies
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("timespans", [None, "scalar", "per_step"])
@@ -124,14 +135,7 @@ def test_gradients_equal_mlx_path(name, kernel_calls):
     assert kernel_calls["backward"] == 2
     assert abs(value.item() - value_mlx.item()) <= 1e-6
     assert set(grads) == set(grads_mlx)
-    expected = {**grads_mlx, "x": inputs_mlx[0], "hx": inputs_mlx[1]}
-    got = {**grads, "x": inputs[0], "hx": inputs[1]}
-    for key in expected:
-        if key.endswith("sparsity_mask"):
-            continue
-        scale = float(np.max(np.abs(np.array(expected[key]))))
-        assert scale > 0, f"{key}: zero gradient, the comparison would be vacuous"
-        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+    assert_match({**grads, "x": inputs[0], "hx": inputs[1]}, {**grads_mlx, "x": inputs_mlx[0], "hx": inputs_mlx[1]})
 
     # The timespans' gradient, which MLX's compiled backward pass does not give (it returns
     # zeros), against plain autodiff through the cell's steps.
@@ -710,12 +714,7 @@ def test_split_batches_equal_mlx_path(name, kernel_calls):
     before = cpu.loaded().splits()
     got, expected = both_paths(outputs_and_gradients)
     assert cpu.loaded().splits()["workers"] >= before["workers"] + 2  # a forward and a backward pass split at least
-    for key in expected:
-        if key.endswith("sparsity_mask"):
-            continue
-        scale = float(np.max(np.abs(np.array(expected[key]))))
-        assert scale > 0, f"{key}: zero, the comparison would be vacuous"
-        assert max_diff(got[key], expected[key]) <= 1e-5 * max(scale, 1.0), f"{key}: {max_diff(got[key], expected[key]):.3g}"
+    assert_match(got, expected)
 
 
 @applies
