@@ -5,6 +5,7 @@ used where they apply and nowhere else, and a clean fall-back where they cannot 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import os
 import subprocess
@@ -749,3 +750,52 @@ sys.exit(os.waitstatus_to_exitcode(status))
     )
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@applies
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one core: the kernels split no batch")
+def test_split_batches_from_two_threads_at_once(tmp_path):
+    """Two threads splitting batches at once (a graph on a stream of its own, one-step calls on
+    the calling thread): one has the workers, the other runs its parts itself; both compute what
+    each computes alone."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        """
+import json, threading
+import mlx.core as mx, numpy as np, ncps_mlx
+from ncps_mlx.runtime import cpu
+mx.random.seed(0)
+model = ncps_mlx.LTC(20, 64)
+rng = np.random.default_rng(0)
+sequence = mx.array(rng.normal(size=(8, 20, 20)).astype(np.float32))
+step, h = mx.array(rng.normal(size=(64, 1, 20)).astype(np.float32)), mx.zeros((64, 64))
+mx.eval(sequence, step, h, model.parameters())
+alone = np.array(model(sequence)[0]), np.array(model(step, h)[0])
+before, differ = cpu.loaded().splits(), []
+
+def sequences():
+    with mx.stream(mx.new_stream(mx.cpu)):
+        for _ in range(15):
+            differ.append(not np.array_equal(np.array(model(sequence)[0]), alone[0]))
+    mx.clear_streams()  # mlx 0.32: a thread clears its compile cache before it ends (ml-explore/mlx#4373)
+
+def steps():
+    for _ in range(60):
+        differ.append(not np.array_equal(np.array(model(step, h)[0]), alone[1]))
+    mx.clear_streams()
+
+threads = [threading.Thread(target=sequences), threading.Thread(target=steps)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+after = cpu.loaded().splits()
+print(json.dumps({"differ": sum(differ), "calls": len(differ),
+                  "split": {k: after[k] - before[k] for k in after}}))
+"""
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["calls"] == 75 and found["differ"] == 0, found
+    assert sum(found["split"].values()) >= 75, found  # every call split, on the workers or by its caller
