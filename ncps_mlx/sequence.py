@@ -116,7 +116,7 @@ class SequenceModel(nn.Module):
         if ts is not None and mx.issubdtype(x.dtype, mx.floating) and ts.dtype != x.dtype:
             ts = ts.astype(x.dtype)  # a float16/bfloat16 input keeps its dtype through the time gate
         h, c = self._initial_state(hx, x, batched, at_once)
-        mask = self._mask(mask, batch, steps, batched)
+        mask = self._mask(mask, batch, steps, batched, at_once)
         y, h, c = self._run(x, h, c, ts, mask, at_once and mask is None)
         if not batched:
             y, h = (runtime.reshaped(a, a.shape[1:]) if at_once else a[0] for a in (y, h))
@@ -125,14 +125,17 @@ class SequenceModel(nn.Module):
             y = runtime.reshaped(y, (1, *y.shape[::2])) if at_once else y.swapaxes(0, 1)
         return y, ((h, c) if self.use_mixed else h)
 
-    def _mask(self, mask, batch: int, steps: int, batched: bool):
-        """None, or the mask as (B, T, 1) booleans."""
+    def _mask(self, mask, batch: int, steps: int, batched: bool, at_once: bool = False):
+        """None, or the mask as (B, T, 1) booleans. None also for a one-step call (``at_once``)
+        whose mask is computed and keeps every row: that step is the unmasked step."""
         if mask is None:
             return None
         mask = mask if isinstance(mask, mx.array) else mx.array(mask)
         expected = (batch, steps) if self.batch_first else (steps, batch)
         if not batched or tuple(mask.shape) != expected:
             raise ValueError(f"mask must have shape {expected} (one boolean per sample and step) for batched input; got {tuple(mask.shape)}")
+        if at_once and steps == 1 and runtime.keeps_every_row(mask):
+            return None
         mask = mask if self.batch_first else mask.T
         return mask.astype(mx.bool_)[..., None]
 

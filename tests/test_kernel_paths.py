@@ -261,6 +261,8 @@ STYLES = {
     "float timespan": lambda x, h, ts: ((mx.array(x), h), {"timespans": 0.7}),
     "(B, 1) timespans": lambda x, h, ts: ((mx.array(x), h), {"timespans": mx.array(ts)}),
     "(B, 1, 1) timespans": lambda x, h, ts: ((mx.array(x), h), {"timespans": mx.array(ts[..., None])}),
+    "mask keeping the step": lambda x, h, ts: ((mx.array(x), h), {"mask": mx.array([[True]])}),
+    "NumPy mask keeping the step": lambda x, h, ts: ((mx.array(x), h), {"mask": np.ones((1, 1), np.int32)}),
 }
 
 
@@ -270,8 +272,8 @@ STYLES = {
                                            ("ltc_mixed_input", {"return_sequences": False}), ("ctrnn", {})])
 def test_one_step_call_styles_run_at_once(case, options, style):
     """Every way of calling one step with computed inputs runs at once (unbatched, time-first,
-    each form of timespans, ``return_sequences=False``, an output projection) and gives what MLX's
-    plain loop gives for that step, shaped as that loop shapes it."""
+    each form of timespans, a mask that keeps the step, ``return_sequences=False``, an output
+    projection) and gives what MLX's plain loop gives for that step, shaped as that loop shapes it."""
     family, units, kwargs = CASES[case]
     if isinstance(units, tuple):
         units = getattr(ncps_mlx.wirings, units[0])(*units[1], seed=3)
@@ -289,12 +291,34 @@ def test_one_step_call_styles_run_at_once(case, options, style):
     out, state = model(*args, **kw)
     assert ready(out, *states_of(state, model.use_mixed)), "the one-step call did not run at once"
     with cpu.turned_off():
-        ref_out, ref_state = model(*args, **kw, mask=None)
+        ref_out, ref_state = model(*args, **kw)
     assert out.shape == ref_out.shape
     assert_close("outputs", out, ref_out, 1e-5)
     for ours, reference in zip(states_of(state, model.use_mixed), states_of(ref_state, model.use_mixed)):
         assert ours.shape == reference.shape
         assert_close("state", ours, reference, 1e-5)
+
+
+@pytest.mark.parametrize("case", ["cfc", "ltc", "ctgru"])
+def test_one_step_masks_that_drop_a_row_take_the_masked_way(case):
+    """A one-step call whose mask drops a row (or every row), or is not computed, is not the
+    unmasked step: it takes the masked path, and gives what the plain loop gives."""
+    model = build(case)
+    rng = np.random.default_rng(4)
+    x = mx.array(rng.normal(size=(2, 1, INPUT)).astype(np.float32))
+    h = mx.array(rng.normal(scale=0.5, size=(2, model.state_size)).astype(np.float32))
+    hx = (h, h * 0.5) if model.use_mixed else h
+    mx.eval(x, hx)
+    for mask in (mx.array([[True], [False]]), mx.array([[False], [False]]), mx.ones((2, 1)) > 0):
+        out, state = model(x, hx, mask=mask)
+        with cpu.turned_off():
+            ref_out, ref_state = model(x, hx, mask=mask)
+        pairs = [(out, ref_out)] + list(zip(states_of(state, model.use_mixed), states_of(ref_state, model.use_mixed)))
+        for ours, reference in pairs:  # a dropped row's outputs are zeros
+            assert ours.shape == reference.shape and np.max(np.abs(np.array(ours) - np.array(reference))) <= 1e-5
+    kept = np.array(model(x, hx, mask=mx.array([[True], [False]]))[1] if not model.use_mixed else
+                    model(x, hx, mask=mx.array([[True], [False]]))[1][0])
+    assert np.array_equal(kept[1], np.array(h[1])) and not np.array_equal(kept[0], np.array(h[0]))
 
 
 def test_one_step_time_first_runs_at_once():

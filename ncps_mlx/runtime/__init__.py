@@ -103,6 +103,12 @@ def reshaped(a, shape):
     return a.reshape(shape) if ready is None else ready
 
 
+def keeps_every_row(mask) -> bool:
+    """Whether a one-step call's mask keeps every row, read at once where it is computed and not
+    traced (for ``at_once()`` calls): a masked step that keeps every row is the unmasked step."""
+    return cpu.now.keeps_every_row(mask)
+
+
 def linear_at_once(y, weight, bias):
     """y (B, T, F) or (B, F) times W^T plus b, computed at once where every array is (a one-step
     call's output projection, for ``at_once()`` calls); None where one is not."""

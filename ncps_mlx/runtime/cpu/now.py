@@ -29,6 +29,13 @@ def filled(a, shape):
     return loaded().filled_now(a, list(shape))
 
 
+def keeps_every_row(mask) -> bool:
+    """Whether a one-step call's mask (an array) is computed, not traced, and keeps every row
+    (nonzero everywhere): then the call is the unmasked step. False where it is not ready or drops
+    a row (the masked way takes it)."""
+    return loaded().nonzero_now(mask)
+
+
 def linear(y, weight, bias):
     """y (B, T, F) or (B, F) times W^T plus b, computed at once in the kernels' BLAS (a model's
     output projection); None where an array is not ready or the kernels do not apply."""

@@ -782,6 +782,19 @@ bool ready(const std::vector<mx::array>& arrays) {
   return true;
 }
 
+// Whether a is computed, not traced, row-contiguous and nonzero everywhere: a one-step call's
+// mask that keeps every row, read at once (false sends the call the masked way).
+bool nonzero_now(const mx::array& a) {
+  if (!a.is_available() || a.is_tracer() || !a.flags().row_contiguous) return false;
+  auto nonzero = [&](const auto* p) { return std::all_of(p, p + a.size(), [](auto v) { return v != 0; }); };
+  if (a.dtype() == mx::bool_) return nonzero(a.data<bool>());
+  if (a.dtype() == mx::uint8) return nonzero(a.data<uint8_t>());
+  if (a.dtype() == mx::int32) return nonzero(a.data<int32_t>());
+  if (a.dtype() == mx::int64) return nonzero(a.data<int64_t>());
+  if (a.dtype() == mx::float32) return nonzero(a.data<float>());
+  return false;
+}
+
 mx::array allocated(const mx::Shape& shape) {
   size_t n = 1;
   for (auto d : shape) n *= size_t(d);
@@ -1091,6 +1104,7 @@ NB_MODULE(_kernels, m) {
       },
       "x"_a, "sigma"_a, "mu"_a, "w_erev"_a, "w"_a, "now"_a = false);
   m.def("ready", &ready, "arrays"_a);
+  m.def("nonzero_now", &nonzero_now, "a"_a);
   m.def("settle", &settle, "arrays"_a);
   m.def("features_now", &features_now, "a"_a, "feature_major"_a, "start"_a, "stop"_a, "keep_time"_a,
         "scale"_a = nb::none(), "shift"_a = nb::none());
