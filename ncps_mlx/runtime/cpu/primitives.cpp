@@ -9,8 +9,9 @@
 // gradients of all its inputs (the parameters' summed over the batch). The backward node has no
 // vjp of its own (second derivatives): it raises, it never returns zeros.
 //
-// eval_cpu runs on the CPU stream's thread; the loop itself splits the batch into one range of
-// rows (LTC) or columns (CfC) per core the process may run on, each on its own thread.
+// eval_cpu runs on the CPU stream's thread (or, for a one-step call at once, the caller's); where
+// a batch's work is large enough the loop splits it into one range of rows (LTC) or columns (CfC)
+// per core the process may run on, run by worker threads kept for the process (over_batch).
 
 #include <sched.h>
 #include <unistd.h>
