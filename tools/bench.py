@@ -341,7 +341,7 @@ def measure(name, kind, peers, args):
     family, wiring, batch, steps, _ = WORKLOADS[name]
     peers = [p for p in peers if p == "mlx" or (family in HAS_PEERS and p in VARIANTS[wiring][1])]
     if kind == "stream":
-        return measure_stream(name, peers + ["floor", "work"], args)
+        return measure_stream(name, peers + list(STREAM_REFERENCES), args)
     peers = [p for p in peers if p != "ort"]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
@@ -383,15 +383,19 @@ def measure(name, kind, peers, args):
     return row
 
 
+# W7's peers in their table's order; the last two are references (no model, no weights).
+STREAM_PEERS, STREAM_REFERENCES = ("mlx", "torch", "ort", "floor", "work"), ("floor", "work")
+
+
 def measure_stream(name, peers, args):
     """W7: median and p99 microseconds per one-step call, every step of every round pooled."""
     family, wiring, batch, steps, _ = WORKLOADS[name]
-    peers = [p for p in peers if p in ("mlx", "torch", "ort", "floor", "work")]
+    peers = [p for p in peers if p in STREAM_PEERS]
     with tempfile.TemporaryDirectory() as folder:
         weights = str(Path(folder) / "weights.npz") if "torch" in peers else None
         processes = {}
         for peer in sorted(peers, key=lambda p: p != "torch"):  # torch first: it writes the weights
-            process = start(peer, name, "stream", args, folder, weights if peer not in ("floor", "work") else None)
+            process = start(peer, name, "stream", args, folder, weights if peer not in STREAM_REFERENCES else None)
             if process is not None:
                 processes[peer] = process
         times = {peer: [] for peer in processes}
@@ -464,7 +468,7 @@ def markdown(rows, peers, info) -> str:
                          f"{r['twin_seq_s']:.0f} | {r['twin_over_configuration']:.2f}x |")
     streams = [r for r in rows if r["kind"] == "stream"]
     if streams:
-        names = [p for p in ("mlx", "torch", "ort", "floor", "work") if any(f"{p}_us_median" in r for r in streams)]
+        names = [p for p in STREAM_PEERS if any(f"{p}_us_median" in r for r in streams)]
         lines += ["", "| workload | model | steps a round | " + " | ".join(f"{p} us/step median (p99, p99/median)" for p in names) + " |",
                   "|---|---|---|" + "---|" * len(names)]
         for r in streams:
